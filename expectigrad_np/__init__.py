@@ -1,0 +1,16 @@
+"""expectigrad_np: the Expectigrad optimizer on NumPy arrays, with fused
+Numba kernels.
+
+    >>> import numpy as np, expectigrad_np as eg
+    >>> W = np.zeros((784, 10), np.float32)
+    >>> opt = eg.Expectigrad([W], lr=1e-3)
+    >>> opt.step([np.ones_like(W)])          # W changes in place
+
+``reference`` holds the algorithm in plain NumPy; ``schedules`` the
+learning-rate schedules.
+"""
+from . import reference, schedules
+from .optimizer import Expectigrad, ParamGroup
+
+__version__ = "0.1.0"
+__all__ = ["Expectigrad", "ParamGroup", "reference", "schedules", "__version__"]

@@ -1,0 +1,225 @@
+"""Flat optimizer state for the parameters of one dtype, and the two host
+drivers that step it: ``NumpyBucket`` (the reference, one array at a time)
+and ``CpuBucket`` (one fused Numba kernel call for all arrays).
+
+A bucket owns ``mean_sq``, ``count`` and ``momentum`` as flat buffers, one
+contiguous segment per parameter, so a single kernel call can step any
+number of arrays.  ``count`` is empty when no array of the bucket uses the
+sparse counter, ``momentum`` is empty until some array has ``beta > 0``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import as_gradient
+from .kernels import cpu as K
+from .reference import clip_gradient, expectigrad_update
+
+__all__ = ["COEF_FIELDS", "CpuBucket", "NumpyBucket", "PARALLEL_MIN_SIZE"]
+
+COEF_FIELDS = K.COEF_FIELDS
+COUNT_DTYPE = np.uint32
+
+# Below this many elements a step runs serially: a parallel launch costs a
+# few microseconds of thread-pool wake-up, which only pays off once the pass
+# over memory takes much longer than that (measured with the benchmark).
+PARALLEL_MIN_SIZE = 1 << 17
+
+
+class _Bucket:
+    """State layout shared by the host drivers."""
+
+    def __init__(self, dtype, slots, params, names, sparse, momentum):
+        self.dtype = np.dtype(dtype)
+        self.slots = np.asarray(slots, dtype=np.intp)      # global param indices
+        self.params = list(params)
+        self.names = list(names)
+        self.sizes = [p.size for p in self.params]
+        self.offsets = np.zeros(len(self.params) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        total = int(self.offsets[-1])
+        self.total = total
+        self.mean_sq = np.zeros(total, self.dtype)
+        self.count = np.zeros(total if any(sparse) else 0, COUNT_DTYPE)
+        self.momentum = np.zeros(0, self.dtype)
+        if any(momentum):
+            self.ensure_momentum()
+        # Per-array coefficient and flag rows, refreshed before each step.
+        self.coef = np.zeros((len(self.params), len(COEF_FIELDS)), self.dtype)
+        self.flags = np.zeros((len(self.params), len(K.FLAG_FIELDS)), np.int64)
+
+    def ensure_momentum(self):
+        if self.momentum.size != self.total:
+            self.momentum = np.zeros(self.total, self.dtype)
+
+    def segment(self, flat, k):
+        """Array ``k``'s piece of a flat state buffer, in the parameter's shape."""
+        if flat.size == 0:
+            return None
+        return flat[self.offsets[k]:self.offsets[k + 1]].reshape(self.params[k].shape)
+
+    def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
+                         sparse, momentum):
+        """Fill the coefficient and flag rows from per-array values (bucket
+        order): ``t`` is each array's step number counting this step."""
+        beta = np.asarray(beta, dtype=np.float64)
+        t = np.maximum(np.asarray(t, dtype=np.int64), 1)
+        with np.errstate(divide="ignore"):
+            step_size = np.where(beta == 0.0, lr, lr / (1.0 - beta ** t))
+        c, f = self.coef, self.flags
+        c[:, K.STEP] = step_size
+        c[:, K.BETA] = beta
+        c[:, K.OMB] = 1.0 - beta
+        c[:, K.EPS] = eps
+        c[:, K.INV_T] = 1.0 / t
+        c[:, K.CLIPVALUE] = clipvalue
+        c[:, K.CLIPNORM] = clipnorm
+        f[:, K.ACTIVE] = active
+        f[:, K.SPARSE] = sparse
+        f[:, K.MOMENTUM] = momentum
+        self.hyper = dict(lr=lr, beta=beta, eps=eps, t=t)
+
+
+class NumpyBucket(_Bucket):
+    """Steps each array with ``reference.expectigrad_update``."""
+
+    backend = "numpy"
+
+    def load_gradients(self, grads):
+        """Validate this bucket's gradients; keep them as arrays of our dtype."""
+        self.grads = []
+        for k, g in enumerate(grads):
+            if g is not None:
+                g = as_gradient(g, self.params[k], self.names[k])
+                g = g.astype(self.dtype, copy=False)
+            self.grads.append(g)
+
+    def stats(self, check):
+        """``(bad, sumsq)`` as the kernels return them (see ``kernels.cpu``)."""
+        sumsq = []
+        for k, g in enumerate(self.grads):
+            if g is None or not self.flags[k, K.ACTIVE]:
+                sumsq.append(0.0)
+                continue
+            if check and not np.all(np.isfinite(g)):
+                return k, None
+            sumsq.append(float(np.sum(np.square(g, dtype=np.float64))))
+        return -1, sumsq
+
+    def scales(self, sumsq, global_clipnorm, other_sumsq):
+        scale = [_clip_scale(sq, self.coef[k, K.CLIPNORM]) for k, sq in enumerate(sumsq)]
+        total = sum(sq * s * s for sq, s in zip(sumsq, scale))
+        g_scale = _clip_scale(total + other_sumsq, global_clipnorm)
+        return [s * g_scale for s in scale], total
+
+    def step(self, check, global_clipnorm, other_sumsq, update=True):
+        bad, sumsq = self.stats(check)
+        if bad >= 0:
+            return bad, 0.0
+        scale, total = self.scales(sumsq, global_clipnorm, other_sumsq)
+        if not update:
+            return -1, total
+        h = self.hyper
+        for k, g in enumerate(self.grads):
+            c, f = self.coef[k], self.flags[k]
+            if g is None or not f[K.ACTIVE]:
+                continue
+            expectigrad_update(
+                self.params[k], clip_gradient(g, scale[k], c[K.CLIPVALUE]),
+                self.segment(self.mean_sq, k),
+                self.segment(self.count, k) if f[K.SPARSE] else None,
+                self.segment(self.momentum, k) if f[K.MOMENTUM] else None,
+                t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
+                eps=float(h["eps"][k]), sparse_counter=bool(f[K.SPARSE]))
+        return -1, total
+
+
+def _clip_scale(sumsq, clipnorm):
+    norm = np.sqrt(sumsq)
+    return float(clipnorm / norm) if norm > clipnorm else 1.0
+
+
+class CpuBucket(_Bucket):
+    """Steps all arrays of the bucket with one call of a fused kernel.
+
+    Parameters that are not C-contiguous are stepped through a contiguous
+    staging copy made once here (copied in before and out after each step);
+    gradients that are not C-contiguous arrays of the bucket's dtype are
+    copied into a per-array staging buffer allocated on first need.  The
+    common case, contiguous arrays of the right dtype, copies nothing.
+    """
+
+    backend = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.x_stage = [None if p.flags.c_contiguous else np.empty(p.size, self.dtype)
+                        for p in self.params]
+        self.x_flat = [p.reshape(-1) if s is None else s
+                       for p, s in zip(self.params, self.x_stage)]
+        self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
+                               dtype=np.int64)
+        self.g_stage = [None] * len(self.params)
+        self.g_addr = np.zeros(len(self.params), dtype=np.int64)
+        self.g_flat = [None] * len(self.params)
+        self.chunks = K.make_chunks(self.sizes)
+        self.single = len(self.params) == 1 and self.total < PARALLEL_MIN_SIZE
+
+    def load_gradients(self, grads):
+        """Validate this bucket's gradients and record where to read them."""
+        for k, g in enumerate(grads):
+            if g is None:
+                self.g_flat[k] = None
+                self.g_addr[k] = 0
+                continue
+            x = self.params[k]
+            if not (type(g) is np.ndarray and g.dtype == self.dtype
+                    and g.flags.c_contiguous):
+                g = as_gradient(g, x, self.names[k])
+                stage = self.g_stage[k]
+                if stage is None:
+                    stage = self.g_stage[k] = np.empty(x.shape, self.dtype)
+                np.copyto(stage, g, casting="unsafe")
+                g = stage
+            elif g.shape != x.shape:
+                as_gradient(g, x, self.names[k])  # raises with the message
+            self.g_flat[k] = g.reshape(-1)
+            self.g_addr[k] = K.data_address(g) if g.size else 0
+
+    def _stage_in(self):
+        for p, s in zip(self.params, self.x_stage):
+            if s is not None:
+                np.copyto(s.reshape(p.shape), p)
+
+    def _stage_out(self):
+        for p, s in zip(self.params, self.x_stage):
+            if s is not None:
+                np.copyto(p, s.reshape(p.shape))
+
+    def step(self, check, global_clipnorm, other_sumsq, update=True):
+        """One fused step (or, with ``update=False``, only the first pass).
+
+        Returns ``(bad, sumsq)`` from the kernel; ``bad >= 0`` means nothing
+        was written.
+        """
+        if update:
+            self._stage_in()
+        if self.single and update and other_sumsq == 0.0:
+            k = 0
+            if self.g_flat[0] is None:
+                return -1, 0.0
+            ok, sumsq = K.array_step(
+                self.x_flat[0], self.g_flat[0], self.mean_sq, self.count,
+                self.momentum, self.coef[0], self.flags[0], check, global_clipnorm)
+            bad = -1 if ok else k
+        else:
+            kernel = (K.segments_step if self.total < PARALLEL_MIN_SIZE
+                      else K.segments_step_parallel)
+            seg, lo, hi = self.chunks
+            bad, sumsq = kernel(
+                self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
+                self.mean_sq, self.count, self.momentum, self.coef, self.flags,
+                check, global_clipnorm, other_sumsq, update)
+        if update and bad < 0:
+            self._stage_out()
+        return int(bad), float(sumsq)

@@ -1,0 +1,150 @@
+"""Checks of user input, each raising a specific error before anything changes."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+# Hyperparameters a param group may set, with their defaults.
+GROUP_DEFAULTS = {
+    "lr": 1e-3,
+    "beta": 0.9,
+    "eps": 1e-8,
+    "sparse_counter": True,
+    "clipvalue": None,
+    "clipnorm": None,
+}
+
+
+def _real(name, value, where):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}{name} must be finite, got {value!r}")
+    return value
+
+
+def check_lr(value, where=""):
+    """A learning rate: a finite number > 0, or a callable ``step -> lr``."""
+    if callable(value):
+        return value
+    value = _real("lr", value, where)
+    if value <= 0.0:
+        raise ValueError(f"{where}lr must be > 0, got {value!r}")
+    return value
+
+
+def check_scheduled_lr(value, step, where=""):
+    """The value a schedule returned: finite and >= 0."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}lr schedule returned {value!r} at step {step}, "
+                        "not a number") from None
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{where}lr schedule returned {value!r} at step {step}; "
+                         "it must be finite and >= 0")
+    return value
+
+
+def check_beta(value, where=""):
+    value = _real("beta", value, where)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{where}beta must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_eps(value, where=""):
+    value = _real("eps", value, where)
+    if value <= 0.0:
+        raise ValueError(f"{where}eps must be > 0, got {value!r}")
+    return value
+
+
+def check_bool(name, value, where=""):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_positive_or_none(name, value, where=""):
+    """Clipping thresholds: None (off) or a finite number > 0."""
+    if value is None:
+        return None
+    value = _real(name, value, where)
+    if value <= 0.0:
+        raise ValueError(f"{where}{name} must be > 0 or None, got {value!r}")
+    return value
+
+
+def check_group_value(key, value, where=""):
+    """Validate one hyperparameter of a param group; returns the stored value."""
+    if key == "lr":
+        return check_lr(value, where)
+    if key == "beta":
+        return check_beta(value, where)
+    if key == "eps":
+        return check_eps(value, where)
+    if key == "sparse_counter":
+        return check_bool(key, value, where)
+    if key in ("clipvalue", "clipnorm"):
+        return check_positive_or_none(key, value, where)
+    known = ", ".join(sorted(GROUP_DEFAULTS))
+    raise ValueError(f"{where}unknown hyperparameter {key!r}; known: {known}")
+
+
+def check_parameter(x, where):
+    """A parameter: a writeable real floating ndarray (float32 or float64)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{where} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{where} has dtype {x.dtype}; parameters must be "
+                        "float32 or float64")
+    if not x.flags.writeable:
+        raise ValueError(f"{where} is read-only; parameters are updated in place")
+    return x
+
+
+def check_no_overlap(arrays, names):
+    """Refuse the same memory given twice (same array or overlapping views)."""
+    spans = []
+    for a, name in zip(arrays, names):
+        if a.size == 0:
+            continue
+        lo, hi = np.lib.array_utils.byte_bounds(a)
+        spans.append((lo, hi, a, name))
+    spans.sort(key=lambda s: s[0])
+    for i, (lo1, hi1, a1, n1) in enumerate(spans):
+        for lo2, hi2, a2, n2 in spans[i + 1:]:
+            if lo2 >= hi1:
+                break  # sorted by start: no later span reaches back into a1
+            # Byte ranges can interleave without sharing elements
+            # (x[::2] and x[1::2]); shares_memory decides exactly.
+            if np.shares_memory(a1, a2):
+                raise ValueError(f"{n1} and {n2} share memory; every parameter "
+                                 "must be a distinct, non-overlapping array")
+
+
+_FLOAT_KINDS = "fiu"
+
+
+def as_gradient(g, x, where):
+    """Return ``g`` as an ndarray of ``x``'s shape, or raise.
+
+    Real floating and integer gradients are accepted (cast later to ``x``'s
+    dtype); complex, boolean, object and string data are refused.
+    """
+    if not isinstance(g, np.ndarray):
+        try:
+            g = np.asarray(g)
+        except Exception as exc:  # noqa: BLE001 - reported with context
+            raise TypeError(f"{where} could not be read as an array: {exc}") from None
+    if g.dtype.kind not in _FLOAT_KINDS:
+        raise TypeError(f"{where} has dtype {g.dtype}; gradients must be real "
+                        "numbers (float or integer)")
+    if g.shape != x.shape:
+        raise ValueError(f"{where} has shape {g.shape}, but its parameter has "
+                         f"shape {x.shape}")
+    return g

@@ -1,0 +1,282 @@
+"""Fused Numba CPU kernels for the Expectigrad update.
+
+The kernels know nothing of the optimizer class.  They take raw arrays and
+per-array coefficient rows, read every gradient and state element once, and
+write parameters and state in the same pass (see ``reference.py`` for the
+math, which they follow operation for operation).
+
+Two entry points cover every case:
+
+``array_step``
+    one C-contiguous 1-D array, passed directly.  It is serial and costs one
+    dispatch, which is what small problems (scipy-style use) need.
+
+``segments_step`` / ``segments_step_parallel``
+    any number of arrays of one dtype.  Parameters and gradients are reached
+    through their data addresses; the state of all arrays lives in flat
+    buffers, one segment per array.  The work is split into fixed chunks
+    (``CHUNK`` elements, never crossing an array boundary) so one parallel
+    loop covers 200 small arrays as well as one large one.
+
+Both do the whole step in one call: an optional first pass over the
+gradients (non-finite check and squared norms for norm clipping), and
+only if that pass finds nothing wrong, the update pass.  A rejected step
+returns before writing anything.
+
+Coefficient rows (one per array, in the array's dtype):
+``[step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``.
+Flag rows (int64): ``[active, sparse_counter, momentum]``.
+All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
+vectorises the inner loops, ``nogil=True`` and ``cache=True``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = [
+    "CHUNK", "COEF_FIELDS", "FLAG_FIELDS", "array_step", "data_address",
+    "make_chunks", "segments_step", "segments_step_parallel",
+]
+
+# Elements per work item of the segmented kernels: large enough that a chunk
+# costs far more than its scheduling, small enough to balance threads.
+CHUNK = 1 << 15
+
+COEF_FIELDS = ("step_size", "beta", "one_minus_beta", "eps", "inv_t",
+               "clipvalue", "clipnorm")
+STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM = range(len(COEF_FIELDS))
+FLAG_FIELDS = ("active", "sparse", "momentum")
+ACTIVE, SPARSE, MOMENTUM = range(len(FLAG_FIELDS))
+
+_COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
+_OPTS = dict(nogil=True, cache=True, error_model="numpy")
+
+
+@njit(**_OPTS)
+def data_address(a):
+    """The address of ``a``'s first element (a fast ``a.ctypes.data``)."""
+    return a.ctypes.data
+
+
+@intrinsic
+def _pointer_like(typingctx, address, like):
+    """Reinterpret an integer address as a pointer to ``like``'s dtype."""
+    ptr_type = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return ptr_type(address, like), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _adaptive(g, g2, mean_sq, weight, eps):
+    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean)))."""
+    v = mean_sq + (g2 - mean_sq) * weight
+    return v, g / (eps + np.sqrt(v))
+
+
+@njit(inline="always", **_OPTS)
+def _clip(g, scale, clipvalue):
+    return min(max(g * scale, -clipvalue), clipvalue)
+
+
+# --- the four update loops: (sparse | dense counter) x (momentum | none) ---
+
+@njit(**_OPTS)
+def _update_sparse_momentum(x, g, v, n, m, c, scale):
+    one, zero = x.dtype.type(1), x.dtype.type(0)
+    for i in range(x.size):
+        gi = _clip(g[i], scale, c[CLIPVALUE])
+        g2 = gi * gi
+        counted = g2 != zero
+        cnt = n[i] + np.uint32(counted and n[i] != _COUNT_MAX)
+        n[i] = cnt
+        w = one / x.dtype.type(cnt) if counted else zero
+        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS])
+        m[i] = c[BETA] * m[i] + c[OMB] * u
+        x[i] -= c[STEP] * m[i]
+
+
+@njit(**_OPTS)
+def _update_sparse(x, g, v, n, c, scale):
+    one, zero = x.dtype.type(1), x.dtype.type(0)
+    for i in range(x.size):
+        gi = _clip(g[i], scale, c[CLIPVALUE])
+        g2 = gi * gi
+        counted = g2 != zero
+        cnt = n[i] + np.uint32(counted and n[i] != _COUNT_MAX)
+        n[i] = cnt
+        w = one / x.dtype.type(cnt) if counted else zero
+        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS])
+        x[i] -= c[STEP] * u
+
+
+@njit(**_OPTS)
+def _update_dense_momentum(x, g, v, m, c, scale):
+    for i in range(x.size):
+        gi = _clip(g[i], scale, c[CLIPVALUE])
+        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS])
+        m[i] = c[BETA] * m[i] + c[OMB] * u
+        x[i] -= c[STEP] * m[i]
+
+
+@njit(**_OPTS)
+def _update_dense(x, g, v, c, scale):
+    for i in range(x.size):
+        gi = _clip(g[i], scale, c[CLIPVALUE])
+        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS])
+        x[i] -= c[STEP] * u
+
+
+@njit(**_OPTS)
+def _update_span(x, g, v, n, m, c, f, scale):
+    """Dispatch one contiguous span to the loop its flags call for."""
+    if f[SPARSE]:
+        if f[MOMENTUM]:
+            _update_sparse_momentum(x, g, v, n, m, c, scale)
+        else:
+            _update_sparse(x, g, v, n, c, scale)
+    else:
+        if f[MOMENTUM]:
+            _update_dense_momentum(x, g, v, m, c, scale)
+        else:
+            _update_dense(x, g, v, c, scale)
+
+
+@njit(**_OPTS)
+def _span_stats(g):
+    """(sum of g*0, sum of g**2 in float64) over a span.
+
+    ``g * 0`` is NaN exactly where ``g`` is NaN or infinite, so the first sum
+    is zero iff the span is finite; both sums vectorise.
+    """
+    zero = g.dtype.type(0)
+    nonfinite = zero
+    sumsq = 0.0
+    for i in range(g.size):
+        nonfinite += g[i] * zero
+        gi = np.float64(g[i])
+        sumsq += gi * gi
+    return nonfinite, sumsq
+
+
+@njit(**_OPTS)
+def _scale(sumsq, clipnorm):
+    """Norm-clipping factor min(1, clipnorm / sqrt(sumsq))."""
+    norm = np.sqrt(sumsq)
+    if norm > clipnorm:
+        return clipnorm / norm
+    return 1.0
+
+
+# --- one array ---------------------------------------------------------------
+
+@njit(**_OPTS)
+def array_step(x, g, v, n, m, c, f, check, global_clipnorm):
+    """One fused step on one C-contiguous 1-D array.
+
+    Returns ``(ok, sumsq)``: ``ok`` is False, and nothing was written, when
+    ``check`` is set and ``g`` holds a NaN or an infinity.
+    """
+    scale = 1.0
+    sumsq = 0.0
+    needs_norm = c[CLIPNORM] < np.inf or global_clipnorm < np.inf
+    if check or needs_norm:
+        nonfinite, sumsq = _span_stats(g)
+        if check and nonfinite != 0:
+            return False, sumsq
+        if needs_norm:
+            scale = _scale(sumsq, c[CLIPNORM])
+            scale *= _scale(sumsq * scale * scale, global_clipnorm)
+    _update_span(x, g, v, n, m, c, f, x.dtype.type(scale))
+    return True, sumsq
+
+
+# --- many arrays, flat state ---------------------------------------------------
+
+def make_chunks(sizes, chunk=CHUNK):
+    """Split arrays of the given sizes into work items.
+
+    Returns ``(seg, lo, hi)``: chunk ``j`` covers elements ``lo[j]:hi[j]`` of
+    array ``seg[j]``.  Empty arrays get no chunk.
+    """
+    seg, lo, hi = [], [], []
+    for k, size in enumerate(sizes):
+        for start in range(0, int(size), chunk):
+            seg.append(k)
+            lo.append(start)
+            hi.append(min(start + chunk, int(size)))
+    as64 = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
+    return as64(seg), as64(lo), as64(hi)
+
+
+def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
+                   v, n, m, coef, flags, check, global_clipnorm, other_sumsq,
+                   update):
+    """Body of the segmented kernels (compiled serial and parallel).
+
+    ``x_addr[k]``/``g_addr[k]`` are the data addresses of array ``k``'s
+    parameter and gradient (C-contiguous, dtype of ``v``); its state is
+    ``v[offsets[k]:offsets[k+1]]`` (and likewise ``n``, ``m``).
+    ``other_sumsq`` adds squared norms of arrays outside this call to the
+    global norm.  With ``update`` False only the first pass runs.
+
+    Returns ``(bad, sumsq)``: the index of the first array holding a
+    non-finite gradient when ``check`` is set (-1 if none; nothing is written
+    otherwise), and the global squared norm after per-array clipping.
+    """
+    n_arrays = offsets.size - 1
+    n_chunks = chunk_seg.size
+    needs_norm = global_clipnorm < np.inf
+    for k in range(n_arrays):
+        if coef[k, CLIPNORM] < np.inf:
+            needs_norm = True
+    scale = np.ones(n_arrays)
+    total = 0.0
+    if check or needs_norm:
+        chunk_bad = np.zeros(n_chunks, np.bool_)
+        chunk_sq = np.zeros(n_chunks)
+        for j in prange(n_chunks):
+            k = chunk_seg[j]
+            if flags[k, ACTIVE]:
+                size = offsets[k + 1] - offsets[k]
+                g = carray(_pointer_like(g_addr[k], v), size)
+                nonfinite, sq = _span_stats(g[chunk_lo[j]:chunk_hi[j]])
+                chunk_bad[j] = nonfinite != 0
+                chunk_sq[j] = sq
+        if check:
+            for j in range(n_chunks):
+                if chunk_bad[j]:
+                    return chunk_seg[j], total
+        sumsq = np.zeros(n_arrays)
+        for j in range(n_chunks):
+            sumsq[chunk_seg[j]] += chunk_sq[j]
+        for k in range(n_arrays):
+            scale[k] = _scale(sumsq[k], coef[k, CLIPNORM])
+            total += sumsq[k] * scale[k] * scale[k]
+        if global_clipnorm < np.inf:
+            g_scale = _scale(total + other_sumsq, global_clipnorm)
+            for k in range(n_arrays):
+                scale[k] *= g_scale
+    if not update:
+        return -1, total
+    for j in prange(n_chunks):
+        k = chunk_seg[j]
+        if flags[k, ACTIVE]:
+            size = offsets[k + 1] - offsets[k]
+            x = carray(_pointer_like(x_addr[k], v), size)
+            g = carray(_pointer_like(g_addr[k], v), size)
+            lo, hi = chunk_lo[j], chunk_hi[j]
+            a, b = offsets[k] + lo, offsets[k] + hi
+            n_span = n[a:b] if n.size else n
+            m_span = m[a:b] if m.size else m
+            _update_span(x[lo:hi], g[lo:hi], v[a:b], n_span, m_span,
+                         coef[k], flags[k], v.dtype.type(scale[k]))
+    return -1, total
+
+
+segments_step = njit(**_OPTS)(_segments_step)
+segments_step_parallel = njit(parallel=True, **_OPTS)(_segments_step)

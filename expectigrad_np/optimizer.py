@@ -1,0 +1,462 @@
+"""The stateful ``Expectigrad`` optimizer.
+
+The class does bookkeeping only: it gathers parameters into param groups,
+validates hyperparameters and gradients, evaluates schedules, keeps the
+per-array step counts, and hands flat state to a backend bucket
+(``_buckets.py``), which calls the kernels.  The math is in ``reference.py``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _validation as V
+from ._buckets import CpuBucket, NumpyBucket
+
+__all__ = ["Expectigrad", "ParamGroup"]
+
+_BACKENDS = ("auto", "cpu", "numpy", "cuda")
+
+
+class ParamGroup(dict):
+    """A dict of hyperparameters and ``"params"``, validated on every change.
+
+    Change hyperparameters between steps as with torch:
+    ``opt.param_groups[0]["lr"] = 1e-4``.  A value that is not valid raises
+    at once and the group keeps its old value.  ``"params"`` and
+    ``"sparse_counter"`` are fixed once the optimizer is built.
+    """
+
+    def __init__(self, values, where, on_change):
+        super().__init__(values)
+        self._where = where
+        self._on_change = on_change
+
+    def __setitem__(self, key, value):
+        if key in ("params", "sparse_counter"):
+            raise ValueError(f"{self._where}{key!r} cannot be changed after the "
+                             "optimizer is built; build a new optimizer")
+        value = V.check_group_value(key, value, self._where)
+        super().__setitem__(key, value)
+        self._on_change()
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __delitem__(self, key):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def pop(self, *args):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def popitem(self):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def clear(self):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+class Expectigrad:
+    r"""Expectigrad (Daley & Amato, 2020) on NumPy arrays, updated in place.
+
+    Per element of each parameter array, on that array's ``t``-th step::
+
+        s <- s + g**2;  n <- n + sign(g**2)   (or n = t without the sparse counter)
+        m <- beta * m + (1 - beta) * g / (eps + sqrt(s / n))      0/0 := 0
+        x <- x - lr / (1 - beta**t) * m       (beta = 0: x <- x - lr * g / (eps + sqrt(s/n)))
+
+    Parameters
+    ----------
+    params : ndarray, sequence of ndarrays, or sequence of dicts
+        The arrays to optimise (float32 or float64, any shape, updated in
+        place), or param groups: dicts with ``"params"`` and any of the
+        hyperparameters below, which override the defaults for that group.
+    lr : float or callable, default 1e-3
+        Learning rate > 0, or a schedule ``step -> lr`` (see ``schedules``)
+        evaluated with the number of steps already taken.
+    beta : float in [0, 1), default 0.9
+        Outer-momentum decay.  0 disables momentum and bias correction.
+    eps : float > 0, default 1e-8
+        Added to the denominator.
+    sparse_counter : bool, default True
+        Count only nonzero gradients (True) or every step (False).
+    clipvalue : float > 0 or None
+        Clip each gradient element to ``[-clipvalue, clipvalue]``.
+    clipnorm : float > 0 or None
+        Rescale each gradient array whose L2 norm exceeds ``clipnorm``.
+    global_clipnorm : float > 0 or None
+        Rescale all gradients together when their joint L2 norm (after
+        ``clipnorm``) exceeds this.  Value clipping comes last.
+    check_finite : bool, default True
+        Refuse a step whose gradients hold NaN or infinity with
+        ``FloatingPointError``, before anything changes.
+    backend : {"auto", "cpu", "numpy", "cuda"}
+        ``"cpu"``: fused Numba kernels; ``"numpy"``: the pure NumPy
+        reference; ``"cuda"``: Numba CUDA kernels on device arrays; ``"auto"``
+        picks ``"cpu"`` for host arrays.
+
+    Example
+    -------
+    >>> W = np.zeros((3, 2), np.float32); b = np.zeros(2, np.float32)
+    >>> opt = Expectigrad([W, b], lr=1e-2)
+    >>> opt.step([np.ones((3, 2), np.float32), np.ones(2, np.float32)])
+    """
+
+    def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
+                 clipvalue=None, clipnorm=None, global_clipnorm=None,
+                 check_finite=True, backend="auto"):
+        defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
+                        clipvalue=clipvalue, clipnorm=clipnorm)
+        defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
+        self.global_clipnorm = V.check_positive_or_none(
+            "global_clipnorm", global_clipnorm)
+        self.check_finite = V.check_bool("check_finite", check_finite)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.defaults = defaults
+
+        self._bare = isinstance(params, np.ndarray) or hasattr(
+            params, "__cuda_array_interface__")
+        groups = self._parse_groups(params, defaults)
+        self._group_sizes = [len(g["params"]) for g in groups]
+        self._params = [p for g in groups for p in g["params"]]
+        self._names = [f"group {gi} param {pi}" for gi, g in enumerate(groups)
+                       for pi in range(len(g["params"]))]
+        self._group_of = np.repeat(np.arange(len(groups)), self._group_sizes)
+        V.check_no_overlap(self._params, self._names)
+
+        self.backend = self._resolve_backend(backend)
+        self._dirty = True
+        self.param_groups = tuple(
+            ParamGroup(g, f"param group {gi}: ", self._mark_dirty)
+            for gi, g in enumerate(groups))
+        self._t = np.zeros(len(self._params), dtype=np.int64)
+        self.step_count = 0
+        self._buckets = self._make_buckets()
+        self._refresh()
+
+    # --- construction -------------------------------------------------------
+
+    def _parse_groups(self, params, defaults):
+        if self._bare:
+            params = [params]
+        if isinstance(params, dict):
+            raise TypeError("params must be an array, a sequence of arrays or a "
+                            "sequence of dicts; got a single dict (wrap it in a list)")
+        try:
+            items = list(params)
+        except TypeError:
+            raise TypeError("params must be an array, a sequence of arrays or a "
+                            f"sequence of dicts, got {type(params).__name__}") from None
+        if not items:
+            raise ValueError("params is empty: give at least one array to optimise")
+        as_dicts = [isinstance(item, dict) for item in items]
+        if any(as_dicts) and not all(as_dicts):
+            raise TypeError("params mixes arrays and dicts; give either arrays or "
+                            "param-group dicts")
+        if not any(as_dicts):
+            items = [{"params": items}]
+        groups = []
+        for gi, item in enumerate(items):
+            where = f"param group {gi}: "
+            if "params" not in item:
+                raise ValueError(f"{where}missing the 'params' key")
+            plist = item["params"]
+            if isinstance(plist, np.ndarray) or hasattr(plist, "__cuda_array_interface__"):
+                plist = [plist]
+            plist = list(plist)
+            if not plist:
+                raise ValueError(f"{where}'params' is empty")
+            group = dict(defaults)
+            for key, value in item.items():
+                if key != "params":
+                    group[key] = V.check_group_value(key, value, where)
+            group["params"] = [self._check_param(p, f"param group {gi} param {pi}")
+                               for pi, p in enumerate(plist)]
+            groups.append(group)
+        return groups
+
+    def _check_param(self, p, where):
+        if hasattr(p, "__cuda_array_interface__") and not isinstance(p, np.ndarray):
+            return p
+        return V.check_parameter(p, where)
+
+    def _resolve_backend(self, backend):
+        on_device = [not isinstance(p, np.ndarray) for p in self._params]
+        if backend == "auto":
+            backend = "cuda" if any(on_device) else "cpu"
+        if backend == "cuda":
+            raise NotImplementedError("the cuda backend is not available in this build")
+        if any(on_device):
+            raise TypeError(f"backend {backend!r} needs host numpy arrays, but "
+                            f"{self._names[on_device.index(True)]} is a device array")
+        return backend
+
+    def _make_buckets(self):
+        cls = {"cpu": CpuBucket, "numpy": NumpyBucket}[self.backend]
+        by_dtype = {}
+        for i, p in enumerate(self._params):
+            by_dtype.setdefault(p.dtype.str, []).append(i)
+        buckets = []
+        for slots in by_dtype.values():
+            groups = [self.param_groups[self._group_of[i]] for i in slots]
+            buckets.append(cls(
+                self._params[slots[0]].dtype, slots,
+                [self._params[i] for i in slots], [self._names[i] for i in slots],
+                sparse=[g["sparse_counter"] for g in groups],
+                momentum=[g["beta"] > 0 for g in groups]))
+        return buckets
+
+    def _mark_dirty(self):
+        self._dirty = True
+
+    def _refresh(self):
+        """Recompute the per-array hyperparameters after a group changed."""
+        groups = self.param_groups
+        per = lambda key, fill=None: np.array(  # noqa: E731
+            [fill if (v := groups[gi][key]) is None else v for gi in self._group_of],
+            dtype=np.float64)
+        self._beta = per("beta")
+        self._eps = per("eps")
+        self._clipvalue = per("clipvalue", np.inf)
+        self._clipnorm = per("clipnorm", np.inf)
+        self._sparse = np.array([groups[gi]["sparse_counter"] for gi in self._group_of])
+        self._momentum = self._beta > 0
+        self._scheduled = any(callable(g["lr"]) for g in groups)
+        self._static_lr = None if self._scheduled else per("lr")
+        for b in self._buckets:
+            if self._momentum[b.slots].any():
+                b.ensure_momentum()
+        self._dirty = False
+
+    # --- stepping -----------------------------------------------------------
+
+    def _lr_per_array(self):
+        if not self._scheduled:
+            return self._static_lr
+        lrs = []
+        for gi, g in enumerate(self.param_groups):
+            lr = g["lr"]
+            if callable(lr):
+                lr = V.check_scheduled_lr(lr(self.step_count), self.step_count,
+                                          f"param group {gi}: ")
+            lrs.append(lr)
+        return np.asarray(lrs, dtype=np.float64)[self._group_of]
+
+    def _flatten_grads(self, grads):
+        """Gradients in the structure of ``params`` -> one entry per array."""
+        n = len(self._params)
+        if self._bare:
+            return [grads]
+        if isinstance(grads, np.ndarray) or grads is None or isinstance(grads, dict):
+            raise TypeError("step() takes a sequence of gradients, one per parameter "
+                            f"({n}), got {type(grads).__name__}")
+        try:
+            grads = list(grads)
+        except TypeError:
+            raise TypeError("step() takes a sequence of gradients, one per parameter "
+                            f"({n}), got {type(grads).__name__}") from None
+        nested = len(self.param_groups) > 1 or (
+            grads and isinstance(grads[0], (list, tuple)))
+        if nested and len(grads) == len(self.param_groups) and all(
+                isinstance(g, (list, tuple)) for g in grads):
+            for gi, (g, size) in enumerate(zip(grads, self._group_sizes)):
+                if len(g) != size:
+                    raise ValueError(f"param group {gi} has {size} parameters but "
+                                     f"{len(g)} gradients were given for it")
+            grads = [g for group in grads for g in group]
+        if len(grads) != n:
+            raise ValueError(f"expected {n} gradients (one per parameter), got "
+                             f"{len(grads)}")
+        return grads
+
+    def step(self, grads):
+        """Apply one Expectigrad step; parameters change in place.
+
+        ``grads`` has the structure of ``params``: a bare array when the
+        optimizer was given one array, else a sequence with one gradient per
+        parameter (for param groups, a flat sequence or one sequence per
+        group).  A ``None`` gradient skips that array for this step: neither
+        it nor its state nor its step count changes.
+
+        Raises ``ValueError``/``TypeError`` for malformed gradients and
+        ``FloatingPointError`` (with ``check_finite``) for NaN or infinity;
+        in every case nothing has been modified.
+        """
+        if self._dirty:
+            self._refresh()
+        grads = self._flatten_grads(grads)
+        active = np.array([g is not None for g in grads], dtype=bool)
+        if not active.any():
+            return
+        for b in self._buckets:
+            b.load_gradients([grads[i] for i in b.slots])
+        lr = self._lr_per_array()
+        t_new = self._t + active
+        for b in self._buckets:
+            s = b.slots
+            b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
+                               self._clipvalue[s], self._clipnorm[s], active[s],
+                               self._sparse[s], self._momentum[s])
+        gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
+        sumsq = [0.0] * len(self._buckets)
+        if len(self._buckets) > 1 and (self.check_finite or gclip < np.inf):
+            # Look at every bucket before changing any.
+            for j, b in enumerate(self._buckets):
+                bad, sumsq[j] = b.step(self.check_finite, np.inf, 0.0, update=False)
+                self._raise_nonfinite(b, bad)
+        check = self.check_finite and len(self._buckets) == 1
+        for j, b in enumerate(self._buckets):
+            bad, _ = b.step(check, gclip, sum(sumsq) - sumsq[j])
+            self._raise_nonfinite(b, bad)
+        self._t = t_new
+        self.step_count += 1
+
+    def _raise_nonfinite(self, bucket, bad):
+        if bad >= 0:
+            raise FloatingPointError(
+                f"the gradient of {bucket.names[bad]} holds NaN or infinity; "
+                "the step was refused and nothing was changed")
+
+    # --- state --------------------------------------------------------------
+
+    @property
+    def params(self):
+        """All parameter arrays, group by group."""
+        return list(self._params)
+
+    def state_dict(self):
+        """Optimizer state as plain NumPy arrays and numbers (copies).
+
+        ``{"step": int, "state": {i: {"step", "mean_sq", ["count"],
+        ["momentum"]}}, "param_groups": [{hyperparameters, "params": [i...]}]}``
+        where ``i`` indexes the parameters group by group.  ``count`` appears
+        for arrays with the sparse counter, ``momentum`` for ``beta > 0``.
+        """
+        if self._dirty:
+            self._refresh()
+        state = {}
+        for b in self._buckets:
+            for k, i in enumerate(b.slots):
+                entry = {"step": int(self._t[i]),
+                         "mean_sq": np.array(b.segment(b.mean_sq, k))}
+                if self._sparse[i]:
+                    entry["count"] = np.array(b.segment(b.count, k))
+                if self._momentum[i]:
+                    entry["momentum"] = np.array(b.segment(b.momentum, k))
+                state[int(i)] = entry
+        groups, start = [], 0
+        for g, size in zip(self.param_groups, self._group_sizes):
+            d = {k: v for k, v in g.items() if k != "params"}
+            d["params"] = list(range(start, start + size))
+            groups.append(d)
+            start += size
+        return {"step": self.step_count, "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load ``state_dict()`` output; everything is checked before anything
+        changes, and a mismatch raises ``ValueError`` naming what differs."""
+        try:
+            step = state_dict["step"]
+            state = state_dict["state"]
+            groups = state_dict["param_groups"]
+        except (KeyError, TypeError):
+            raise ValueError("not an Expectigrad state dict: it needs 'step', "
+                             "'state' and 'param_groups'") from None
+        if not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"state dict 'step' must be an integer >= 0, got {step!r}")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} param groups, the "
+                             f"optimizer has {len(self.param_groups)}")
+        new_hyper = []
+        for gi, (g, size) in enumerate(zip(groups, self._group_sizes)):
+            where = f"state dict param group {gi}: "
+            if len(g.get("params", ())) != size:
+                raise ValueError(f"{where}has {len(g.get('params', ()))} parameters, "
+                                 f"the optimizer's group has {size}")
+            hyper = {k: V.check_group_value(k, v, where)
+                     for k, v in g.items() if k != "params"}
+            if hyper.get("sparse_counter", self.param_groups[gi]["sparse_counter"]) \
+                    != self.param_groups[gi]["sparse_counter"]:
+                raise ValueError(f"{where}sparse_counter differs from the optimizer's")
+            new_hyper.append(hyper)
+        if len(state) != len(self._params):
+            raise ValueError(f"state dict has state for {len(state)} arrays, the "
+                             f"optimizer has {len(self._params)}")
+        loaded = []
+        for i, p in enumerate(self._params):
+            entry = state.get(i, state.get(str(i)))
+            where = f"state dict entry {i} ({self._names[i]})"
+            if entry is None:
+                raise ValueError(f"{where} is missing")
+            t = entry.get("step")
+            if not isinstance(t, numbers.Integral) or t < 0:
+                raise ValueError(f"{where}: 'step' must be an integer >= 0, got {t!r}")
+            arrays = {}
+            needed = {"mean_sq": p.dtype}
+            if self.param_groups[self._group_of[i]]["sparse_counter"]:
+                needed["count"] = np.dtype(np.uint32)
+            beta = new_hyper[self._group_of[i]].get(
+                "beta", self.param_groups[self._group_of[i]]["beta"])
+            for key, dtype in needed.items():
+                if key not in entry:
+                    raise ValueError(f"{where}: '{key}' is missing")
+                arrays[key] = self._state_array(entry[key], p, dtype, f"{where} '{key}'")
+            if "momentum" in entry:
+                arrays["momentum"] = self._state_array(
+                    entry["momentum"], p, p.dtype, f"{where} 'momentum'", nonnegative=False)
+            elif beta > 0 and t > 0:
+                raise ValueError(f"{where}: 'momentum' is missing but beta > 0")
+            loaded.append((int(t), arrays))
+        # Everything checked: now write.
+        for gi, hyper in enumerate(new_hyper):
+            for key, value in hyper.items():
+                if key != "sparse_counter":
+                    dict.__setitem__(self.param_groups[gi], key, value)
+        self._refresh()
+        for b in self._buckets:
+            if any("momentum" in loaded[i][1] for i in b.slots):
+                b.ensure_momentum()
+            for k, i in enumerate(b.slots):
+                t, arrays = loaded[i]
+                self._t[i] = t
+                for key, flat in (("mean_sq", b.mean_sq), ("count", b.count),
+                                  ("momentum", b.momentum)):
+                    if flat.size:
+                        target = b.segment(flat, k)
+                        if key in arrays:
+                            target[...] = arrays[key]
+                        elif key == "momentum":
+                            target[...] = 0
+        self.step_count = int(step)
+
+    @staticmethod
+    def _state_array(value, p, dtype, where, nonnegative=True):
+        a = np.asarray(value)
+        dtype = np.dtype(dtype)
+        if a.shape != p.shape:
+            raise ValueError(f"{where} has shape {a.shape}, the parameter has {p.shape}")
+        if a.dtype.kind not in "fiu" or (dtype.kind == "u" and a.dtype.kind == "f"):
+            raise ValueError(f"{where} has dtype {a.dtype}, expected {dtype}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise ValueError(f"{where} holds NaN or infinity")
+        if nonnegative and np.any(a < 0):
+            raise ValueError(f"{where} holds negative values")
+        return a.astype(dtype)
+
+    def __repr__(self):
+        groups = ", ".join(
+            "{" + ", ".join(f"{k}={v!r}" for k, v in g.items() if k != "params")
+            + f", params={len(g['params'])} arrays}}" for g in self.param_groups)
+        return (f"Expectigrad(backend={self.backend!r}, check_finite={self.check_finite}, "
+                f"global_clipnorm={self.global_clipnorm}, groups=[{groups}])")

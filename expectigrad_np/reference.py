@@ -1,0 +1,103 @@
+"""Expectigrad in plain NumPy: the readable statement of the algorithm.
+
+This module is the specification the compiled kernels are tested against.
+For one parameter array ``x`` with gradient ``g`` on its ``t``-th step
+(Daley & Amato, 2020, arXiv:2010.01356)::
+
+    s <- s + g**2                                  arithmetic sum of squares
+    n <- n + sign(g**2)      (sparse counter)      or  n = t  (dense counter)
+    u  = g / (eps + sqrt(s / n))                   with 0/0 := 0
+    m <- beta * m + (1 - beta) * u                 outer momentum
+    x <- x - lr / (1 - beta**t) * m                bias-corrected step
+
+With ``beta == 0`` there is no momentum and no bias correction:
+``x <- x - lr * u``.
+
+What is stored.  Instead of the sum ``s`` the state keeps the running mean
+``mean_sq = s / n``, updated as ``mean_sq += (g**2 - mean_sq) / n``.  It is
+the same quantity, but it never grows with the number of steps, so it cannot
+overflow while every ``g**2`` is finite, and in float32 it keeps the adaptive
+step accurate over millions of steps where a float32 running sum drifts.
+With the sparse counter a coordinate whose gradient is exactly zero keeps
+its mean and its count; its ``u`` is then ``0 / (eps + sqrt(mean_sq)) = 0``,
+which is the paper's ``0/0 := 0``.
+
+Every scalar is cast to the array's dtype before use, so float32 arithmetic
+stays float32, in the same order of operations as the compiled kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["clip_gradient", "expectigrad_update", "step_size"]
+
+
+def step_size(lr: float, beta: float, t: int) -> float:
+    """The scalar multiplying the momentum on step ``t`` (1-based).
+
+    ``lr / (1 - beta**t)`` with momentum, ``lr`` when ``beta == 0``.
+    """
+    if beta == 0.0:
+        return float(lr)
+    return float(lr) / (1.0 - float(beta) ** t)
+
+
+def clip_gradient(g, scale=1.0, clipvalue=np.inf):
+    """``clip(g * scale, -clipvalue, clipvalue)`` as a new array.
+
+    ``scale`` is the norm-clipping factor ``min(1, clipnorm / ||g||)`` (and its
+    global counterpart); value clipping comes after it.
+    """
+    dt = g.dtype.type
+    out = g * dt(scale)
+    if np.isfinite(clipvalue):
+        np.clip(out, dt(-clipvalue), dt(clipvalue), out=out)
+    return out
+
+
+def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
+                       sparse_counter=True):
+    """One Expectigrad step on one array, in place.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        The parameter, updated in place.
+    g : ndarray, same shape and dtype as ``x``
+        The gradient (already clipped, if clipping is wanted).
+    mean_sq : ndarray like ``x``
+        Running mean of ``g**2`` over the counted steps (``s / n``).
+    count : ndarray of uint32 like ``x``, or None
+        Per-coordinate count of nonzero gradients (sparse counter only).
+    momentum : ndarray like ``x``, or None
+        Outer momentum ``m`` (only when ``beta > 0``).
+    t : int
+        This array's step number, counting this step (t >= 1).
+    lr : float
+        Learning rate for this step, > 0.
+    beta : float
+        Momentum decay in [0, 1).
+    eps : float
+        Denominator constant, > 0.
+    sparse_counter : bool
+        Count only nonzero gradients (True) or every step (False, ``n = t``).
+    """
+    dt = x.dtype.type
+    one, zero = dt(1), dt(0)
+
+    g2 = g * g
+    if sparse_counter:
+        counted = g2 != zero                                   # sign(g**2)
+        count += counted
+        weight = np.where(counted, one / np.maximum(count, 1).astype(x.dtype), zero)
+    else:
+        weight = dt(1.0 / t)                                   # n = t
+    mean_sq += (g2 - mean_sq) * weight                         # s / n
+    u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0
+
+    if beta == 0.0:
+        x -= dt(step_size(lr, beta, t)) * u
+    else:
+        momentum *= dt(beta)
+        momentum += dt(1.0 - beta) * u                         # outer momentum
+        x -= dt(step_size(lr, beta, t)) * momentum             # bias-corrected

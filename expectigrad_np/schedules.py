@@ -1,0 +1,185 @@
+"""Learning-rate schedules: callables ``step -> lr``.
+
+``step`` is the number of optimizer steps already taken (0 on the first
+step).  Any callable with that signature can be given as ``lr``; the ones
+here are small frozen dataclasses, so they compare by value, print their
+settings and pickle.
+
+=====================  =====================================================
+``constant(v)``        ``v``
+``inverse_time_decay`` ``lr / (1 + rate * step / steps)`` (the original TF2
+                       optimizer's ``decay`` option is ``rate=decay, steps=1``)
+``exponential_decay``  ``lr * rate ** (step / steps)``
+``cosine_decay``       ``lr * (alpha + (1 - alpha) * (1 + cos(pi * min(step,
+                       steps) / steps)) / 2)``
+``linear``             ``init + (end - init) * min(step, steps) / steps``
+``join``               ``schedules[i](step - boundaries[i-1])`` between
+                       consecutive boundaries
+``warmup``             linear ramp from ``init`` to ``schedule(0)`` over
+                       ``steps``, then ``schedule(step - steps)``
+=====================  =====================================================
+
+``staircase=True`` makes the decays piecewise constant
+(``step // steps`` instead of ``step / steps``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["constant", "cosine_decay", "exponential_decay", "inverse_time_decay",
+           "join", "linear", "warmup"]
+
+
+def _positive(name, value):
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def _nonnegative(name, value):
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return value
+
+
+def _steps(name, value):
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _progress(step, steps, staircase):
+    return step // steps if staircase else step / steps
+
+
+@dataclass(frozen=True)
+class constant:
+    """``lr`` at every step."""
+    value: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "value", _nonnegative("value", self.value))
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+
+@dataclass(frozen=True)
+class inverse_time_decay:
+    """``lr / (1 + rate * step / steps)``."""
+    lr: float
+    rate: float
+    steps: int = 1
+    staircase: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", _positive("lr", self.lr))
+        object.__setattr__(self, "rate", _nonnegative("rate", self.rate))
+        object.__setattr__(self, "steps", _steps("steps", self.steps))
+
+    def __call__(self, step: int) -> float:
+        return self.lr / (1.0 + self.rate * _progress(step, self.steps, self.staircase))
+
+
+@dataclass(frozen=True)
+class exponential_decay:
+    """``lr * rate ** (step / steps)``."""
+    lr: float
+    rate: float
+    steps: int = 1
+    staircase: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", _positive("lr", self.lr))
+        object.__setattr__(self, "rate", _positive("rate", self.rate))
+        object.__setattr__(self, "steps", _steps("steps", self.steps))
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.rate ** _progress(step, self.steps, self.staircase)
+
+
+@dataclass(frozen=True)
+class cosine_decay:
+    """Half a cosine from ``lr`` down to ``alpha * lr`` over ``steps``, then flat."""
+    lr: float
+    steps: int
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", _positive("lr", self.lr))
+        object.__setattr__(self, "steps", _steps("steps", self.steps))
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    def __call__(self, step: int) -> float:
+        frac = min(step, self.steps) / self.steps
+        cosine = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.lr * (self.alpha + (1.0 - self.alpha) * cosine)
+
+
+@dataclass(frozen=True)
+class linear:
+    """From ``init`` to ``end`` in a straight line over ``steps``, then ``end``."""
+    init: float
+    end: float
+    steps: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "init", _nonnegative("init", self.init))
+        object.__setattr__(self, "end", _nonnegative("end", self.end))
+        object.__setattr__(self, "steps", _steps("steps", self.steps))
+
+    def __call__(self, step: int) -> float:
+        frac = min(step, self.steps) / self.steps
+        return self.init + (self.end - self.init) * frac
+
+
+@dataclass(frozen=True)
+class join:
+    """Run ``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]``
+    (restarted at step 0) until ``boundaries[1]``, and so on."""
+    schedules: tuple
+    boundaries: tuple
+
+    def __post_init__(self):
+        schedules = tuple(self.schedules)
+        boundaries = tuple(int(b) for b in self.boundaries)
+        if len(schedules) != len(boundaries) + 1:
+            raise ValueError(f"join needs one more schedule than boundaries, got "
+                             f"{len(schedules)} schedules and {len(boundaries)} "
+                             "boundaries")
+        if any(not callable(s) for s in schedules):
+            raise TypeError("every schedule given to join must be callable")
+        if any(b < 1 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+            raise ValueError(f"boundaries must be increasing integers >= 1, got "
+                             f"{boundaries!r}")
+        object.__setattr__(self, "schedules", schedules)
+        object.__setattr__(self, "boundaries", boundaries)
+
+    def __call__(self, step: int) -> float:
+        start = 0
+        for schedule, boundary in zip(self.schedules, self.boundaries):
+            if step < boundary:
+                return schedule(step - start)
+            start = boundary
+        return self.schedules[-1](step - start)
+
+
+def warmup(schedule: Callable[[int], float] | float, steps: int,
+           init: float = 0.0) -> join:
+    """Linear warm-up from ``init`` to ``schedule(0)`` over ``steps`` steps,
+    then ``schedule`` (started at its own step 0).  ``schedule`` may be a number.
+    """
+    if not callable(schedule):
+        schedule = constant(schedule)
+    steps = _steps("steps", steps)
+    return join((linear(init, schedule(0), steps), schedule), (steps,))
+
+
+Schedule = Callable[[int], float]
+ScheduleLike = Sequence  # for type checkers only

@@ -1,0 +1,8 @@
+import os
+
+from hypothesis import settings
+
+# CI runs the full example budget; a developer can lower it for quick loops.
+settings.register_profile("ci", max_examples=100, deadline=None)
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
