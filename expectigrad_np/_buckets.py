@@ -58,6 +58,28 @@ class _Bucket:
             return None
         return flat[self.offsets[k]:self.offsets[k + 1]].reshape(self.params[k].shape)
 
+    STATE_FIELDS = ("mean_sq", "count", "momentum")
+
+    def read_state(self, k):
+        """Array ``k``'s state as host copies in the parameter's shape
+        (``count``/``momentum`` only where the bucket stores them)."""
+        out = {}
+        for name in self.STATE_FIELDS:
+            seg = self.segment(getattr(self, name), k)
+            if seg is not None:
+                out[name] = np.array(seg)
+        return out
+
+    def write_state(self, k, arrays):
+        """Overwrite array ``k``'s state from host arrays; a stored field
+        missing from ``arrays`` is zeroed."""
+        if "momentum" in arrays:
+            self.ensure_momentum()
+        for name in self.STATE_FIELDS:
+            seg = self.segment(getattr(self, name), k)
+            if seg is not None:
+                seg[...] = arrays.get(name, 0)
+
     def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
                          sparse, momentum):
         """Fill the coefficient and flag rows from per-array values (bucket

@@ -348,12 +348,12 @@ class Expectigrad:
         state = {}
         for b in self._buckets:
             for k, i in enumerate(b.slots):
-                entry = {"step": int(self._t[i]),
-                         "mean_sq": np.array(b.segment(b.mean_sq, k))}
+                stored = b.read_state(k)
+                entry = {"step": int(self._t[i]), "mean_sq": stored["mean_sq"]}
                 if self._sparse[i]:
-                    entry["count"] = np.array(b.segment(b.count, k))
+                    entry["count"] = stored["count"]
                 if self._momentum[i]:
-                    entry["momentum"] = np.array(b.segment(b.momentum, k))
+                    entry["momentum"] = stored["momentum"]
                 state[int(i)] = entry
         groups, start = [], 0
         for g, size in zip(self.param_groups, self._group_sizes):
@@ -425,19 +425,10 @@ class Expectigrad:
                     dict.__setitem__(self.param_groups[gi], key, value)
         self._refresh()
         for b in self._buckets:
-            if any("momentum" in loaded[i][1] for i in b.slots):
-                b.ensure_momentum()
             for k, i in enumerate(b.slots):
                 t, arrays = loaded[i]
                 self._t[i] = t
-                for key, flat in (("mean_sq", b.mean_sq), ("count", b.count),
-                                  ("momentum", b.momentum)):
-                    if flat.size:
-                        target = b.segment(flat, k)
-                        if key in arrays:
-                            target[...] = arrays[key]
-                        elif key == "momentum":
-                            target[...] = 0
+                b.write_state(k, arrays)
         self.step_count = int(step)
 
     @staticmethod
