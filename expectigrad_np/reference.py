@@ -86,6 +86,7 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
     one, zero = dt(1), dt(0)
 
     g2 = g * g
+    np.minimum(g2, np.finfo(x.dtype).max, out=g2)   # an overflowed g**2 counts as max
     if sparse_counter:
         counted = g2 != zero                                   # sign(g**2)
         count += counted

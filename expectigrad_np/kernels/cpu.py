@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 __all__ = [
     "CHUNK", "COEF_FIELDS", "FLAG_FIELDS", "array_step", "data_address",
@@ -71,10 +72,25 @@ def _pointer_like(typingctx, address, like):
     return ptr_type(address, like), codegen
 
 
+def _max_finite(x):
+    """The largest finite value of ``x``'s float type (a compile-time constant)."""
+    return np.finfo(type(x)).max
+
+
+@overload(_max_finite, inline="always")
+def _max_finite_impl(x):
+    big = as_dtype(x).type(np.finfo(as_dtype(x)).max)
+    return lambda x: big
+
+
 @njit(inline="always", **_OPTS)
 def _adaptive(g, g2, mean_sq, weight, eps):
-    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean)))."""
-    v = mean_sq + (g2 - mean_sq) * weight
+    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
+
+    A g**2 that overflows to inf counts as the largest finite value, so the
+    mean stays finite (an inf mean would turn into NaN on the next step)."""
+    big = _max_finite(mean_sq)
+    v = mean_sq + ((big if g2 > big else g2) - mean_sq) * weight
     return v, g / (eps + np.sqrt(v))
 
 
