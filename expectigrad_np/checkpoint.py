@@ -172,9 +172,10 @@ def _read(path):
     """All arrays of the file, in memory; any defect -> _Refused."""
     with open(path, "rb") as f:   # a missing file is FileNotFoundError, as usual
         try:
-            with np.load(f, allow_pickle=False) as z:
-                if not hasattr(z, "files"):
-                    raise _Refused("it is a single .npy array, not an .npz archive")
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise _Refused("it is a single .npy array, not an .npz archive")
+            with z:
                 return {name: z[name] for name in z.files}
         except _Refused:
             raise
