@@ -89,7 +89,7 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
     np.minimum(g2, np.finfo(x.dtype).max, out=g2)   # an overflowed g**2 counts as max
     if sparse_counter:
         counted = g2 != zero                                   # sign(g**2)
-        count += counted
+        count += counted & (count != np.iinfo(count.dtype).max)   # saturates
         weight = np.where(counted, one / np.maximum(count, 1).astype(x.dtype), zero)
     else:
         weight = dt(1.0 / t)                                   # n = t
