@@ -62,7 +62,7 @@ class _Bucket:
 
     def segment(self, flat, k):
         """Array ``k``'s piece of a flat state buffer, in the parameter's shape."""
-        if flat.size == 0:
+        if flat.size == 0 and self.total:   # all-empty buckets still have (empty) state
             return None
         return flat[self.offsets[k]:self.offsets[k + 1]].reshape(self.params[k].shape)
 

@@ -50,7 +50,7 @@ def clip_gradient(g, scale=1.0, clipvalue=np.inf):
     global counterpart); value clipping comes after it.
     """
     dt = g.dtype.type
-    out = g * dt(scale)
+    out = np.asarray(g * dt(scale))          # 0-d stays an array
     if np.isfinite(clipvalue):
         np.clip(out, dt(-clipvalue), dt(clipvalue), out=out)
     return out
