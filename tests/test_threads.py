@@ -136,3 +136,39 @@ def test_parallel_kernels_from_threads_with_workqueue_layer():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+_WHICH_KERNEL = """
+import sys, numpy as np, numba
+from expectigrad_np.kernels import cpu as K
+x = np.zeros(1 << 16, np.float32); g = np.ones_like(x)
+v, m, n = np.zeros_like(x), np.zeros_like(x), np.zeros(x.size, np.uint32)
+seg, lo, hi = K.make_chunks([x.size])
+coef = np.array([[1e-3, .9, .1, 1e-8, 1., np.inf, np.inf]], np.float32)
+kernel = K.segments_step_parallel if sys.argv[1] == "parallel" else K.segments_step
+kernel(np.array([K.data_address(x)]), np.array([K.data_address(g)]),
+       np.array([0, x.size]), seg, lo, hi, v, n, m, coef, np.array([[1, 1, 1]]),
+       True, np.inf, 0.0, True)
+try:
+    print(numba.threading_layer())
+except ValueError:
+    print("serial")
+"""
+
+
+def test_serial_and_parallel_kernels_do_not_share_a_cache_entry(tmp_path):
+    """Compiled into one cache directory one after the other, each variant
+    must still run as itself (a shared entry made the 'parallel' kernel run
+    serially, or the serial one launch threads, depending on which compiled
+    first)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_NUM_THREADS="2")
+
+    def run(which):
+        proc = subprocess.run([sys.executable, "-c", _WHICH_KERNEL, which], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    assert run("serial") == "serial"
+    assert run("parallel") != "serial"
+    assert run("serial") == "serial"

@@ -31,6 +31,8 @@ vectorises the inner loops, ``nogil=True`` and ``cache=True``.
 """
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
@@ -294,5 +296,16 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     return -1, total
 
 
+def _twin(func, name):
+    """A copy of ``func`` under another name.  Numba's on-disk cache is keyed
+    by the function's qualified name and signature, not by ``parallel``: two
+    dispatchers of one function would load each other's cached machine code."""
+    twin = pytypes.FunctionType(func.__code__, func.__globals__, name,
+                                func.__defaults__, func.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
 segments_step = njit(**_OPTS)(_segments_step)
-segments_step_parallel = njit(parallel=True, **_OPTS)(_segments_step)
+segments_step_parallel = njit(parallel=True, **_OPTS)(
+    _twin(_segments_step, "_segments_step_parallel"))
