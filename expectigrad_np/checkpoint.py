@@ -246,9 +246,11 @@ def _check_layout(opt, meta):
         name = opt._names[i]
         if not isinstance(e, dict):
             raise _Refused(f"its record of {name} is corrupt")
-        if tuple(e.get("shape", ())) != p.shape or e.get("shape") is None:
-            raise _Refused(f"{name} has shape {tuple(e.get('shape') or ())} in the "
-                           f"file, {p.shape} in the optimizer")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or tuple(shape) != p.shape:
+            shape = tuple(shape) if isinstance(shape, list) else shape
+            raise _Refused(f"{name} has shape {shape} in the file, {p.shape} in the "
+                           "optimizer")
         if e.get("dtype") != np.dtype(p.dtype).str:
             raise _Refused(f"{name} has dtype {e.get('dtype')} in the file, "
                            f"{np.dtype(p.dtype)} in the optimizer")
@@ -320,6 +322,9 @@ def load(opt, path):
         opt.load_state_dict(sd)
     except ValueError as exc:
         raise ValueError(f"cannot load checkpoint {path!r}: {exc}") from None
+    except (TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise ValueError(f"cannot load checkpoint {path!r}: its 'meta' record is "
+                         f"malformed ({type(exc).__name__}: {exc})") from None
     # Shapes and dtypes were checked: the copies cannot fail.
     for p, a in zip(opt.params, params):
         if isinstance(p, np.ndarray):

@@ -340,3 +340,56 @@ def test_cross_backend_load(tmp_path):
     b = make_opt(make_params(seed=3), "numpy")
     b.load(tmp_path / "c.npz")
     assert_same(snapshot(a), snapshot(b))
+
+
+# --- every field of the meta record, damaged ------------------------------------------
+
+def _paths(node, path=()):
+    """Paths to every value (leaves and containers) of a JSON document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, path + (i,))
+    if path:
+        yield path
+
+
+DAMAGE = [5, -1, 0, 1.5, True, None, "x", [1], {"a": 1}]
+
+
+def test_damaged_meta_is_loaded_or_refused_cleanly(tmp_path):
+    """Each field of the meta record replaced by each of a few wrong values:
+    the load either succeeds (the change was harmless, like 3 -> 3.0) or
+    raises ValueError naming the file; nothing else escapes and a refusal
+    changes nothing."""
+    params = make_params()
+    a = make_opt(params)
+    a.step(grads_for(params, np.random.default_rng(0)))
+    clean = tmp_path / "clean.npz"
+    a.save(clean)
+    with np.load(clean) as z:
+        meta = json.loads(str(z["meta"]))
+    target = stepped_target()
+    before = snapshot(target)
+    path = tmp_path / "damaged.npz"
+    refusals = 0
+    for where in _paths(meta):
+        for value in DAMAGE:
+            def edit(m):
+                node = m
+                for key in where[:-1]:
+                    node = node[key]
+                node[where[-1]] = value
+            path.write_bytes(clean.read_bytes())
+            rewrite(path, edit_meta=edit)
+            try:
+                target.load(path)
+            except ValueError as exc:
+                assert str(path) in str(exc)
+                assert_same(snapshot(target), before)
+                refusals += 1
+            else:                                  # harmless: put the state back
+                target = stepped_target()
+    assert refusals > 0.9 * len(list(_paths(meta))) * len(DAMAGE)

@@ -105,8 +105,8 @@ def adaptive_rel_error(v32, v64):
 
 @pytest.mark.parametrize("sparse", [True, False])
 def test_million_steps_stays_accurate(long_run, sparse):
-    """Measured: max 1.7e-4 over 16 coordinates (the float32 running sum of
-    the same stream: 1.3e-3, i.e. it drifts eight times as far)."""
+    """Measured: max 1.3e-4 (sparse counter) and 1.8e-4 (dense) over 16
+    coordinates; the float32 running sum of the same stream: 1.1e-3."""
     v32, v64 = long_run[sparse]
     assert v32.dtype == np.float32 and np.all(np.isfinite(v32))
     err = adaptive_rel_error(v32, v64)
