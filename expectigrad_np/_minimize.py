@@ -268,7 +268,8 @@ def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
         Most steps to take.  Default 10000 in deterministic mode, unlimited in
         stochastic mode (``epochs`` then sets the budget).
     gtol : float
-        Stop when ``norm(gradient) <= gtol``.  Default 1e-5 in deterministic
+        Stop when ``norm(gradient) <= gtol`` (with bounds, the projected
+        gradient: components pushing against an active bound count as 0).  Default 1e-5 in deterministic
         mode, off (0) in stochastic mode, where it tests the minibatch gradient.
     norm : float
         Order of the norm for ``gtol`` (``numpy.linalg.norm``); default inf,
@@ -373,11 +374,19 @@ def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
     return res
 
 
-def _gradient_norm(g, norm):
-    """``(finite, norm)`` of the gradient; the max-abs pass finds NaN/inf."""
+def _gradient_norm(g, norm, x=None, box=None):
+    """``(finite, norm)`` of the gradient; the max-abs pass finds NaN/inf.
+
+    With bounds, the norm is that of the projected gradient: components that
+    push against an active bound (``x == lb`` and ``g > 0``, or ``x == ub``
+    and ``g < 0``) count as zero, as in L-BFGS-B.
+    """
     gmax = float(np.max(np.abs(g))) if g is not None else math.nan
     if not math.isfinite(gmax):
         return False, gmax
+    if box is not None:
+        g = np.where(((x <= box[0]) & (g > 0)) | ((x >= box[1]) & (g < 0)), 0, g)
+        gmax = float(np.max(np.abs(g)))
     if norm == np.inf:
         return True, gmax
     return True, float(np.linalg.norm(g.ravel(), ord=norm))
@@ -402,13 +411,14 @@ def _run_deterministic(s, bar):
     nit = 0
     ok, gnorm = math.isfinite(f), math.nan
     if ok:
-        ok, gnorm = _gradient_norm(g, norm)
+        ok, gnorm = _gradient_norm(g, norm, x, box)
     if not ok:
         return dict(x=x, fun=f, jac=g, nit=0, status=NONFINITE, success=False,
                     message=_nonfinite_message("at x0"))
     while True:
         if gnorm <= gtol:
-            status, msg = GTOL, (f"Optimization terminated successfully: gradient "
+            status, msg = GTOL, (f"Optimization terminated successfully: "
+                                 f"{'projected ' if box is not None else ''}gradient "
                                  f"norm {gnorm:.3g} <= gtol {gtol:.3g}.")
             break
         if nit >= maxiter:
@@ -420,7 +430,7 @@ def _run_deterministic(s, bar):
         f_new, g_new = objective(x)
         ok = math.isfinite(f_new)
         if ok:
-            ok, gnorm_new = _gradient_norm(g_new, norm)
+            ok, gnorm_new = _gradient_norm(g_new, norm, x, box)
         if not ok or not np.all(np.isfinite(x)):
             np.copyto(x, x_good)
             nit -= 1
@@ -509,7 +519,7 @@ def _run_stochastic(s, bar):
             f_new, g_new = objective(x, (batch,))
             ok = math.isfinite(f_new)
             if ok:
-                ok, gnorm = _gradient_norm(g_new, norm)
+                ok, gnorm = _gradient_norm(g_new, norm, x, box)
             if not ok:
                 np.copyto(x, x_good)
                 nit = nit_good

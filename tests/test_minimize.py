@@ -182,6 +182,10 @@ def test_bounds_projected_every_iterate_feasible(bounds):
     assert np.all(xs >= lo) and np.all(xs <= hi)
     np.testing.assert_allclose(res.x, [0.2, 0.6, 1.0], atol=1e-3)
     assert np.array_equal(x0, [3.0, -2.0, 0.0])
+    assert res.status == 0 and res.success and "projected" in res.message
+    start = eg.minimize(quad, x0, jac=quad_grad, bounds=bounds, maxiter=0)
+    np.testing.assert_array_equal(start.x, [0.2, 0.0, 0.5])   # x0 projected too
+    assert start.fun == quad(start.x) and start.nit == 0
 
 
 def test_bounds_float32_rounded_inwards_and_checked():
