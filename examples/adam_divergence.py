@@ -73,8 +73,9 @@ def main(argv=None):
         print("(install matplotlib for the plot)")
         return adam, expg
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(adam, label="Adam", lw=0.8)
-    ax.plot(expg, label="Expectigrad", lw=0.8)
+    t = np.arange(1, a.steps + 1)
+    ax.plot(t, adam, label="Adam", lw=0.8)
+    ax.plot(t, expg, label="Expectigrad", lw=0.8)
     ax.axhline(-1, color="k", ls=":", lw=0.8)
     ax.set(xscale="log", xlabel="step", ylabel="x", ylim=(-1.1, 1.1),
            title="f_t(x) = 3x every third step, -x otherwise")
