@@ -65,6 +65,18 @@ def test_steps_are_those_of_the_expectigrad_class():
     np.testing.assert_array_equal(res.jac, so.rosen_der(x))
 
 
+def test_lr_schedule_passed_through():
+    lr = eg.schedules.inverse_time_decay(0.05, rate=0.5, steps=10)
+    res = eg.minimize(so.rosen, X0, jac=so.rosen_der, lr=lr, maxiter=100, gtol=0)
+    x = X0.copy()
+    opt = eg.Expectigrad(x, lr=lr)
+    for _ in range(100):
+        opt.step(so.rosen_der(x))
+    np.testing.assert_array_equal(res.x, x)
+    const = eg.minimize(so.rosen, X0, jac=so.rosen_der, lr=0.05, maxiter=100, gtol=0)
+    assert not np.array_equal(const.x, x)
+
+
 def test_scipy_custom_method():
     seen = []
     res = so.minimize(so.rosen, X0, jac=so.rosen_der, method=eg.minimize,
