@@ -268,9 +268,10 @@ def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
         Most steps to take.  Default 10000 in deterministic mode, unlimited in
         stochastic mode (``epochs`` then sets the budget).
     gtol : float
-        Stop when ``norm(gradient) <= gtol`` (with bounds, the projected
-        gradient: components pushing against an active bound count as 0).  Default 1e-5 in deterministic
-        mode, off (0) in stochastic mode, where it tests the minibatch gradient.
+        Stop when ``norm(gradient) <= gtol``; with bounds, the projected
+        gradient (components pushing against an active bound count as 0).
+        Default 1e-5 in deterministic mode; off in stochastic mode, where a
+        given ``gtol`` tests each minibatch gradient.
     norm : float
         Order of the norm for ``gtol`` (``numpy.linalg.norm``); default inf,
         the largest absolute element, as scipy's BFGS.
@@ -330,9 +331,10 @@ def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
         raise ValueError("epochs counts passes over data; give data= or use maxiter")
     if gtol is None:
         gtol = tol
-    if gtol is None:
-        gtol = 0.0 if stochastic else 1e-5
-    gtol = _nonneg_real("gtol", gtol)
+    if gtol is None and stochastic:
+        gtol = -math.inf               # off: a minibatch gradient may be 0 by chance
+    else:
+        gtol = _nonneg_real("gtol", 1e-5 if gtol is None else gtol)
     if maxiter is None and not stochastic:
         maxiter = 10_000
     if stochastic and maxiter is None and epochs is None:

@@ -77,6 +77,14 @@ def test_lr_schedule_passed_through():
     assert not np.array_equal(const.x, x)
 
 
+def test_demo_rosenbrock_part():
+    from expectigrad_np import demo
+    lines = []
+    res = demo.rosenbrock(maxiter=20_000, out=lines.append)
+    assert res["Expectigrad"].success and res["Expectigrad"].fun < 1e-18
+    assert any("Expectigrad" in line and "nit" in line for line in lines)
+
+
 def test_scipy_custom_method():
     seen = []
     res = so.minimize(so.rosen, X0, jac=so.rosen_der, method=eg.minimize,
@@ -370,6 +378,16 @@ def test_stochastic_finite_differences_and_jac_true():
     pair = eg.minimize(lambda x, b: (f(x, b), g(x, b)), np.zeros(4), jac=True,
                        data=batches, epochs=2, lr=0.05)
     np.testing.assert_array_equal(pair.x, an.x)
+
+
+def test_stochastic_zero_minibatch_gradient_does_not_stop_by_default():
+    data = [0.0, 1.0, 0.0, 1.0]                      # batch 0.0 has gradient 0 at x=0
+    f = lambda x, b: float(b * np.sum((x - 1) ** 2))  # noqa: E731
+    g = lambda x, b: 2 * b * (x - 1)                  # noqa: E731
+    res = eg.minimize(f, np.zeros(2), jac=g, data=data, epochs=2)
+    assert res.nit == 8 and res.status == 2
+    res = eg.minimize(f, np.zeros(2), jac=g, data=data, epochs=2, gtol=0)
+    assert res.nit == 0 and res.status == 0
 
 
 def test_stochastic_nonfinite_batch():
