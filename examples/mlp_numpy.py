@@ -23,7 +23,8 @@ def spirals(n_per_class=300, classes=3, seed=0):
     X, y = [], []
     for c in range(classes):
         r = np.linspace(0.05, 1.0, n_per_class)
-        t = np.linspace(c * 4.0, (c + 1) * 4.0, n_per_class) + 0.2 * rng.standard_normal(n_per_class)
+        t = np.linspace(c * 4.0, (c + 1) * 4.0, n_per_class)
+        t += 0.2 * rng.standard_normal(n_per_class)
         X.append(np.c_[r * np.sin(t), r * np.cos(t)])
         y.append(np.full(n_per_class, c))
     return np.concatenate(X).astype(np.float32), np.concatenate(y)

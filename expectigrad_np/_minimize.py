@@ -552,8 +552,9 @@ def _run_stochastic(s, bar):
             if cb is not None:
                 from scipy.optimize import OptimizeResult
                 try:
-                    cb(OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit, nfev=objective.nfev,
-                                      njev=objective.njev, epoch=epoch))
+                    cb(OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit,
+                                      nfev=objective.nfev, njev=objective.njev,
+                                      epoch=epoch))
                 except StopIteration:
                     status, msg = CALLBACK, "`callback` raised `StopIteration`."
                     break
