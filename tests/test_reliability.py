@@ -61,8 +61,9 @@ def refused(opt, call, error, match):
 # --- non-finite gradients ------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("index, name", [(0, "group 0 param 0"), (1, "group 0 param 1"),
-                                         (2, "group 1 param 0"), (3, "group 1 param 1")])
+@pytest.mark.parametrize("index, name", [
+    (0, "param group 0 param 0"), (1, "param group 0 param 1"),
+    (2, "param group 1 param 0"), (3, "param group 1 param 1")])
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 @pytest.mark.parametrize("clip", [{}, {"global_clipnorm": 1.0}])
 def test_nonfinite_gradient_is_refused_and_changes_nothing(backend, index, name, bad,
@@ -126,9 +127,10 @@ def step_cases(params):
 
     return [
         (replace(1, np.zeros(4)), ValueError,
-         r"group 0 param 1 has shape \(4,\), but its parameter has shape \(5,\)"),
+         r"the gradient of param group 0 param 1 has shape \(4,\), but the parameter "
+         r"has shape \(5,\)"),
         (replace(0, np.zeros((4, 3), np.float32)), ValueError,
-         r"group 0 param 0 has shape \(4, 3\), but its parameter has shape \(3, 4\)"),
+         r"param group 0 param 0 has shape \(4, 3\), but the parameter has shape \(3, 4\)"),
         (g[:3], ValueError, "expected 4 gradients .*got 3"),
         (g + [g[0]], ValueError, "expected 4 gradients .*got 5"),
         ([g[:2], g[2:3]], ValueError, "param group 1 has 2 parameters but 1 gradients"),
@@ -138,7 +140,8 @@ def step_cases(params):
         (replace(3, [[1.0, "x"], [2.0, 3.0]]), TypeError, "group 1 param 1 has dtype <U"),
         (replace(1, [1.0, [2.0, 3.0], 4.0, 5.0, 6.0]), TypeError,
          "group 0 param 1 could not be read as an array"),
-        (replace(1, np.ones(5, complex)), TypeError, "group 0 param 1 has dtype complex128"),
+        (replace(1, np.ones(5, complex)), TypeError,
+         "group 0 param 1 has dtype complex128"),
         (replace(0, np.ones((3, 4), bool)), TypeError, "group 0 param 0 has dtype bool"),
         (replace(3, {"a": 1}), TypeError, "group 1 param 1 has dtype object"),
         (None, TypeError, r"sequence of gradients, one per parameter \(4\)"),
@@ -194,10 +197,13 @@ CONSTRUCTION = [
      "param group 0 param 0 has dtype int64; parameters must be float32 or float64"),
     (lambda: [np.zeros(3), np.zeros(3, complex)], {}, TypeError,
      "param group 0 param 1 has dtype complex128"),
-    (lambda: [np.zeros(3, object)], {}, TypeError, "param group 0 param 0 has dtype object"),
+    (lambda: [np.zeros(3, object)], {}, TypeError,
+     "param group 0 param 0 has dtype object"),
     (lambda: [np.zeros(3, np.float16)], {}, TypeError, "has dtype float16"),
-    (lambda: [np.zeros(3), read_only()], {}, ValueError, "param group 0 param 1 is read-only"),
-    (lambda: [[1.0, 2.0]], {}, TypeError, "param group 0 param 0 must be a numpy.ndarray"),
+    (lambda: [np.zeros(3), read_only()], {}, ValueError,
+     "param group 0 param 1 is read-only"),
+    (lambda: [[1.0, 2.0]], {}, TypeError,
+     "param group 0 param 0 must be a numpy.ndarray"),
     (lambda: [], {}, ValueError, "params is empty"),
     (lambda: [{"params": []}], {}, ValueError, "param group 0: 'params' is empty"),
     (lambda: [{"params": [np.zeros(2)]}, {"lr": 0.1}], {}, ValueError,
@@ -207,10 +213,10 @@ CONSTRUCTION = [
     (lambda: {"params": [np.zeros(2)]}, {}, TypeError, "got a single dict"),
     (lambda: [np.zeros(2), {"params": [np.zeros(2)]}], {}, TypeError, "mixes arrays"),
     (lambda: [shared, shared], {}, ValueError,
-     "group 0 param 0 and group 0 param 1 share memory"),
+     "param group 0 param 0 and param group 0 param 1 share memory"),
     (lambda: [shared[:6], shared[4:]], {}, ValueError, "share memory"),
     (lambda: [{"params": [shared[::2]]}, {"params": [shared.reshape(2, 5)[:, 4]]}], {},
-     ValueError, "group 0 param 0 and group 1 param 0 share memory"),
+     ValueError, "param group 0 param 0 and param group 1 param 0 share memory"),
     (lambda: [np.zeros(2)], {"lr": NAN}, ValueError, "lr must be finite, got nan"),
     (lambda: [np.zeros(2)], {"lr": -1.0}, ValueError, "lr must be > 0"),
     (lambda: [np.zeros(2)], {"lr": "0.1"}, TypeError, "lr must be a real number"),
