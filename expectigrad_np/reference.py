@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["clip_gradient", "expectigrad_update", "step_size"]
+__all__ = ["add_stochastically_rounded", "clip_gradient", "dither",
+           "expectigrad_update", "step_size"]
+
+_MASK32 = np.uint64(0xFFFFFFFF)
 
 
 def step_size(lr: float, beta: float, t: int) -> float:
@@ -41,6 +44,47 @@ def step_size(lr: float, beta: float, t: int) -> float:
     if beta == 0.0:
         return float(lr)
     return float(lr) / (1.0 - float(beta) ** t)
+
+
+def dither(index, t):
+    """Reproducible uniform numbers in [0, 1), multiples of 2**-24, one per
+    element ``index`` (int array) and step ``t``: an integer hash (a
+    multiply-xorshift mix of 32-bit words) of the pair."""
+    h = (np.asarray(index, dtype=np.uint64) * np.uint64(0x9E3779B1)
+         + np.uint64(t) * np.uint64(0x85EBCA77)) & _MASK32
+    h ^= h >> np.uint64(15)
+    h = (h * np.uint64(0x2C1B3C6D)) & _MASK32
+    h ^= h >> np.uint64(12)
+    h = (h * np.uint64(0x297A2D39)) & _MASK32
+    h ^= h >> np.uint64(15)
+    return (h >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def add_stochastically_rounded(a, b, t):
+    """``a + b`` in float32, rounded to one of its two neighbouring floats
+    with probability proportional to closeness (stochastic rounding).
+
+    Round-to-nearest makes the same small error on every step when the mean
+    changes smoothly, and a million such errors add up (about 1e-4 relative
+    on a stream whose gradients shrink a thousandfold).  Stochastic rounding
+    is exact on average, so the errors cancel instead.  The random choice
+    comes from ``dither(index, t)``, so results are reproducible and equal on
+    every backend.
+
+    ``s = fl(a + b)`` and ``e = a + b - s`` exactly (Knuth's TwoSum); the
+    result is the neighbour of ``s`` on ``e``'s side when ``|e| > r * gap``,
+    ``gap`` the distance to that neighbour and ``r`` uniform in [0, 1).
+    """
+    a = np.asarray(a, dtype=np.float32)
+    s = np.asarray(a + b, dtype=np.float32)
+    bp = s - a
+    e = (a - (s - bp)) + (b - bp)                  # a + b = s + e exactly
+    step = np.where(e > 0, np.int32(1), np.int32(-1)).astype(np.int32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        neighbour = (s.view(np.int32) + step).view(np.float32)
+        gap = np.abs(neighbour - s)
+        r = dither(np.arange(s.size).reshape(s.shape), t)
+        return np.where(np.abs(e) > r * gap, neighbour, s)
 
 
 def clip_gradient(g, scale=1.0, clipvalue=np.inf):
@@ -95,7 +139,11 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         weight = np.where(counted, one / np.maximum(count, 1).astype(x.dtype), zero)
     else:
         weight = dt(1.0 / t)                                   # n = t
-    mean_sq += (g2 - mean_sq) * weight                         # s / n
+    increment = (g2 - mean_sq) * weight
+    if x.dtype == np.float32:                                  # s / n
+        mean_sq[...] = add_stochastically_rounded(mean_sq, increment, t)
+    else:
+        mean_sq += increment
     u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0
 
     if beta == 0.0:
