@@ -40,6 +40,7 @@ class _Bucket:
         total = int(self.offsets[-1])
         self.total = total
         self.mean_sq = np.zeros(total, self.dtype)
+        self.stored = {"mean_sq", "count"} if any(sparse) else {"mean_sq"}
         self.count = np.zeros(total if any(sparse) else 0, COUNT_DTYPE)
         self.momentum = np.zeros(0, self.dtype)
         if any(momentum):
@@ -49,13 +50,16 @@ class _Bucket:
         self.flags = np.zeros((len(self.params), len(K.FLAG_FIELDS)), np.int64)
 
     def ensure_momentum(self):
-        if self.momentum.size != self.total:
+        if "momentum" not in self.stored:
             self.momentum = np.zeros(self.total, self.dtype)
+            self.stored.add("momentum")
 
-    def segment(self, flat, k):
-        """Array ``k``'s piece of a flat state buffer, in the parameter's shape."""
-        if flat.size == 0:
+    def segment(self, name, k):
+        """Array ``k``'s piece of the flat state buffer ``name``, in the
+        parameter's shape; None if the bucket does not store ``name``."""
+        if name not in self.stored:
             return None
+        flat = getattr(self, name)
         return flat[self.offsets[k]:self.offsets[k + 1]].reshape(self.params[k].shape)
 
     STATE_FIELDS = ("mean_sq", "count", "momentum")
@@ -65,7 +69,7 @@ class _Bucket:
         (``count``/``momentum`` only where the bucket stores them)."""
         out = {}
         for name in self.STATE_FIELDS:
-            seg = self.segment(getattr(self, name), k)
+            seg = self.segment(name, k)
             if seg is not None:
                 out[name] = np.array(seg)
         return out
@@ -76,7 +80,7 @@ class _Bucket:
         if "momentum" in arrays:
             self.ensure_momentum()
         for name in self.STATE_FIELDS:
-            seg = self.segment(getattr(self, name), k)
+            seg = self.segment(name, k)
             if seg is not None:
                 seg[...] = arrays.get(name, 0)
 
@@ -148,9 +152,9 @@ class NumpyBucket(_Bucket):
                 continue
             expectigrad_update(
                 self.params[k], clip_gradient(g, scale[k], c[K.CLIPVALUE]),
-                self.segment(self.mean_sq, k),
-                self.segment(self.count, k) if f[K.SPARSE] else None,
-                self.segment(self.momentum, k) if f[K.MOMENTUM] else None,
+                self.segment("mean_sq", k),
+                self.segment("count", k) if f[K.SPARSE] else None,
+                self.segment("momentum", k) if f[K.MOMENTUM] else None,
                 t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
                 eps=float(h["eps"][k]), sparse_counter=bool(f[K.SPARSE]))
         return -1, total

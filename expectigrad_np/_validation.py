@@ -140,11 +140,12 @@ def as_gradient(g, x, where):
         try:
             g = np.asarray(g)
         except Exception as exc:  # noqa: BLE001 - reported with context
-            raise TypeError(f"{where} could not be read as an array: {exc}") from None
+            raise TypeError(f"the gradient of {where} could not be read as an "
+                            f"array: {exc}") from None
     if g.dtype.kind not in _FLOAT_KINDS:
-        raise TypeError(f"{where} has dtype {g.dtype}; gradients must be real "
-                        "numbers (float or integer)")
+        raise TypeError(f"the gradient of {where} has dtype {g.dtype}; gradients "
+                        "must be real numbers (float or integer)")
     if g.shape != x.shape:
-        raise ValueError(f"{where} has shape {g.shape}, but its parameter has "
-                         f"shape {x.shape}")
+        raise ValueError(f"the gradient of {where} has shape {g.shape}, but the "
+                         f"parameter has shape {x.shape}")
     return g

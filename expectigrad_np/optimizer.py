@@ -138,7 +138,7 @@ class Expectigrad:
         groups = self._parse_groups(params, defaults)
         self._group_sizes = [len(g["params"]) for g in groups]
         self._params = [p for g in groups for p in g["params"]]
-        self._names = [f"group {gi} param {pi}" for gi, g in enumerate(groups)
+        self._names = [f"param group {gi} param {pi}" for gi, g in enumerate(groups)
                        for pi in range(len(g["params"]))]
         self._group_of = np.repeat(np.arange(len(groups)), self._group_sizes)
         V.check_no_overlap(self._params, self._names)

@@ -49,7 +49,8 @@ def clip_gradient(g, scale=1.0, clipvalue=np.inf):
     global counterpart); value clipping comes after it.
     """
     dt = g.dtype.type
-    out = g * dt(scale)
+    out = np.array(g, copy=True)
+    out *= dt(scale)
     if np.isfinite(clipvalue):
         np.clip(out, dt(-clipvalue), dt(clipvalue), out=out)
     return out
