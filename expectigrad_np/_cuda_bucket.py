@@ -205,9 +205,8 @@ class CudaBucket(_Bucket):
 
         # State.
         self.mean_sq = _zeros(self.total, self.dtype)
-        self.has_count = any(sparse)
-        self.count = _zeros(self.total if self.has_count else 1, COUNT_DTYPE)
-        self.has_momentum = False
+        self.stored = {"mean_sq", "count"} if any(sparse) else {"mean_sq"}
+        self.count = _zeros(self.total if "count" in self.stored else 1, COUNT_DTYPE)
         self.momentum = cuda.device_array(1, self.dtype)
         if any(momentum):
             self.ensure_momentum()
@@ -237,17 +236,13 @@ class CudaBucket(_Bucket):
     # --- state -----------------------------------------------------------------
 
     def ensure_momentum(self):
-        if not self.has_momentum:
+        if "momentum" not in self.stored:
             self.momentum = _zeros(self.total, self.dtype)
-            self.has_momentum = True
+            self.stored.add("momentum")
 
     def _fields(self):
-        out = {"mean_sq": self.mean_sq}
-        if self.has_count:
-            out["count"] = self.count
-        if self.has_momentum:
-            out["momentum"] = self.momentum
-        return out
+        return {name: getattr(self, name) for name in self.STATE_FIELDS
+                if name in self.stored}
 
     def read_state(self, k):
         """Array ``k``'s state as host copies in the parameter's shape."""

@@ -72,10 +72,10 @@ BAD, TOTAL = 0, 1                      # fields of ``result``
 # simulator runs every thread as a Python thread, so it gets small blocks,
 # small chunks and few blocks, which also exercises the multi-chunk and
 # grid-stride paths on tiny arrays.
-THREADS = 32 if SIMULATOR else 256
+THREADS = 8 if SIMULATOR else 256
 # Elements per chunk (a multiple of THREADS), grown for very large buckets
 # so that there are at most MAX_CHUNKS chunks.
-CHUNK = 64 if SIMULATOR else 1 << 14
+CHUNK = 32 if SIMULATOR else 1 << 14
 MAX_CHUNKS = 1 << 16
 # Blocks per launch: enough to fill the device; the grid-stride loops cover
 # the rest.
