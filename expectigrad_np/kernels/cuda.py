@@ -54,6 +54,7 @@ import numpy as np
 from numba import config, cuda, types
 from numba.cuda.extending import intrinsic
 
+from ..cuda import KERNEL_NAMES
 from .cpu import COEF_FIELDS, FLAG_FIELDS, make_chunks
 
 __all__ = [
@@ -83,7 +84,6 @@ BLOCKS_PER_SM = 8
 SIMULATOR_BLOCKS = 3
 
 _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
-KERNEL_NAMES = ("stats_kernel", "update_kernel")
 
 
 # --- element access through device addresses ---------------------------------
