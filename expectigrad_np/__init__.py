@@ -7,10 +7,11 @@ Numba kernels.
     >>> opt.step([np.ones_like(W)])          # W changes in place
 
 ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
-learning-rate schedules.
+learning-rate schedules; ``cuda`` the GPU backend's helpers (``ptx``;
+importing it does not import numba.cuda).
 """
-from . import reference, schedules
+from . import cuda, reference, schedules
 from .optimizer import Expectigrad, ParamGroup
 
 __version__ = "0.1.0"
-__all__ = ["Expectigrad", "ParamGroup", "reference", "schedules", "__version__"]
+__all__ = ["Expectigrad", "ParamGroup", "cuda", "reference", "schedules", "__version__"]

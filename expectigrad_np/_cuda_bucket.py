@@ -10,10 +10,10 @@ of a gradient only its address, shape and dtype are read each step.
 
 What one ``CudaBucket.step`` does (one bucket = all arrays of one dtype):
 
-1. if the gradients or coefficients changed since the last upload: one
-   asynchronous host-to-device copy of a small table (per array: parameter
-   and gradient addresses, 7 coefficients, 3 flags) from a ring of pinned
-   host buffers;
+1. once per optimizer step (not again for the second call of a two-pass
+   step): one asynchronous host-to-device copy of a small table (per array:
+   parameter and gradient addresses, 7 coefficients, 3 flags) from a ring
+   of pinned host buffers;
 2. if ``check_finite``, norm clipping or a stats-only pass asks for it: one
    launch of ``stats_kernel``;
 3. unless stats-only: one launch of ``update_kernel``;
@@ -223,7 +223,6 @@ class CudaBucket(_Bucket):
         self._slot = 0
         self.addr = np.zeros((n, 2), np.int64)
         self.addr[:, 0] = [describe(p)[0] for p in self.params]
-        self._uploaded_addr = None
         self._pending = True
         self.grads = [None] * n
 
@@ -298,6 +297,7 @@ class CudaBucket(_Bucket):
                 waits.append(stream)
         self.addr[:, 1] = addresses
         self.grads = list(grads)           # keep them alive while kernels run
+        self._pending = True
         for stream in waits:
             self._wait_for(stream)
 
@@ -340,9 +340,8 @@ class CudaBucket(_Bucket):
         active = self.flags[:, K.ACTIVE] != 0
         if self.n_chunks == 0 or not active.any():
             return -1, 0.0
-        if self._pending or not np.array_equal(self.addr, self._uploaded_addr):
+        if self._pending:
             self._upload()
-            self._uploaded_addr = self.addr.copy()
         dt = self.dtype.type
         needs_norm = global_clipnorm < np.inf or bool(
             (self.coef[active, K.CLIPNORM] < np.inf).any())

@@ -8,7 +8,9 @@ import re
 import numpy as np
 import pytest
 
-import expectigrad_np.cuda as egc
+import expectigrad_np as eg
+
+egc = eg.cuda
 
 CCS = [(8, 0), (9, 0)]
 DOUBLE = re.compile(r"^\s*(@%p\d+\s+)?[a-z][a-z0-9_.]*\.f64\b", re.M)   # an f64 instruction
