@@ -46,10 +46,15 @@ _LEGACY_STREAMS = (None, 0, 1, 2)       # interface 'stream' values needing no w
 
 
 def is_device_array(x):
-    """True for objects this backend treats as device arrays."""
-    return hasattr(x, "__cuda_array_interface__") or (
-        KC.SIMULATOR and getattr(x, "__cuda_ndarray__", False) is True
-        and not isinstance(x, np.ndarray))
+    """True for objects this backend treats as device arrays (an object
+    whose interface property raises counts: ``describe`` says why)."""
+    try:
+        if hasattr(x, "__cuda_array_interface__"):
+            return True
+    except Exception:  # noqa: BLE001
+        return True
+    return (KC.SIMULATOR and getattr(x, "__cuda_ndarray__", False) is True
+            and not isinstance(x, np.ndarray))
 
 
 def _c_strides(shape, itemsize):
@@ -67,17 +72,22 @@ def _c_contiguous(shape, strides, itemsize):
     return all(dim <= 1 or s == w for dim, s, w in zip(shape, strides, want))
 
 
-def describe(x):
+def describe(x, where="the array"):
     """``(address, shape, dtype, c_contiguous, readonly, stream)`` of a device
     array, read from its ``__cuda_array_interface__`` (simulator arrays: from
     the host array behind them)."""
-    cai = getattr(x, "__cuda_array_interface__", None)
+    try:
+        cai = getattr(x, "__cuda_array_interface__", None)
+    except Exception as exc:  # noqa: BLE001 - e.g. torch refuses tensors requiring grad
+        raise TypeError(
+            f"{where} does not give its __cuda_array_interface__: {exc} (for PyTorch "
+            "parameters pass p.detach() or p.data, for gradients p.grad)") from None
     if cai is None:                      # a simulator device array
         a = x._ary
         return (a.ctypes.data, a.shape, a.dtype, a.flags.c_contiguous,
                 not a.flags.writeable, None)
     if cai.get("mask") is not None:
-        raise TypeError("masked device arrays are not supported")
+        raise TypeError(f"{where} is a masked device array; masks are not supported")
     shape = tuple(int(d) for d in cai["shape"])
     dtype = np.dtype(cai["typestr"])
     address, readonly = cai["data"]
@@ -89,7 +99,7 @@ def describe(x):
 def as_device_parameter(x, where):
     """A parameter on the device as a numba device array viewing the same
     memory (zero-copy), after the checks the host path makes."""
-    address, shape, dtype, contiguous, readonly, _ = describe(x)
+    address, shape, dtype, contiguous, readonly, _ = describe(x, where)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"{where} has dtype {dtype}; parameters must be "
                         "float32 or float64")
@@ -123,7 +133,7 @@ def check_device_parameters(params, names):
                 f"backend 'cuda' needs device arrays, but {name} is a host "
                 "numpy array; move it to the GPU (numba.cuda.to_device, "
                 "cupy.asarray, tensor.cuda()) or use backend='cpu'")
-        address, shape, dtype, *_ = describe(p)
+        address, shape, dtype, *_ = describe(p, name)
         nbytes = int(np.prod(shape)) * dtype.itemsize
         if nbytes:
             spans.append((address, address + nbytes, name))
@@ -281,7 +291,7 @@ class CudaBucket(_Bucket):
                 raise TypeError(
                     f"{where} is a host {type(g).__name__}, but its parameter is on "
                     "the device; pass a device array (numba, CuPy, PyTorch CUDA)")
-            address, shape, dtype, contiguous, _, stream = describe(g)
+            address, shape, dtype, contiguous, _, stream = describe(g, where)
             if shape != self.shapes[k]:
                 raise ValueError(f"{where} has shape {shape}, but its parameter "
                                  f"has shape {self.shapes[k]}")

@@ -22,8 +22,12 @@ _BACKENDS = ("auto", "cpu", "numpy", "cuda")
 def _on_device(x):
     """A device array: ``__cuda_array_interface__`` (numba, CuPy, PyTorch CUDA)
     or a device array of numba's CUDA simulator."""
-    return hasattr(x, "__cuda_array_interface__") or (
-        getattr(x, "__cuda_ndarray__", False) is True and not isinstance(x, np.ndarray))
+    try:
+        if hasattr(x, "__cuda_array_interface__"):
+            return True
+    except Exception:  # noqa: BLE001 - it has one but refuses it; the cuda backend says why
+        return True
+    return getattr(x, "__cuda_ndarray__", False) is True and not isinstance(x, np.ndarray)
 
 
 class ParamGroup(dict):

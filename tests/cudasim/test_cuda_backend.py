@@ -237,3 +237,21 @@ def test_device_gradients_given_as_one_array_for_many_parameters():
     opt = eg.Expectigrad(to_device([np.ones(2), np.ones(2)]))
     with pytest.raises(TypeError, match="sequence of gradients"):
         opt.step(cuda.to_device(np.ones(2)))
+
+
+class RefusingInterface:
+    """Like a PyTorch CUDA tensor that requires grad: it has the interface
+    but raises when asked for it."""
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+
+def test_an_array_refusing_its_interface_is_explained():
+    with pytest.raises(TypeError, match=r"param group 0 param 0 does not give its "
+                                        r"__cuda_array_interface__: .*p.detach\(\)"):
+        eg.Expectigrad([RefusingInterface()])
+    opt = eg.Expectigrad([cuda.to_device(np.ones(2))])
+    with pytest.raises(TypeError, match="the gradient of param group 0 param 0 does not give"):
+        opt.step([RefusingInterface()])
