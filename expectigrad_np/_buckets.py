@@ -9,6 +9,9 @@ sparse counter, ``momentum`` is empty until some array has ``beta > 0``.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 
 from ._validation import as_gradient
@@ -24,6 +27,11 @@ COUNT_DTYPE = np.uint32
 # few microseconds of thread-pool wake-up, which only pays off once the pass
 # over memory takes much longer than that (measured with the benchmark).
 PARALLEL_MIN_SIZE = 1 << 17
+
+# One parallel kernel at a time: Numba's workqueue threading layer (used where
+# neither TBB nor OpenMP is available) aborts the process when two threads
+# launch parallel regions at once.  Serial kernels run concurrently (nogil).
+_PARALLEL_LOCK = threading.Lock()
 
 
 class _Bucket:
@@ -242,10 +250,12 @@ class CpuBucket(_Bucket):
             kernel = (K.segments_step if self.total < PARALLEL_MIN_SIZE
                       else K.segments_step_parallel)
             seg, lo, hi = self.chunks
-            bad, sumsq = kernel(
-                self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
-                self.mean_sq, self.count, self.momentum, self.coef, self.flags,
-                check, global_clipnorm, other_sumsq, update)
+            with (_PARALLEL_LOCK if kernel is K.segments_step_parallel
+                  else contextlib.nullcontext()):
+                bad, sumsq = kernel(
+                    self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
+                    self.mean_sq, self.count, self.momentum, self.coef, self.flags,
+                    check, global_clipnorm, other_sumsq, update)
         if update and bad < 0:
             self._stage_out()
         return int(bad), float(sumsq)

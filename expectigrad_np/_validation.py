@@ -63,6 +63,17 @@ def check_eps(value, where=""):
     return value
 
 
+def check_eps_dtypes(eps, params, where=""):
+    """``eps`` must stay > 0 in the dtype of every parameter it applies to
+    (1e-50 is 0 in float32, and a zero eps turns the 0/0 := 0 rule into NaN)."""
+    for p in params:
+        dtype = np.dtype(getattr(p, "dtype", np.float64))
+        if dtype.kind == "f" and dtype.type(eps) == 0:
+            raise ValueError(f"{where}eps={eps!r} is 0 in {dtype}, the dtype of a "
+                             f"parameter of this group; use eps >= "
+                             f"{np.finfo(dtype).smallest_subnormal}")
+
+
 def check_bool(name, value, where=""):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}{name} must be True or False, got {value!r}")

@@ -3,6 +3,7 @@
 1. The counterexample of Reddi et al. (2018) on which Adam converges to the
    worst point while Expectigrad finds the optimum.
 2. A small softmax-regression model trained with the stateful API.
+3. ``minimize``: the same optimizer as a scipy.optimize method, on Rosenbrock.
 """
 from __future__ import annotations
 
@@ -109,9 +110,33 @@ def softmax_regression(epochs=20, n=3000, d=20, k=4, batch=100, seed=0, out=prin
     return losses
 
 
+def rosenbrock(maxiter=20_000, out=print):
+    """5-D Rosenbrock through ``scipy.optimize.minimize(method=minimize)``,
+    next to scipy's BFGS."""
+    from scipy.optimize import minimize as scipy_minimize, rosen, rosen_der
+
+    from ._minimize import minimize
+
+    x0 = np.array([-1.2, -1.0, -1.0, -1.0, -1.0])
+    out("3. minimize: scipy.optimize.minimize(rosen, x0, jac=rosen_der, "
+        "method=expectigrad_np.minimize, ...)")
+    out("   5-D Rosenbrock from (-1.2, -1, -1, -1, -1)")
+    results = {}
+    for name, kw in [("Expectigrad", dict(method=minimize, options=dict(
+                         lr=0.05, maxiter=maxiter, gtol=1e-10))),
+                     ("BFGS", dict(method="BFGS"))]:
+        res = scipy_minimize(rosen, x0, jac=rosen_der, **kw)
+        results[name] = res
+        out(f"   {name:<11}  f = {res.fun:.2e}  nit = {res.nit:6d}  "
+            f"nfev = {res.nfev:6d}  {res.message}")
+    return results
+
+
 def main(argv=None, out=print):
     out("Expectigrad: arithmetic RMS + outer momentum (Daley & Amato, 2020)\n")
     counterexample(out=out)
     out("")
     softmax_regression(out=out)
+    out("")
+    rosenbrock(out=out)
     return 0

@@ -166,7 +166,7 @@ def test_superposition_catches_wrong_variants():
 
 # --- scale invariance ------------------------------------------------------------
 
-def scale_violation(make, grads, c, beta, sparse_counter, eps=1e-12):
+def scale_violation(make, grads, c, beta, sparse_counter, eps=1e-200):
     x0 = np.linspace(-1, 1, grads.shape[1])
     a = trajectory(make, x0, grads, lr=0.01, beta=beta, eps=eps, sparse_counter=sparse_counter)
     b = trajectory(make, x0, grads * c, lr=0.01, beta=beta, eps=eps,

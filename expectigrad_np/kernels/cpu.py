@@ -31,9 +31,12 @@ vectorises the inner loops, ``nogil=True`` and ``cache=True``.
 """
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 __all__ = [
     "CHUNK", "COEF_FIELDS", "FLAG_FIELDS", "array_step", "data_address",
@@ -71,10 +74,25 @@ def _pointer_like(typingctx, address, like):
     return ptr_type(address, like), codegen
 
 
+def _max_finite(x):
+    """The largest finite value of ``x``'s float type (a compile-time constant)."""
+    return np.finfo(type(x)).max
+
+
+@overload(_max_finite, inline="always")
+def _max_finite_impl(x):
+    big = as_dtype(x).type(np.finfo(as_dtype(x)).max)
+    return lambda x: big
+
+
 @njit(inline="always", **_OPTS)
 def _adaptive(g, g2, mean_sq, weight, eps):
-    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean)))."""
-    v = mean_sq + (g2 - mean_sq) * weight
+    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
+
+    A g**2 that overflows to inf counts as the largest finite value, so the
+    mean stays finite (an inf mean would turn into NaN on the next step)."""
+    big = _max_finite(mean_sq)
+    v = mean_sq + ((big if g2 > big else g2) - mean_sq) * weight
     return v, g / (eps + np.sqrt(v))
 
 
@@ -278,5 +296,16 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     return -1, total
 
 
+def _twin(func, name):
+    """A copy of ``func`` under another name.  Numba's on-disk cache is keyed
+    by the function's qualified name and signature, not by ``parallel``: two
+    dispatchers of one function would load each other's cached machine code."""
+    twin = pytypes.FunctionType(func.__code__, func.__globals__, name,
+                                func.__defaults__, func.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
 segments_step = njit(**_OPTS)(_segments_step)
-segments_step_parallel = njit(parallel=True, **_OPTS)(_segments_step)
+segments_step_parallel = njit(parallel=True, **_OPTS)(
+    _twin(_segments_step, "_segments_step_parallel"))
