@@ -88,3 +88,19 @@ def test_deterministic_reductions(dtype):
 def test_unsupported_dtype():
     with pytest.raises(TypeError, match="float32 or float64"):
         egc.ptx(np.float16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipping_keeps_nan_like_the_cpu(dtype):
+    """Value clipping compiles to compare-and-select, as Python's max/min do
+    on the CPU: no min/max instruction, which would turn a NaN gradient
+    into -clipvalue when check_finite is off."""
+    pattern = re.compile(r"\b(min|max)(\.[a-z]+)*\.f(32|64)\b")
+    assert not pattern.search(ptx(dtype, (9, 0)))
+    from numba import cuda
+
+    def builtin_clip(a):                  # what the check exists to catch
+        a[0] = min(max(a[0], -a[1]), a[1])
+
+    text, _ = cuda.compile_ptx(builtin_clip, f"void({np.dtype(dtype).name}[::1])", cc=(9, 0))
+    assert pattern.search(text)

@@ -41,7 +41,10 @@ coefficients come as one ``(n_arrays, 10)`` table in the array dtype:
 ``[active, sparse, momentum]`` as 0/1.
 
 All arithmetic is in the array dtype, including norms: float32 kernels hold
-no double-precision instruction (``ptx`` shows it).  NVVM contracts
+no double-precision instruction (``ptx`` shows it).  Value clipping is
+written as the compare-and-select of Python's ``max``/``min``, which the
+CPU kernels compile to, not CUDA's ``fmaxf``/``fminf`` (those drop a NaN),
+so that with ``check_finite=False`` a NaN gradient propagates as on the CPU.  NVVM contracts
 ``a * b + c`` into fused multiply-adds, so GPU results agree with the CPU
 kernels to rounding, not bit for bit.
 """
@@ -293,7 +296,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             if table[k, MOMENTUM] != zero:
                 for i in range(lo, hi, stride):
                     j = base + i
-                    gi = min(max(_load(ga, i, v) * s, -clipvalue), clipvalue)
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
                     g2 = gi * gi
                     counted = g2 != zero
                     cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
@@ -308,7 +313,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             else:
                 for i in range(lo, hi, stride):
                     j = base + i
-                    gi = min(max(_load(ga, i, v) * s, -clipvalue), clipvalue)
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
                     g2 = gi * gi
                     counted = g2 != zero
                     cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
@@ -322,7 +329,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             if table[k, MOMENTUM] != zero:
                 for i in range(lo, hi, stride):
                     j = base + i
-                    gi = min(max(_load(ga, i, v) * s, -clipvalue), clipvalue)
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
                     vj = v[j] + (gi * gi - v[j]) * inv_t
                     v[j] = vj
                     u = gi / (eps + dt(math.sqrt(vj)))
@@ -332,7 +341,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             else:
                 for i in range(lo, hi, stride):
                     j = base + i
-                    gi = min(max(_load(ga, i, v) * s, -clipvalue), clipvalue)
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
                     vj = v[j] + (gi * gi - v[j]) * inv_t
                     v[j] = vj
                     u = gi / (eps + dt(math.sqrt(vj)))

@@ -255,3 +255,11 @@ def test_an_array_refusing_its_interface_is_explained():
     opt = eg.Expectigrad([cuda.to_device(np.ones(2))])
     with pytest.raises(TypeError, match="the gradient of param group 0 param 0 does not give"):
         opt.step([RefusingInterface()])
+
+
+def test_benchmark_runs():
+    """The GPU benchmark's plumbing (its times mean nothing in the simulator)."""
+    out = eg.cuda.benchmark(size=50, arrays=3, steps=1, repeats=1, check_finite=True)
+    assert out["size"] == 50 and out["arrays"] == 3 and out["dtype"] == "float32"
+    assert out["step_s"] > 0 and out["step_gbps"] > 0 and out["copy_gbps"] > 0
+    assert eg.cuda.step_bytes(10, np.float32, beta=0.0, sparse_counter=False) == 10 * 4 * 5
