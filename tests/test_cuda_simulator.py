@@ -1,6 +1,7 @@
-"""The cuda backend's tests under numba's CUDA simulator, in their own
-process (the simulator is chosen when numba is first imported), and the
-promise that importing the package does not import numba.cuda."""
+"""The cuda backend's tests (tests/cudasim) in their own process: under
+numba's CUDA simulator (chosen when numba is first imported) and, where
+there is one, on a GPU; and the promise that importing the package does not
+import numba.cuda."""
 import importlib.util
 import os
 import subprocess
@@ -31,6 +32,26 @@ def test_cuda_backend_under_the_simulator():
         timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+    assert "failed" not in result.stdout
+
+
+def test_cuda_backend_on_a_gpu():
+    """The same tests on real hardware, where there is a GPU."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        pytest.skip("numba-cuda is not installed (pip install 'expectigrad_np[cuda]')")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("running under the simulator")
+    probe = subprocess.run(
+        [sys.executable, "-c", "from numba import cuda; print(cuda.is_available())"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    if probe.stdout.strip() != "True":
+        pytest.skip("no CUDA GPU is available (numba.cuda.is_available() is False)")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cudasim"],
+        cwd=ROOT, env=_env(EXPECTIGRAD_CUDA_TESTS="gpu"), capture_output=True, text=True,
+        timeout=1800)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 
 def test_import_does_not_load_numba_cuda():

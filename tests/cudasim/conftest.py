@@ -1,12 +1,14 @@
-"""Tests of the cuda backend under numba's CUDA simulator.
+"""Tests of the cuda backend, under numba's CUDA simulator or on a GPU.
 
-Run them in their own process with the simulator switched on before numba
-is imported (``tests/test_cuda_simulator.py`` does this)::
+Run them in their own process, with the simulator switched on before numba
+is imported (``tests/test_cuda_simulator.py`` does both)::
 
     NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cudasim
+    EXPECTIGRAD_CUDA_TESTS=gpu python -m pytest tests/cudasim     # on a GPU
 
-The simulator runs every GPU thread as a Python thread, so the arrays are
-tiny and the example budgets small; ``CUDASIM_EXAMPLES`` sets the budget.
+The simulator runs every GPU thread as a Python thread, so it uses tiny
+blocks and chunks (``kernels.cuda``), and the example budgets are small;
+``CUDASIM_EXAMPLES`` sets the budget.
 """
 import os
 import sys
@@ -16,13 +18,11 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    raise pytest.UsageError("tests/cudasim needs NUMBA_ENABLE_CUDASIM=1 (set before "
-                            "numba is imported); see tests/test_cuda_simulator.py")
-
-# Simulated threads meet at barriers by polling: a short GIL switch interval
-# makes each barrier far cheaper.
-sys.setswitchinterval(2e-5)
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if not SIMULATOR and os.environ.get("EXPECTIGRAD_CUDA_TESTS") != "gpu":
+    raise pytest.UsageError("tests/cudasim needs NUMBA_ENABLE_CUDASIM=1 (set before numba "
+                            "is imported) or EXPECTIGRAD_CUDA_TESTS=gpu on a machine with "
+                            "a GPU; see tests/test_cuda_simulator.py")
 
 
 def _patch_shared_arrays():
@@ -56,7 +56,11 @@ def _patch_shared_arrays():
     kernelapi.FakeCUDAShared.array = array
 
 
-_patch_shared_arrays()
+if SIMULATOR:
+    _patch_shared_arrays()
+    # Simulated threads meet at barriers by polling: a short GIL switch
+    # interval makes each barrier far cheaper.
+    sys.setswitchinterval(2e-5)
 
 settings.register_profile("cudasim", max_examples=int(os.environ.get("CUDASIM_EXAMPLES", 25)),
                           deadline=None)

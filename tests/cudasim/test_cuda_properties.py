@@ -5,7 +5,7 @@ in tests/test_properties.py, and here once more on a wrong cuda kernel.
 """
 import numpy as np
 import pytest
-from helpers import CudaMirror
+from helpers import CudaMirror, simulator_only
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import (betas, bounded_step_violation, counter_violations,
@@ -59,6 +59,7 @@ def test_dense_counter_counts_every_step(seed, beta, steps):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
 
 
+@simulator_only
 def test_properties_fail_on_a_wrong_kernel(monkeypatch):
     """A kernel whose counter saturates at 1 (a running mean that forgets)
     breaks the counter and the EMA-of-steps properties."""
