@@ -2,7 +2,7 @@
 float64 to 1e-12, float32 to 1e-5, for every option."""
 import numpy as np
 import pytest
-from helpers import InterfaceArray, simulator_only, to_device, to_host
+from devarrays import InterfaceArray, simulator_only, to_device, to_host
 from hypothesis import given
 from hypothesis import strategies as st
 from numba import cuda

@@ -3,7 +3,7 @@ refused steps, skipped arrays, device-array handling and input errors."""
 import numba
 import numpy as np
 import pytest
-from helpers import InterfaceArray, to_device, to_host, views
+from devarrays import InterfaceArray, to_device, to_host, views
 from numba import cuda
 
 import expectigrad_np as eg

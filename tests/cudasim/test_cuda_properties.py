@@ -5,7 +5,7 @@ in tests/test_properties.py, and here once more on a wrong cuda kernel.
 """
 import numpy as np
 import pytest
-from helpers import CudaMirror, simulator_only
+from devarrays import CudaMirror, simulator_only
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import (betas, bounded_step_violation, counter_violations,
