@@ -8,8 +8,8 @@ Numba kernels.
 
 ``minimize`` is the same optimizer behind a ``scipy.optimize.minimize``-style
 call (scipy is imported on first use).  ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
-learning-rate schedules; ``cuda`` the GPU backend's helpers (``ptx``;
-importing it does not import numba.cuda).
+learning-rate schedules; ``cuda`` the GPU backend's ``ptx`` and ``benchmark``
+(importing it does not import numba.cuda).
 """
 from . import cuda, reference, schedules
 from .optimizer import Expectigrad, ParamGroup

@@ -1,9 +1,10 @@
-"""The GPU backend's public helpers.
+"""The GPU backend: PTX inspection and a benchmark.
 
 ``Expectigrad`` picks the cuda backend by itself for device arrays (numba,
 CuPy, PyTorch CUDA: anything exporting ``__cuda_array_interface__``).  This
-module adds inspection; importing it does not import ``numba.cuda``, calling
-``ptx`` does.
+module adds ``ptx`` (the kernels' PTX, no GPU needed) and ``benchmark``
+(step time against a device copy).  Importing it does not import
+``numba.cuda``; calling either does.
 """
 from __future__ import annotations
 
