@@ -17,39 +17,11 @@ import os
 
 import numpy as np
 
-import expectigrad_np as eg
+# The problem, a minimal NumPy Adam and the Expectigrad run (stateful API,
+# projected with np.clip after each step) live in the package's demo.
+from expectigrad_np.demo import reddi_gradient, run_adam, run_expectigrad
 
 C, LR = 3.0, 0.1
-
-
-def grad(t):
-    """d f_t / dx on step t (1-based)."""
-    return C if t % 3 == 1 else -1.0
-
-
-def run_adam(steps, beta2=1.0 / (1.0 + C * C), eps=1e-8):
-    """Adam with beta1 = 0: x <- x - lr * g / (sqrt(v_hat) + eps), projected."""
-    x, v, xs = 0.0, 0.0, np.empty(steps)
-    for t in range(1, steps + 1):
-        g = grad(t)
-        v = beta2 * v + (1.0 - beta2) * g * g
-        x -= LR * g / (np.sqrt(v / (1.0 - beta2 ** t)) + eps)
-        x = min(1.0, max(-1.0, x))
-        xs[t - 1] = x
-    return xs
-
-
-def run_expectigrad(steps):
-    x = np.zeros(1)
-    g = np.zeros(1)
-    opt = eg.Expectigrad(x, lr=LR)           # beta = 0.9
-    xs = np.empty(steps)
-    for t in range(1, steps + 1):
-        g[0] = grad(t)
-        opt.step(g)
-        np.clip(x, -1.0, 1.0, out=x)        # projection onto the feasible set
-        xs[t - 1] = x[0]
-    return xs
 
 
 def main(argv=None):
@@ -57,8 +29,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30_000)
     p.add_argument("--out", default=".", help="folder for the PNG")
     a = p.parse_args(argv)
-    adam, expg = run_adam(a.steps), run_expectigrad(a.steps)
-    regret = lambda xs: float(np.mean([(C if t % 3 == 1 else -1.0) * (x + 1.0)  # noqa: E731
+    adam = run_adam(a.steps, LR, beta1=0.0, beta2=1.0 / (1.0 + C * C), C=C)
+    expg = run_expectigrad(a.steps, LR, beta=0.9, C=C)
+    regret = lambda xs: float(np.mean([reddi_gradient(t, C) * (x + 1.0)  # noqa: E731
                                        for t, x in enumerate(xs, 1)]))
     print(f"{a.steps} steps, optimum x* = -1")
     print(f"  Adam (beta1=0, beta2={1 / (1 + C * C):.2f}): final x = {adam[-1]:+.4f}, "
