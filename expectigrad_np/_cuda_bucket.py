@@ -221,9 +221,10 @@ class CudaBucket(_Bucket):
         if any(momentum):
             self.ensure_momentum()
 
-        # Per-step table: [addresses (n, 2) int64 | coefficients (n, 10) dtype],
-        # one byte buffer so that one copy uploads it.
-        self._addr_bytes = 16 * n
+        # Per-step table: [parameter address, gradient address, step t (n, 3)
+        # int64 | coefficients (n, 10) dtype], one byte buffer so that one
+        # copy uploads it.
+        self._addr_bytes = 24 * n
         nbytes = self._addr_bytes + n * len(KC.TABLE_FIELDS) * self.dtype.itemsize
         self._nbytes = max(nbytes, 16)
         self.d_buffer = cuda.device_array(self._nbytes, np.uint8)
@@ -231,14 +232,14 @@ class CudaBucket(_Bucket):
         self._ring = [cuda.pinned_array(self._nbytes, np.uint8) for _ in range(RING)]
         self._events = [None] * RING
         self._slot = 0
-        self.addr = np.zeros((n, 2), np.int64)
+        self.addr = np.zeros((n, 3), np.int64)
         self.addr[:, 0] = [describe(p)[0] for p in self.params]
         self._pending = True
         self.grads = [None] * n
 
     def _split(self, buffer, n):
         a = self._addr_bytes
-        addr = buffer[:a].view(np.int64).reshape(n, 2) if n else None
+        addr = buffer[:a].view(np.int64).reshape(n, 3) if n else None
         table = buffer[a:a + n * len(KC.TABLE_FIELDS) * self.dtype.itemsize]
         return addr, table.view(self.dtype).reshape(n, len(KC.TABLE_FIELDS))
 
@@ -319,6 +320,7 @@ class CudaBucket(_Bucket):
 
     def set_coefficients(self, *args, **kwargs):
         super().set_coefficients(*args, **kwargs)
+        self.addr[:, 2] = self.hyper["t"]          # hashed by the mean's rounding
         self._pending = True
 
     def _upload(self):

@@ -19,6 +19,12 @@ the same quantity, but it never grows with the number of steps, so it cannot
 overflow while every ``g**2`` is finite (a finite ``g`` whose square
 overflows counts as the largest finite ``g**2``), and in float32 it keeps the adaptive
 step accurate over millions of steps where a float32 running sum drifts.
+The new mean is rounded stochastically (``add_stochastically_rounded``):
+to one of the two floats around the exact ``mean_sq + increment``, with
+probability proportional to closeness, chosen by a hash of the element's
+index and ``t``.  Unlike round-to-nearest, that is exact on average, so a
+float32 mean stays accurate over millions of slowly changing steps, and it
+is reproducible and the same on every backend.
 With the sparse counter a coordinate whose gradient is exactly zero keeps
 its mean and its count; its ``u`` is then ``0 / (eps + sqrt(mean_sq)) = 0``,
 which is the paper's ``0/0 := 0``.
@@ -61,8 +67,8 @@ def dither(index, t):
 
 
 def add_stochastically_rounded(a, b, t):
-    """``a + b`` in float32, rounded to one of its two neighbouring floats
-    with probability proportional to closeness (stochastic rounding).
+    """``a + b`` in ``a``'s dtype, rounded to one of its two neighbouring
+    floats with probability proportional to closeness (stochastic rounding).
 
     Round-to-nearest makes the same small error on every step when the mean
     changes smoothly, and a million such errors add up (about 1e-4 relative
@@ -75,15 +81,16 @@ def add_stochastically_rounded(a, b, t):
     result is the neighbour of ``s`` on ``e``'s side when ``|e| > r * gap``,
     ``gap`` the distance to that neighbour and ``r`` uniform in [0, 1).
     """
-    a = np.asarray(a, dtype=np.float32)
-    s = np.asarray(a + b, dtype=np.float32)
+    a = np.asarray(a)
+    bits = np.int32 if a.dtype == np.float32 else np.int64
+    s = np.asarray(a + b, dtype=a.dtype)
     bp = s - a
     e = (a - (s - bp)) + (b - bp)                  # a + b = s + e exactly
-    step = np.where(e > 0, np.int32(1), np.int32(-1)).astype(np.int32)
+    step = np.where(e > 0, 1, -1).astype(bits)
     with np.errstate(invalid="ignore", over="ignore"):
-        neighbour = (s.view(np.int32) + step).view(np.float32)
+        neighbour = (s.view(bits) + step).view(a.dtype)
         gap = np.abs(neighbour - s)
-        r = dither(np.arange(s.size).reshape(s.shape), t)
+        r = dither(np.arange(s.size).reshape(s.shape), t).astype(a.dtype)
         return np.where(np.abs(e) > r * gap, neighbour, s)
 
 
@@ -139,11 +146,8 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         weight = np.where(counted, one / np.maximum(count, 1).astype(x.dtype), zero)
     else:
         weight = dt(1.0 / t)                                   # n = t
-    increment = (g2 - mean_sq) * weight
-    if x.dtype == np.float32:                                  # s / n
-        mean_sq[...] = add_stochastically_rounded(mean_sq, increment, t)
-    else:
-        mean_sq += increment
+    mean_sq[...] = add_stochastically_rounded(                 # s / n
+        mean_sq, (g2 - mean_sq) * weight, t)
     u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0
 
     if beta == 0.0:

@@ -32,8 +32,8 @@ Both are grid-stride loops over fixed chunks (``chunk_seg/lo/hi``: chunk
 chunk walked by one block with a block-stride loop, so 200 small arrays and
 one large array cost one launch each way.
 
-Arrays are reached through their device addresses (a ``(n_arrays, 2)``
-int64 table: parameter, gradient), read and written with two small
+Arrays are reached through their device addresses (a ``(n_arrays, 3)``
+int64 table: parameter, gradient, and the array's step ``t``), read and written with two small
 intrinsics; in numba's simulator, where device memory is host memory, the
 same kernels use ``ctypes`` views at those addresses instead.  Per-array
 coefficients come as one ``(n_arrays, 10)`` table in the array dtype:
@@ -87,6 +87,7 @@ BLOCKS_PER_SM = 8
 SIMULATOR_BLOCKS = 3
 
 _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
+_MASK32 = np.uint64(0xFFFFFFFF)
 
 
 # --- element access through device addresses ---------------------------------
@@ -130,6 +131,41 @@ else:
             return context.get_dummy_value()
 
         return types.none(address, index, like, value), codegen
+
+
+# --- bit patterns of floats (stochastic rounding of the mean) --------------------
+
+if SIMULATOR:
+    def _float_bits(x):
+        """The bits of float ``x`` as a signed integer of the same width."""
+        x = np.asarray(x)
+        return x.view(np.int32 if x.dtype == np.float32 else np.int64)[()]
+
+    def _bits_float(bits, like):
+        """The float of ``like``'s dtype whose bits are ``bits``."""
+        return np.asarray(bits, like.dtype.str.replace("f", "i")).view(like.dtype)[()]
+else:
+    @intrinsic
+    def _float_bits(typingctx, x):
+        """The bits of float ``x`` as a signed integer of the same width."""
+        ity = types.int32 if x.bitwidth == 32 else types.int64
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(ity))
+
+        return ity(x), codegen
+
+    @intrinsic
+    def _bits_float(typingctx, bits, like):
+        """The float of ``like``'s dtype whose bits are ``bits``."""
+        fty = like.dtype
+        ity = types.int32 if fty.bitwidth == 32 else types.int64
+
+        def codegen(context, builder, signature, args):
+            val = context.cast(builder, args[0], signature.args[0], ity)
+            return builder.bitcast(val, context.get_value_type(fty))
+
+        return fty(bits, like), codegen
 
 
 # --- kernels -------------------------------------------------------------------
@@ -265,13 +301,20 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
     """The fused update of every element of every active array.
 
     ``v``, ``n``, ``m``: flat ``mean_sq``, ``count`` and ``momentum``; array
-    ``k`` owns ``offsets[k]:offsets[k+1]``.  With ``use_stats`` the clipping
-    factors come from ``scale`` and nothing is written when
+    ``k`` owns ``offsets[k]:offsets[k+1]``; ``addr[k]`` holds its parameter
+    and gradient addresses and its step number ``t``.  With ``use_stats``
+    the clipping factors come from ``scale`` and nothing is written when
     ``result[BAD] >= 0``; without, the factor is 1.
+
+    The counter and momentum branches depend only on the array, so every
+    thread of a block takes the same side.  The new mean is rounded
+    stochastically, with the same TwoSum error term and the same hash
+    ``dither(i, t)`` as ``reference.add_stochastically_rounded``.
     """
     dt = v.dtype.type
     zero = dt(0)
     one = dt(1)
+    big = _bits_float(_float_bits(dt(math.inf)) - 1, v)   # largest finite value
     if use_stats and result[BAD] >= zero:
         return                                   # refused step: write nothing
     tid = cuda.threadIdx.x
@@ -287,67 +330,49 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
         eps = table[k, EPS]
         inv_t = table[k, INV_T]
         clipvalue = table[k, CLIPVALUE]
+        sparse = table[k, SPARSE] != zero
+        momentum = table[k, MOMENTUM] != zero
         xa = addr[k, 0]
         ga = addr[k, 1]
+        t = np.uint64(addr[k, 2])
         base = offsets[k]
-        lo = chunk_lo[c] + tid
-        hi = chunk_hi[c]
-        if table[k, SPARSE] != zero:
-            if table[k, MOMENTUM] != zero:
-                for i in range(lo, hi, stride):
-                    j = base + i
-                    gi = _load(ga, i, v) * s
-                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
-                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
-                    g2 = gi * gi
-                    counted = g2 != zero
-                    cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
-                    n[j] = cnt
-                    w = one / dt(cnt) if counted else zero
-                    vj = v[j] + (g2 - v[j]) * w
-                    v[j] = vj
-                    u = gi / (eps + dt(math.sqrt(vj)))
-                    mj = beta * m[j] + omb * u
-                    m[j] = mj
-                    _store(xa, i, v, _load(xa, i, v) - step * mj)
+        for i in range(chunk_lo[c] + tid, chunk_hi[c], stride):
+            j = base + i
+            gi = _load(ga, i, v) * s
+            gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+            gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
+            g2 = gi * gi
+            if sparse:
+                counted = g2 != zero
+                cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
+                n[j] = cnt
+                w = one / dt(cnt) if counted else zero
             else:
-                for i in range(lo, hi, stride):
-                    j = base + i
-                    gi = _load(ga, i, v) * s
-                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
-                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
-                    g2 = gi * gi
-                    counted = g2 != zero
-                    cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
-                    n[j] = cnt
-                    w = one / dt(cnt) if counted else zero
-                    vj = v[j] + (g2 - v[j]) * w
-                    v[j] = vj
-                    u = gi / (eps + dt(math.sqrt(vj)))
-                    _store(xa, i, v, _load(xa, i, v) - step * u)
-        else:
-            if table[k, MOMENTUM] != zero:
-                for i in range(lo, hi, stride):
-                    j = base + i
-                    gi = _load(ga, i, v) * s
-                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
-                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
-                    vj = v[j] + (gi * gi - v[j]) * inv_t
-                    v[j] = vj
-                    u = gi / (eps + dt(math.sqrt(vj)))
-                    mj = beta * m[j] + omb * u
-                    m[j] = mj
-                    _store(xa, i, v, _load(xa, i, v) - step * mj)
-            else:
-                for i in range(lo, hi, stride):
-                    j = base + i
-                    gi = _load(ga, i, v) * s
-                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
-                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
-                    vj = v[j] + (gi * gi - v[j]) * inv_t
-                    v[j] = vj
-                    u = gi / (eps + dt(math.sqrt(vj)))
-                    _store(xa, i, v, _load(xa, i, v) - step * u)
+                w = inv_t
+            # v + (g**2 - v) * w, an overflowed g**2 counting as the largest
+            # finite value, rounded stochastically:
+            vj = v[j]
+            d = ((big if g2 > big else g2) - vj) * w
+            vs = vj + d
+            bp = vs - vj
+            e = (vj - (vs - bp)) + (d - bp)                 # vj + d = vs + e exactly
+            bits = _float_bits(vs)
+            nb = _bits_float(bits + 1 if e > zero else bits - 1, v)
+            gap = abs(nb - vs)
+            h = (np.uint64(i) * np.uint64(0x9E3779B1) + t * np.uint64(0x85EBCA77)) & _MASK32
+            h ^= h >> np.uint64(15)
+            h = (h * np.uint64(0x2C1B3C6D)) & _MASK32
+            h ^= h >> np.uint64(12)
+            h = (h * np.uint64(0x297A2D39)) & _MASK32
+            h ^= h >> np.uint64(15)
+            r = dt(np.int64(h >> np.uint64(8))) * dt(2.0 ** -24)
+            vj = nb if abs(e) > r * gap else vs
+            v[j] = vj
+            u = gi / (eps + dt(math.sqrt(vj)))
+            if momentum:
+                u = beta * m[j] + omb * u
+                m[j] = u
+            _store(xa, i, v, _load(xa, i, v) - step * u)
 
 
 def _zero(a):
