@@ -186,6 +186,29 @@ class CpuBucket(_Bucket):
         self.g_flat = [None] * len(self.params)
         self.chunks = K.make_chunks(self.sizes)
         self.single = len(self.params) == 1 and self.total < PARALLEL_MIN_SIZE
+        self._update_ctx()
+
+    def ensure_momentum(self):
+        super().ensure_momentum()
+        if hasattr(self, "ctx"):        # not while _Bucket.__init__ runs
+            self._update_ctx()
+
+    def _update_ctx(self):
+        """Addresses for ``kernels.cpu.single_step`` (see ``CTX_FIELDS``).
+
+        Set only for a bucket of one C-contiguous, nonempty array below
+        ``PARALLEL_MIN_SIZE``; else None.  Rebuilt whenever a state buffer is
+        replaced (``ensure_momentum``), so it never points at freed memory:
+        the bucket holds every buffer it names.
+        """
+        self.ctx = None
+        if not (self.single and self.total and self.x_stage[0] is None):
+            return
+        addr = lambda a: a.ctypes.data if a.size else 0  # noqa: E731
+        self.ctx = np.array(
+            [addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
+             addr(self.momentum), addr(self.coef), addr(self.flags),
+             self.total, self.count.size, self.momentum.size], dtype=np.int64)
 
     def load_gradients(self, grads):
         """Validate this bucket's gradients and record where to read them."""
@@ -205,7 +228,7 @@ class CpuBucket(_Bucket):
                 g = stage
             elif g.shape != x.shape:
                 as_gradient(g, x, self.names[k])  # raises with the message
-            self.g_flat[k] = g.reshape(-1)
+            g = self.g_flat[k] = g.reshape(-1)
             self.g_addr[k] = K.data_address(g) if g.size else 0
 
     def _stage_in(self):

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _validation as V
 from ._buckets import CpuBucket, NumpyBucket
+from .kernels.cpu import NONFINITE, single_step
 
 __all__ = ["Expectigrad", "ParamGroup"]
 
@@ -237,7 +238,66 @@ class Expectigrad:
         for b in self._buckets:
             if self._momentum[b.slots].any():
                 b.ensure_momentum()
+        self._fast = self._make_fast()
         self._dirty = False
+
+    def _make_fast(self):
+        """The single-array fast path's constants, or None where it does not apply.
+
+        One C-contiguous array on the cpu backend whose bucket offers
+        ``single_step`` (small arrays; large ones take the parallel kernel):
+        every coefficient but ``step_size`` and ``1/t`` is fixed until a param
+        group changes, so it is written once here, and a step costs a few
+        attribute reads, ``lr / (1 - beta**t)`` in Python floats and one
+        kernel call.
+        """
+        if self.backend != "cpu" or len(self._params) != 1:
+            return None
+        b = self._buckets[0]
+        if getattr(b, "ctx", None) is None:
+            return None
+        g = self.param_groups[0]
+        lr = g["lr"] if callable(g["lr"]) else float(self._static_lr[0])
+        b.set_coefficients(1.0 if callable(lr) else self._static_lr, self._beta,
+                           self._eps, self._t + 1, self._clipvalue, self._clipnorm,
+                           np.ones(1, bool), self._sparse, self._momentum)
+        gclip = np.inf if self.global_clipnorm is None else float(self.global_clipnorm)
+        p = self._params[0]
+        return (single_step, b.ctx, p.dtype, p.shape, float(self._beta[0]), lr,
+                self.check_finite, gclip)
+
+    def _step_fast(self, grads):
+        """Step a single-array optimizer with one kernel call; False (and
+        nothing done) when the general path must handle ``grads``."""
+        kernel, ctx, dtype, shape, beta, lr, check, gclip = self._fast
+        if self._bare:
+            g = grads
+        elif type(grads) in (list, tuple) and len(grads) == 1:
+            g = grads[0]
+        else:
+            return False
+        if not (type(g) is np.ndarray and g.dtype is dtype and g.flags.c_contiguous):
+            return False
+        if g.ndim != 1:
+            if g.shape != shape:
+                return False
+            g = g.reshape(-1)
+        elif len(shape) != 1:
+            return False
+        if callable(lr):
+            lr = V.check_scheduled_lr(lr(self.step_count), self.step_count,
+                                      "param group 0: ")
+        t = self._t.item(0) + 1
+        # The same float64 arithmetic as Bucket.set_coefficients.
+        code = kernel(g, ctx, lr if beta == 0.0 else lr / (1.0 - beta ** t),
+                      1.0 / t, check, gclip)
+        if code:
+            if code == NONFINITE:
+                self._raise_nonfinite(self._buckets[0], 0)
+            return False      # size mismatch: the general path says what is wrong
+        self._t[0] = t
+        self.step_count += 1
+        return True
 
     # --- stepping -----------------------------------------------------------
 
@@ -295,6 +355,8 @@ class Expectigrad:
         """
         if self._dirty:
             self._refresh()
+        if self._fast is not None and self._step_fast(grads):
+            return
         grads = self._flatten_grads(grads)
         active = np.array([g is not None for g in grads], dtype=bool)
         if not active.any():

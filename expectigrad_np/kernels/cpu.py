@@ -36,8 +36,9 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 __all__ = [
-    "CHUNK", "COEF_FIELDS", "FLAG_FIELDS", "array_step", "data_address",
-    "make_chunks", "segments_step", "segments_step_parallel",
+    "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "array_step",
+    "data_address", "make_chunks", "segments_step", "segments_step_parallel",
+    "single_step",
 ]
 
 # Elements per work item of the segmented kernels: large enough that a chunk
@@ -71,6 +72,18 @@ def _pointer_like(typingctx, address, like):
     return ptr_type(address, like), codegen
 
 
+@intrinsic
+def _pointer_of(typingctx, address, dtype):
+    """Reinterpret an integer address as a pointer to ``dtype`` (a NumPy
+    scalar class such as ``np.uint32``)."""
+    ptr_type = types.CPointer(dtype.instance_type)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return ptr_type(address, dtype), codegen
+
+
 @njit(inline="always", **_OPTS)
 def _adaptive(g, g2, mean_sq, weight, eps):
     """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean)))."""
@@ -85,7 +98,7 @@ def _clip(g, scale, clipvalue):
 
 # --- the four update loops: (sparse | dense counter) x (momentum | none) ---
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_sparse_momentum(x, g, v, n, m, c, scale):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
@@ -100,7 +113,7 @@ def _update_sparse_momentum(x, g, v, n, m, c, scale):
         x[i] -= c[STEP] * m[i]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_sparse(x, g, v, n, c, scale):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
@@ -114,7 +127,7 @@ def _update_sparse(x, g, v, n, c, scale):
         x[i] -= c[STEP] * u
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_dense_momentum(x, g, v, m, c, scale):
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
@@ -123,7 +136,7 @@ def _update_dense_momentum(x, g, v, m, c, scale):
         x[i] -= c[STEP] * m[i]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_dense(x, g, v, c, scale):
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
@@ -131,7 +144,7 @@ def _update_dense(x, g, v, c, scale):
         x[i] -= c[STEP] * u
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_span(x, g, v, n, m, c, f, scale):
     """Dispatch one contiguous span to the loop its flags call for."""
     if f[SPARSE]:
@@ -146,12 +159,17 @@ def _update_span(x, g, v, n, m, c, f, scale):
             _update_dense(x, g, v, c, scale)
 
 
-@njit(**_OPTS)
+@njit(fastmath={"reassoc"}, **_OPTS)
 def _span_stats(g):
     """(sum of g*0, sum of g**2 in float64) over a span.
 
     ``g * 0`` is NaN exactly where ``g`` is NaN or infinite, so the first sum
-    is zero iff the span is finite; both sums vectorise.
+    is zero iff the span is finite.  Both sums vectorise because the loop may
+    reassociate them (``fastmath={"reassoc"}``: SIMD lanes and several
+    accumulators).  That changes only the rounding of the squared norm, which
+    feeds norm clipping and is no part of the update's bit-exact contract;
+    the NaN test is exact in any order.  The "nnan"/"ninf" flags are never
+    set: they would let LLVM fold ``g * 0`` to zero and lose the check.
     """
     zero = g.dtype.type(0)
     nonfinite = zero
@@ -174,8 +192,7 @@ def _scale(sumsq, clipnorm):
 
 # --- one array ---------------------------------------------------------------
 
-@njit(**_OPTS)
-def array_step(x, g, v, n, m, c, f, check, global_clipnorm):
+def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     """One fused step on one C-contiguous 1-D array.
 
     Returns ``(ok, sumsq)``: ``ok`` is False, and nothing was written, when
@@ -193,6 +210,53 @@ def array_step(x, g, v, n, m, c, f, check, global_clipnorm):
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
     _update_span(x, g, v, n, m, c, f, x.dtype.type(scale))
     return True, sumsq
+
+
+array_step = njit(**_OPTS)(_array_step)
+_array_step_inline = njit(inline="always", **_OPTS)(_array_step)
+
+
+# Layout of the int64 context row of ``single_step``: data addresses of the
+# parameter, the three state buffers, the coefficient and flag rows, then the
+# element counts of the parameter and of the two optional state buffers.
+CTX_FIELDS = ("x", "mean_sq", "count", "momentum", "coef", "flags",
+              "size", "count_size", "momentum_size")
+(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE) = range(len(CTX_FIELDS))
+
+# Return codes of ``single_step``.
+STEPPED, NONFINITE, SIZE_MISMATCH = 0, 1, 2
+
+
+@njit(**_OPTS)
+def single_step(g, ctx, step_size, inv_t, check, global_clipnorm):
+    """``array_step`` for a bucket of one array, with the least call overhead.
+
+    Only the gradient travels as an array: the parameter, the state buffers
+    and the coefficient and flag rows are reached through the addresses in
+    ``ctx`` (see ``CTX_FIELDS``), which the caller keeps alive.  The two
+    coefficients that change every step are passed as scalars and stored
+    (cast to the array dtype, as ``set_coefficients`` would) before the step:
+    ``c[STEP] = step_size`` (``lr / (1 - beta**t)``, or ``lr``) and
+    ``c[INV_T] = inv_t`` (``1/t``); the other coefficients are read as set.
+
+    Returns ``STEPPED``; ``NONFINITE`` when ``check`` is set and ``g`` holds
+    NaN or infinity; ``SIZE_MISMATCH`` when ``g.size`` is not the
+    parameter's.  Apart from the coefficient row nothing is written in the
+    last two cases.
+    """
+    size = ctx[CSIZE]
+    if g.size != size:
+        return SIZE_MISMATCH
+    x = carray(_pointer_like(ctx[CX], g), size)
+    v = carray(_pointer_like(ctx[CV], g), size)
+    n = carray(_pointer_of(ctx[CN], np.uint32), ctx[CNSIZE])
+    m = carray(_pointer_like(ctx[CM], g), ctx[CMSIZE])
+    c = carray(_pointer_like(ctx[CC], g), len(COEF_FIELDS))
+    f = carray(_pointer_of(ctx[CF], np.int64), len(FLAG_FIELDS))
+    c[STEP] = step_size
+    c[INV_T] = inv_t
+    ok, _ = _array_step_inline(x, g, v, n, m, c, f, check, global_clipnorm)
+    return STEPPED if ok else NONFINITE
 
 
 # --- many arrays, flat state ---------------------------------------------------

@@ -1,0 +1,401 @@
+"""Benchmark of the fused step: ``python -m expectigrad_np bench``.
+
+For each size ``N`` and dtype it times a whole ``Expectigrad.step()`` on one
+array of ``N`` elements (sparse counter and momentum, the defaults) and
+reports:
+
+- ``step_us``/``step_unchecked_us``: time per step with ``check_finite``
+  True (the default) and False;
+- ``gbps``: bytes the unchecked step must move per second.  Per element it
+  reads ``x, g, mean_sq, count, momentum`` and writes all but ``g``: 36 B in
+  float32, 64 B in float64 (``traffic_bytes``);
+- ``vs_traffic``: unchecked step time over the time of a kernel with the same
+  memory traffic and trivial arithmetic (``_traffic_kernel``), serial or
+  parallel by the same size rule as the step, timed in the same run;
+- ``vs_reference``: speed-up of the checked step over the pure-NumPy
+  reference: ``expectigrad.testing.NumpyExpectigrad`` of the original project
+  when that package is installed, else ``expectigrad_np.reference``;
+- ``torch_adam_gbps``: ``torch.optim.Adam(fused=True)`` on the same CPU
+  (28 B/element in float32), when torch is installed.
+
+Then the extras: the check_finite cost at the largest size, 200 arrays of
+5,000 float32 elements against one array of 1M, the small-N comparison
+(10 float64 elements against the reference), and start-up (a fresh process
+importing the package and taking one step, against ``import numpy, numba``).
+
+Timings interleave the things compared, block by block, and report medians
+of times and of per-block ratios, so a noisy machine shifts both sides of a
+ratio alike.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from numba import njit, prange
+
+from . import reference as R
+from ._buckets import PARALLEL_MIN_SIZE
+from .optimizer import Expectigrad
+
+DEFAULT_SIZES = (10, 1_000, 100_000, 1_000_000, 10_000_000)
+DEFAULT_DTYPES = ("float32", "float64")
+BLOCK_SECONDS = 0.02       # each timed block runs the function this long at least
+
+
+def traffic_bytes(n, dtype, sparse=True, momentum=True):
+    """Bytes one step must move: read ``x, g, mean_sq`` (+ ``count``,
+    ``momentum``), write all of them but ``g``."""
+    item = np.dtype(dtype).itemsize
+    per_array = item + 4 * sparse + item * momentum     # count is uint32
+    return n * (3 * item + per_array - item            # reads: x, g, v, [n], [m]
+                + 2 * item + per_array - item)         # writes: x, v, [n], [m]
+
+
+def adam_bytes(n, dtype):
+    """``torch.optim.Adam``: read param, grad, exp_avg, exp_avg_sq; write 3."""
+    return n * 7 * np.dtype(dtype).itemsize
+
+
+# --- same-traffic kernels -----------------------------------------------------
+
+def _traffic_body(x, g, v, n, m):
+    """Read x, g, v, n, m and write x, v, n, m, with trivial arithmetic."""
+    h = x.dtype.type(0.5)
+    for i in prange(x.size):
+        gi = g[i]
+        x[i] = x[i] - h * gi
+        v[i] = v[i] + gi
+        n[i] = n[i] + np.uint32(1)
+        m[i] = h * m[i] + gi
+
+
+_traffic_serial = njit(cache=True, nogil=True, error_model="numpy")(_traffic_body)
+_traffic_parallel = njit(cache=True, nogil=True, parallel=True,
+                         error_model="numpy")(_traffic_body)
+
+
+def _traffic_kernel(n):
+    return _traffic_serial if n < PARALLEL_MIN_SIZE else _traffic_parallel
+
+
+# --- timing -------------------------------------------------------------------
+
+def _calibrate(fn):
+    """Calls per block so that a block lasts about BLOCK_SECONDS."""
+    t0 = time.perf_counter()
+    fn()
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(100_000, int(BLOCK_SECONDS / dt)))
+
+
+def _block(fn, k):
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    return (time.perf_counter() - t0) / k
+
+
+def time_interleaved(fns, repeat, base=0):
+    """Median seconds per call of each function, and the median per-block
+    ratio of each to ``fns[base]``, timing the functions in turn block by
+    block."""
+    for fn in fns:
+        fn()                                               # warm up
+    ks = [_calibrate(fn) for fn in fns]
+    rows = []
+    for _ in range(repeat):
+        rows.append([_block(fn, k) for fn, k in zip(fns, ks)])
+    rows = np.asarray(rows)
+    times = np.median(rows, axis=0)
+    ratios = np.median(rows / rows[:, base:base + 1], axis=0)
+    return times, ratios
+
+
+# --- reference ----------------------------------------------------------------
+
+def _reference_stepper(x, g):
+    """A function doing one pure-NumPy reference step on ``x`` with ``g``.
+
+    The original project's ``NumpyExpectigrad`` when installed (it returns the
+    step, subtracted here), else the in-package reference, which does the
+    same per-array work.
+    """
+    try:
+        from expectigrad.testing import NumpyExpectigrad
+    except ImportError:
+        v = np.zeros_like(x)
+        n = np.zeros(x.shape, np.uint32)
+        m = np.zeros_like(x)
+        t = [0]
+
+        def step():
+            t[0] += 1
+            R.expectigrad_update(x, g, v, n, m, t=t[0], lr=1e-3, beta=0.9,
+                                 eps=1e-8, sparse_counter=True)
+        return step, "expectigrad_np.reference"
+    opt = NumpyExpectigrad(learning_rate=1e-3, beta=0.9, epsilon=1e-8)
+
+    def step():
+        x.__isub__(opt.step(g))
+    return step, "expectigrad.testing.NumpyExpectigrad"
+
+
+def _torch_adam(n, dtype):
+    """A function doing one fused Adam step on ``n`` elements, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
+    p = torch.zeros(n, dtype=tdtype, requires_grad=True)
+    p.grad = torch.randn(n, dtype=tdtype) * 1e-2
+    try:
+        opt = torch.optim.Adam([p], lr=1e-3, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return opt.step
+
+
+def _gradient(n, dtype, seed=0):
+    g = np.random.default_rng(seed).standard_normal(n).astype(dtype)
+    g[::7] = 0                        # some exact zeros exercise the sparse counter
+    return g
+
+
+# --- the sections ---------------------------------------------------------------
+
+def bench_size(n, dtype, repeat, reference=True, torch=True):
+    """One table row: see the module docstring."""
+    g = _gradient(n, dtype)
+    x1, x2 = np.zeros(n, dtype), np.zeros(n, dtype)
+    checked = Expectigrad(x1, lr=1e-3)
+    unchecked = Expectigrad(x2, lr=1e-3, check_finite=False)
+    tx, tg, tv, tm = (np.zeros(n, dtype) for _ in range(4))
+    tn = np.zeros(n, np.uint32)
+    kernel = _traffic_kernel(n)
+    fns = [lambda: kernel(tx, tg, tv, tn, tm), lambda: unchecked.step(g),
+           lambda: checked.step(g)]
+    (t_plain, t_step, t_check), (_, r_traffic, _) = time_interleaved(fns, repeat)
+    r_check = time_interleaved(fns[1:], repeat)[1][1] if n >= 1_000_000 else \
+        t_check / t_step
+    del tx, tg, tv, tn, tm, x2, unchecked
+    row = dict(n=n, dtype=np.dtype(dtype).name,
+               step_us=t_check * 1e6, step_unchecked_us=t_step * 1e6,
+               traffic_kernel_us=t_plain * 1e6,
+               bytes_per_step=traffic_bytes(n, dtype),
+               gbps=traffic_bytes(n, dtype) / t_step / 1e9,
+               traffic_kernel_gbps=traffic_bytes(n, dtype) / t_plain / 1e9,
+               vs_traffic=r_traffic, check_ratio=r_check)
+    if reference:
+        xr = np.zeros(n, dtype)
+        ref, row["reference"] = _reference_stepper(xr, g)
+        # The reference is slow at large N: fewer blocks there.
+        reps = repeat if n <= 100_000 else max(1, min(repeat, 3))
+        (t_ours, t_ref), (_, r_ref) = time_interleaved(
+            [lambda: checked.step(g), ref], reps)
+        row["reference_us"] = t_ref * 1e6
+        row["vs_reference"] = r_ref
+        del xr, ref
+    del checked, x1
+    gc.collect()
+    if torch:
+        adam = _torch_adam(n, dtype)
+        if adam is not None:
+            (t_adam,), _ = time_interleaved([adam], repeat)
+            row["torch_adam_us"] = t_adam * 1e6
+            row["torch_adam_gbps"] = adam_bytes(n, dtype) / t_adam / 1e9
+        del adam
+        gc.collect()
+    return row
+
+
+def bench_many_small(repeat, arrays=200, size=5_000, dtype="float32"):
+    """``arrays`` arrays of ``size`` elements against one of ``arrays*size``."""
+    rng = np.random.default_rng(1)
+    xs = [np.zeros(size, dtype) for _ in range(arrays)]
+    gs = [rng.standard_normal(size).astype(dtype) for _ in range(arrays)]
+    x1 = np.zeros(arrays * size, dtype)
+    g1 = np.concatenate(gs)
+    many = Expectigrad(xs, lr=1e-3)
+    one = Expectigrad(x1, lr=1e-3)
+    (t_one, t_many), (_, ratio) = time_interleaved(
+        [lambda: one.step(g1), lambda: many.step(gs)], repeat)
+    return dict(arrays=arrays, size=size, dtype=dtype, one_array_us=t_one * 1e6,
+                many_arrays_us=t_many * 1e6, ratio=ratio)
+
+
+def bench_small(repeat, n=10, dtype="float64"):
+    """A whole ``step()`` on one small array against the reference step."""
+    g = _gradient(n, dtype)
+    x, xr = np.zeros(n, dtype), np.zeros(n, dtype)
+    opt = Expectigrad(x, lr=1e-3)
+    ref, name = _reference_stepper(xr, g)
+    (t_ours, t_ref), (_, r) = time_interleaved([lambda: opt.step(g), ref],
+                                               max(repeat, 5))
+    return dict(n=n, dtype=dtype, step_us=t_ours * 1e6, reference=name,
+                reference_us=t_ref * 1e6, speedup=r)
+
+
+_STARTUP_STEP = (
+    "import json, numpy as np, expectigrad_np as eg\n"
+    "from expectigrad_np.kernels import cpu as K\n"
+    "x = np.zeros(10); eg.Expectigrad(x).step(np.ones(10))\n"
+    "import sys\n"
+    "d = [getattr(K, k) for k in ('single_step', 'array_step', 'segments_step',"
+    " 'segments_step_parallel')]\n"
+    "print(json.dumps(dict(misses=sum(sum(f.stats.cache_misses.values()) for f in d),"
+    " scipy='scipy' in sys.modules, cuda='numba.cuda' in sys.modules)))\n")
+_STARTUP_BASE = "import numpy, numba"
+
+
+def _run_python(code):
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True,
+                         capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    return time.perf_counter() - t0, out.stdout
+
+
+def bench_startup(repeat):
+    """Fresh process: import + first step (warm compile cache) against
+    ``import numpy, numba``; also whether that step compiled anything."""
+    _run_python(_STARTUP_STEP)                       # fills the cache if empty
+    ts, tb = [], []
+    for _ in range(max(repeat, 3)):
+        t, out = _run_python(_STARTUP_STEP)
+        ts.append(t)
+        tb.append(_run_python(_STARTUP_BASE)[0])
+    info = json.loads(out.strip().splitlines()[-1])
+    return dict(import_step_ms=float(np.median(ts)) * 1e3,
+                import_numpy_numba_ms=float(np.median(tb)) * 1e3,
+                ratio=float(np.median(np.asarray(ts) / np.asarray(tb))),
+                compiled_in_fresh_process=info["misses"],
+                imports_scipy=info["scipy"], imports_numba_cuda=info["cuda"])
+
+
+def specialisations():
+    """The compiled signatures of the entry-point kernels in this process."""
+    from .kernels import cpu as K
+    out = {}
+    for name in ("single_step", "array_step", "segments_step", "segments_step_parallel"):
+        out[name] = sorted(str(sig[0].dtype) if sig else "" for sig in
+                           getattr(K, name).signatures)
+    return out
+
+
+def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
+        reference=True, torch=True):
+    """Run the benchmark; returns a JSON-able dict."""
+    result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0],
+                               numpy=np.__version__),
+                  parallel_min_size=PARALLEL_MIN_SIZE, rows=[])
+    import numba
+    result["machine"]["numba"] = numba.__version__
+    result["machine"]["threads"] = numba.get_num_threads()
+    for dtype in dtypes:
+        for n in sizes:
+            result["rows"].append(bench_size(int(n), dtype, repeat, reference, torch))
+    if extras:
+        big = max(int(n) for n in sizes)
+        checked = [r for r in result["rows"] if r["n"] == big]
+        result["check_finite_ratio"] = {r["dtype"]: r["check_ratio"] for r in checked}
+        result["many_small"] = bench_many_small(repeat)
+        result["small"] = bench_small(repeat)
+        result["startup"] = bench_startup(repeat)
+    result["specialisations"] = specialisations()
+    return result
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def format_table(result):
+    """The result as a Markdown table and a few lines of extras."""
+    lines = ["| N | dtype | step µs | unchecked µs | GB/s | vs same-traffic kernel "
+             "| vs NumPy reference | torch Adam fused GB/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        vs_ref = r.get("vs_reference")
+        lines.append(
+            f"| {r['n']:,} | {r['dtype']} | {_fmt(r['step_us'])} | "
+            f"{_fmt(r['step_unchecked_us'])} | {_fmt(r['gbps'])} | "
+            f"{r['vs_traffic']:.2f}x | {'-' if vs_ref is None else f'{vs_ref:.1f}x'} | "
+            f"{_fmt(r.get('torch_adam_gbps'))} |")
+    refs = {r["reference"] for r in result["rows"] if "reference" in r}
+    if refs:
+        lines.append(f"\nReference: {', '.join(sorted(refs))}.")
+    if "check_finite_ratio" in result:
+        c = ", ".join(f"{k} {v:.2f}x" for k, v in result["check_finite_ratio"].items())
+        lines.append(f"check_finite=True / False at the largest N: {c}")
+    if "many_small" in result:
+        m = result["many_small"]
+        lines.append(f"{m['arrays']} arrays x {m['size']:,} {m['dtype']} vs one array "
+                     f"of {m['arrays'] * m['size']:,}: {m['many_arrays_us']:,.0f} µs vs "
+                     f"{m['one_array_us']:,.0f} µs ({m['ratio']:.2f}x)")
+    if "small" in result:
+        s = result["small"]
+        lines.append(f"step() on {s['n']} {s['dtype']} elements: {s['step_us']:.2f} µs, "
+                     f"reference {s['reference_us']:.1f} µs ({s['speedup']:.1f}x faster)")
+    if "startup" in result:
+        s = result["startup"]
+        lines.append(f"fresh process, import + first step: {s['import_step_ms']:.0f} ms vs "
+                     f"'import numpy, numba' {s['import_numpy_numba_ms']:.0f} ms "
+                     f"({s['ratio']:.2f}x); compiled there: "
+                     f"{s['compiled_in_fresh_process']}; scipy imported: "
+                     f"{s['imports_scipy']}; numba.cuda imported: "
+                     f"{s['imports_numba_cuda']}")
+    spec = result.get("specialisations", {})
+    if spec:
+        lines.append("compiled kernels: " + "; ".join(
+            f"{k} [{', '.join(v)}]" for k, v in spec.items()))
+    lines.append(f"(parallel kernels from {result['parallel_min_size']:,} elements; "
+                 f"{result['machine']['threads']} threads)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    """Options of the ``bench`` subcommand."""
+    parser.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")],
+                        default=list(DEFAULT_SIZES),
+                        help="comma-separated array sizes (default 10,1e3,1e5,1e6,1e7)")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","),
+                        default=list(DEFAULT_DTYPES),
+                        help="comma-separated dtypes (default float32,float64)")
+    parser.add_argument("--repeat", type=int, default=7,
+                        help="timed blocks per measurement; medians are reported")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as JSON instead of a table")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="only the table: skip the check_finite, many-arrays, "
+                             "small-N and start-up measurements")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the NumPy reference timings")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip torch.optim.Adam even when torch is installed")
+
+
+def main(args):
+    """Entry point of ``python -m expectigrad_np bench``."""
+    for d in args.dtypes:
+        if d not in DEFAULT_DTYPES:
+            raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
+    if args.repeat < 1 or any(n < 1 for n in args.sizes):
+        raise SystemExit("bench: --repeat and every size must be >= 1")
+    result = run(args.sizes, args.dtypes, args.repeat, extras=not args.no_extras,
+                 reference=not args.no_reference, torch=not args.no_torch)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    else:
+        print(format_table(result))
+    return 0
