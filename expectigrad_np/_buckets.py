@@ -87,7 +87,7 @@ class _Bucket:
         beta = np.asarray(beta, dtype=np.float64)
         t = np.maximum(np.asarray(t, dtype=np.int64), 1)
         with np.errstate(divide="ignore"):
-            step_size = np.where(beta == 0.0, lr, lr / (1.0 - beta ** t))
+            step_size = np.where(beta == 0.0, lr, lr / _one_minus_pow(beta, t))
         c, f = self.coef, self.flags
         c[:, K.STEP] = step_size
         c[:, K.BETA] = beta
@@ -100,6 +100,16 @@ class _Bucket:
         f[:, K.SPARSE] = sparse
         f[:, K.MOMENTUM] = momentum
         self.hyper = dict(lr=lr, beta=beta, eps=eps, t=t)
+
+
+def _one_minus_pow(beta, t):
+    """``1 - beta**t`` per array with the C library's ``pow``, as
+    ``reference.step_size`` computes it in Python floats (and the kernels in
+    float64): NumPy's vectorised power on an integer exponent array can
+    round differently (e.g. ``0.99**3``)."""
+    if (beta == beta[0]).all() and (t == t[0]).all():
+        return np.full(beta.shape, 1.0 - float(beta[0]) ** int(t[0]))
+    return np.array([1.0 - b ** k for b, k in zip(beta.tolist(), t.tolist())])
 
 
 class NumpyBucket(_Bucket):
@@ -186,6 +196,7 @@ class CpuBucket(_Bucket):
         self.g_flat = [None] * len(self.params)
         self.chunks = K.make_chunks(self.sizes)
         self.single = len(self.params) == 1 and self.total < PARALLEL_MIN_SIZE
+        self.ctx = None
         self._update_ctx()
 
     def ensure_momentum(self):
@@ -198,17 +209,37 @@ class CpuBucket(_Bucket):
 
         Set only for a bucket of one C-contiguous, nonempty array below
         ``PARALLEL_MIN_SIZE``; else None.  Rebuilt whenever a state buffer is
-        replaced (``ensure_momentum``), so it never points at freed memory:
-        the bucket holds every buffer it names.
+        replaced (``ensure_momentum``) or ``bind_single`` is called, so it
+        never points at freed memory: the bucket holds every array it names.
         """
-        self.ctx = None
         if not (self.single and self.total and self.x_stage[0] is None):
+            self.ctx = None
             return
+        if getattr(self, "ctx", None) is None:
+            # Allocated once and then updated in place: its address is final.
+            self.ctx = np.zeros(len(K.CTX_FIELDS), dtype=np.int64)
         addr = lambda a: a.ctypes.data if a.size else 0  # noqa: E731
-        self.ctx = np.array(
-            [addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
-             addr(self.momentum), addr(self.coef), addr(self.flags),
-             self.total, self.count.size, self.momentum.size], dtype=np.int64)
+        steps, scalars, check = getattr(self, "_bound", (None, None, False))
+        self.ctx[:] = [
+            addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
+            addr(self.momentum), addr(self.coef), addr(self.flags),
+            self.total, self.count.size, self.momentum.size,
+            0 if steps is None else addr(steps),
+            0 if scalars is None else addr(scalars), int(check)]
+
+    def bind_single(self, steps, scalars, check):
+        """Give ``single_step`` its step count (int64 array, element 0, kept
+        and incremented in place), its float64 scalar row
+        (``SCALAR_FIELDS``: lr, beta, global_clipnorm) and the check_finite
+        flag.  Returns the context row (its address never changes), or None
+        where ``single_step`` does not apply (see ``_update_ctx``)."""
+        if steps.dtype != np.int64 or scalars.dtype != np.float64 or \
+                scalars.size != len(K.SCALAR_FIELDS) or not steps.flags.c_contiguous:
+            raise TypeError("bind_single needs an int64 step count and a float64 "
+                            "scalar row")
+        self._bound = (steps, scalars, bool(check))
+        self._update_ctx()
+        return self.ctx
 
     def load_gradients(self, grads):
         """Validate this bucket's gradients and record where to read them."""

@@ -242,51 +242,78 @@ def bench_small(repeat, n=10, dtype="float64"):
                 reference_us=t_ref * 1e6, speedup=r)
 
 
-_STARTUP_STEP = (
-    "import json, numpy as np, expectigrad_np as eg\n"
-    "from expectigrad_np.kernels import cpu as K\n"
-    "x = np.zeros(10); eg.Expectigrad(x).step(np.ones(10))\n"
-    "import sys\n"
-    "d = [getattr(K, k) for k in ('single_step', 'array_step', 'segments_step',"
-    " 'segments_step_parallel')]\n"
-    "print(json.dumps(dict(misses=sum(sum(f.stats.cache_misses.values()) for f in d),"
-    " scipy='scipy' in sys.modules, cuda='numba.cuda' in sys.modules)))\n")
+_STARTUP_STEP = ("import numpy as np, expectigrad_np as eg\n"
+                 "eg.Expectigrad(np.zeros(10)).step(np.ones(10))\n")
+_STARTUP_INFO = (
+    _STARTUP_STEP + "import json, sys\n"
+    "from expectigrad_np.bench import _compiled_here\n"
+    "print(json.dumps(dict(compiled=_compiled_here(), modules=sorted(m for m in "
+    "('scipy.optimize', 'scipy.sparse', 'numba.cuda') if m in sys.modules))))\n")
 _STARTUP_BASE = "import numpy, numba"
+# The floor any numba package pays: the first call of one trivial cached
+# function initialises numba's CPU target (which imports scipy.linalg).
+_STARTUP_FLOOR_MODULE = ("from numba import njit\n"
+                         "@njit(cache=True)\n"
+                         "def one(a):\n"
+                         "    return a[0]\n")
+_STARTUP_FLOOR = "import numpy as np, _eg_numba_floor as m; m.one(np.ones(1))"
 
 
-def _run_python(code):
+def _run_python(code, path=()):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, *sys.path]))
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], check=True,
-                         capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                         capture_output=True, text=True, env=env)
     return time.perf_counter() - t0, out.stdout
 
 
 def bench_startup(repeat):
-    """Fresh process: import + first step (warm compile cache) against
-    ``import numpy, numba``; also whether that step compiled anything."""
-    _run_python(_STARTUP_STEP)                       # fills the cache if empty
-    ts, tb = [], []
-    for _ in range(max(repeat, 3)):
-        t, out = _run_python(_STARTUP_STEP)
-        ts.append(t)
-        tb.append(_run_python(_STARTUP_BASE)[0])
-    info = json.loads(out.strip().splitlines()[-1])
-    return dict(import_step_ms=float(np.median(ts)) * 1e3,
-                import_numpy_numba_ms=float(np.median(tb)) * 1e3,
-                ratio=float(np.median(np.asarray(ts) / np.asarray(tb))),
-                compiled_in_fresh_process=info["misses"],
-                imports_scipy=info["scipy"], imports_numba_cuda=info["cuda"])
+    """Fresh process with a warm compile cache: import + first step against
+    ``import numpy, numba`` and against numba's own floor (``import numpy,
+    numba`` plus the first call of a trivial cached function); also whether
+    that process compiled anything and which heavy modules it imported."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "_eg_numba_floor.py"), "w") as f:
+            f.write(_STARTUP_FLOOR_MODULE)
+        _run_python(_STARTUP_FLOOR, [tmp])                # fill the caches
+        _, out = _run_python(_STARTUP_INFO)
+        _, out = _run_python(_STARTUP_INFO)               # a second run: warm
+        info = json.loads(out.strip().splitlines()[-1])
+        rows = []
+        for _ in range(max(repeat, 3)):
+            rows.append([_run_python(_STARTUP_BASE)[0],
+                         _run_python(_STARTUP_FLOOR, [tmp])[0],
+                         _run_python(_STARTUP_STEP)[0]])
+    rows = np.asarray(rows)
+    base, floor, step = np.median(rows, axis=0) * 1e3
+    return dict(import_step_ms=step, import_numpy_numba_ms=base,
+                numba_floor_ms=floor,
+                ratio=float(np.median(rows[:, 2] / rows[:, 0])),
+                ratio_to_floor=float(np.median(rows[:, 2] / rows[:, 1])),
+                compiled_in_fresh_process=info["compiled"],
+                heavy_modules_imported=info["modules"])
 
 
 def specialisations():
-    """The compiled signatures of the entry-point kernels in this process."""
+    """The compiled specialisations of the entry-point kernels in this
+    process, by dtype: one ``single_step`` per dtype (small single arrays),
+    ``array_step`` (single arrays through the bucket interface) and the
+    serial and parallel segmented kernels (several or large arrays)."""
     from .kernels import cpu as K
-    out = {}
-    for name in ("single_step", "array_step", "segments_step", "segments_step_parallel"):
-        out[name] = sorted(str(sig[0].dtype) if sig else "" for sig in
-                           getattr(K, name).signatures)
+    out = {"single_step": sorted(str(d) for d in K._SINGLE_STEP)}
+    for name, arg in (("array_step", 0), ("segments_step", 6),
+                      ("segments_step_parallel", 6)):
+        out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
     return out
+
+
+def _compiled_here():
+    """How many kernels this process compiled rather than loaded from cache."""
+    from .kernels import cpu as K
+    kernels = list(K._SINGLE_STEP.values()) + [
+        K.array_step, K.segments_step, K.segments_step_parallel]
+    return sum(sum(k.stats.cache_misses.values()) for k in kernels)
 
 
 def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
@@ -351,10 +378,11 @@ def format_table(result):
         s = result["startup"]
         lines.append(f"fresh process, import + first step: {s['import_step_ms']:.0f} ms vs "
                      f"'import numpy, numba' {s['import_numpy_numba_ms']:.0f} ms "
-                     f"({s['ratio']:.2f}x); compiled there: "
-                     f"{s['compiled_in_fresh_process']}; scipy imported: "
-                     f"{s['imports_scipy']}; numba.cuda imported: "
-                     f"{s['imports_numba_cuda']}")
+                     f"({s['ratio']:.2f}x) and numba's floor (one trivial cached "
+                     f"function) {s['numba_floor_ms']:.0f} ms "
+                     f"({s['ratio_to_floor']:.2f}x); kernels compiled there: "
+                     f"{s['compiled_in_fresh_process']}; scipy.optimize/sparse or "
+                     f"numba.cuda imported: {s['heavy_modules_imported'] or 'none'}")
     spec = result.get("specialisations", {})
     if spec:
         lines.append("compiled kernels: " + "; ".join(

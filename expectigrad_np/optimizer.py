@@ -242,64 +242,67 @@ class Expectigrad:
         self._dirty = False
 
     def _make_fast(self):
-        """The single-array fast path's constants, or None where it does not apply.
+        """Set up the single-array fast path of ``step``; None where it does
+        not apply.
 
-        One C-contiguous array on the cpu backend whose bucket offers
-        ``single_step`` (small arrays; large ones take the parallel kernel):
+        One C-contiguous array below the parallel size on the cpu backend:
         every coefficient but ``step_size`` and ``1/t`` is fixed until a param
-        group changes, so it is written once here, and a step costs a few
-        attribute reads, ``lr / (1 - beta**t)`` in Python floats and one
-        kernel call.
+        group changes, so it is written here once, and ``single_step`` does
+        the rest, reading ``lr``, ``beta`` and ``global_clipnorm`` from a
+        float64 row and incrementing ``self._t`` in place.  A step is then a
+        few checks of the gradient and one kernel call with two arguments.
         """
         if self.backend != "cpu" or len(self._params) != 1:
             return None
         b = self._buckets[0]
-        if getattr(b, "ctx", None) is None:
+        if not hasattr(b, "bind_single"):
             return None
-        g = self.param_groups[0]
-        lr = g["lr"] if callable(g["lr"]) else float(self._static_lr[0])
-        b.set_coefficients(1.0 if callable(lr) else self._static_lr, self._beta,
-                           self._eps, self._t + 1, self._clipvalue, self._clipnorm,
-                           np.ones(1, bool), self._sparse, self._momentum)
-        gclip = np.inf if self.global_clipnorm is None else float(self.global_clipnorm)
+        group = self.param_groups[0]
+        schedule = group["lr"] if callable(group["lr"]) else None
+        scalars = np.array([0.0 if schedule else self._static_lr[0], self._beta[0],
+                            np.inf if self.global_clipnorm is None
+                            else self.global_clipnorm], dtype=np.float64)
+        ctx = b.bind_single(self._t, scalars, self.check_finite)
+        if ctx is None:
+            return None
+        b.set_coefficients(scalars[:1], self._beta, self._eps, self._t + 1,
+                           self._clipvalue, self._clipnorm, np.ones(1, bool),
+                           self._sparse, self._momentum)
         p = self._params[0]
-        return (single_step, b.ctx, p.dtype, p.shape, float(self._beta[0]), lr,
-                self.check_finite, gclip)
+        # ctx keeps the address: the bucket updates that row in place.
+        return (single_step(p.dtype), ctx.ctypes.data, ctx, self._t, scalars,
+                schedule, p.dtype, None if p.ndim == 1 else p.shape)
 
-    def _step_fast(self, grads):
+    def _step_fast(self, fast, grads):
         """Step a single-array optimizer with one kernel call; False (and
-        nothing done) when the general path must handle ``grads``."""
-        kernel, ctx, dtype, shape, beta, lr, check, gclip = self._fast
-        if self._bare:
-            g = grads
-        elif type(grads) in (list, tuple) and len(grads) == 1:
-            g = grads[0]
-        else:
+        nothing done) when the general path must handle ``grads``.
+
+        The kernel's fixed signature checks that the gradient is a
+        C-contiguous 1-D array of the parameter's dtype (else ``TypeError``,
+        and the general path takes over); its size is checked in the kernel.
+        """
+        kernel, ctx_address, _, steps, scalars, schedule, dtype, shape = fast
+        g = grads if self._bare else (
+            grads[0] if type(grads) in (list, tuple) and len(grads) == 1 else None)
+        if getattr(g, "dtype", None) is not dtype or steps is not self._t:
             return False
-        if not (type(g) is np.ndarray and g.dtype is dtype and g.flags.c_contiguous):
-            return False
-        if g.ndim != 1:
-            if g.shape != shape:
+        if shape is not None:
+            if g.shape != shape or not g.flags.c_contiguous:
                 return False
             g = g.reshape(-1)
-        elif len(shape) != 1:
+        if schedule is not None:
+            scalars[0] = V.check_scheduled_lr(schedule(self.step_count),
+                                              self.step_count, "param group 0: ")
+        try:
+            code = kernel(g, ctx_address)
+        except TypeError:
             return False
-        if callable(lr):
-            lr = V.check_scheduled_lr(lr(self.step_count), self.step_count,
-                                      "param group 0: ")
-        t = self._t.item(0) + 1
-        # The same float64 arithmetic as Bucket.set_coefficients.
-        code = kernel(g, ctx, lr if beta == 0.0 else lr / (1.0 - beta ** t),
-                      1.0 / t, check, gclip)
         if code:
             if code == NONFINITE:
                 self._raise_nonfinite(self._buckets[0], 0)
             return False      # size mismatch: the general path says what is wrong
-        self._t[0] = t
         self.step_count += 1
         return True
-
-    # --- stepping -----------------------------------------------------------
 
     def _lr_per_array(self):
         if not self._scheduled:
@@ -355,7 +358,8 @@ class Expectigrad:
         """
         if self._dirty:
             self._refresh()
-        if self._fast is not None and self._step_fast(grads):
+        fast = self._fast
+        if fast is not None and self._step_fast(fast, grads):
             return
         grads = self._flatten_grads(grads)
         active = np.array([g is not None for g in grads], dtype=bool)
@@ -381,7 +385,7 @@ class Expectigrad:
         for j, b in enumerate(self._buckets):
             bad, _ = b.step(check, gclip, sum(sumsq) - sumsq[j])
             self._raise_nonfinite(b, bad)
-        self._t = t_new
+        self._t[...] = t_new        # in place: the fast path holds this array
         self.step_count += 1
 
     def _raise_nonfinite(self, bucket, bad):

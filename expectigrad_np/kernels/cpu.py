@@ -36,7 +36,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 __all__ = [
-    "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "array_step",
+    "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "SCALAR_FIELDS", "array_step",
     "data_address", "make_chunks", "segments_step", "segments_step_parallel",
     "single_step",
 ]
@@ -217,46 +217,85 @@ _array_step_inline = njit(inline="always", **_OPTS)(_array_step)
 
 
 # Layout of the int64 context row of ``single_step``: data addresses of the
-# parameter, the three state buffers, the coefficient and flag rows, then the
-# element counts of the parameter and of the two optional state buffers.
+# parameter, the three state buffers, the coefficient and flag rows; the
+# element counts of the parameter and of the two optional state buffers; the
+# address of the array's int64 step count ``t`` (steps taken so far) and of a
+# float64 row ``SCALAR_FIELDS``; and the check_finite flag.
 CTX_FIELDS = ("x", "mean_sq", "count", "momentum", "coef", "flags",
-              "size", "count_size", "momentum_size")
-(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE) = range(len(CTX_FIELDS))
+              "size", "count_size", "momentum_size", "t", "scalars", "check")
+(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE, CT, CS, CCHECK) = range(len(CTX_FIELDS))
+SCALAR_FIELDS = ("lr", "beta", "global_clipnorm")
+S_LR, S_BETA, S_GCLIP = range(len(SCALAR_FIELDS))
 
 # Return codes of ``single_step``.
-STEPPED, NONFINITE, SIZE_MISMATCH = 0, 1, 2
+STEPPED, NONFINITE, SIZE_MISMATCH, UNBOUND = 0, 1, 2, 3
 
 
-@njit(**_OPTS)
-def single_step(g, ctx, step_size, inv_t, check, global_clipnorm):
+def _single_step(g, ctx_address):
     """``array_step`` for a bucket of one array, with the least call overhead.
 
-    Only the gradient travels as an array: the parameter, the state buffers
-    and the coefficient and flag rows are reached through the addresses in
-    ``ctx`` (see ``CTX_FIELDS``), which the caller keeps alive.  The two
-    coefficients that change every step are passed as scalars and stored
-    (cast to the array dtype, as ``set_coefficients`` would) before the step:
-    ``c[STEP] = step_size`` (``lr / (1 - beta**t)``, or ``lr``) and
-    ``c[INV_T] = inv_t`` (``1/t``); the other coefficients are read as set.
+    Only the gradient travels as an array; everything else is reached through
+    the int64 context row at ``ctx_address`` (see ``CTX_FIELDS``) and the
+    addresses in it, all kept alive by their owner.  With ``t`` the step count after this step and ``lr``, ``beta``
+    from the float64 scalar row, the two coefficients that change every step
+    are computed here in float64, exactly as ``reference.step_size`` and
+    ``Bucket.set_coefficients`` do (the same C library ``pow``), and stored
+    cast to the array dtype::
 
-    Returns ``STEPPED``; ``NONFINITE`` when ``check`` is set and ``g`` holds
-    NaN or infinity; ``SIZE_MISMATCH`` when ``g.size`` is not the
-    parameter's.  Apart from the coefficient row nothing is written in the
-    last two cases.
+        c[STEP]  = lr / (1 - beta**t)   (lr when beta == 0)
+        c[INV_T] = 1 / t
+
+    the other coefficients are read as ``set_coefficients`` left them.  On
+    success the step count is incremented in place.
+
+    Returns ``STEPPED``; ``NONFINITE`` when check_finite is set and ``g``
+    holds NaN or infinity; ``SIZE_MISMATCH`` when ``g.size`` is not the
+    parameter's; ``UNBOUND`` when ``ctx`` has no step count or scalar row.
+    Apart from the coefficient row nothing is written in those cases.
     """
+    ctx = carray(_pointer_of(ctx_address, np.int64), len(CTX_FIELDS))
     size = ctx[CSIZE]
     if g.size != size:
         return SIZE_MISMATCH
+    if ctx[CT] == 0 or ctx[CS] == 0:
+        return UNBOUND
     x = carray(_pointer_like(ctx[CX], g), size)
     v = carray(_pointer_like(ctx[CV], g), size)
     n = carray(_pointer_of(ctx[CN], np.uint32), ctx[CNSIZE])
     m = carray(_pointer_like(ctx[CM], g), ctx[CMSIZE])
     c = carray(_pointer_like(ctx[CC], g), len(COEF_FIELDS))
     f = carray(_pointer_of(ctx[CF], np.int64), len(FLAG_FIELDS))
-    c[STEP] = step_size
-    c[INV_T] = inv_t
-    ok, _ = _array_step_inline(x, g, v, n, m, c, f, check, global_clipnorm)
-    return STEPPED if ok else NONFINITE
+    steps = carray(_pointer_of(ctx[CT], np.int64), 1)
+    s = carray(_pointer_of(ctx[CS], np.float64), len(SCALAR_FIELDS))
+    t = np.float64(steps[0] + 1)
+    lr, beta = s[S_LR], s[S_BETA]
+    c[STEP] = lr if beta == 0.0 else lr / (1.0 - beta ** t)
+    c[INV_T] = 1.0 / t
+    ok, _ = _array_step_inline(x, g, v, n, m, c, f, ctx[CCHECK] != 0, s[S_GCLIP])
+    if not ok:
+        return NONFINITE
+    steps[0] += 1
+    return STEPPED
+
+
+_SINGLE_STEP = {}
+
+
+def single_step(dtype):
+    """``_single_step`` compiled for C-contiguous 1-D ``dtype`` gradients
+    only (float32 or float64), loaded or compiled on first use.
+
+    Its one signature is fixed, so a gradient of another type, layout or
+    dimension raises ``TypeError`` instead of compiling a new specialisation:
+    callers catch it and take the general path.
+    """
+    dtype = np.dtype(dtype)
+    kernel = _SINGLE_STEP.get(dtype)
+    if kernel is None:
+        from numba import from_dtype
+        sig = types.int64(types.Array(from_dtype(dtype), 1, "C"), types.int64)
+        kernel = _SINGLE_STEP[dtype] = njit([sig], **_OPTS)(_single_step)
+    return kernel
 
 
 # --- many arrays, flat state ---------------------------------------------------
