@@ -215,19 +215,40 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
     return row
 
 
-def bench_many_small(repeat, arrays=200, size=5_000, dtype="float32"):
-    """``arrays`` arrays of ``size`` elements against one of ``arrays*size``."""
+def bench_many_small(repeat, arrays=200, size=5_000, dtype="float32", sets=3):
+    """``arrays`` arrays of ``size`` elements against one of ``arrays*size``.
+
+    Measured twice: passing the same gradient arrays every step (reused
+    buffers, which the optimizer recognises) and rotating through ``sets``
+    distinct sets of arrays (new arrays every step, as when gradients are
+    computed afresh).
+    """
     rng = np.random.default_rng(1)
     xs = [np.zeros(size, dtype) for _ in range(arrays)]
-    gs = [rng.standard_normal(size).astype(dtype) for _ in range(arrays)]
+    gsets = [[rng.standard_normal(size).astype(dtype) for _ in range(arrays)]
+             for _ in range(sets)]
     x1 = np.zeros(arrays * size, dtype)
-    g1 = np.concatenate(gs)
+    g1sets = [np.concatenate(gs) for gs in gsets]
     many = Expectigrad(xs, lr=1e-3)
     one = Expectigrad(x1, lr=1e-3)
+    turn = [0]
+
+    def many_new():
+        turn[0] += 1
+        many.step(gsets[turn[0] % sets])
+
+    def one_new():
+        one.step(g1sets[turn[0] % sets])
+
+    gs, g1 = gsets[0], g1sets[0]
     (t_one, t_many), (_, ratio) = time_interleaved(
         [lambda: one.step(g1), lambda: many.step(gs)], repeat)
+    (t_one_new, t_many_new), (_, ratio_new) = time_interleaved(
+        [one_new, many_new], repeat)
     return dict(arrays=arrays, size=size, dtype=dtype, one_array_us=t_one * 1e6,
-                many_arrays_us=t_many * 1e6, ratio=ratio)
+                many_arrays_us=t_many * 1e6, ratio=ratio,
+                one_array_new_us=t_one_new * 1e6,
+                many_arrays_new_us=t_many_new * 1e6, ratio_new=ratio_new)
 
 
 def bench_small(repeat, n=10, dtype="float64"):
@@ -369,7 +390,10 @@ def format_table(result):
         m = result["many_small"]
         lines.append(f"{m['arrays']} arrays x {m['size']:,} {m['dtype']} vs one array "
                      f"of {m['arrays'] * m['size']:,}: {m['many_arrays_us']:,.0f} µs vs "
-                     f"{m['one_array_us']:,.0f} µs ({m['ratio']:.2f}x)")
+                     f"{m['one_array_us']:,.0f} µs ({m['ratio']:.2f}x) with the same "
+                     f"gradient arrays each step; {m['many_arrays_new_us']:,.0f} µs vs "
+                     f"{m['one_array_new_us']:,.0f} µs ({m['ratio_new']:.2f}x) with new "
+                     f"arrays each step")
     if "small" in result:
         s = result["small"]
         lines.append(f"step() on {s['n']} {s['dtype']} elements: {s['step_us']:.2f} µs, "

@@ -365,8 +365,11 @@ class Expectigrad:
         active = np.array([g is not None for g in grads], dtype=bool)
         if not active.any():
             return
-        for b in self._buckets:
-            b.load_gradients([grads[i] for i in b.slots])
+        if len(self._buckets) == 1:
+            self._buckets[0].load_gradients(grads)      # slots are 0..n-1
+        else:
+            for b in self._buckets:
+                b.load_gradients([grads[i] for i in b.slots])
         lr = self._lr_per_array()
         t_new = self._t + active
         for b in self._buckets:
