@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import reference as R
-from ._buckets import PARALLEL_MIN_SIZE
+from . import _buckets
 from .optimizer import Expectigrad
 
 DEFAULT_SIZES = (10, 1_000, 100_000, 1_000_000, 10_000_000)
@@ -81,7 +81,7 @@ _traffic_parallel = njit(cache=True, nogil=True, parallel=True,
 
 
 def _traffic_kernel(n):
-    return _traffic_serial if n < PARALLEL_MIN_SIZE else _traffic_parallel
+    return _traffic_serial if n < _buckets.PARALLEL_MIN_SIZE else _traffic_parallel
 
 
 # --- timing -------------------------------------------------------------------
@@ -316,6 +316,32 @@ def bench_startup(repeat):
                 heavy_modules_imported=info["modules"])
 
 
+PARALLEL_SIZES = tuple(1 << k for k in range(15, 24))
+
+
+def bench_parallel(repeat, sizes=PARALLEL_SIZES, dtypes=DEFAULT_DTYPES):
+    """Serial against parallel segmented kernel, per size: the measurement
+    behind ``PARALLEL_MIN_SIZE`` (``--parallel``)."""
+    from .kernels import cpu as K
+    rows = []
+    for dtype in dtypes:
+        for n in sizes:
+            x, g = np.zeros(n, dtype), _gradient(n, dtype)
+            opt = Expectigrad(x, lr=1e-3)
+            b = opt._buckets[0]
+            b.load_gradients([g])
+            seg, lo, hi = b.chunks
+            opt.step(g)
+            args = (b.x_addr, b.g_addr, b.offsets, seg, lo, hi, b.mean_sq, b.count,
+                    b.momentum, b.coef, b.flags, True, np.inf, 0.0, True)
+            (t_ser, t_par), (_, ratio) = time_interleaved(
+                [lambda: K.segments_step(*args),
+                 lambda: K.segments_step_parallel(*args)], repeat)
+            rows.append(dict(n=n, dtype=np.dtype(dtype).name, serial_us=t_ser * 1e6,
+                             parallel_us=t_par * 1e6, parallel_over_serial=ratio))
+    return rows
+
+
 def specialisations():
     """The compiled specialisations of the entry-point kernels in this
     process, by dtype: one ``single_step`` per dtype (small single arrays),
@@ -338,11 +364,11 @@ def _compiled_here():
 
 
 def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
-        reference=True, torch=True):
+        reference=True, torch=True, parallel=False):
     """Run the benchmark; returns a JSON-able dict."""
     result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0],
                                numpy=np.__version__),
-                  parallel_min_size=PARALLEL_MIN_SIZE, rows=[])
+                  parallel_min_size=_buckets.PARALLEL_MIN_SIZE, rows=[])
     import numba
     result["machine"]["numba"] = numba.__version__
     result["machine"]["threads"] = numba.get_num_threads()
@@ -356,6 +382,8 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         result["many_small"] = bench_many_small(repeat)
         result["small"] = bench_small(repeat)
         result["startup"] = bench_startup(repeat)
+    if parallel:
+        result["parallel"] = bench_parallel(repeat, dtypes=dtypes)
     result["specialisations"] = specialisations()
     return result
 
@@ -407,6 +435,10 @@ def format_table(result):
                      f"({s['ratio_to_floor']:.2f}x); kernels compiled there: "
                      f"{s['compiled_in_fresh_process']}; scipy.optimize/sparse or "
                      f"numba.cuda imported: {s['heavy_modules_imported'] or 'none'}")
+    for r in result.get("parallel", []):
+        lines.append(f"{r['dtype']} n={r['n']:>10,}: serial {r['serial_us']:10,.1f} µs, "
+                     f"parallel {r['parallel_us']:10,.1f} µs "
+                     f"(parallel/serial {r['parallel_over_serial']:.2f})")
     spec = result.get("specialisations", {})
     if spec:
         lines.append("compiled kernels: " + "; ".join(
@@ -435,6 +467,9 @@ def add_arguments(parser):
                         help="skip the NumPy reference timings")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip torch.optim.Adam even when torch is installed")
+    parser.add_argument("--parallel", action="store_true",
+                        help="also time the serial against the parallel kernel from "
+                             "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
 
 
 def main(args):
@@ -445,7 +480,8 @@ def main(args):
     if args.repeat < 1 or any(n < 1 for n in args.sizes):
         raise SystemExit("bench: --repeat and every size must be >= 1")
     result = run(args.sizes, args.dtypes, args.repeat, extras=not args.no_extras,
-                 reference=not args.no_reference, torch=not args.no_torch)
+                 reference=not args.no_reference, torch=not args.no_torch,
+                 parallel=args.parallel)
     if args.json:
         print(json.dumps(result, indent=1, default=float))
     else:
