@@ -24,15 +24,15 @@ COUNT_DTYPE = np.uint32
 # launch costs a few microseconds of thread-pool wake-up, and the step is
 # bound by memory bandwidth, which one core nearly saturates; threads only pay
 # off once a pass is long and a second core is free.  Measured on a 2-core
-# machine shared with other work: segments_step against
-# segments_step_parallel, interleaved, medians of 9 (float32/float64; CHUNK
-# 2**16), the
-# parallel/serial time ratio was 0.92-1.02 from 2**15 to 2**18 elements,
-# 1.0-1.19 at 2**19-2**20 and 0.96-0.99 at 2**21; at 1e7 elements parallel
-# was 0.93x serial.  So: parallel from 2**20 elements (about 4 MB per array
-# in float32).  To re-tune on another machine, time both kernels around the
-# threshold with ``python -m expectigrad_np bench --parallel``, and set this
-# module variable accordingly (it is read when optimizers are built and step).
+# machine shared with other work (segments_step against
+# segments_step_parallel, interleaved, medians of 9, float32 and float64,
+# CHUNK = 2**16): the parallel/serial time ratio was 0.92-1.02 from 2**15 to
+# 2**18 elements, 1.0-1.19 at 2**19-2**20 and 0.96-0.99 at 2**21; at 1e7
+# elements parallel took 0.93x the serial time.  So: parallel from 2**20
+# elements (4 MB per float32 array).  To re-tune on another machine, time
+# both kernels around the threshold with ``python -m expectigrad_np bench
+# --parallel`` and set this module variable accordingly (it is read when
+# optimizers are built and when they step).
 PARALLEL_MIN_SIZE = 1 << 20
 
 

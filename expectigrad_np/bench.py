@@ -15,8 +15,10 @@ reports:
 - ``vs_reference``: speed-up of the checked step over the pure-NumPy
   reference: ``expectigrad.testing.NumpyExpectigrad`` of the original project
   when that package is installed, else ``expectigrad_np.reference``;
+- ``check_ratio``: checked over unchecked step time;
 - ``torch_adam_gbps``: ``torch.optim.Adam(fused=True)`` on the same CPU
-  (28 B/element in float32), when torch is installed.
+  (28 B/element in float32), when torch is installed, and ``gbps_vs_torch``,
+  our bytes per second over its bytes per second, timed in the same blocks.
 
 Then the extras: the check_finite cost at the largest size, 200 arrays of
 5,000 float32 elements against one array of 1M, the small-N comparison
@@ -101,10 +103,10 @@ def _block(fn, k):
     return (time.perf_counter() - t0) / k
 
 
-def time_interleaved(fns, repeat, base=0):
+def time_interleaved(fns, repeat, base=0, blocks=False):
     """Median seconds per call of each function, and the median per-block
     ratio of each to ``fns[base]``, timing the functions in turn block by
-    block."""
+    block (with ``blocks``, also the per-block times, one row per block)."""
     for fn in fns:
         fn()                                               # warm up
     ks = [_calibrate(fn) for fn in fns]
@@ -114,7 +116,7 @@ def time_interleaved(fns, repeat, base=0):
     rows = np.asarray(rows)
     times = np.median(rows, axis=0)
     ratios = np.median(rows / rows[:, base:base + 1], axis=0)
-    return times, ratios
+    return (times, ratios, rows) if blocks else (times, ratios)
 
 
 # --- reference ----------------------------------------------------------------
@@ -146,12 +148,23 @@ def _reference_stepper(x, g):
     return step, "expectigrad.testing.NumpyExpectigrad"
 
 
+_TORCH_THREADS = []
+
+
 def _torch_adam(n, dtype):
-    """A function doing one fused Adam step on ``n`` elements, or None."""
+    """A function doing one fused Adam step on ``n`` elements, or None.
+
+    torch gets the same thread policy as our step: one thread below
+    ``PARALLEL_MIN_SIZE``, its default pool from there (on a loaded 2-core
+    machine its pool can make a 1e5-element step take milliseconds).
+    """
     try:
         import torch
     except ImportError:
         return None
+    if not _TORCH_THREADS:
+        _TORCH_THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(1 if n < _buckets.PARALLEL_MIN_SIZE else _TORCH_THREADS[0])
     tdtype = {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
     p = torch.zeros(n, dtype=tdtype, requires_grad=True)
     p.grad = torch.randn(n, dtype=tdtype) * 1e-2
@@ -179,19 +192,29 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
     tx, tg, tv, tm = (np.zeros(n, dtype) for _ in range(4))
     tn = np.zeros(n, np.uint32)
     kernel = _traffic_kernel(n)
-    fns = [lambda: kernel(tx, tg, tv, tn, tm), lambda: unchecked.step(g),
-           lambda: checked.step(g)]
-    (t_plain, t_step, t_check), (_, r_traffic, _) = time_interleaved(fns, repeat)
-    r_check = time_interleaved(fns[1:], repeat)[1][1] if n >= 1_000_000 else \
-        t_check / t_step
-    del tx, tg, tv, tn, tm, x2, unchecked
+    fns = [lambda: unchecked.step(g), lambda: checked.step(g),
+           lambda: kernel(tx, tg, tv, tn, tm)]
+    adam = _torch_adam(n, dtype) if torch else None
+    if adam is not None:
+        fns.append(adam)
+    times, _, rows = time_interleaved(fns, repeat, blocks=True)
+    t_step, t_check, t_plain = times[:3]
+    med = lambda a: float(np.median(a))  # noqa: E731
+    nbytes = traffic_bytes(n, dtype)
     row = dict(n=n, dtype=np.dtype(dtype).name,
                step_us=t_check * 1e6, step_unchecked_us=t_step * 1e6,
-               traffic_kernel_us=t_plain * 1e6,
-               bytes_per_step=traffic_bytes(n, dtype),
-               gbps=traffic_bytes(n, dtype) / t_step / 1e9,
-               traffic_kernel_gbps=traffic_bytes(n, dtype) / t_plain / 1e9,
-               vs_traffic=r_traffic, check_ratio=r_check)
+               traffic_kernel_us=t_plain * 1e6, bytes_per_step=nbytes,
+               gbps=nbytes / t_step / 1e9, traffic_kernel_gbps=nbytes / t_plain / 1e9,
+               vs_traffic=med(rows[:, 0] / rows[:, 2]),
+               check_ratio=med(rows[:, 1] / rows[:, 0]))
+    if adam is not None:
+        t_adam = times[3]
+        row["torch_adam_us"] = t_adam * 1e6
+        row["torch_adam_gbps"] = adam_bytes(n, dtype) / t_adam / 1e9
+        # Our bytes per second over torch's, block by block.
+        row["gbps_vs_torch"] = med(nbytes / rows[:, 0] / (adam_bytes(n, dtype) / rows[:, 3]))
+    del tx, tg, tv, tn, tm, x2, unchecked, adam, fns
+    gc.collect()
     if reference:
         xr = np.zeros(n, dtype)
         ref, row["reference"] = _reference_stepper(xr, g)
@@ -204,14 +227,6 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
         del xr, ref
     del checked, x1
     gc.collect()
-    if torch:
-        adam = _torch_adam(n, dtype)
-        if adam is not None:
-            (t_adam,), _ = time_interleaved([adam], repeat)
-            row["torch_adam_us"] = t_adam * 1e6
-            row["torch_adam_gbps"] = adam_bytes(n, dtype) / t_adam / 1e9
-        del adam
-        gc.collect()
     return row
 
 
@@ -241,6 +256,7 @@ def bench_many_small(repeat, arrays=200, size=5_000, dtype="float32", sets=3):
         one.step(g1sets[turn[0] % sets])
 
     gs, g1 = gsets[0], g1sets[0]
+    repeat = max(repeat, 9)
     (t_one, t_many), (_, ratio) = time_interleaved(
         [lambda: one.step(g1), lambda: many.step(gs)], repeat)
     (t_one_new, t_many_new), (_, ratio_new) = time_interleaved(
@@ -399,15 +415,17 @@ def _fmt(v, digits=3):
 def format_table(result):
     """The result as a Markdown table and a few lines of extras."""
     lines = ["| N | dtype | step µs | unchecked µs | GB/s | vs same-traffic kernel "
-             "| vs NumPy reference | torch Adam fused GB/s |",
+             "| speed-up vs NumPy reference | torch Adam fused GB/s (ours/torch) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         vs_ref = r.get("vs_reference")
+        torch = "-" if "torch_adam_gbps" not in r else (
+            f"{_fmt(r['torch_adam_gbps'])} ({r['gbps_vs_torch']:.2f})")
         lines.append(
             f"| {r['n']:,} | {r['dtype']} | {_fmt(r['step_us'])} | "
             f"{_fmt(r['step_unchecked_us'])} | {_fmt(r['gbps'])} | "
             f"{r['vs_traffic']:.2f}x | {'-' if vs_ref is None else f'{vs_ref:.1f}x'} | "
-            f"{_fmt(r.get('torch_adam_gbps'))} |")
+            f"{torch} |")
     refs = {r["reference"] for r in result["rows"] if "reference" in r}
     if refs:
         lines.append(f"\nReference: {', '.join(sorted(refs))}.")

@@ -241,6 +241,8 @@ class Expectigrad:
         self._fast = self._make_fast()
         self._dirty = False
 
+    # --- stepping -----------------------------------------------------------
+
     def _make_fast(self):
         """Set up the single-array fast path of ``step``; None where it does
         not apply.
@@ -259,7 +261,8 @@ class Expectigrad:
             return None
         group = self.param_groups[0]
         schedule = group["lr"] if callable(group["lr"]) else None
-        scalars = np.array([0.0 if schedule else self._static_lr[0], self._beta[0],
+        scalars = np.array([0.0 if schedule is not None else self._static_lr[0],
+                            self._beta[0],
                             np.inf if self.global_clipnorm is None
                             else self.global_clipnorm], dtype=np.float64)
         ctx = b.bind_single(self._t, scalars, self.check_finite)
