@@ -5,11 +5,18 @@ per-array coefficient rows, read every gradient and state element once, and
 write parameters and state in the same pass (see ``reference.py`` for the
 math, which they follow operation for operation).
 
-Two entry points cover every case:
+Three entry points cover every case:
+
+``single_step(dtype)``
+    one small C-contiguous array, for the lowest call overhead (a whole
+    ``Expectigrad.step`` on 10 elements takes well under a microsecond): a
+    kernel of fixed signature ``(gradient, context address)``; the
+    parameter, state, coefficients, step count and scalars are reached
+    through the context row (``CTX_FIELDS``).
 
 ``array_step``
-    one C-contiguous 1-D array, passed directly.  It is serial and costs one
-    dispatch, which is what small problems (scipy-style use) need.
+    one C-contiguous 1-D array, passed directly with its state and rows
+    (serial; the bucket interface's path for a single array).
 
 ``segments_step`` / ``segments_step_parallel``
     any number of arrays of one dtype.  Parameters and gradients are reached
@@ -27,7 +34,17 @@ Coefficient rows (one per array, in the array's dtype):
 ``[step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``.
 Flag rows (int64): ``[active, sparse_counter, momentum]``.
 All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
-vectorises the inner loops, ``nogil=True`` and ``cache=True``.
+vectorises the inner loops (check with ``inspect_asm``: ``ymm`` registers,
+``vsqrtps``/``vdivps``), ``nogil=True`` and ``cache=True``.  The update loops
+are inlined into the entry points (``inline="always"``): no calls, and no
+reference counting, per span.  The first pass may reassociate its sums (see
+``_span_stats``).
+
+Compiled specialisations: one per dtype (float32, float64) of
+``single_step``, ``array_step``, ``segments_step`` and
+``segments_step_parallel``, plus ``data_address`` on 1-D arrays; each is
+compiled once, cached on disk and only loaded in later processes
+(``python -m expectigrad_np bench`` lists those of a run).
 """
 from __future__ import annotations
 
