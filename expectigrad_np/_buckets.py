@@ -202,6 +202,7 @@ class CpuBucket(_Bucket):
                         for p in self.params]
         self.x_flat = [p.reshape(-1) if s is None else s
                        for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
         self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
                                dtype=np.int64)
         self.g_stage = [None] * len(self.params)
@@ -269,6 +270,7 @@ class CpuBucket(_Bucket):
         """
         dtype, shapes, g_flat = self.dtype, self.shapes, self.g_flat
         addr, last = self.g_addr_list, self.g_last
+        ndarray, data_address = np.ndarray, K.data_address
         for k, g in enumerate(grads):
             if g is last[k] and g.dtype is dtype:
                 continue
@@ -277,7 +279,7 @@ class CpuBucket(_Bucket):
                 g_flat[k] = None
                 addr[k] = 0
                 continue
-            if not (type(g) is np.ndarray and (g.dtype is dtype or g.dtype == dtype)
+            if not (type(g) is ndarray and (g.dtype is dtype or g.dtype == dtype)
                     and g.flags.c_contiguous):
                 x = self.params[k]
                 g = as_gradient(g, x, self.names[k])
@@ -293,18 +295,16 @@ class CpuBucket(_Bucket):
             if g.ndim != 1:
                 g = g.reshape(-1)
             g_flat[k] = g
-            addr[k] = K.data_address(g) if g.size else 0
+            addr[k] = data_address(g)   # never read for an empty array
         self.g_addr[:] = addr
 
     def _stage_in(self):
-        for p, s in zip(self.params, self.x_stage):
-            if s is not None:
-                np.copyto(s.reshape(p.shape), p)
+        for p, s in self.staged:
+            np.copyto(s.reshape(p.shape), p)
 
     def _stage_out(self):
-        for p, s in zip(self.params, self.x_stage):
-            if s is not None:
-                np.copyto(p, s.reshape(p.shape))
+        for p, s in self.staged:
+            np.copyto(p, s.reshape(p.shape))
 
     def step(self, check, global_clipnorm, other_sumsq, update=True):
         """One fused step (or, with ``update=False``, only the first pass).
