@@ -221,6 +221,22 @@ class CpuBucket(_Bucket):
         if hasattr(self, "ctx"):        # not while _Bucket.__init__ runs
             self._update_ctx()
 
+    def __setstate__(self, state):
+        """After a copy or unpickling the buffers are new: derive the flat
+        views and every recorded address from them again."""
+        self.__dict__.update(state)
+        self.x_flat = [p.reshape(-1) if s is None else s
+                       for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
+        self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
+                               dtype=np.int64)
+        self.g_flat = [None] * len(self.params)
+        self.g_addr[:] = 0
+        self.g_addr_list = [0] * len(self.params)
+        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
+        self.ctx = None
+        self._update_ctx()
+
     def _update_ctx(self):
         """Addresses for ``kernels.cpu.single_step`` (see ``CTX_FIELDS``).
 

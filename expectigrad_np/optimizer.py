@@ -221,6 +221,12 @@ class Expectigrad:
     def _mark_dirty(self):
         self._dirty = True
 
+    def __setstate__(self, state):
+        # A copy has new buffers: rebuild the fast path on the next step.
+        self.__dict__.update(state)
+        self._fast = None
+        self._dirty = True
+
     def _refresh(self):
         """Recompute the per-array hyperparameters after a group changed."""
         groups = self.param_groups

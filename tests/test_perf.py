@@ -204,6 +204,29 @@ def test_reused_gradient_buffers_are_read_afresh_every_step():
     _assert_same(fast, ref, xf, xr)
 
 
+@pytest.mark.parametrize("shapes", [[(5,)], [(5,), (2, 3)]])
+def test_deep_copied_optimizer_steps_its_own_arrays(shapes):
+    import copy
+    rng = np.random.default_rng(7)
+    xs = [np.zeros(s) for s in shapes]
+    opt = eg.Expectigrad(xs, lr=0.1)
+    opt.step([np.ones(s) for s in shapes])
+    twin = copy.deepcopy(opt)
+    before = [x.copy() for x in xs]
+    ys = twin.params
+    for _ in range(3):
+        twin.step([rng.standard_normal(s) for s in shapes])
+    for x, b, y in zip(xs, before, ys):
+        np.testing.assert_array_equal(x, b)            # the original is untouched
+        assert not np.array_equal(y, b)                # the copy moved
+    ref = eg.Expectigrad([b.copy() for b in before], lr=0.1, backend="numpy")
+    ref.load_state_dict(opt.state_dict())
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        ref.step([rng.standard_normal(s) for s in shapes])
+    _assert_same(twin, ref, ys, ref.params)
+
+
 def test_large_single_array_takes_parallel_kernel_and_matches(monkeypatch):
     monkeypatch.setattr(_buckets, "PARALLEL_MIN_SIZE", 64)
     rng = np.random.default_rng(5)
