@@ -6,11 +6,26 @@ Numba kernels.
     >>> opt = eg.Expectigrad([W], lr=1e-3)
     >>> opt.step([np.ones_like(W)])          # W changes in place
 
-``reference`` holds the algorithm in plain NumPy; ``schedules`` the
+``minimize`` is the same optimizer behind a ``scipy.optimize.minimize``-style
+call (scipy is imported on first use).  ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
 learning-rate schedules.
 """
 from . import reference, schedules
 from .optimizer import Expectigrad, ParamGroup
 
 __version__ = "0.1.0"
-__all__ = ["Expectigrad", "ParamGroup", "reference", "schedules", "__version__"]
+__all__ = ["Expectigrad", "ParamGroup", "minimize", "reference", "schedules",
+           "__version__"]
+
+
+def __getattr__(name):
+    # ``minimize`` needs scipy; it is imported on first use, not with the package.
+    if name == "minimize":
+        from ._minimize import minimize
+        globals()["minimize"] = minimize
+        return minimize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"minimize"})

@@ -9,6 +9,9 @@ sparse counter, ``momentum`` is empty until some array has ``beta > 0``.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 
 from ._validation import as_gradient
@@ -35,6 +38,11 @@ COUNT_DTYPE = np.uint32
 # optimizers are built and when they step).
 PARALLEL_MIN_SIZE = 1 << 20
 
+# One parallel kernel at a time: Numba's workqueue threading layer (used where
+# neither TBB nor OpenMP is available) aborts the process when two threads
+# launch parallel regions at once.  Serial kernels run concurrently (nogil).
+_PARALLEL_LOCK = threading.Lock()
+
 
 class _Bucket:
     """State layout shared by the host drivers."""
@@ -50,6 +58,7 @@ class _Bucket:
         total = int(self.offsets[-1])
         self.total = total
         self.mean_sq = np.zeros(total, self.dtype)
+        self.stored = {"mean_sq", "count"} if any(sparse) else {"mean_sq"}
         self.count = np.zeros(total if any(sparse) else 0, COUNT_DTYPE)
         self.momentum = np.zeros(0, self.dtype)
         if any(momentum):
@@ -59,13 +68,16 @@ class _Bucket:
         self.flags = np.zeros((len(self.params), len(K.FLAG_FIELDS)), np.int64)
 
     def ensure_momentum(self):
-        if self.momentum.size != self.total:
+        if "momentum" not in self.stored:
             self.momentum = np.zeros(self.total, self.dtype)
+            self.stored.add("momentum")
 
-    def segment(self, flat, k):
-        """Array ``k``'s piece of a flat state buffer, in the parameter's shape."""
-        if flat.size == 0:
+    def segment(self, name, k):
+        """Array ``k``'s piece of the flat state buffer ``name``, in the
+        parameter's shape; None if the bucket does not store ``name``."""
+        if name not in self.stored:
             return None
+        flat = getattr(self, name)
         return flat[self.offsets[k]:self.offsets[k + 1]].reshape(self.params[k].shape)
 
     STATE_FIELDS = ("mean_sq", "count", "momentum")
@@ -75,7 +87,7 @@ class _Bucket:
         (``count``/``momentum`` only where the bucket stores them)."""
         out = {}
         for name in self.STATE_FIELDS:
-            seg = self.segment(getattr(self, name), k)
+            seg = self.segment(name, k)
             if seg is not None:
                 out[name] = np.array(seg)
         return out
@@ -86,7 +98,7 @@ class _Bucket:
         if "momentum" in arrays:
             self.ensure_momentum()
         for name in self.STATE_FIELDS:
-            seg = self.segment(getattr(self, name), k)
+            seg = self.segment(name, k)
             if seg is not None:
                 seg[...] = arrays.get(name, 0)
 
@@ -168,9 +180,9 @@ class NumpyBucket(_Bucket):
                 continue
             expectigrad_update(
                 self.params[k], clip_gradient(g, scale[k], c[K.CLIPVALUE]),
-                self.segment(self.mean_sq, k),
-                self.segment(self.count, k) if f[K.SPARSE] else None,
-                self.segment(self.momentum, k) if f[K.MOMENTUM] else None,
+                self.segment("mean_sq", k),
+                self.segment("count", k) if f[K.SPARSE] else None,
+                self.segment("momentum", k) if f[K.MOMENTUM] else None,
                 t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
                 eps=float(h["eps"][k]), sparse_counter=bool(f[K.SPARSE]))
         return -1, total
@@ -342,10 +354,12 @@ class CpuBucket(_Bucket):
             kernel = (K.segments_step if self.total < PARALLEL_MIN_SIZE
                       else K.segments_step_parallel)
             seg, lo, hi = self.chunks
-            bad, sumsq = kernel(
-                self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
-                self.mean_sq, self.count, self.momentum, self.coef, self.flags,
-                check, global_clipnorm, other_sumsq, update)
+            with (_PARALLEL_LOCK if kernel is K.segments_step_parallel
+                  else contextlib.nullcontext()):
+                bad, sumsq = kernel(
+                    self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
+                    self.mean_sq, self.count, self.momentum, self.coef, self.flags,
+                    check, global_clipnorm, other_sumsq, update)
         if update and bad < 0:
             self._stage_out()
         return int(bad), float(sumsq)

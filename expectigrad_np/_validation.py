@@ -63,6 +63,17 @@ def check_eps(value, where=""):
     return value
 
 
+def check_eps_dtypes(eps, params, where=""):
+    """``eps`` must stay > 0 in the dtype of every parameter it applies to
+    (1e-50 is 0 in float32, and a zero eps turns the 0/0 := 0 rule into NaN)."""
+    for p in params:
+        dtype = np.dtype(getattr(p, "dtype", np.float64))
+        if dtype.kind == "f" and dtype.type(eps) == 0:
+            raise ValueError(f"{where}eps={eps!r} is 0 in {dtype}, the dtype of a "
+                             f"parameter of this group; use eps >= "
+                             f"{np.finfo(dtype).smallest_subnormal}")
+
+
 def check_bool(name, value, where=""):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}{name} must be True or False, got {value!r}")
@@ -140,11 +151,12 @@ def as_gradient(g, x, where):
         try:
             g = np.asarray(g)
         except Exception as exc:  # noqa: BLE001 - reported with context
-            raise TypeError(f"{where} could not be read as an array: {exc}") from None
+            raise TypeError(f"the gradient of {where} could not be read as an "
+                            f"array: {exc}") from None
     if g.dtype.kind not in _FLOAT_KINDS:
-        raise TypeError(f"{where} has dtype {g.dtype}; gradients must be real "
-                        "numbers (float or integer)")
+        raise TypeError(f"the gradient of {where} has dtype {g.dtype}; gradients "
+                        "must be real numbers (float or integer)")
     if g.shape != x.shape:
-        raise ValueError(f"{where} has shape {g.shape}, but its parameter has "
-                         f"shape {x.shape}")
+        raise ValueError(f"the gradient of {where} has shape {g.shape}, but the "
+                         f"parameter has shape {x.shape}")
     return g

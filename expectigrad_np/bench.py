@@ -490,8 +490,13 @@ def add_arguments(parser):
                              "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
 
 
-def main(args):
-    """Entry point of ``python -m expectigrad_np bench``."""
+def main(argv=None):
+    """Entry point of ``python -m expectigrad_np bench [options]``."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m expectigrad_np bench",
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     for d in args.dtypes:
         if d not in DEFAULT_DTYPES:
             raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")

@@ -39,6 +39,8 @@ class ParamGroup(dict):
             raise ValueError(f"{self._where}{key!r} cannot be changed after the "
                              "optimizer is built; build a new optimizer")
         value = V.check_group_value(key, value, self._where)
+        if key == "eps":
+            V.check_eps_dtypes(value, self["params"], self._where)
         super().__setitem__(key, value)
         self._on_change()
 
@@ -119,9 +121,8 @@ class Expectigrad:
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                         clipvalue=clipvalue, clipnorm=clipnorm)
         defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
-        self.global_clipnorm = V.check_positive_or_none(
-            "global_clipnorm", global_clipnorm)
-        self.check_finite = V.check_bool("check_finite", check_finite)
+        self.global_clipnorm = global_clipnorm      # validated by the setters
+        self.check_finite = check_finite
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.defaults = defaults
@@ -131,7 +132,7 @@ class Expectigrad:
         groups = self._parse_groups(params, defaults)
         self._group_sizes = [len(g["params"]) for g in groups]
         self._params = [p for g in groups for p in g["params"]]
-        self._names = [f"group {gi} param {pi}" for gi, g in enumerate(groups)
+        self._names = [f"param group {gi} param {pi}" for gi, g in enumerate(groups)
                        for pi in range(len(g["params"]))]
         self._group_of = np.repeat(np.arange(len(groups)), self._group_sizes)
         V.check_no_overlap(self._params, self._names)
@@ -145,6 +146,26 @@ class Expectigrad:
         self.step_count = 0
         self._buckets = self._make_buckets()
         self._refresh()
+
+    @property
+    def global_clipnorm(self):
+        """Joint L2-norm threshold over all gradients (None: off)."""
+        return self._global_clipnorm
+
+    @global_clipnorm.setter
+    def global_clipnorm(self, value):
+        self._global_clipnorm = V.check_positive_or_none("global_clipnorm", value)
+        self._dirty = True              # the single-array fast path reads it once
+
+    @property
+    def check_finite(self):
+        """Refuse gradients holding NaN or infinity (True) or skip the check."""
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value):
+        self._check_finite = V.check_bool("check_finite", value)
+        self._dirty = True              # the single-array fast path reads it once
 
     # --- construction -------------------------------------------------------
 
@@ -175,7 +196,11 @@ class Expectigrad:
             plist = item["params"]
             if isinstance(plist, np.ndarray) or hasattr(plist, "__cuda_array_interface__"):
                 plist = [plist]
-            plist = list(plist)
+            try:
+                plist = list(plist)
+            except TypeError:
+                raise TypeError(f"{where}'params' must be an array or a sequence of "
+                                f"arrays, got {type(plist).__name__}") from None
             if not plist:
                 raise ValueError(f"{where}'params' is empty")
             group = dict(defaults)
@@ -184,6 +209,7 @@ class Expectigrad:
                     group[key] = V.check_group_value(key, value, where)
             group["params"] = [self._check_param(p, f"param group {gi} param {pi}")
                                for pi, p in enumerate(plist)]
+            V.check_eps_dtypes(group["eps"], group["params"], where)
             groups.append(group)
         return groups
 
@@ -464,6 +490,8 @@ class Expectigrad:
                                  f"the optimizer's group has {size}")
             hyper = {k: V.check_group_value(k, v, where)
                      for k, v in g.items() if k != "params"}
+            if "eps" in hyper:
+                V.check_eps_dtypes(hyper["eps"], self.param_groups[gi]["params"], where)
             if hyper.get("sparse_counter", self.param_groups[gi]["sparse_counter"]) \
                     != self.param_groups[gi]["sparse_counter"]:
                 raise ValueError(f"{where}sparse_counter differs from the optimizer's")
@@ -508,6 +536,19 @@ class Expectigrad:
                 self._t[i] = t
                 b.write_state(k, arrays)
         self.step_count = int(step)
+
+    def save(self, path, *, params=True):
+        """Write a checkpoint to ``path`` atomically: parameters (unless
+        ``params=False``), state, step counts and hyperparameters in a
+        versioned ``.npz`` (see ``expectigrad_np.checkpoint``)."""
+        from .checkpoint import save
+        save(self, path, params=params)
+
+    def load(self, path):
+        """Restore a checkpoint written by ``save``; a truncated, corrupt or
+        mismatched file raises ``ValueError`` naming it, with nothing changed."""
+        from .checkpoint import load
+        load(self, path)
 
     @staticmethod
     def _state_array(value, p, dtype, where, nonnegative=True):

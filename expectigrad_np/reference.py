@@ -16,7 +16,8 @@ With ``beta == 0`` there is no momentum and no bias correction:
 What is stored.  Instead of the sum ``s`` the state keeps the running mean
 ``mean_sq = s / n``, updated as ``mean_sq += (g**2 - mean_sq) / n``.  It is
 the same quantity, but it never grows with the number of steps, so it cannot
-overflow while every ``g**2`` is finite, and in float32 it keeps the adaptive
+overflow while every ``g**2`` is finite (a finite ``g`` whose square
+overflows counts as the largest finite ``g**2``), and in float32 it keeps the adaptive
 step accurate over millions of steps where a float32 running sum drifts.
 With the sparse counter a coordinate whose gradient is exactly zero keeps
 its mean and its count; its ``u`` is then ``0 / (eps + sqrt(mean_sq)) = 0``,
@@ -49,7 +50,8 @@ def clip_gradient(g, scale=1.0, clipvalue=np.inf):
     global counterpart); value clipping comes after it.
     """
     dt = g.dtype.type
-    out = g * dt(scale)
+    out = np.array(g, copy=True)
+    out *= dt(scale)
     if np.isfinite(clipvalue):
         np.clip(out, dt(-clipvalue), dt(clipvalue), out=out)
     return out
@@ -85,10 +87,11 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
     dt = x.dtype.type
     one, zero = dt(1), dt(0)
 
-    g2 = g * g
+    with np.errstate(over="ignore"):                  # an overflowed g**2 counts
+        g2 = np.minimum(g * g, np.finfo(x.dtype).max)  # as the largest finite value
     if sparse_counter:
         counted = g2 != zero                                   # sign(g**2)
-        count += counted
+        count += counted & (count != np.iinfo(count.dtype).max)   # saturates
         weight = np.where(counted, one / np.maximum(count, 1).astype(x.dtype), zero)
     else:
         weight = dt(1.0 / t)                                   # n = t

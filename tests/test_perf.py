@@ -145,6 +145,23 @@ def test_hyperparameter_change_and_state_load_reach_the_fast_path():
     _assert_same(fast, ref, [xf], [xr])
 
 
+def test_changing_check_finite_and_global_clipnorm_reaches_the_fast_path():
+    x = np.zeros(4)
+    opt = eg.Expectigrad(x, lr=0.1)
+    opt.step(np.ones(4))
+    opt.check_finite = False
+    opt.step(np.array([1.0, np.inf, 1.0, 1.0]))     # not refused any more
+    assert opt.step_count == 2 and not np.isfinite(x[1])
+    y, z = np.zeros(4), np.zeros(4)
+    fast = eg.Expectigrad(y, lr=0.1)
+    ref = eg.Expectigrad(z, lr=0.1, backend="numpy")
+    for o in (fast, ref):
+        o.step(np.ones(4))
+        o.global_clipnorm = 0.01
+        o.step(np.full(4, 3.0))
+    np.testing.assert_allclose(y, z, rtol=1e-12)
+
+
 @pytest.mark.parametrize("bad", ["nan", "shape", "size", "dtype"])
 def test_fast_path_refusals_change_nothing(bad):
     x = np.linspace(-1, 1, 10)

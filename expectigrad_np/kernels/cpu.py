@@ -48,9 +48,12 @@ compiled once, cached on disk and only loaded in later processes
 """
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 __all__ = [
     "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "SCALAR_FIELDS", "array_step",
@@ -74,6 +77,16 @@ ACTIVE, SPARSE, MOMENTUM = range(len(FLAG_FIELDS))
 
 _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
+
+
+def _twin(func, name):
+    """A copy of ``func`` under another name.  Numba's on-disk cache is keyed
+    by the function's qualified name and signature, not by ``parallel``: two
+    dispatchers of one function would load each other's cached machine code."""
+    twin = pytypes.FunctionType(func.__code__, func.__globals__, name,
+                                func.__defaults__, func.__closure__)
+    twin.__qualname__ = name
+    return twin
 
 
 @njit(**_OPTS)
@@ -105,10 +118,25 @@ def _pointer_of(typingctx, address, dtype):
     return ptr_type(address, dtype), codegen
 
 
+def _max_finite(x):
+    """The largest finite value of ``x``'s float type (a compile-time constant)."""
+    return np.finfo(type(x)).max
+
+
+@overload(_max_finite, inline="always")
+def _max_finite_impl(x):
+    big = as_dtype(x).type(np.finfo(as_dtype(x)).max)
+    return lambda x: big
+
+
 @njit(inline="always", **_OPTS)
 def _adaptive(g, g2, mean_sq, weight, eps):
-    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean)))."""
-    v = mean_sq + (g2 - mean_sq) * weight
+    """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
+
+    A g**2 that overflows to inf counts as the largest finite value, so the
+    mean stays finite (an inf mean would turn into NaN on the next step)."""
+    big = _max_finite(mean_sq)
+    v = mean_sq + ((big if g2 > big else g2) - mean_sq) * weight
     return v, g / (eps + np.sqrt(v))
 
 
@@ -234,7 +262,8 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
 
 
 array_step = njit(**_OPTS)(_array_step)
-_array_step_inline = njit(inline="always", **_OPTS)(_array_step)
+_array_step_inline = njit(inline="always", **_OPTS)(
+    _twin(_array_step, "_array_step_inline"))
 
 
 # Layout of the int64 context row of ``single_step``: data addresses of the
@@ -403,4 +432,5 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
 
 
 segments_step = njit(**_OPTS)(_segments_step)
-segments_step_parallel = njit(parallel=True, **_OPTS)(_segments_step)
+segments_step_parallel = njit(parallel=True, **_OPTS)(
+    _twin(_segments_step, "_segments_step_parallel"))

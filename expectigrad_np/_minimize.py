@@ -1,0 +1,568 @@
+r"""``minimize``: Expectigrad behind a ``scipy.optimize.minimize``-style call.
+
+Deterministic mode (``data=None``) minimises ``f(x, *args)``; each
+iteration evaluates ``f`` and its gradient ``g`` at ``x`` and takes one
+Expectigrad step, per element::
+
+    s <- s + g**2 ;  n <- n + sign(g**2)   (or n = t without the sparse counter)
+    m <- beta * m + (1 - beta) * g / (eps + sqrt(s / n))       0/0 := 0
+    x <- x - lr / (1 - beta**t) * m       (beta = 0: x <- x - lr * g / (eps + sqrt(s/n)))
+    x <- clip(x, lb, ub)                  (with bounds: a projected step)
+
+Stochastic mode (``data`` given) does the same with ``f(x, batch, *args)``
+and one step per minibatch.  The steps themselves are those of the
+``Expectigrad`` class: ``minimize`` builds one optimizer over a float copy of
+``x0`` and only adds evaluation, projection, stopping and reporting.
+
+scipy is imported when ``minimize`` is first called, not with the package.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+
+import numpy as np
+
+from .optimizer import Expectigrad
+
+__all__ = ["minimize"]
+
+# status codes, one per way a run ends (0, 1, 3 and 99 as in scipy)
+GTOL, MAXITER, BUDGET, NONFINITE, CALLBACK = 0, 1, 2, 3, 99
+
+_FD_METHODS = ("2-point", "3-point", "cs")
+
+
+def _count_positive_int(name, value, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return int(value)
+
+
+def _nonneg_real(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def _start_point(x0):
+    """A float copy of ``x0``: float32/float64 kept, integers/bools -> float64."""
+    a = np.asarray(x0)
+    if a.dtype.kind in "biu":
+        dtype = np.dtype(np.float64)
+    elif a.dtype in (np.float32, np.float64):
+        dtype = a.dtype
+    elif a.dtype.kind == "f":
+        raise TypeError(f"x0 has dtype {a.dtype}; minimize works in float32 or "
+                        "float64 (convert x0 with .astype)")
+    else:
+        raise TypeError(f"x0 has dtype {a.dtype}; it must hold real numbers")
+    if a.size == 0:
+        raise ValueError("x0 is empty: give at least one variable")
+    x = np.array(a, dtype=dtype, order="C", copy=True)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x0 holds NaN or infinity")
+    return x
+
+
+def _bounds_arrays(bounds, x):
+    """``(lb, ub)`` in ``x``'s shape and dtype, rounded inwards, or None."""
+    if bounds is None:
+        return None
+    from scipy.optimize import Bounds
+
+    if isinstance(bounds, Bounds):
+        lo, hi = bounds.lb, bounds.ub
+        try:
+            lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), x.shape)
+            hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), x.shape)
+        except ValueError:
+            raise ValueError(f"bounds lb/ub of shapes {np.shape(bounds.lb)} and "
+                             f"{np.shape(bounds.ub)} do not fit x0 of shape "
+                             f"{x.shape}") from None
+    else:
+        try:
+            pairs = list(bounds)
+        except TypeError:
+            raise TypeError("bounds must be a scipy.optimize.Bounds or a sequence of "
+                            f"(lo, hi) pairs, got {type(bounds).__name__}") from None
+        if len(pairs) != x.size:
+            raise ValueError(f"bounds has {len(pairs)} (lo, hi) pairs but x0 has "
+                             f"{x.size} elements")
+        lo = np.empty(x.size)
+        hi = np.empty(x.size)
+        for i, pair in enumerate(pairs):
+            try:
+                a, b = pair
+                lo[i] = -np.inf if a is None else float(a)
+                hi[i] = np.inf if b is None else float(b)
+            except (TypeError, ValueError):
+                raise TypeError(f"bounds[{i}] must be a (lo, hi) pair of numbers or "
+                                f"None, got {pair!r}") from None
+        lo, hi = lo.reshape(x.shape), hi.reshape(x.shape)
+    if np.isnan(lo).any() or np.isnan(hi).any():
+        raise ValueError("bounds hold NaN")
+    if np.any(lo > hi):
+        i = int(np.flatnonzero(lo > hi)[0])
+        raise ValueError(f"bounds are empty at element {i}: lower "
+                         f"{lo.flat[i]!r} > upper {hi.flat[i]!r}")
+    # In the dtype of x, rounded inwards so that a clipped x satisfies the
+    # bounds exactly as given.
+    lb, ub = lo.astype(x.dtype), hi.astype(x.dtype)
+    np.nextafter(lb, np.inf, out=lb, where=lb < lo)
+    np.nextafter(ub, -np.inf, out=ub, where=ub > hi)
+    if np.any(lb > ub):
+        raise ValueError(f"bounds hold an interval too narrow for {x.dtype}")
+    return lb, ub
+
+
+def _wrap_callback(callback):
+    """scipy's rule: a callback whose only parameter is ``intermediate_result``
+    gets an ``OptimizeResult``; any other gets a copy of ``xk``."""
+    if callback is None:
+        return None
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    try:
+        params = set(inspect.signature(callback).parameters)
+    except (TypeError, ValueError):
+        params = set()
+    if params == {"intermediate_result"}:
+        return lambda res: callback(intermediate_result=res)
+    return lambda res: callback(res.x)   # res.x is already a copy
+
+
+class _Objective:
+    """Evaluates ``(f, g)`` at ``x`` and counts calls honestly."""
+
+    def __init__(self, fun, jac, args, x, bounds):
+        if not callable(fun):
+            raise TypeError(f"fun must be callable, got {type(fun).__name__}")
+        self.fun, self.args, self.shape = fun, args, x.shape
+        self.nfev = self.njev = 0
+        if jac is True:
+            self.mode = "pair"
+        elif callable(jac):
+            self.mode, self.jac = "callable", jac
+        elif jac is None or jac is False or (isinstance(jac, str) and jac in _FD_METHODS):
+            self.mode = "fd"
+            self.fd_method = "2-point" if jac in (None, False) else jac
+            self.fd_bounds = ((-np.inf, np.inf) if bounds is None else
+                              (bounds[0].ravel(), bounds[1].ravel()))
+            from scipy.optimize._numdiff import approx_derivative
+            self._approx = approx_derivative
+        else:
+            raise ValueError("jac must be a callable, True, None, '2-point', "
+                             f"'3-point' or 'cs', got {jac!r}")
+
+    def _f(self, x, extra):
+        self.nfev += 1
+        return self.fun(x, *extra, *self.args)
+
+    @staticmethod
+    def _scalar(f):
+        try:
+            return float(np.asarray(f).item())
+        except (TypeError, ValueError):
+            raise ValueError("the objective must return a scalar, got "
+                             f"{type(f).__name__} {np.shape(f)}") from None
+
+    def _grad(self, g):
+        g = np.asarray(g)
+        if g.shape != self.shape:
+            if g.size == math.prod(self.shape) and g.ndim <= 1 and len(self.shape) <= 1:
+                g = g.reshape(self.shape)
+            else:
+                raise ValueError(f"the gradient has shape {g.shape}, x0 has shape "
+                                 f"{self.shape}")
+        if g.dtype.kind not in "fiu":
+            raise TypeError(f"the gradient has dtype {g.dtype}; it must be real")
+        return g
+
+    def __call__(self, x, extra=()):
+        """``(f, g)`` at ``x``; ``extra`` is ``(batch,)`` in stochastic mode."""
+        if self.mode == "pair":
+            out = self._f(x, extra)
+            self.njev += 1
+            try:
+                f, g = out
+            except (TypeError, ValueError):
+                raise ValueError("with jac=True, fun must return (f, gradient)") from None
+            return self._scalar(f), self._grad(g)
+        f = self._scalar(self._f(x, extra))
+        self.njev += 1
+        if self.mode == "callable":
+            return f, self._grad(self.jac(x, *extra, *self.args))
+        if not math.isfinite(f):
+            return f, None
+        shape = self.shape
+        g = self._approx(lambda z: self._f(z.reshape(shape), extra), x.ravel(),
+                         method=self.fd_method, f0=f, bounds=self.fd_bounds)
+        return f, g.reshape(shape)
+
+
+def _progress_bar(progress, total):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("progress=True needs tqdm, an optional dependency: "
+                          "pip install tqdm") from None
+    return tqdm(total=total, desc="minimize", unit="step")
+
+
+def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
+             lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, clipvalue=None,
+             clipnorm=None, global_clipnorm=None, backend="auto",
+             maxiter=None, gtol=None, norm=np.inf, tol=None,
+             data=None, epochs=None, progress=False, disp=False,
+             hess=None, hessp=None, constraints=()):
+    r"""Minimise a scalar function with Expectigrad.
+
+    Deterministic mode (``data=None``) minimises ``fun(x, *args)``: each
+    iteration takes one Expectigrad step with the gradient at ``x`` (see the
+    module docstring for the update), then projects onto ``bounds``.
+    Stochastic mode (``data`` given) minimises ``fun(x, batch, *args)`` with
+    one step per minibatch.
+
+    Also a custom method for scipy::
+
+        scipy.optimize.minimize(fun, x0, jac=grad, method=expectigrad_np.minimize,
+                                options=dict(lr=0.05, maxiter=20000))
+
+    Parameters
+    ----------
+    fun : callable
+        ``fun(x, *args) -> float`` (stochastic: ``fun(x, batch, *args)``); with
+        ``jac=True`` it returns ``(f, gradient)``.  ``x`` has ``x0``'s shape and
+        dtype and must not be kept or modified by ``fun``.
+    x0 : array_like
+        Starting point, never modified.  The result keeps its dtype (float32
+        or float64; integers become float64).
+    args : tuple
+        Extra arguments for ``fun`` and ``jac``.
+    jac : callable, True, None, '2-point', '3-point' or 'cs'
+        The gradient: ``jac(x, *args)`` (stochastic ``jac(x, batch, *args)``),
+        returned by ``fun`` (True), or finite differences (None means
+        '2-point'; the extra calls count in ``nfev``).
+    bounds : scipy.optimize.Bounds or sequence of (lo, hi)
+        Box constraints, None for an open end.  ``x0`` and every step are
+        projected onto the box, so every iterate is feasible.
+    callback : callable
+        Called after every step as scipy does: ``callback(intermediate_result)``
+        when that is its only parameter (an ``OptimizeResult`` with ``x``,
+        ``fun``, ``jac``, ``nit``, ``nfev``, ``njev`` and, stochastic, ``epoch``),
+        else ``callback(xk)``.  Raising ``StopIteration`` ends the run (status 99).
+    lr, beta, eps, sparse_counter, clipvalue, clipnorm, global_clipnorm, backend
+        Passed to ``Expectigrad``; ``lr`` may be a schedule ``step -> lr``.
+    maxiter : int
+        Most steps to take.  Default 10000 in deterministic mode, unlimited in
+        stochastic mode (``epochs`` then sets the budget).
+    gtol : float
+        Stop when ``norm(gradient) <= gtol``; with bounds, the projected
+        gradient (components pushing against an active bound count as 0).
+        Default 1e-5 in deterministic mode; off in stochastic mode, where a
+        given ``gtol`` tests each minibatch gradient.
+    norm : float
+        Order of the norm for ``gtol`` (``numpy.linalg.norm``); default inf,
+        the largest absolute element, as scipy's BFGS.
+    tol : float
+        scipy's ``tol=``; used as ``gtol`` when ``gtol`` is not given.
+    data : iterable or callable
+        Minibatches for stochastic mode: an iterable (a list, a dataset, or a
+        one-shot iterator), or a callable returning a fresh iterable per epoch
+        (to reshuffle).
+    epochs : int
+        Passes over ``data``.  Default 1 when ``maxiter`` is not given, else
+        as many as ``maxiter`` steps need.  A one-shot iterator allows one.
+    progress : bool
+        Show a tqdm progress bar with the current loss (needs tqdm).
+    disp : bool
+        Print the final message.
+    hess, hessp
+        Unused (Expectigrad is first-order); giving one warns, as scipy's
+        first-order methods do.
+    constraints
+        Only an empty value is accepted.
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        ``x`` (x0's dtype and shape, always finite), ``fun`` and ``jac`` at
+        ``x``, ``nit`` (steps taken), ``nfev``, ``njev``, ``status``,
+        ``success``, ``message``.  In stochastic mode ``fun`` is the mean
+        minibatch loss of the last epoch (partial epochs included), ``jac``
+        the last minibatch gradient, and ``nepoch`` the passes begun.
+
+    ``status``: 0 gradient norm <= gtol; 1 ``maxiter`` steps taken
+    (deterministic: ``success=False``, as in scipy; stochastic: the budget, a
+    success); 2 epochs done or data exhausted (success); 3 NaN or infinity in
+    the objective or gradient (``x`` is the last point where both were finite,
+    ``success=False``); 99 ``callback`` raised ``StopIteration``
+    (``success=False``, as in scipy).
+    """
+    from scipy.optimize import OptimizeResult
+
+    if hess is not None or hessp is not None:
+        import warnings
+        warnings.warn("Expectigrad is first-order: hess/hessp are not used",
+                      RuntimeWarning, stacklevel=2)
+    if constraints is not None and (not hasattr(constraints, "__len__")
+                                    or len(constraints) > 0):
+        raise ValueError("minimize with Expectigrad handles bounds but not "
+                         "constraints; give constraints=() or use bounds=")
+    if not isinstance(args, tuple):
+        args = (args,)
+    stochastic = data is not None
+    maxiter = _count_positive_int("maxiter", maxiter)
+    epochs = _count_positive_int("epochs", epochs)
+    if epochs == 0:
+        raise ValueError("epochs must be >= 1")
+    if epochs is not None and not stochastic:
+        raise ValueError("epochs counts passes over data; give data= or use maxiter")
+    if gtol is None:
+        gtol = tol
+    if gtol is None and stochastic:
+        gtol = -math.inf               # off: a minibatch gradient may be 0 by chance
+    else:
+        gtol = _nonneg_real("gtol", 1e-5 if gtol is None else gtol)
+    if maxiter is None and not stochastic:
+        maxiter = 10_000
+    if stochastic and maxiter is None and epochs is None:
+        epochs = 1
+    progress = bool(progress)
+
+    x = _start_point(x0)
+    box = _bounds_arrays(bounds, x)
+    if box is not None:
+        np.clip(x, box[0], box[1], out=x)
+    objective = _Objective(fun, jac, args, x, box)
+    cb = _wrap_callback(callback)
+    opt = Expectigrad(x, lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
+                      clipvalue=clipvalue, clipnorm=clipnorm,
+                      global_clipnorm=global_clipnorm, check_finite=True,
+                      backend=backend)
+    if stochastic:
+        run = _run_stochastic
+        epoch_source = _epoch_source(data, epochs)
+    else:
+        run, epoch_source = _run_deterministic, None
+    state = dict(x=x, box=box, opt=opt, objective=objective, cb=cb, maxiter=maxiter,
+                 gtol=gtol, norm=norm, epochs=epochs, source=epoch_source)
+    bar = _progress_bar(progress, maxiter if maxiter is not None else
+                        _total_steps(data, epochs))
+    try:
+        out = run(state, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    res = OptimizeResult(
+        x=out["x"], fun=out["fun"], jac=out["jac"], nit=out["nit"],
+        nfev=objective.nfev, njev=objective.njev, status=out["status"],
+        success=out["success"], message=out["message"])
+    if stochastic:
+        res.nepoch = out["nepoch"]
+    if disp:
+        print(res.message)
+    return res
+
+
+def _gradient_norm(g, norm, x=None, box=None):
+    """``(finite, norm)`` of the gradient; the max-abs pass finds NaN/inf.
+
+    With bounds, the norm is that of the projected gradient: components that
+    push against an active bound (``x == lb`` and ``g > 0``, or ``x == ub``
+    and ``g < 0``) count as zero, as in L-BFGS-B.
+    """
+    gmax = float(np.max(np.abs(g))) if g is not None else math.nan
+    if not math.isfinite(gmax):
+        return False, gmax
+    if box is not None:
+        g = np.where(((x <= box[0]) & (g > 0)) | ((x >= box[1]) & (g < 0)), 0, g)
+        gmax = float(np.max(np.abs(g)))
+    if norm == np.inf:
+        return True, gmax
+    return True, float(np.linalg.norm(g.ravel(), ord=norm))
+
+
+def _step(opt, g, x, box):
+    opt.step(g)
+    if box is not None:
+        np.clip(x, box[0], box[1], out=x)
+
+
+def _nonfinite_message(where):
+    return (f"NaN or infinity in the objective or gradient {where}; x is the last "
+            "point where both were finite.")
+
+
+def _run_deterministic(s, bar):
+    x, opt, objective, cb = s["x"], s["opt"], s["objective"], s["cb"]
+    maxiter, gtol, norm, box = s["maxiter"], s["gtol"], s["norm"], s["box"]
+    x_good = x.copy()
+    f, g = objective(x)
+    nit = 0
+    ok, gnorm = math.isfinite(f), math.nan
+    if ok:
+        ok, gnorm = _gradient_norm(g, norm, x, box)
+    if not ok:
+        return dict(x=x, fun=f, jac=g, nit=0, status=NONFINITE, success=False,
+                    message=_nonfinite_message("at x0"))
+    while True:
+        if gnorm <= gtol:
+            status, msg = GTOL, (f"Optimization terminated successfully: "
+                                 f"{'projected ' if box is not None else ''}gradient "
+                                 f"norm {gnorm:.3g} <= gtol {gtol:.3g}.")
+            break
+        if nit >= maxiter:
+            status, msg = MAXITER, (f"Maximum number of iterations has been exceeded "
+                                    f"(maxiter={maxiter}).")
+            break
+        _step(opt, g, x, box)
+        nit += 1
+        f_new, g_new = objective(x)
+        ok = math.isfinite(f_new)
+        if ok:
+            ok, gnorm_new = _gradient_norm(g_new, norm, x, box)
+        if not ok or not np.all(np.isfinite(x)):
+            np.copyto(x, x_good)
+            nit -= 1
+            status, msg = NONFINITE, _nonfinite_message(f"after step {nit + 1}")
+            break
+        np.copyto(x_good, x)
+        f, g, gnorm = f_new, g_new, gnorm_new
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f, refresh=False)
+        if cb is not None:
+            from scipy.optimize import OptimizeResult
+            try:
+                cb(OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit, nfev=objective.nfev,
+                                  njev=objective.njev))
+            except StopIteration:
+                status, msg = CALLBACK, "`callback` raised `StopIteration`."
+                break
+    return dict(x=x, fun=f, jac=g, nit=nit, status=status,
+                success=status == GTOL, message=msg)
+
+
+def _epoch_source(data, epochs):
+    """A function ``epoch -> iterator over that epoch's batches``."""
+    if callable(data):
+        def source(epoch):
+            it = data()
+            try:
+                return iter(it)
+            except TypeError:
+                raise TypeError("data() must return an iterable of minibatches, got "
+                                f"{type(it).__name__}") from None
+        return source
+    try:
+        first = iter(data)
+    except TypeError:
+        raise TypeError("data must be an iterable of minibatches or a callable "
+                        f"returning one, got {type(data).__name__}") from None
+    one_shot = first is data
+    if one_shot and epochs is not None and epochs > 1:
+        raise ValueError(f"data is a one-shot iterator ({type(data).__name__}), so it "
+                         f"cannot be passed over {epochs} times; give a list, or a "
+                         "callable returning a fresh iterable per epoch")
+
+    def source(epoch):
+        if epoch == 0:
+            return first
+        return None if one_shot else iter(data)
+    return source
+
+
+def _total_steps(data, epochs):
+    if epochs is None or callable(data):
+        return None
+    try:
+        return epochs * len(data)
+    except TypeError:
+        return None
+
+
+def _run_stochastic(s, bar):
+    x, opt, objective, cb = s["x"], s["opt"], s["objective"], s["cb"]
+    maxiter, gtol, norm, box = s["maxiter"], s["gtol"], s["norm"], s["box"]
+    epochs, source = s["epochs"], s["source"]
+    x_good = x.copy()
+    nit, nit_good, epoch = 0, 0, 0
+    f, g = math.nan, None
+    loss_sum, loss_n = 0.0, 0          # the current epoch's minibatch losses
+    status = msg = None
+    while status is None:
+        if epochs is not None and epoch >= epochs:
+            status, msg = BUDGET, f"Completed {epochs} epoch(s), {nit} steps."
+            break
+        batches = source(epoch)
+        if batches is None:
+            status, msg = BUDGET, (f"data exhausted after {nit} steps (a one-shot "
+                                   "iterator gives one epoch).")
+            break
+        epoch += 1
+        seen = 0
+        for batch in batches:
+            if maxiter is not None and nit >= maxiter:
+                status, msg = MAXITER, f"Took maxiter={maxiter} steps."
+                break
+            seen += 1
+            f_new, g_new = objective(x, (batch,))
+            ok = math.isfinite(f_new)
+            if ok:
+                ok, gnorm = _gradient_norm(g_new, norm, x, box)
+            if not ok:
+                np.copyto(x, x_good)
+                nit = nit_good
+                status, msg = NONFINITE, _nonfinite_message(
+                    f"on minibatch {seen} of epoch {epoch}")
+                break
+            np.copyto(x_good, x)
+            nit_good = nit
+            if loss_n and seen == 1:
+                loss_sum, loss_n = 0.0, 0
+            f, g = f_new, g_new
+            loss_sum += f
+            loss_n += 1
+            if gnorm <= gtol:
+                status, msg = GTOL, (f"Minibatch gradient norm {gnorm:.3g} <= gtol "
+                                     f"{gtol:.3g}.")
+                break
+            _step(opt, g, x, box)
+            nit += 1
+            if not np.all(np.isfinite(x)):
+                np.copyto(x, x_good)
+                status, msg = NONFINITE, _nonfinite_message(f"at step {nit}")
+                nit = nit_good
+                break
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f, epoch=epoch, refresh=False)
+            if cb is not None:
+                from scipy.optimize import OptimizeResult
+                try:
+                    cb(OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit,
+                                      nfev=objective.nfev, njev=objective.njev,
+                                      epoch=epoch))
+                except StopIteration:
+                    status, msg = CALLBACK, "`callback` raised `StopIteration`."
+                    break
+        else:
+            if seen == 0:
+                raise ValueError(f"data gave no minibatches in epoch {epoch}")
+        if maxiter is not None and nit >= maxiter and status is None:
+            status, msg = MAXITER, f"Took maxiter={maxiter} steps."
+    fun = loss_sum / loss_n if loss_n else f
+    return dict(x=x, fun=fun, jac=g, nit=nit, nepoch=epoch, status=status,
+                success=status in (GTOL, MAXITER, BUDGET), message=msg)

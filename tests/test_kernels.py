@@ -1,0 +1,101 @@
+"""Properties of the compiled CPU kernels themselves."""
+import re
+
+import numba
+import numpy as np
+import pytest
+
+import expectigrad_np as eg
+from expectigrad_np.kernels import cpu
+
+UPDATE_LOOPS = [cpu._update_sparse_momentum, cpu._update_sparse,
+                cpu._update_dense_momentum, cpu._update_dense]
+
+
+def uncached(dispatcher):
+    """The same function compiled with the same options but without the on-disk
+    cache (numba does not let one inspect code loaded from its cache)."""
+    options = {k: v for k, v in dispatcher.targetoptions.items()
+               if k not in ("cache", "nopython")}
+    return numba.njit(**options)(dispatcher.py_func)
+DOUBLE_MATH = re.compile(r"\b(fadd|fsub|fmul|fdiv|fpext)\b[^\n]*\bdouble\b|fpext float")
+
+
+def _compiled_ir(dtype):
+    """LLVM IR of each update loop compiled on its own for ``dtype``, with the
+    argument types the kernels pass (state arrays of the dtype, a dtype scale)."""
+    x, g, v, m = (np.ones(8, dtype) for _ in range(4))
+    n = np.zeros(8, np.uint32)
+    c = np.array([0.01, 0.9, 0.1, 1e-8, 1.0, np.inf, np.inf], dtype)
+    scale = dtype(1.0)
+    args = [(x, g, v, n, m, c, scale), (x, g, v, n, c, scale), (x, g, v, m, c, scale),
+            (x, g, v, c, scale)]
+    irs = {}
+    for loop, a in zip(UPDATE_LOOPS, args):
+        fresh = uncached(loop)
+        fresh(*a)
+        irs[loop.__name__] = "\n".join(fresh.inspect_llvm().values())
+    return irs
+
+
+def test_float32_update_loops_do_no_double_arithmetic():
+    irs = _compiled_ir(np.float32)
+    assert len(irs) == len(UPDATE_LOOPS)
+    for name, ir in irs.items():
+        assert "fmul float" in ir, name
+        assert not DOUBLE_MATH.search(ir), f"{name} promotes float32 to double"
+
+
+def test_double_arithmetic_detector_fires_on_float64():
+    """The check above can fail: the float64 loops do double arithmetic."""
+    irs = _compiled_ir(np.float64)
+    assert all(DOUBLE_MATH.search(ir) for ir in irs.values())
+
+
+def test_update_loops_vectorise():
+    """error_model="numpy" and branch-free selects let LLVM emit SIMD loops."""
+    irs = _compiled_ir(np.float32)
+    for name, ir in irs.items():
+        assert re.search(r"<\d+ x float>", ir), f"{name} did not vectorise"
+
+
+def test_kernels_are_cached_and_release_the_gil():
+    for fn in [cpu.array_step, cpu.segments_step, cpu.segments_step_parallel, *UPDATE_LOOPS]:
+        assert fn.targetoptions.get("nogil") is True
+        assert fn._cache.__class__.__name__ == "FunctionCache"
+
+
+def test_make_chunks_covers_every_element_once():
+    sizes = [0, 5, cpu.CHUNK, cpu.CHUNK + 1, 3 * cpu.CHUNK - 7]
+    seg, lo, hi = cpu.make_chunks(sizes)
+    covered = [np.zeros(s, int) for s in sizes]
+    for k, a, b in zip(seg, lo, hi):
+        assert 0 <= a < b <= sizes[k] and b - a <= cpu.CHUNK
+        covered[k][a:b] += 1
+    assert all(np.all(c == 1) for c in covered)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
+    rng = np.random.default_rng(0)
+    sizes = [3, cpu.CHUNK + 17, 0, 1000]
+    results = []
+    for kernel in (cpu.segments_step, cpu.segments_step_parallel):
+        xs = [np.linspace(-1, 1, s).astype(dtype) for s in sizes]
+        total = sum(sizes)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        v, n, m = np.zeros(total, dtype), np.zeros(total, np.uint32), np.zeros(total, dtype)
+        coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0], dtype), (len(sizes), 1))
+        flags = np.ones((len(sizes), 3), np.int64)
+        seg, lo, hi = cpu.make_chunks(sizes)
+        x_addr = np.array([cpu.data_address(x) if x.size else 0 for x in xs], np.int64)
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            gs = [rng.standard_normal(s).astype(dtype) for s in sizes]
+            g_addr = np.array([cpu.data_address(g) if g.size else 0 for g in gs], np.int64)
+            bad, _ = kernel(x_addr, g_addr, offsets, seg, lo, hi, v, n, m, coef, flags,
+                            True, 5.0, 0.0, True)
+            assert bad == -1
+        results.append([x.copy() for x in xs])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
