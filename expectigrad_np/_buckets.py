@@ -31,8 +31,11 @@ COUNT_DTYPE = np.uint32
 # segments_step_parallel, interleaved, medians of 9, float32 and float64,
 # CHUNK = 2**16): the parallel/serial time ratio was 0.92-1.02 from 2**15 to
 # 2**18 elements, 1.0-1.19 at 2**19-2**20 and 0.96-0.99 at 2**21; at 1e7
-# elements parallel took 0.93x the serial time.  So: parallel from 2**20
-# elements (4 MB per float32 array).  To re-tune on another machine, time
+# elements parallel took 0.93x the serial time.  Another run (``bench
+# --parallel``, float32, 7 blocks): 1.87 at 2**18, 0.62-0.68 from 2**20 to
+# 2**23.  So: parallel from 2**20 elements (4 MB per float32 array).  (When
+# the second core is busy with other processes a parallel step can take
+# 2-3x the serial one: the pass waits for the descheduled thread.)  To re-tune on another machine, time
 # both kernels around the threshold with ``python -m expectigrad_np bench
 # --parallel`` and set this module variable accordingly (it is read when
 # optimizers are built and when they step).

@@ -34,8 +34,8 @@ Coefficient rows (one per array, in the array's dtype):
 ``[step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``.
 Flag rows (int64): ``[active, sparse_counter, momentum]``.
 All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
-vectorises the inner loops (check with ``inspect_asm``: ``ymm`` registers,
-``vsqrtps``/``vdivps``), ``nogil=True`` and ``cache=True``.  The update loops
+vectorises the inner loops (check with ``inspect_asm``: ``vsqrtps``/``vdivps``
+on ``ymm`` or ``zmm`` registers), ``nogil=True`` and ``cache=True``.  The update loops
 are inlined into the entry points (``inline="always"``): no calls, and no
 reference counting, per span.  The first pass may reassociate its sums (see
 ``_span_stats``).
