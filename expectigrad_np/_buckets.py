@@ -35,10 +35,10 @@ COUNT_DTYPE = np.uint32
 # --parallel``, float32, 7 blocks): 1.87 at 2**18, 0.62-0.68 from 2**20 to
 # 2**23.  So: parallel from 2**20 elements (4 MB per float32 array).  (When
 # the second core is busy with other processes a parallel step can take
-# 2-3x the serial one: the pass waits for the descheduled thread.)  To re-tune on another machine, time
-# both kernels around the threshold with ``python -m expectigrad_np bench
-# --parallel`` and set this module variable accordingly (it is read when
-# optimizers are built and when they step).
+# 2-3x the serial one: the pass waits for the descheduled thread.)  To
+# re-tune on another machine, time both kernels around the threshold with
+# ``python -m expectigrad_np bench --parallel`` and set this module variable
+# accordingly (it is read when optimizers are built and when they step).
 PARALLEL_MIN_SIZE = 1 << 20
 
 # One parallel kernel at a time: Numba's workqueue threading layer (used where

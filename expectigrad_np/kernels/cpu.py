@@ -286,9 +286,10 @@ def _single_step(g, ctx_address):
 
     Only the gradient travels as an array; everything else is reached through
     the int64 context row at ``ctx_address`` (see ``CTX_FIELDS``) and the
-    addresses in it, all kept alive by their owner.  With ``t`` the step count after this step and ``lr``, ``beta``
-    from the float64 scalar row, the two coefficients that change every step
-    are computed here in float64, exactly as ``reference.step_size`` and
+    addresses in it, all kept alive by their owner.  With ``t`` the step
+    count after this step and ``lr``, ``beta`` from the float64 scalar row,
+    the two coefficients that change every step are computed here in
+    float64, exactly as ``reference.step_size`` and
     ``Bucket.set_coefficients`` do (the same C library ``pow``), and stored
     cast to the array dtype::
 
