@@ -8,13 +8,14 @@ Numba kernels.
 
 ``minimize`` is the same optimizer behind a ``scipy.optimize.minimize``-style
 call (scipy is imported on first use).  ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
-learning-rate schedules.
+learning-rate schedules; ``cuda`` the GPU backend's ``ptx`` and ``benchmark``
+(importing it does not import numba.cuda).
 """
-from . import reference, schedules
+from . import cuda, reference, schedules
 from .optimizer import Expectigrad, ParamGroup
 
 __version__ = "0.1.0"
-__all__ = ["Expectigrad", "ParamGroup", "minimize", "reference", "schedules",
+__all__ = ["Expectigrad", "ParamGroup", "cuda", "minimize", "reference", "schedules",
            "__version__"]
 
 

@@ -20,6 +20,17 @@ __all__ = ["Expectigrad", "ParamGroup"]
 _BACKENDS = ("auto", "cpu", "numpy", "cuda")
 
 
+def _on_device(x):
+    """A device array: ``__cuda_array_interface__`` (numba, CuPy, PyTorch CUDA)
+    or a device array of numba's CUDA simulator."""
+    try:
+        if hasattr(x, "__cuda_array_interface__"):
+            return True
+    except Exception:  # noqa: BLE001 - it has one but refuses it; the cuda backend says why
+        return True
+    return getattr(x, "__cuda_ndarray__", False) is True and not isinstance(x, np.ndarray)
+
+
 class ParamGroup(dict):
     """A dict of hyperparameters and ``"params"``, validated on every change.
 
@@ -105,8 +116,10 @@ class Expectigrad:
         ``FloatingPointError``, before anything changes.
     backend : {"auto", "cpu", "numpy", "cuda"}
         ``"cpu"``: fused Numba kernels; ``"numpy"``: the pure NumPy
-        reference; ``"cuda"``: Numba CUDA kernels on device arrays; ``"auto"``
-        picks ``"cpu"`` for host arrays.
+        reference; ``"cuda"``: Numba CUDA kernels on device arrays (numba,
+        CuPy, PyTorch CUDA: anything with ``__cuda_array_interface__``),
+        updated in place with the state on the device; ``"auto"`` picks
+        ``"cuda"`` for device arrays and ``"cpu"`` for host arrays.
 
     Example
     -------
@@ -127,8 +140,7 @@ class Expectigrad:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.defaults = defaults
 
-        self._bare = isinstance(params, np.ndarray) or hasattr(
-            params, "__cuda_array_interface__")
+        self._bare = isinstance(params, np.ndarray) or _on_device(params)
         groups = self._parse_groups(params, defaults)
         self._group_sizes = [len(g["params"]) for g in groups]
         self._params = [p for g in groups for p in g["params"]]
@@ -194,7 +206,7 @@ class Expectigrad:
             if "params" not in item:
                 raise ValueError(f"{where}missing the 'params' key")
             plist = item["params"]
-            if isinstance(plist, np.ndarray) or hasattr(plist, "__cuda_array_interface__"):
+            if isinstance(plist, np.ndarray) or _on_device(plist):
                 plist = [plist]
             try:
                 plist = list(plist)
@@ -214,8 +226,9 @@ class Expectigrad:
         return groups
 
     def _check_param(self, p, where):
-        if hasattr(p, "__cuda_array_interface__") and not isinstance(p, np.ndarray):
-            return p
+        if _on_device(p) and not isinstance(p, np.ndarray):
+            from ._cuda_bucket import as_device_parameter
+            return as_device_parameter(p, where)   # zero-copy numba view
         return V.check_parameter(p, where)
 
     def _resolve_backend(self, backend):
@@ -223,14 +236,19 @@ class Expectigrad:
         if backend == "auto":
             backend = "cuda" if any(on_device) else "cpu"
         if backend == "cuda":
-            raise NotImplementedError("the cuda backend is not available in this build")
+            from ._cuda_bucket import check_device_parameters
+            check_device_parameters(self._params, self._names)
+            return backend
         if any(on_device):
             raise TypeError(f"backend {backend!r} needs host numpy arrays, but "
                             f"{self._names[on_device.index(True)]} is a device array")
         return backend
 
     def _make_buckets(self):
-        cls = {"cpu": CpuBucket, "numpy": NumpyBucket}[self.backend]
+        if self.backend == "cuda":
+            from ._cuda_bucket import CudaBucket as cls
+        else:
+            cls = {"cpu": CpuBucket, "numpy": NumpyBucket}[self.backend]
         by_dtype = {}
         for i, p in enumerate(self._params):
             by_dtype.setdefault(p.dtype.str, []).append(i)
@@ -356,7 +374,8 @@ class Expectigrad:
         n = len(self._params)
         if self._bare:
             return [grads]
-        if isinstance(grads, np.ndarray) or grads is None or isinstance(grads, dict):
+        if (isinstance(grads, np.ndarray) or grads is None or isinstance(grads, dict)
+                or _on_device(grads)):
             raise TypeError("step() takes a sequence of gradients, one per parameter "
                             f"({n}), got {type(grads).__name__}")
         try:

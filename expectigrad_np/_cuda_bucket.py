@@ -1,0 +1,377 @@
+"""The CUDA backend: device arrays in, flat optimizer state on the device.
+
+Imported only when the optimizer meets a device array or
+``backend="cuda"``; importing it imports ``numba.cuda``.
+
+Parameters and gradients are numba device arrays or any object exporting
+``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors), used in
+place: parameters are wrapped once, zero-copy, with ``cuda.as_cuda_array``;
+of a gradient only its address, shape and dtype are read each step.
+
+What one ``CudaBucket.step`` does (one bucket = all arrays of one dtype):
+
+1. once per optimizer step (not again for the second call of a two-pass
+   step): one asynchronous host-to-device copy of a small table (per array:
+   parameter and gradient addresses, 7 coefficients, 3 flags) from a ring
+   of pinned host buffers;
+2. if ``check_finite``, norm clipping or a stats-only pass asks for it: one
+   launch of ``stats_kernel``;
+3. unless stats-only: one launch of ``update_kernel``;
+4. only with ``check_finite`` or a stats-only pass: a 2-element
+   device-to-host copy of ``[bad, total]``, the one synchronisation
+   (the refusal must be raised by ``step()``).
+
+Kernels run on the legacy default stream, which CuPy and PyTorch use by
+default; a gradient exported with another stream in its interface is waited
+for on the device (an event), without blocking the host.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from numba import cuda
+
+from ._buckets import COUNT_DTYPE, _Bucket
+from .kernels import cpu as K
+from .kernels import cuda as KC
+
+__all__ = ["CudaBucket", "as_device_parameter", "check_device_parameters",
+           "is_device_array"]
+
+# Pinned staging buffers for the per-step table; a buffer is reused only
+# once its copy has run (at most RING steps of lead for the host).
+RING = 4
+_LEGACY_STREAMS = (None, 0, 1, 2)       # interface 'stream' values needing no wait
+
+
+def is_device_array(x):
+    """True for objects this backend treats as device arrays (an object
+    whose interface property raises counts: ``describe`` says why)."""
+    try:
+        if hasattr(x, "__cuda_array_interface__"):
+            return True
+    except Exception:  # noqa: BLE001
+        return True
+    return (KC.SIMULATOR and getattr(x, "__cuda_ndarray__", False) is True
+            and not isinstance(x, np.ndarray))
+
+
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
+def _c_contiguous(shape, strides, itemsize):
+    if strides is None:
+        return True
+    want = _c_strides(shape, itemsize)
+    return all(dim <= 1 or s == w for dim, s, w in zip(shape, strides, want))
+
+
+def describe(x, where="the array"):
+    """``(address, shape, dtype, c_contiguous, readonly, stream)`` of a device
+    array, read from its ``__cuda_array_interface__`` (simulator arrays: from
+    the host array behind them)."""
+    try:
+        cai = getattr(x, "__cuda_array_interface__", None)
+    except Exception as exc:  # noqa: BLE001 - e.g. torch refuses tensors requiring grad
+        raise TypeError(
+            f"{where} does not give its __cuda_array_interface__: {exc} (for PyTorch "
+            "parameters pass p.detach() or p.data, for gradients p.grad)") from None
+    if cai is None:                      # a simulator device array
+        a = x._ary
+        return (a.ctypes.data, a.shape, a.dtype, a.flags.c_contiguous,
+                not a.flags.writeable, None)
+    if cai.get("mask") is not None:
+        raise TypeError(f"{where} is a masked device array; masks are not supported")
+    shape = tuple(int(d) for d in cai["shape"])
+    dtype = np.dtype(cai["typestr"])
+    address, readonly = cai["data"]
+    return (int(address or 0), shape, dtype,
+            _c_contiguous(shape, cai.get("strides"), dtype.itemsize),
+            bool(readonly), cai.get("stream"))
+
+
+def as_device_parameter(x, where):
+    """A parameter on the device as a numba device array viewing the same
+    memory (zero-copy), after the checks the host path makes."""
+    address, shape, dtype, contiguous, readonly, _ = describe(x, where)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"{where} has dtype {dtype}; parameters must be "
+                        "float32 or float64")
+    if readonly:
+        raise ValueError(f"{where} is read-only; parameters are updated in place")
+    if not contiguous:
+        raise ValueError(f"{where} is not C-contiguous; device parameters must "
+                         "be contiguous (e.g. cupy.ascontiguousarray, "
+                         "tensor.contiguous())")
+    if KC.SIMULATOR:
+        if hasattr(x, "__cuda_array_interface__"):
+            # Simulated device memory is host memory: view it in place.
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            host = (np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype)
+                    if nbytes else np.empty(0, dtype))
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+            return FakeCUDAArray(host.reshape(shape))
+        return x
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    if isinstance(x, DeviceNDArray):
+        return x
+    return cuda.as_cuda_array(x)
+
+
+def check_device_parameters(params, names):
+    """Every parameter on the device, none sharing memory with another."""
+    spans = []
+    for p, name in zip(params, names):
+        if isinstance(p, np.ndarray):
+            raise TypeError(
+                f"backend 'cuda' needs device arrays, but {name} is a host "
+                "numpy array; move it to the GPU (numba.cuda.to_device, "
+                "cupy.asarray, tensor.cuda()) or use backend='cpu'")
+        address, shape, dtype, *_ = describe(p, name)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes:
+            spans.append((address, address + nbytes, name))
+    spans.sort()
+    for (lo1, hi1, n1), (lo2, hi2, n2) in zip(spans, spans[1:]):
+        if lo2 < hi1:        # contiguous arrays: overlapping bytes = shared memory
+            raise ValueError(f"{n1} and {n2} share memory; every parameter "
+                             "must be a distinct, non-overlapping array")
+
+
+def _event():
+    return cuda.event() if KC.SIMULATOR else cuda.event(timing=False)
+
+
+def _zeros(size, dtype):
+    a = cuda.device_array(max(int(size), 1), dtype)
+    _fill_zero(a)
+    return a
+
+
+def _fill_zero(a):
+    if KC.SIMULATOR:
+        a.copy_to_device(np.zeros(a.shape, a.dtype))
+    else:
+        KC.zero_kernel[min(1024, (a.size + 255) // 256), 256](a)
+
+
+class CudaBucket(_Bucket):
+    """Flat state of one dtype on the device; one update launch per step.
+
+    ``mean_sq``, ``count`` (if any array uses the sparse counter) and
+    ``momentum`` (once any array has ``beta > 0``) are device arrays with one
+    segment per parameter, as in ``_Bucket``.
+    """
+
+    backend = "cuda"
+
+    def __init__(self, dtype, slots, params, names, sparse, momentum, chunk=None):
+        # The host buffers of _Bucket are replaced by device ones: no
+        # super().__init__ (it would allocate the state on the host).
+        self.dtype = np.dtype(dtype)
+        self.slots = np.asarray(slots, dtype=np.intp)
+        self.params = list(params)
+        self.names = list(names)
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.sizes = [int(p.size) for p in self.params]
+        n = len(self.params)
+        self.offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        self.total = int(self.offsets[-1])
+        self.coef = np.zeros((n, len(KC.COEF_FIELDS)), self.dtype)
+        self.flags = np.zeros((n, len(KC.FLAG_FIELDS)), np.int64)
+
+        self.kernels = KC.kernels(self.dtype)
+        self.stream = cuda.default_stream()
+        self.chunk, seg, lo, hi, first, big = KC.make_layout(
+            self.sizes, KC.CHUNK if chunk is None else chunk)
+        self.n_chunks = int(seg.size)
+        self.n_big = int(big.size)
+        dev = lambda a: cuda.to_device(np.ascontiguousarray(a))  # noqa: E731
+        self.d_offsets = dev(self.offsets)
+        self.d_seg, self.d_lo, self.d_hi = dev(seg), dev(lo), dev(hi)
+        self.d_first = dev(first)
+        self.d_big = dev(big if big.size else np.zeros(1, np.int64))
+        nc = max(self.n_chunks, 1)
+        self.d_chunk_sq = cuda.device_array(nc, self.dtype)
+        self.d_chunk_bad = cuda.device_array(nc, np.int32)
+        self.d_sumsq = cuda.device_array(max(n, 1), self.dtype)
+        self.d_array_bad = cuda.device_array(max(n, 1), np.int32)
+        self.d_scale = cuda.device_array(max(n, 1), self.dtype)
+        self.d_result = cuda.to_device(np.array([-1, 0], self.dtype))
+        self.d_counter = cuda.to_device(np.zeros(1, np.uint32))
+        self.h_result = cuda.pinned_array(2, self.dtype)
+        if KC.SIMULATOR:
+            self.blocks = KC.SIMULATOR_BLOCKS
+        else:
+            sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+            self.blocks = int(sms) * KC.BLOCKS_PER_SM
+
+        # State.
+        self.mean_sq = _zeros(self.total, self.dtype)
+        self.stored = {"mean_sq", "count"} if any(sparse) else {"mean_sq"}
+        self.count = _zeros(self.total if "count" in self.stored else 1, COUNT_DTYPE)
+        self.momentum = cuda.device_array(1, self.dtype)
+        if any(momentum):
+            self.ensure_momentum()
+
+        # Per-step table: [addresses (n, 2) int64 | coefficients (n, 10) dtype],
+        # one byte buffer so that one copy uploads it.
+        self._addr_bytes = 16 * n
+        nbytes = self._addr_bytes + n * len(KC.TABLE_FIELDS) * self.dtype.itemsize
+        self._nbytes = max(nbytes, 16)
+        self.d_buffer = cuda.device_array(self._nbytes, np.uint8)
+        self.d_addr, self.d_table = self._split(self.d_buffer, n)
+        self._ring = [cuda.pinned_array(self._nbytes, np.uint8) for _ in range(RING)]
+        self._events = [None] * RING
+        self._slot = 0
+        self.addr = np.zeros((n, 2), np.int64)
+        self.addr[:, 0] = [describe(p)[0] for p in self.params]
+        self._pending = True
+        self.grads = [None] * n
+
+    def _split(self, buffer, n):
+        a = self._addr_bytes
+        addr = buffer[:a].view(np.int64).reshape(n, 2) if n else None
+        table = buffer[a:a + n * len(KC.TABLE_FIELDS) * self.dtype.itemsize]
+        return addr, table.view(self.dtype).reshape(n, len(KC.TABLE_FIELDS))
+
+    # --- state -----------------------------------------------------------------
+
+    def ensure_momentum(self):
+        if "momentum" not in self.stored:
+            self.momentum = _zeros(self.total, self.dtype)
+            self.stored.add("momentum")
+
+    def _fields(self):
+        return {name: getattr(self, name) for name in self.STATE_FIELDS
+                if name in self.stored}
+
+    def read_state(self, k):
+        """Array ``k``'s state as host copies in the parameter's shape."""
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        shape = self.shapes[k]
+        return {name: (flat[a:b].copy_to_host() if b > a
+                       else np.zeros(0, flat.dtype)).reshape(shape)
+                for name, flat in self._fields().items()}
+
+    def write_state(self, k, arrays):
+        """Overwrite array ``k``'s state from host arrays; a stored field
+        missing from ``arrays`` is zeroed."""
+        if "momentum" in arrays:
+            self.ensure_momentum()
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        if b == a:
+            return
+        for name, flat in self._fields().items():
+            host = np.empty(b - a, flat.dtype)
+            host[...] = np.broadcast_to(np.asarray(arrays.get(name, 0)),
+                                        self.shapes[k]).reshape(-1)
+            flat[a:b].copy_to_device(host)
+
+    # --- stepping -----------------------------------------------------------------
+
+    def load_gradients(self, grads):
+        """Check this bucket's gradients (device arrays of the parameter's
+        shape and dtype, C-contiguous) and record their addresses."""
+        addresses = []
+        waits = []
+        for k, g in enumerate(grads):
+            if g is None:
+                addresses.append(0)
+                continue
+            where = f"the gradient of {self.names[k]}"
+            if not is_device_array(g):
+                raise TypeError(
+                    f"{where} is a host {type(g).__name__}, but its parameter is on "
+                    "the device; pass a device array (numba, CuPy, PyTorch CUDA)")
+            address, shape, dtype, contiguous, _, stream = describe(g, where)
+            if shape != self.shapes[k]:
+                raise ValueError(f"{where} has shape {shape}, but its parameter "
+                                 f"has shape {self.shapes[k]}")
+            if dtype != self.dtype:
+                raise TypeError(f"{where} has dtype {dtype}; it must have its "
+                                f"parameter's dtype {self.dtype} (cast it on the "
+                                "device first)")
+            if not contiguous:
+                raise ValueError(f"{where} is not C-contiguous; make it contiguous "
+                                 "on the device first")
+            addresses.append(address)
+            if stream not in _LEGACY_STREAMS:
+                waits.append(stream)
+        self.addr[:, 1] = addresses
+        self.grads = list(grads)           # keep them alive while kernels run
+        self._pending = True
+        for stream in waits:
+            self._wait_for(stream)
+
+    def _wait_for(self, stream):
+        """Order our stream after work queued on a foreign stream, on the device."""
+        event = _event()
+        event.record(stream=cuda.external_stream(stream))
+        event.wait(stream=self.stream)
+
+    def set_coefficients(self, *args, **kwargs):
+        super().set_coefficients(*args, **kwargs)
+        self._pending = True
+
+    def _upload(self):
+        """Queue the copy of the per-step table (asynchronous, pinned)."""
+        slot = self._slot
+        self._slot = (slot + 1) % RING
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()      # its previous copy has run
+        host = self._ring[slot]
+        n = len(self.params)
+        h_addr, h_table = self._split(host, n)
+        if n:
+            h_addr[...] = self.addr
+            h_table[:, :len(KC.COEF_FIELDS)] = self.coef
+            h_table[:, len(KC.COEF_FIELDS):] = self.flags
+        self.d_buffer.copy_to_device(host, stream=self.stream)
+        if self._events[slot] is None:
+            self._events[slot] = _event()
+        self._events[slot].record(stream=self.stream)
+        self._pending = False
+
+    def step(self, check, global_clipnorm, other_sumsq, update=True):
+        """One step: at most one stats and one update launch.
+
+        Returns ``(bad, sumsq)``.  They are read back from the device only
+        when ``check`` is set or ``update`` is False; otherwise the step is
+        fully asynchronous and ``(-1, 0.0)`` is returned.
+        """
+        active = self.flags[:, K.ACTIVE] != 0
+        if self.n_chunks == 0 or not active.any():
+            return -1, 0.0
+        if self._pending:
+            self._upload()
+        dt = self.dtype.type
+        needs_norm = global_clipnorm < np.inf or bool(
+            (self.coef[active, K.CLIPNORM] < np.inf).any())
+        use_stats = bool(check or needs_norm or not update)
+        grid = min(self.n_chunks, self.blocks)
+        if use_stats:
+            self.kernels["stats_kernel"][grid, KC.THREADS, self.stream](
+                self.d_table, self.d_addr, self.d_seg, self.d_lo, self.d_hi,
+                self.d_first, self.d_big, self.n_big, self.d_chunk_sq,
+                self.d_chunk_bad, self.d_sumsq, self.d_array_bad, self.d_scale,
+                self.d_result, self.d_counter, bool(check), dt(global_clipnorm),
+                dt(other_sumsq))
+        if update:
+            self.kernels["update_kernel"][grid, KC.THREADS, self.stream](
+                self.d_table, self.d_addr, self.d_offsets, self.d_seg, self.d_lo,
+                self.d_hi, self.mean_sq, self.count, self.momentum, self.d_scale,
+                self.d_result, use_stats)
+        if not (check or not update):
+            return -1, 0.0
+        self.d_result.copy_to_host(self.h_result, stream=self.stream)
+        self.stream.synchronize()                  # the one synchronisation
+        bad, total = self.h_result
+        return (int(bad) if bad >= 0 else -1), float(total)

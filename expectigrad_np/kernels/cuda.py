@@ -1,0 +1,424 @@
+"""Numba CUDA kernels for the Expectigrad update.
+
+The per-element math is that of ``kernels/cpu.py`` and ``reference.py``,
+operation for operation (see ``reference.py`` for the equations)::
+
+    g  = clip(g * scale, -clipvalue, clipvalue)
+    n <- n + [g**2 != 0]                 (sparse counter; w = 1/n or 0)
+    w  = 1 / t                           (dense counter)
+    v <- v + (g**2 - v) * w              running mean of g**2 (= s / n)
+    u  = g / (eps + sqrt(v))             0/0 := 0
+    m <- beta * m + (1 - beta) * u ;  x <- x - step_size * m     (beta > 0)
+    x <- x - step_size * u                                       (beta = 0)
+
+A step of one bucket (all parameter arrays of one dtype) launches at most
+two kernels, whatever the number of arrays:
+
+``stats_kernel``  (only with ``check_finite``, norm clipping, or a
+    stats-only pass) reads every gradient once.  Each block reduces
+    ``sum(g * 0)`` (NaN iff the chunk holds NaN or infinity) and
+    ``sum(g**2)`` over its chunks; the last block to finish (a
+    ``threadfence`` + ``atomic.inc`` ticket) sums the chunks of every array
+    in a fixed order, forms the clipping factors ``scale[k]`` and writes
+    ``result = [first bad array or -1, sum_k sumsq[k] * scale[k]**2]``.
+    Deterministic: no floating-point atomics.
+
+``update_kernel`` reads ``result`` on the device and writes nothing when the
+    stats pass found a non-finite gradient; otherwise it applies the update
+    above to every element of every active array.
+
+Both are grid-stride loops over fixed chunks (``chunk_seg/lo/hi``: chunk
+``c`` is elements ``lo:hi`` of array ``seg``, never crossing arrays), each
+chunk walked by one block with a block-stride loop, so 200 small arrays and
+one large array cost one launch each way.
+
+Arrays are reached through their device addresses (a ``(n_arrays, 2)``
+int64 table: parameter, gradient), read and written with two small
+intrinsics; in numba's simulator, where device memory is host memory, the
+same kernels use ``ctypes`` views at those addresses instead.  Per-array
+coefficients come as one ``(n_arrays, 10)`` table in the array dtype:
+``COEF_FIELDS`` of ``kernels.cpu`` followed by the flags
+``[active, sparse, momentum]`` as 0/1.
+
+All arithmetic is in the array dtype, including norms: float32 kernels hold
+no double-precision instruction (``ptx`` shows it).  Value clipping is
+written as the compare-and-select of Python's ``max``/``min``, which the
+CPU kernels compile to, not CUDA's ``fmaxf``/``fminf`` (those drop a NaN),
+so that with ``check_finite=False`` a NaN gradient propagates as on the CPU.  NVVM contracts
+``a * b + c`` into fused multiply-adds, so GPU results agree with the CPU
+kernels to rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+from numba import config, cuda, types
+from numba.cuda.extending import intrinsic
+
+from ..cuda import KERNEL_NAMES
+from .cpu import COEF_FIELDS, FLAG_FIELDS, make_chunks
+
+__all__ = [
+    "CHUNK", "KERNEL_NAMES", "SIMULATOR", "TABLE_FIELDS", "THREADS",
+    "kernels", "make_layout", "ptx", "signatures", "zero_kernel",
+]
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)      # NUMBA_ENABLE_CUDASIM=1
+
+TABLE_FIELDS = COEF_FIELDS + FLAG_FIELDS
+(STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM,
+ ACTIVE, SPARSE, MOMENTUM) = range(len(TABLE_FIELDS))
+BAD, TOTAL = 0, 1                      # fields of ``result``
+
+# Threads per block (a power of two: the block reductions halve it).  The
+# simulator runs every thread as a Python thread, so it gets small blocks,
+# small chunks and few blocks, which also exercises the multi-chunk and
+# grid-stride paths on tiny arrays.
+THREADS = 8 if SIMULATOR else 256
+# Elements per chunk (a multiple of THREADS), grown for very large buckets
+# so that there are at most MAX_CHUNKS chunks.
+CHUNK = 32 if SIMULATOR else 1 << 14
+MAX_CHUNKS = 1 << 16
+# Blocks per launch: enough to fill the device; the grid-stride loops cover
+# the rest.
+BLOCKS_PER_SM = 8
+SIMULATOR_BLOCKS = 3
+
+_COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
+
+
+# --- element access through device addresses ---------------------------------
+
+if SIMULATOR:
+    def _at(address, index, like):
+        dtype = like.dtype
+        start = int(address) + int(index) * dtype.itemsize
+        return np.frombuffer((ctypes.c_char * dtype.itemsize).from_address(start), dtype)
+
+    def _load(address, index, like):
+        """``address[index]`` as ``like``'s dtype."""
+        return _at(address, index, like)[0]
+
+    def _store(address, index, like, value):
+        """``address[index] = value`` as ``like``'s dtype."""
+        _at(address, index, like)[0] = value
+else:
+    def _element_pointer(context, builder, dtype, address, index):
+        ptr = builder.inttoptr(address, context.get_value_type(types.CPointer(dtype)))
+        return builder.gep(ptr, [index])
+
+    @intrinsic
+    def _load(typingctx, address, index, like):
+        """``address[index]`` as ``like``'s dtype."""
+        dtype = like.dtype
+
+        def codegen(context, builder, signature, args):
+            return builder.load(_element_pointer(context, builder, dtype, args[0], args[1]))
+
+        return dtype(address, index, like), codegen
+
+    @intrinsic
+    def _store(typingctx, address, index, like, value):
+        """``address[index] = value`` as ``like``'s dtype."""
+        dtype = like.dtype
+
+        def codegen(context, builder, signature, args):
+            val = context.cast(builder, args[3], signature.args[3], dtype)
+            builder.store(val, _element_pointer(context, builder, dtype, args[0], args[1]))
+            return context.get_dummy_value()
+
+        return types.none(address, index, like, value), codegen
+
+
+# --- kernels -------------------------------------------------------------------
+# Written without device-function calls (everything is inline or an
+# intrinsic), so that ``compile_ptx`` works on a machine without a GPU.
+
+def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
+                 n_big, chunk_sq, chunk_bad, sumsq, array_bad, scale, result,
+                 counter, check, global_clipnorm, other_sumsq):
+    """First pass: non-finite check, squared norms, clipping factors.
+
+    Writes ``sumsq[k] = sum(g_k**2)``, ``scale[k] = min(1, clipnorm_k /
+    ||g_k||) * min(1, global_clipnorm / sqrt(total + other_sumsq))`` with
+    ``total = sum_k sumsq[k] * min(1, clipnorm_k / ||g_k||)**2``, and
+    ``result = [first array with a NaN/inf gradient (if check) or -1,
+    total]``.  Launch with ``THREADS`` threads per block.
+    """
+    dt = scale.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    tid = cuda.threadIdx.x
+    sq = cuda.shared.array(THREADS, scale.dtype)
+    nf = cuda.shared.array(THREADS, scale.dtype)
+    ibad = cuda.shared.array(THREADS, np.int64)
+    last = cuda.shared.array(1, np.int32)
+
+    # 1. Per chunk: sum(g * 0) and sum(g**2), reduced over the block.
+    for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+        k = chunk_seg[c]
+        acc_sq = zero
+        acc_nf = zero
+        if table[k, ACTIVE] != zero:
+            ga = addr[k, 1]
+            for i in range(chunk_lo[c] + tid, chunk_hi[c], THREADS):
+                gi = _load(ga, i, scale)
+                acc_nf += gi * zero
+                acc_sq += gi * gi
+        sq[tid] = acc_sq
+        nf[tid] = acc_nf
+        cuda.syncthreads()
+        width = THREADS // 2
+        while width > 0:
+            if tid < width:
+                sq[tid] += sq[tid + width]
+                nf[tid] += nf[tid + width]
+            cuda.syncthreads()
+            width //= 2
+        if tid == 0:
+            chunk_sq[c] = sq[0]
+            chunk_bad[c] = nf[0] != zero
+        cuda.syncthreads()
+
+    # 2. The last block to finish combines the chunks.
+    cuda.threadfence()
+    if tid == 0:
+        ticket = cuda.atomic.inc(counter, 0, np.uint32(cuda.gridDim.x - 1))
+        last[0] = ticket == cuda.gridDim.x - 1       # inc wrapped the counter to 0
+    cuda.syncthreads()
+    if last[0] == 0:
+        return
+    n_arrays = sumsq.size
+    # Arrays with at most THREADS chunks: one thread each, chunks in order.
+    for k in range(tid, n_arrays, THREADS):
+        c0 = chunk_first[k]
+        c1 = chunk_first[k + 1]
+        if c1 - c0 <= THREADS:
+            s = zero
+            b = 0
+            for c in range(c0, c1):
+                s += chunk_sq[c]
+                b |= chunk_bad[c]
+            sumsq[k] = s
+            array_bad[k] = b
+    # Larger arrays: the whole block, one array at a time.
+    for j in range(n_big):
+        k = big[j]
+        s = zero
+        b = zero
+        for c in range(chunk_first[k] + tid, chunk_first[k + 1], THREADS):
+            s += chunk_sq[c]
+            b += dt(chunk_bad[c])
+        sq[tid] = s
+        nf[tid] = b
+        cuda.syncthreads()
+        width = THREADS // 2
+        while width > 0:
+            if tid < width:
+                sq[tid] += sq[tid + width]
+                nf[tid] += nf[tid + width]
+            cuda.syncthreads()
+            width //= 2
+        if tid == 0:
+            sumsq[k] = sq[0]
+            array_bad[k] = nf[0] != zero
+        cuda.syncthreads()
+    cuda.syncthreads()
+
+    # 3. Per-array clipping factors, the clipped total and the first bad array.
+    part = zero
+    first_bad = n_arrays
+    for k in range(tid, n_arrays, THREADS):
+        s = sumsq[k]
+        clipnorm = table[k, CLIPNORM]
+        norm = dt(math.sqrt(s))
+        f = clipnorm / norm if norm > clipnorm else one
+        scale[k] = f
+        part += s * f * f
+        if array_bad[k] != 0 and k < first_bad:
+            first_bad = k
+    sq[tid] = part
+    ibad[tid] = first_bad
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            sq[tid] += sq[tid + width]
+            if ibad[tid + width] < ibad[tid]:
+                ibad[tid] = ibad[tid + width]
+        cuda.syncthreads()
+        width //= 2
+    total = sq[0]
+    norm = dt(math.sqrt(total + other_sumsq))
+    g_scale = global_clipnorm / norm if norm > global_clipnorm else one
+    for k in range(tid, n_arrays, THREADS):
+        scale[k] *= g_scale
+    if tid == 0:
+        result[BAD] = dt(ibad[0]) if check and ibad[0] < n_arrays else -one
+        result[TOTAL] = total
+
+
+def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
+                  scale, result, use_stats):
+    """The fused update of every element of every active array.
+
+    ``v``, ``n``, ``m``: flat ``mean_sq``, ``count`` and ``momentum``; array
+    ``k`` owns ``offsets[k]:offsets[k+1]``.  With ``use_stats`` the clipping
+    factors come from ``scale`` and nothing is written when
+    ``result[BAD] >= 0``; without, the factor is 1.
+    """
+    dt = v.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    if use_stats and result[BAD] >= zero:
+        return                                   # refused step: write nothing
+    tid = cuda.threadIdx.x
+    stride = cuda.blockDim.x
+    for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+        k = chunk_seg[c]
+        if table[k, ACTIVE] == zero:
+            continue
+        s = scale[k] if use_stats else one
+        step = table[k, STEP]
+        beta = table[k, BETA]
+        omb = table[k, OMB]
+        eps = table[k, EPS]
+        inv_t = table[k, INV_T]
+        clipvalue = table[k, CLIPVALUE]
+        xa = addr[k, 0]
+        ga = addr[k, 1]
+        base = offsets[k]
+        lo = chunk_lo[c] + tid
+        hi = chunk_hi[c]
+        if table[k, SPARSE] != zero:
+            if table[k, MOMENTUM] != zero:
+                for i in range(lo, hi, stride):
+                    j = base + i
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
+                    g2 = gi * gi
+                    counted = g2 != zero
+                    cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
+                    n[j] = cnt
+                    w = one / dt(cnt) if counted else zero
+                    vj = v[j] + (g2 - v[j]) * w
+                    v[j] = vj
+                    u = gi / (eps + dt(math.sqrt(vj)))
+                    mj = beta * m[j] + omb * u
+                    m[j] = mj
+                    _store(xa, i, v, _load(xa, i, v) - step * mj)
+            else:
+                for i in range(lo, hi, stride):
+                    j = base + i
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
+                    g2 = gi * gi
+                    counted = g2 != zero
+                    cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
+                    n[j] = cnt
+                    w = one / dt(cnt) if counted else zero
+                    vj = v[j] + (g2 - v[j]) * w
+                    v[j] = vj
+                    u = gi / (eps + dt(math.sqrt(vj)))
+                    _store(xa, i, v, _load(xa, i, v) - step * u)
+        else:
+            if table[k, MOMENTUM] != zero:
+                for i in range(lo, hi, stride):
+                    j = base + i
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
+                    vj = v[j] + (gi * gi - v[j]) * inv_t
+                    v[j] = vj
+                    u = gi / (eps + dt(math.sqrt(vj)))
+                    mj = beta * m[j] + omb * u
+                    m[j] = mj
+                    _store(xa, i, v, _load(xa, i, v) - step * mj)
+            else:
+                for i in range(lo, hi, stride):
+                    j = base + i
+                    gi = _load(ga, i, v) * s
+                    gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
+                    gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
+                    vj = v[j] + (gi * gi - v[j]) * inv_t
+                    v[j] = vj
+                    u = gi / (eps + dt(math.sqrt(vj)))
+                    _store(xa, i, v, _load(xa, i, v) - step * u)
+
+
+def _zero(a):
+    """a[:] = 0 (state initialisation; not part of a step)."""
+    zero = a.dtype.type(0)
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        a[i] = zero
+
+
+_PYFUNCS = {"stats_kernel": stats_kernel, "update_kernel": update_kernel}
+
+
+# --- signatures, compilation, PTX ------------------------------------------------
+
+def signatures(dtype):
+    """The exact argument types each kernel of a step is launched with."""
+    f = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}.get(
+        np.dtype(dtype))
+    if f is None:
+        raise TypeError(f"the cuda kernels take float32 or float64, not {np.dtype(dtype)}")
+    i64, u32, i32 = types.int64[::1], types.uint32[::1], types.int32[::1]
+    vec, table, addr = f[::1], f[:, ::1], types.int64[:, ::1]
+    return {
+        "stats_kernel": (table, addr, i64, i64, i64, i64, i64, types.int64, vec, i32,
+                         vec, i32, vec, vec, u32, types.boolean, f, f),
+        "update_kernel": (table, addr, i64, i64, i64, i64, vec, u32, vec, vec, vec,
+                          types.boolean),
+    }
+
+
+_compiled = {}
+
+
+def kernels(dtype):
+    """``{name: dispatcher}`` of the step kernels for ``dtype``, compiled once
+    for exactly the signatures of ``signatures(dtype)``."""
+    dtype = np.dtype(dtype)
+    if dtype not in _compiled:
+        sigs = signatures(dtype)
+        _compiled[dtype] = {name: cuda.jit(sigs[name], cache=True)(_PYFUNCS[name])
+                            for name in KERNEL_NAMES}
+    return _compiled[dtype]
+
+
+zero_kernel = cuda.jit(cache=True)(_zero)
+
+
+def ptx(dtype, cc=(9, 0)):
+    """The PTX of every kernel a step launches for ``dtype`` (float32 or
+    float64), compiled through NVVM for compute capability ``cc``; one
+    ``.entry`` per kernel, in launch order (``KERNEL_NAMES``).  Needs the
+    ``cuda`` extra (numba-cuda with NVVM); no GPU is needed."""
+    if SIMULATOR:
+        raise RuntimeError("PTX cannot be compiled in numba's CUDA simulator "
+                           "(NUMBA_ENABLE_CUDASIM is set)")
+    sigs = signatures(dtype)
+    return "\n".join(cuda.compile_ptx(_PYFUNCS[name], sigs[name], cc=tuple(cc))[0]
+                     for name in KERNEL_NAMES)
+
+
+def make_layout(sizes, chunk=CHUNK):
+    """Chunk tables of a bucket: ``(chunk, seg, lo, hi, first, big)``.
+
+    ``first[k]:first[k+1]`` are array ``k``'s chunks; ``big`` lists the
+    arrays with more than ``THREADS`` chunks (summed by a whole block).
+    """
+    total = int(sum(int(s) for s in sizes))
+    while total > chunk * MAX_CHUNKS:
+        chunk *= 2
+    seg, lo, hi = make_chunks(sizes, chunk)
+    first = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(np.bincount(seg, minlength=len(sizes)), out=first[1:])
+    big = np.flatnonzero(np.diff(first) > THREADS).astype(np.int64)
+    return chunk, seg, lo, hi, first, big

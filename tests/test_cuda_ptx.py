@@ -1,0 +1,106 @@
+"""PTX of the cuda kernels, compiled through NVVM without a GPU: every
+kernel a step launches is there, once, for sm_80 and sm_90, and the float32
+kernels hold no double-precision instruction."""
+import importlib.util
+import os
+import re
+
+import numpy as np
+import pytest
+
+import expectigrad_np as eg
+
+egc = eg.cuda
+
+CCS = [(8, 0), (9, 0)]
+DOUBLE = re.compile(r"^\s*(@%p\d+\s+)?[a-z][a-z0-9_.]*\.f64\b", re.M)   # an f64 instruction
+
+
+def _skip_reason():
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "numba-cuda is not installed (pip install 'expectigrad_np[cuda]')"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "PTX cannot be compiled under numba's CUDA simulator"
+    try:
+        from numba import cuda
+        cuda.compile_ptx(lambda a: None, "void(float32[::1])", cc=(8, 0))
+    except Exception as exc:  # noqa: BLE001 - the reason is reported
+        return f"NVVM is not available to numba-cuda: {type(exc).__name__}: {exc}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(bool(reason := _skip_reason()), reason=reason or "")
+
+_cache = {}
+
+
+def ptx(dtype, cc):
+    key = (np.dtype(dtype).str, cc)
+    if key not in _cache:
+        _cache[key] = egc.ptx(dtype, cc)
+    return _cache[key]
+
+
+def entries(text):
+    return re.findall(r"\.entry\s+(\S+?)\(", text)
+
+
+@pytest.mark.parametrize("cc", CCS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_entry_per_launched_kernel(dtype, cc):
+    text = ptx(dtype, cc)
+    assert f".target sm_{cc[0]}{cc[1]}" in text
+    names = entries(text)
+    assert len(names) == len(egc.KERNEL_NAMES)
+    for name, kernel in zip(names, egc.KERNEL_NAMES):
+        assert kernel in name
+
+
+@pytest.mark.parametrize("cc", CCS)
+def test_float32_kernels_have_no_double_precision(cc):
+    text = ptx(np.float32, cc)
+    assert DOUBLE.findall(text) == []
+    assert "%fd" not in text                   # no double registers either
+
+
+@pytest.mark.parametrize("cc", CCS)
+def test_the_double_precision_check_can_fail(cc):
+    """The pattern finds f64 instructions: in the float64 kernels, and in a
+    float32 kernel that multiplies by a Python float."""
+    from numba import cuda
+    assert DOUBLE.search(ptx(np.float64, cc))
+
+    def promoted(a):
+        a[0] = a[0] * 0.1
+
+    text, _ = cuda.compile_ptx(promoted, "void(float32[::1])", cc=cc)
+    assert DOUBLE.search(text)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_deterministic_reductions(dtype):
+    """The norms are combined in a fixed order: no floating-point atomics."""
+    text = ptx(dtype, (9, 0))
+    assert not re.search(r"\b(atom|red)\.[a-z.]*\.f(32|64)\b", text)
+    assert re.search(r"\batom\.global\.inc\.u32\b", text)    # the last-block ticket
+
+
+def test_unsupported_dtype():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        egc.ptx(np.float16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipping_keeps_nan_like_the_cpu(dtype):
+    """Value clipping compiles to compare-and-select, as Python's max/min do
+    on the CPU: no min/max instruction, which would turn a NaN gradient
+    into -clipvalue when check_finite is off."""
+    pattern = re.compile(r"\b(min|max)(\.[a-z]+)*\.f(32|64)\b")
+    assert not pattern.search(ptx(dtype, (9, 0)))
+    from numba import cuda
+
+    def builtin_clip(a):                  # what the check exists to catch
+        a[0] = min(max(a[0], -a[1]), a[1])
+
+    text, _ = cuda.compile_ptx(builtin_clip, f"void({np.dtype(dtype).name}[::1])", cc=(9, 0))
+    assert pattern.search(text)
