@@ -23,10 +23,23 @@ __all__ = ["COEF_FIELDS", "CpuBucket", "NumpyBucket", "PARALLEL_MIN_SIZE"]
 COEF_FIELDS = K.COEF_FIELDS
 COUNT_DTYPE = np.uint32
 
-# Below this many elements a step runs serially: a parallel launch costs a
-# few microseconds of thread-pool wake-up, which only pays off once the pass
-# over memory takes much longer than that (measured with the benchmark).
-PARALLEL_MIN_SIZE = 1 << 17
+# Below this many elements (in one bucket) a step runs serially: a parallel
+# launch costs a few microseconds of thread-pool wake-up, and the step is
+# bound by memory bandwidth, which one core nearly saturates; threads only pay
+# off once a pass is long and a second core is free.  Measured on a 2-core
+# machine shared with other work (segments_step against
+# segments_step_parallel, interleaved, medians of 9, float32 and float64,
+# CHUNK = 2**16): the parallel/serial time ratio was 0.92-1.02 from 2**15 to
+# 2**18 elements, 1.0-1.19 at 2**19-2**20 and 0.96-0.99 at 2**21; at 1e7
+# elements parallel took 0.93x the serial time.  Another run (``bench
+# --parallel``, float32, 7 blocks): 1.87 at 2**18, 0.62-0.68 from 2**20 to
+# 2**23.  So: parallel from 2**20 elements (4 MB per float32 array).  (When
+# the second core is busy with other processes a parallel step can take
+# 2-3x the serial one: the pass waits for the descheduled thread.)  To
+# re-tune on another machine, time both kernels around the threshold with
+# ``python -m expectigrad_np bench --parallel`` and set this module variable
+# accordingly (it is read when optimizers are built and when they step).
+PARALLEL_MIN_SIZE = 1 << 20
 
 # One parallel kernel at a time: Numba's workqueue threading layer (used where
 # neither TBB nor OpenMP is available) aborts the process when two threads
@@ -99,7 +112,7 @@ class _Bucket:
         beta = np.asarray(beta, dtype=np.float64)
         t = np.maximum(np.asarray(t, dtype=np.int64), 1)
         with np.errstate(divide="ignore"):
-            step_size = np.where(beta == 0.0, lr, lr / (1.0 - beta ** t))
+            step_size = np.where(beta == 0.0, lr, lr / _one_minus_pow(beta, t))
         c, f = self.coef, self.flags
         c[:, K.STEP] = step_size
         c[:, K.BETA] = beta
@@ -112,6 +125,16 @@ class _Bucket:
         f[:, K.SPARSE] = sparse
         f[:, K.MOMENTUM] = momentum
         self.hyper = dict(lr=lr, beta=beta, eps=eps, t=t)
+
+
+def _one_minus_pow(beta, t):
+    """``1 - beta**t`` per array with the C library's ``pow``, as
+    ``reference.step_size`` computes it in Python floats (and the kernels in
+    float64): NumPy's vectorised power on an integer exponent array can
+    round differently (e.g. ``0.99**3``)."""
+    if (beta == beta[0]).all() and (t == t[0]).all():
+        return np.full(beta.shape, 1.0 - float(beta[0]) ** int(t[0]))
+    return np.array([1.0 - b ** k for b, k in zip(beta.tolist(), t.tolist())])
 
 
 class NumpyBucket(_Bucket):
@@ -173,6 +196,9 @@ def _clip_scale(sumsq, clipnorm):
     return float(clipnorm / norm) if norm > clipnorm else 1.0
 
 
+_NOT_AN_ARRAY = object()        # what no gradient is
+
+
 class CpuBucket(_Bucket):
     """Steps all arrays of the bucket with one call of a fused kernel.
 
@@ -191,44 +217,125 @@ class CpuBucket(_Bucket):
                         for p in self.params]
         self.x_flat = [p.reshape(-1) if s is None else s
                        for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
         self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
                                dtype=np.int64)
         self.g_stage = [None] * len(self.params)
         self.g_addr = np.zeros(len(self.params), dtype=np.int64)
+        self.g_addr_list = [0] * len(self.params)
+        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
+        self.shapes = [p.shape for p in self.params]
         self.g_flat = [None] * len(self.params)
         self.chunks = K.make_chunks(self.sizes)
         self.single = len(self.params) == 1 and self.total < PARALLEL_MIN_SIZE
+        self.ctx = None
+        self._update_ctx()
+
+    def ensure_momentum(self):
+        super().ensure_momentum()
+        if hasattr(self, "ctx"):        # not while _Bucket.__init__ runs
+            self._update_ctx()
+
+    def __setstate__(self, state):
+        """After a copy or unpickling the buffers are new: derive the flat
+        views and every recorded address from them again."""
+        self.__dict__.update(state)
+        self.x_flat = [p.reshape(-1) if s is None else s
+                       for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
+        self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
+                               dtype=np.int64)
+        self.g_flat = [None] * len(self.params)
+        self.g_addr[:] = 0
+        self.g_addr_list = [0] * len(self.params)
+        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
+        self.ctx = None
+        self._update_ctx()
+
+    def _update_ctx(self):
+        """Addresses for ``kernels.cpu.single_step`` (see ``CTX_FIELDS``).
+
+        Set only for a bucket of one C-contiguous, nonempty array below
+        ``PARALLEL_MIN_SIZE``; else None.  Rebuilt whenever a state buffer is
+        replaced (``ensure_momentum``) or ``bind_single`` is called, so it
+        never points at freed memory: the bucket holds every array it names.
+        """
+        if not (self.single and self.total and self.x_stage[0] is None):
+            self.ctx = None
+            return
+        if getattr(self, "ctx", None) is None:
+            # Allocated once and then updated in place: its address is final.
+            self.ctx = np.zeros(len(K.CTX_FIELDS), dtype=np.int64)
+        addr = lambda a: a.ctypes.data if a.size else 0  # noqa: E731
+        steps, scalars, check = getattr(self, "_bound", (None, None, False))
+        self.ctx[:] = [
+            addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
+            addr(self.momentum), addr(self.coef), addr(self.flags),
+            self.total, self.count.size, self.momentum.size,
+            0 if steps is None else addr(steps),
+            0 if scalars is None else addr(scalars), int(check)]
+
+    def bind_single(self, steps, scalars, check):
+        """Give ``single_step`` its step count (int64 array, element 0, kept
+        and incremented in place), its float64 scalar row
+        (``SCALAR_FIELDS``: lr, beta, global_clipnorm) and the check_finite
+        flag.  Returns the context row (its address never changes), or None
+        where ``single_step`` does not apply (see ``_update_ctx``)."""
+        if steps.dtype != np.int64 or scalars.dtype != np.float64 or \
+                scalars.size != len(K.SCALAR_FIELDS) or not steps.flags.c_contiguous:
+            raise TypeError("bind_single needs an int64 step count and a float64 "
+                            "scalar row")
+        self._bound = (steps, scalars, bool(check))
+        self._update_ctx()
+        return self.ctx
 
     def load_gradients(self, grads):
-        """Validate this bucket's gradients and record where to read them."""
+        """Validate this bucket's gradients and record where to read them.
+
+        The common case, a C-contiguous ndarray of the bucket's dtype and the
+        parameter's shape, costs a few attribute checks and one
+        ``data_address`` call per array (about 0.4 µs), and nothing when it
+        is the very array object given last step (a reused gradient buffer:
+        same memory, dtype and shape); anything else goes through
+        ``as_gradient`` and a staging copy.
+        """
+        dtype, shapes, g_flat = self.dtype, self.shapes, self.g_flat
+        addr, last = self.g_addr_list, self.g_last
+        ndarray, data_address = np.ndarray, K.data_address
         for k, g in enumerate(grads):
-            if g is None:
-                self.g_flat[k] = None
-                self.g_addr[k] = 0
+            if g is last[k] and g.dtype is dtype:
                 continue
-            x = self.params[k]
-            if not (type(g) is np.ndarray and g.dtype == self.dtype
+            last[k] = _NOT_AN_ARRAY
+            if g is None:
+                g_flat[k] = None
+                addr[k] = 0
+                continue
+            if not (type(g) is ndarray and (g.dtype is dtype or g.dtype == dtype)
                     and g.flags.c_contiguous):
+                x = self.params[k]
                 g = as_gradient(g, x, self.names[k])
                 stage = self.g_stage[k]
                 if stage is None:
                     stage = self.g_stage[k] = np.empty(x.shape, self.dtype)
                 np.copyto(stage, g, casting="unsafe")
                 g = stage
-            elif g.shape != x.shape:
-                as_gradient(g, x, self.names[k])  # raises with the message
-            self.g_flat[k] = g.reshape(-1)
-            self.g_addr[k] = K.data_address(g) if g.size else 0
+            elif g.shape != shapes[k]:
+                as_gradient(g, self.params[k], self.names[k])  # raises with the message
+            else:
+                last[k] = g             # used in place: skip it next time
+            if g.ndim != 1:
+                g = g.reshape(-1)
+            g_flat[k] = g
+            addr[k] = data_address(g)   # never read for an empty array
+        self.g_addr[:] = addr
 
     def _stage_in(self):
-        for p, s in zip(self.params, self.x_stage):
-            if s is not None:
-                np.copyto(s.reshape(p.shape), p)
+        for p, s in self.staged:
+            np.copyto(s.reshape(p.shape), p)
 
     def _stage_out(self):
-        for p, s in zip(self.params, self.x_stage):
-            if s is not None:
-                np.copyto(p, s.reshape(p.shape))
+        for p, s in self.staged:
+            np.copyto(p, s.reshape(p.shape))
 
     def step(self, check, global_clipnorm, other_sumsq, update=True):
         """One fused step (or, with ``update=False``, only the first pass).

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _validation as V
 from ._buckets import CpuBucket, NumpyBucket
+from .kernels.cpu import NONFINITE, single_step
 
 __all__ = ["Expectigrad", "ParamGroup"]
 
@@ -166,6 +167,7 @@ class Expectigrad:
     @global_clipnorm.setter
     def global_clipnorm(self, value):
         self._global_clipnorm = V.check_positive_or_none("global_clipnorm", value)
+        self._dirty = True              # the single-array fast path reads it once
 
     @property
     def check_finite(self):
@@ -175,6 +177,7 @@ class Expectigrad:
     @check_finite.setter
     def check_finite(self, value):
         self._check_finite = V.check_bool("check_finite", value)
+        self._dirty = True              # the single-array fast path reads it once
 
     # --- construction -------------------------------------------------------
 
@@ -262,6 +265,12 @@ class Expectigrad:
     def _mark_dirty(self):
         self._dirty = True
 
+    def __setstate__(self, state):
+        # A copy has new buffers: rebuild the fast path on the next step.
+        self.__dict__.update(state)
+        self._fast = None
+        self._dirty = True
+
     def _refresh(self):
         """Recompute the per-array hyperparameters after a group changed."""
         groups = self.param_groups
@@ -279,9 +288,74 @@ class Expectigrad:
         for b in self._buckets:
             if self._momentum[b.slots].any():
                 b.ensure_momentum()
+        self._fast = self._make_fast()
         self._dirty = False
 
     # --- stepping -----------------------------------------------------------
+
+    def _make_fast(self):
+        """Set up the single-array fast path of ``step``; None where it does
+        not apply.
+
+        One C-contiguous array below the parallel size on the cpu backend:
+        every coefficient but ``step_size`` and ``1/t`` is fixed until a param
+        group changes, so it is written here once, and ``single_step`` does
+        the rest, reading ``lr``, ``beta`` and ``global_clipnorm`` from a
+        float64 row and incrementing ``self._t`` in place.  A step is then a
+        few checks of the gradient and one kernel call with two arguments.
+        """
+        if self.backend != "cpu" or len(self._params) != 1:
+            return None
+        b = self._buckets[0]
+        if not hasattr(b, "bind_single"):
+            return None
+        group = self.param_groups[0]
+        schedule = group["lr"] if callable(group["lr"]) else None
+        scalars = np.array([0.0 if schedule is not None else self._static_lr[0],
+                            self._beta[0],
+                            np.inf if self.global_clipnorm is None
+                            else self.global_clipnorm], dtype=np.float64)
+        ctx = b.bind_single(self._t, scalars, self.check_finite)
+        if ctx is None:
+            return None
+        b.set_coefficients(scalars[:1], self._beta, self._eps, self._t + 1,
+                           self._clipvalue, self._clipnorm, np.ones(1, bool),
+                           self._sparse, self._momentum)
+        p = self._params[0]
+        # ctx keeps the address: the bucket updates that row in place.
+        return (single_step(p.dtype), ctx.ctypes.data, ctx, self._t, scalars,
+                schedule, p.dtype, None if p.ndim == 1 else p.shape)
+
+    def _step_fast(self, fast, grads):
+        """Step a single-array optimizer with one kernel call; False (and
+        nothing done) when the general path must handle ``grads``.
+
+        The kernel's fixed signature checks that the gradient is a
+        C-contiguous 1-D array of the parameter's dtype (else ``TypeError``,
+        and the general path takes over); its size is checked in the kernel.
+        """
+        kernel, ctx_address, _, steps, scalars, schedule, dtype, shape = fast
+        g = grads if self._bare else (
+            grads[0] if type(grads) in (list, tuple) and len(grads) == 1 else None)
+        if getattr(g, "dtype", None) is not dtype or steps is not self._t:
+            return False
+        if shape is not None:
+            if g.shape != shape or not g.flags.c_contiguous:
+                return False
+            g = g.reshape(-1)
+        if schedule is not None:
+            scalars[0] = V.check_scheduled_lr(schedule(self.step_count),
+                                              self.step_count, "param group 0: ")
+        try:
+            code = kernel(g, ctx_address)
+        except TypeError:
+            return False
+        if code:
+            if code == NONFINITE:
+                self._raise_nonfinite(self._buckets[0], 0)
+            return False      # size mismatch: the general path says what is wrong
+        self.step_count += 1
+        return True
 
     def _lr_per_array(self):
         if not self._scheduled:
@@ -338,12 +412,18 @@ class Expectigrad:
         """
         if self._dirty:
             self._refresh()
+        fast = self._fast
+        if fast is not None and self._step_fast(fast, grads):
+            return
         grads = self._flatten_grads(grads)
         active = np.array([g is not None for g in grads], dtype=bool)
         if not active.any():
             return
-        for b in self._buckets:
-            b.load_gradients([grads[i] for i in b.slots])
+        if len(self._buckets) == 1:
+            self._buckets[0].load_gradients(grads)      # slots are 0..n-1
+        else:
+            for b in self._buckets:
+                b.load_gradients([grads[i] for i in b.slots])
         lr = self._lr_per_array()
         t_new = self._t + active
         for b in self._buckets:
@@ -362,7 +442,7 @@ class Expectigrad:
         for j, b in enumerate(self._buckets):
             bad, _ = b.step(check, gclip, sum(sumsq) - sumsq[j])
             self._raise_nonfinite(b, bad)
-        self._t = t_new
+        self._t[...] = t_new        # in place: the fast path holds this array
         self.step_count += 1
 
     def _raise_nonfinite(self, bucket, bad):

@@ -5,11 +5,18 @@ per-array coefficient rows, read every gradient and state element once, and
 write parameters and state in the same pass (see ``reference.py`` for the
 math, which they follow operation for operation).
 
-Two entry points cover every case:
+Three entry points cover every case:
+
+``single_step(dtype)``
+    one small C-contiguous array, for the lowest call overhead (a whole
+    ``Expectigrad.step`` on 10 elements takes well under a microsecond): a
+    kernel of fixed signature ``(gradient, context address)``; the
+    parameter, state, coefficients, step count and scalars are reached
+    through the context row (``CTX_FIELDS``).
 
 ``array_step``
-    one C-contiguous 1-D array, passed directly.  It is serial and costs one
-    dispatch, which is what small problems (scipy-style use) need.
+    one C-contiguous 1-D array, passed directly with its state and rows
+    (serial; the bucket interface's path for a single array).
 
 ``segments_step`` / ``segments_step_parallel``
     any number of arrays of one dtype.  Parameters and gradients are reached
@@ -27,7 +34,17 @@ Coefficient rows (one per array, in the array's dtype):
 ``[step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``.
 Flag rows (int64): ``[active, sparse_counter, momentum]``.
 All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
-vectorises the inner loops, ``nogil=True`` and ``cache=True``.
+vectorises the inner loops (check with ``inspect_asm``: ``vsqrtps``/``vdivps``
+on ``ymm`` or ``zmm`` registers), ``nogil=True`` and ``cache=True``.  The update loops
+are inlined into the entry points (``inline="always"``): no calls, and no
+reference counting, per span.  The first pass may reassociate its sums (see
+``_span_stats``).
+
+Compiled specialisations: one per dtype (float32, float64) of
+``single_step``, ``array_step``, ``segments_step`` and
+``segments_step_parallel``, plus ``data_address`` on 1-D arrays; each is
+compiled once, cached on disk and only loaded in later processes
+(``python -m expectigrad_np bench`` lists those of a run).
 """
 from __future__ import annotations
 
@@ -39,13 +56,18 @@ from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 __all__ = [
-    "CHUNK", "COEF_FIELDS", "FLAG_FIELDS", "array_step", "data_address",
-    "make_chunks", "segments_step", "segments_step_parallel",
+    "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "SCALAR_FIELDS", "array_step",
+    "data_address", "make_chunks", "segments_step", "segments_step_parallel",
+    "single_step",
 ]
 
 # Elements per work item of the segmented kernels: large enough that a chunk
-# costs far more than its scheduling, small enough to balance threads.
-CHUNK = 1 << 15
+# costs far more than its scheduling, small enough to balance threads (at
+# least 8 chunks per array at the parallel threshold, PARALLEL_MIN_SIZE in
+# _buckets.py).  Measured at 1e7 float32 elements, parallel, interleaved runs
+# (see the bench module's time_interleaved): 2**13 elements cost 1.22-1.27x
+# the same-traffic kernel, 2**15 1.15-1.20x, 2**17 1.09-1.14x, 2**19 1.11-1.15x.
+CHUNK = 1 << 17
 
 COEF_FIELDS = ("step_size", "beta", "one_minus_beta", "eps", "inv_t",
                "clipvalue", "clipnorm")
@@ -55,6 +77,16 @@ ACTIVE, SPARSE, MOMENTUM = range(len(FLAG_FIELDS))
 
 _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
+
+
+def _twin(func, name):
+    """A copy of ``func`` under another name.  Numba's on-disk cache is keyed
+    by the function's qualified name and signature, not by ``parallel``: two
+    dispatchers of one function would load each other's cached machine code."""
+    twin = pytypes.FunctionType(func.__code__, func.__globals__, name,
+                                func.__defaults__, func.__closure__)
+    twin.__qualname__ = name
+    return twin
 
 
 @njit(**_OPTS)
@@ -72,6 +104,18 @@ def _pointer_like(typingctx, address, like):
         return builder.inttoptr(args[0], context.get_value_type(ptr_type))
 
     return ptr_type(address, like), codegen
+
+
+@intrinsic
+def _pointer_of(typingctx, address, dtype):
+    """Reinterpret an integer address as a pointer to ``dtype`` (a NumPy
+    scalar class such as ``np.uint32``)."""
+    ptr_type = types.CPointer(dtype.instance_type)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return ptr_type(address, dtype), codegen
 
 
 def _max_finite(x):
@@ -103,7 +147,7 @@ def _clip(g, scale, clipvalue):
 
 # --- the four update loops: (sparse | dense counter) x (momentum | none) ---
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_sparse_momentum(x, g, v, n, m, c, scale):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
@@ -118,7 +162,7 @@ def _update_sparse_momentum(x, g, v, n, m, c, scale):
         x[i] -= c[STEP] * m[i]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_sparse(x, g, v, n, c, scale):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
@@ -132,7 +176,7 @@ def _update_sparse(x, g, v, n, c, scale):
         x[i] -= c[STEP] * u
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_dense_momentum(x, g, v, m, c, scale):
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
@@ -141,7 +185,7 @@ def _update_dense_momentum(x, g, v, m, c, scale):
         x[i] -= c[STEP] * m[i]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_dense(x, g, v, c, scale):
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
@@ -149,7 +193,7 @@ def _update_dense(x, g, v, c, scale):
         x[i] -= c[STEP] * u
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _update_span(x, g, v, n, m, c, f, scale):
     """Dispatch one contiguous span to the loop its flags call for."""
     if f[SPARSE]:
@@ -164,12 +208,17 @@ def _update_span(x, g, v, n, m, c, f, scale):
             _update_dense(x, g, v, c, scale)
 
 
-@njit(**_OPTS)
+@njit(fastmath={"reassoc"}, **_OPTS)
 def _span_stats(g):
     """(sum of g*0, sum of g**2 in float64) over a span.
 
     ``g * 0`` is NaN exactly where ``g`` is NaN or infinite, so the first sum
-    is zero iff the span is finite; both sums vectorise.
+    is zero iff the span is finite.  Both sums vectorise because the loop may
+    reassociate them (``fastmath={"reassoc"}``: SIMD lanes and several
+    accumulators).  That changes only the rounding of the squared norm, which
+    feeds norm clipping and is no part of the update's bit-exact contract;
+    the NaN test is exact in any order.  The "nnan"/"ninf" flags are never
+    set: they would let LLVM fold ``g * 0`` to zero and lose the check.
     """
     zero = g.dtype.type(0)
     nonfinite = zero
@@ -192,8 +241,7 @@ def _scale(sumsq, clipnorm):
 
 # --- one array ---------------------------------------------------------------
 
-@njit(**_OPTS)
-def array_step(x, g, v, n, m, c, f, check, global_clipnorm):
+def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     """One fused step on one C-contiguous 1-D array.
 
     Returns ``(ok, sumsq)``: ``ok`` is False, and nothing was written, when
@@ -211,6 +259,94 @@ def array_step(x, g, v, n, m, c, f, check, global_clipnorm):
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
     _update_span(x, g, v, n, m, c, f, x.dtype.type(scale))
     return True, sumsq
+
+
+array_step = njit(**_OPTS)(_array_step)
+_array_step_inline = njit(inline="always", **_OPTS)(
+    _twin(_array_step, "_array_step_inline"))
+
+
+# Layout of the int64 context row of ``single_step``: data addresses of the
+# parameter, the three state buffers, the coefficient and flag rows; the
+# element counts of the parameter and of the two optional state buffers; the
+# address of the array's int64 step count ``t`` (steps taken so far) and of a
+# float64 row ``SCALAR_FIELDS``; and the check_finite flag.
+CTX_FIELDS = ("x", "mean_sq", "count", "momentum", "coef", "flags",
+              "size", "count_size", "momentum_size", "t", "scalars", "check")
+(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE, CT, CS, CCHECK) = range(len(CTX_FIELDS))
+SCALAR_FIELDS = ("lr", "beta", "global_clipnorm")
+S_LR, S_BETA, S_GCLIP = range(len(SCALAR_FIELDS))
+
+# Return codes of ``single_step``.
+STEPPED, NONFINITE, SIZE_MISMATCH, UNBOUND = 0, 1, 2, 3
+
+
+def _single_step(g, ctx_address):
+    """``array_step`` for a bucket of one array, with the least call overhead.
+
+    Only the gradient travels as an array; everything else is reached through
+    the int64 context row at ``ctx_address`` (see ``CTX_FIELDS``) and the
+    addresses in it, all kept alive by their owner.  With ``t`` the step
+    count after this step and ``lr``, ``beta`` from the float64 scalar row,
+    the two coefficients that change every step are computed here in
+    float64, exactly as ``reference.step_size`` and
+    ``Bucket.set_coefficients`` do (the same C library ``pow``), and stored
+    cast to the array dtype::
+
+        c[STEP]  = lr / (1 - beta**t)   (lr when beta == 0)
+        c[INV_T] = 1 / t
+
+    the other coefficients are read as ``set_coefficients`` left them.  On
+    success the step count is incremented in place.
+
+    Returns ``STEPPED``; ``NONFINITE`` when check_finite is set and ``g``
+    holds NaN or infinity; ``SIZE_MISMATCH`` when ``g.size`` is not the
+    parameter's; ``UNBOUND`` when ``ctx`` has no step count or scalar row.
+    Apart from the coefficient row nothing is written in those cases.
+    """
+    ctx = carray(_pointer_of(ctx_address, np.int64), len(CTX_FIELDS))
+    size = ctx[CSIZE]
+    if g.size != size:
+        return SIZE_MISMATCH
+    if ctx[CT] == 0 or ctx[CS] == 0:
+        return UNBOUND
+    x = carray(_pointer_like(ctx[CX], g), size)
+    v = carray(_pointer_like(ctx[CV], g), size)
+    n = carray(_pointer_of(ctx[CN], np.uint32), ctx[CNSIZE])
+    m = carray(_pointer_like(ctx[CM], g), ctx[CMSIZE])
+    c = carray(_pointer_like(ctx[CC], g), len(COEF_FIELDS))
+    f = carray(_pointer_of(ctx[CF], np.int64), len(FLAG_FIELDS))
+    steps = carray(_pointer_of(ctx[CT], np.int64), 1)
+    s = carray(_pointer_of(ctx[CS], np.float64), len(SCALAR_FIELDS))
+    t = np.float64(steps[0] + 1)
+    lr, beta = s[S_LR], s[S_BETA]
+    c[STEP] = lr if beta == 0.0 else lr / (1.0 - beta ** t)
+    c[INV_T] = 1.0 / t
+    ok, _ = _array_step_inline(x, g, v, n, m, c, f, ctx[CCHECK] != 0, s[S_GCLIP])
+    if not ok:
+        return NONFINITE
+    steps[0] += 1
+    return STEPPED
+
+
+_SINGLE_STEP = {}
+
+
+def single_step(dtype):
+    """``_single_step`` compiled for C-contiguous 1-D ``dtype`` gradients
+    only (float32 or float64), loaded or compiled on first use.
+
+    Its one signature is fixed, so a gradient of another type, layout or
+    dimension raises ``TypeError`` instead of compiling a new specialisation:
+    callers catch it and take the general path.
+    """
+    dtype = np.dtype(dtype)
+    kernel = _SINGLE_STEP.get(dtype)
+    if kernel is None:
+        from numba import from_dtype
+        sig = types.int64(types.Array(from_dtype(dtype), 1, "C"), types.int64)
+        kernel = _SINGLE_STEP[dtype] = njit([sig], **_OPTS)(_single_step)
+    return kernel
 
 
 # --- many arrays, flat state ---------------------------------------------------
@@ -294,16 +430,6 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             _update_span(x[lo:hi], g[lo:hi], v[a:b], n_span, m_span,
                          coef[k], flags[k], v.dtype.type(scale[k]))
     return -1, total
-
-
-def _twin(func, name):
-    """A copy of ``func`` under another name.  Numba's on-disk cache is keyed
-    by the function's qualified name and signature, not by ``parallel``: two
-    dispatchers of one function would load each other's cached machine code."""
-    twin = pytypes.FunctionType(func.__code__, func.__globals__, name,
-                                func.__defaults__, func.__closure__)
-    twin.__qualname__ = name
-    return twin
 
 
 segments_step = njit(**_OPTS)(_segments_step)

@@ -1,0 +1,512 @@
+"""Benchmark of the fused step: ``python -m expectigrad_np bench``.
+
+For each size ``N`` and dtype it times a whole ``Expectigrad.step()`` on one
+array of ``N`` elements (sparse counter and momentum, the defaults) and
+reports:
+
+- ``step_us``/``step_unchecked_us``: time per step with ``check_finite``
+  True (the default) and False;
+- ``gbps``: bytes the unchecked step must move per second.  Per element it
+  reads ``x, g, mean_sq, count, momentum`` and writes all but ``g``: 36 B in
+  float32, 64 B in float64 (``traffic_bytes``);
+- ``vs_traffic``: unchecked step time over the time of a kernel with the same
+  memory traffic and trivial arithmetic (``_traffic_kernel``), serial or
+  parallel by the same size rule as the step, timed in the same run;
+- ``vs_reference``: speed-up of the checked step over the pure-NumPy
+  reference: ``expectigrad.testing.NumpyExpectigrad`` of the original project
+  when that package is installed, else ``expectigrad_np.reference``;
+- ``check_ratio``: checked over unchecked step time;
+- ``torch_adam_gbps``: ``torch.optim.Adam(fused=True)`` on the same CPU
+  (28 B/element in float32), when torch is installed, and ``gbps_vs_torch``,
+  our bytes per second over its bytes per second, timed in the same blocks.
+
+Then the extras: the check_finite cost at the largest size, 200 arrays of
+5,000 float32 elements against one array of 1M, the small-N comparison
+(10 float64 elements against the reference), and start-up (a fresh process
+importing the package and taking one step, against ``import numpy, numba``).
+
+Timings interleave the things compared, block by block, and report medians
+of times and of per-block ratios, so a noisy machine shifts both sides of a
+ratio alike.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from numba import njit, prange
+
+from . import reference as R
+from . import _buckets
+from .optimizer import Expectigrad
+
+DEFAULT_SIZES = (10, 1_000, 100_000, 1_000_000, 10_000_000)
+DEFAULT_DTYPES = ("float32", "float64")
+BLOCK_SECONDS = 0.02       # each timed block runs the function this long at least
+
+
+def traffic_bytes(n, dtype, sparse=True, momentum=True):
+    """Bytes one step must move: read ``x, g, mean_sq`` (+ ``count``,
+    ``momentum``), write all of them but ``g``."""
+    item = np.dtype(dtype).itemsize
+    per_array = item + 4 * sparse + item * momentum     # count is uint32
+    return n * (3 * item + per_array - item            # reads: x, g, v, [n], [m]
+                + 2 * item + per_array - item)         # writes: x, v, [n], [m]
+
+
+def adam_bytes(n, dtype):
+    """``torch.optim.Adam``: read param, grad, exp_avg, exp_avg_sq; write 3."""
+    return n * 7 * np.dtype(dtype).itemsize
+
+
+# --- same-traffic kernels -----------------------------------------------------
+
+def _traffic_body(x, g, v, n, m):
+    """Read x, g, v, n, m and write x, v, n, m, with trivial arithmetic."""
+    h = x.dtype.type(0.5)
+    for i in prange(x.size):
+        gi = g[i]
+        x[i] = x[i] - h * gi
+        v[i] = v[i] + gi
+        n[i] = n[i] + np.uint32(1)
+        m[i] = h * m[i] + gi
+
+
+_traffic_serial = njit(cache=True, nogil=True, error_model="numpy")(_traffic_body)
+_traffic_parallel = njit(cache=True, nogil=True, parallel=True,
+                         error_model="numpy")(_traffic_body)
+
+
+def _traffic_kernel(n):
+    return _traffic_serial if n < _buckets.PARALLEL_MIN_SIZE else _traffic_parallel
+
+
+# --- timing -------------------------------------------------------------------
+
+def _calibrate(fn):
+    """Calls per block so that a block lasts about BLOCK_SECONDS."""
+    t0 = time.perf_counter()
+    fn()
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(100_000, int(BLOCK_SECONDS / dt)))
+
+
+def _block(fn, k):
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    return (time.perf_counter() - t0) / k
+
+
+def time_interleaved(fns, repeat, base=0, blocks=False):
+    """Median seconds per call of each function, and the median per-block
+    ratio of each to ``fns[base]``, timing the functions in turn block by
+    block (with ``blocks``, also the per-block times, one row per block)."""
+    for fn in fns:
+        fn()                                               # warm up
+    ks = [_calibrate(fn) for fn in fns]
+    rows = []
+    for _ in range(repeat):
+        rows.append([_block(fn, k) for fn, k in zip(fns, ks)])
+    rows = np.asarray(rows)
+    times = np.median(rows, axis=0)
+    ratios = np.median(rows / rows[:, base:base + 1], axis=0)
+    return (times, ratios, rows) if blocks else (times, ratios)
+
+
+# --- reference ----------------------------------------------------------------
+
+def _reference_stepper(x, g):
+    """A function doing one pure-NumPy reference step on ``x`` with ``g``.
+
+    The original project's ``NumpyExpectigrad`` when installed (it returns the
+    step, subtracted here), else the in-package reference, which does the
+    same per-array work.
+    """
+    try:
+        from expectigrad.testing import NumpyExpectigrad
+    except ImportError:
+        v = np.zeros_like(x)
+        n = np.zeros(x.shape, np.uint32)
+        m = np.zeros_like(x)
+        t = [0]
+
+        def step():
+            t[0] += 1
+            R.expectigrad_update(x, g, v, n, m, t=t[0], lr=1e-3, beta=0.9,
+                                 eps=1e-8, sparse_counter=True)
+        return step, "expectigrad_np.reference"
+    opt = NumpyExpectigrad(learning_rate=1e-3, beta=0.9, epsilon=1e-8)
+
+    def step():
+        x.__isub__(opt.step(g))
+    return step, "expectigrad.testing.NumpyExpectigrad"
+
+
+_TORCH_THREADS = []
+
+
+def _torch_adam(n, dtype):
+    """A function doing one fused Adam step on ``n`` elements, or None.
+
+    torch gets the same thread policy as our step: one thread below
+    ``PARALLEL_MIN_SIZE``, its default pool from there (on a loaded 2-core
+    machine its pool can make a 1e5-element step take milliseconds).
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not _TORCH_THREADS:
+        _TORCH_THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(1 if n < _buckets.PARALLEL_MIN_SIZE else _TORCH_THREADS[0])
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
+    p = torch.zeros(n, dtype=tdtype, requires_grad=True)
+    p.grad = torch.randn(n, dtype=tdtype) * 1e-2
+    try:
+        opt = torch.optim.Adam([p], lr=1e-3, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return opt.step
+
+
+def _gradient(n, dtype, seed=0):
+    g = np.random.default_rng(seed).standard_normal(n).astype(dtype)
+    g[::7] = 0                        # some exact zeros exercise the sparse counter
+    return g
+
+
+# --- the sections ---------------------------------------------------------------
+
+def bench_size(n, dtype, repeat, reference=True, torch=True):
+    """One table row: see the module docstring."""
+    g = _gradient(n, dtype)
+    x1, x2 = np.zeros(n, dtype), np.zeros(n, dtype)
+    checked = Expectigrad(x1, lr=1e-3)
+    unchecked = Expectigrad(x2, lr=1e-3, check_finite=False)
+    tx, tg, tv, tm = (np.zeros(n, dtype) for _ in range(4))
+    tn = np.zeros(n, np.uint32)
+    kernel = _traffic_kernel(n)
+    fns = [lambda: unchecked.step(g), lambda: checked.step(g),
+           lambda: kernel(tx, tg, tv, tn, tm)]
+    adam = _torch_adam(n, dtype) if torch else None
+    if adam is not None:
+        fns.append(adam)
+    times, _, rows = time_interleaved(fns, repeat, blocks=True)
+    t_step, t_check, t_plain = times[:3]
+    med = lambda a: float(np.median(a))  # noqa: E731
+    nbytes = traffic_bytes(n, dtype)
+    row = dict(n=n, dtype=np.dtype(dtype).name,
+               step_us=t_check * 1e6, step_unchecked_us=t_step * 1e6,
+               traffic_kernel_us=t_plain * 1e6, bytes_per_step=nbytes,
+               gbps=nbytes / t_step / 1e9, traffic_kernel_gbps=nbytes / t_plain / 1e9,
+               vs_traffic=med(rows[:, 0] / rows[:, 2]),
+               check_ratio=med(rows[:, 1] / rows[:, 0]))
+    if adam is not None:
+        t_adam = times[3]
+        row["torch_adam_us"] = t_adam * 1e6
+        row["torch_adam_gbps"] = adam_bytes(n, dtype) / t_adam / 1e9
+        # Our bytes per second over torch's, block by block.
+        row["gbps_vs_torch"] = med(nbytes / rows[:, 0] / (adam_bytes(n, dtype) / rows[:, 3]))
+    del tx, tg, tv, tn, tm, x2, unchecked, adam, fns
+    gc.collect()
+    if reference:
+        xr = np.zeros(n, dtype)
+        ref, row["reference"] = _reference_stepper(xr, g)
+        # The reference is slow at large N: fewer blocks there.
+        reps = repeat if n <= 100_000 else max(1, min(repeat, 3))
+        (t_ours, t_ref), (_, r_ref) = time_interleaved(
+            [lambda: checked.step(g), ref], reps)
+        row["reference_us"] = t_ref * 1e6
+        row["vs_reference"] = r_ref
+        del xr, ref
+    del checked, x1
+    gc.collect()
+    return row
+
+
+def bench_many_small(repeat, arrays=200, size=5_000, dtype="float32", sets=3):
+    """``arrays`` arrays of ``size`` elements against one of ``arrays*size``.
+
+    Measured twice: passing the same gradient arrays every step (reused
+    buffers, which the optimizer recognises) and rotating through ``sets``
+    distinct sets of arrays (new arrays every step, as when gradients are
+    computed afresh).
+    """
+    rng = np.random.default_rng(1)
+    xs = [np.zeros(size, dtype) for _ in range(arrays)]
+    gsets = [[rng.standard_normal(size).astype(dtype) for _ in range(arrays)]
+             for _ in range(sets)]
+    x1 = np.zeros(arrays * size, dtype)
+    g1sets = [np.concatenate(gs) for gs in gsets]
+    many = Expectigrad(xs, lr=1e-3)
+    one = Expectigrad(x1, lr=1e-3)
+    turn = [0]
+
+    def many_new():
+        turn[0] += 1
+        many.step(gsets[turn[0] % sets])
+
+    def one_new():
+        one.step(g1sets[turn[0] % sets])
+
+    gs, g1 = gsets[0], g1sets[0]
+    repeat = max(repeat, 9)
+    (t_one, t_many), (_, ratio) = time_interleaved(
+        [lambda: one.step(g1), lambda: many.step(gs)], repeat)
+    (t_one_new, t_many_new), (_, ratio_new) = time_interleaved(
+        [one_new, many_new], repeat)
+    return dict(arrays=arrays, size=size, dtype=dtype, one_array_us=t_one * 1e6,
+                many_arrays_us=t_many * 1e6, ratio=ratio,
+                one_array_new_us=t_one_new * 1e6,
+                many_arrays_new_us=t_many_new * 1e6, ratio_new=ratio_new)
+
+
+def bench_small(repeat, n=10, dtype="float64"):
+    """A whole ``step()`` on one small array against the reference step."""
+    g = _gradient(n, dtype)
+    x, xr = np.zeros(n, dtype), np.zeros(n, dtype)
+    opt = Expectigrad(x, lr=1e-3)
+    ref, name = _reference_stepper(xr, g)
+    (t_ours, t_ref), (_, r) = time_interleaved([lambda: opt.step(g), ref],
+                                               max(repeat, 5))
+    return dict(n=n, dtype=dtype, step_us=t_ours * 1e6, reference=name,
+                reference_us=t_ref * 1e6, speedup=r)
+
+
+_STARTUP_STEP = ("import numpy as np, expectigrad_np as eg\n"
+                 "eg.Expectigrad(np.zeros(10)).step(np.ones(10))\n")
+_STARTUP_INFO = (
+    _STARTUP_STEP + "import json, sys\n"
+    "from expectigrad_np.bench import _compiled_here\n"
+    "print(json.dumps(dict(compiled=_compiled_here(), modules=sorted(m for m in "
+    "('scipy.optimize', 'scipy.sparse', 'numba.cuda') if m in sys.modules))))\n")
+_STARTUP_BASE = "import numpy, numba"
+# The floor any numba package pays: the first call of one trivial cached
+# function initialises numba's CPU target (which imports scipy.linalg).
+_STARTUP_FLOOR_MODULE = ("from numba import njit\n"
+                         "@njit(cache=True)\n"
+                         "def one(a):\n"
+                         "    return a[0]\n")
+_STARTUP_FLOOR = "import numpy as np, _eg_numba_floor as m; m.one(np.ones(1))"
+
+
+def _run_python(code, path=()):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, *sys.path]))
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True,
+                         capture_output=True, text=True, env=env)
+    return time.perf_counter() - t0, out.stdout
+
+
+def bench_startup(repeat):
+    """Fresh process with a warm compile cache: import + first step against
+    ``import numpy, numba`` and against numba's own floor (``import numpy,
+    numba`` plus the first call of a trivial cached function); also whether
+    that process compiled anything and which heavy modules it imported."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "_eg_numba_floor.py"), "w") as f:
+            f.write(_STARTUP_FLOOR_MODULE)
+        _run_python(_STARTUP_FLOOR, [tmp])                # fill the caches
+        _, out = _run_python(_STARTUP_INFO)
+        _, out = _run_python(_STARTUP_INFO)               # a second run: warm
+        info = json.loads(out.strip().splitlines()[-1])
+        rows = []
+        for _ in range(max(repeat, 3)):
+            rows.append([_run_python(_STARTUP_BASE)[0],
+                         _run_python(_STARTUP_FLOOR, [tmp])[0],
+                         _run_python(_STARTUP_STEP)[0]])
+    rows = np.asarray(rows)
+    base, floor, step = np.median(rows, axis=0) * 1e3
+    return dict(import_step_ms=step, import_numpy_numba_ms=base,
+                numba_floor_ms=floor,
+                ratio=float(np.median(rows[:, 2] / rows[:, 0])),
+                ratio_to_floor=float(np.median(rows[:, 2] / rows[:, 1])),
+                compiled_in_fresh_process=info["compiled"],
+                heavy_modules_imported=info["modules"])
+
+
+PARALLEL_SIZES = tuple(1 << k for k in range(15, 24))
+
+
+def bench_parallel(repeat, sizes=PARALLEL_SIZES, dtypes=DEFAULT_DTYPES):
+    """Serial against parallel segmented kernel, per size: the measurement
+    behind ``PARALLEL_MIN_SIZE`` (``--parallel``)."""
+    from .kernels import cpu as K
+    rows = []
+    for dtype in dtypes:
+        for n in sizes:
+            x, g = np.zeros(n, dtype), _gradient(n, dtype)
+            opt = Expectigrad(x, lr=1e-3)
+            b = opt._buckets[0]
+            b.load_gradients([g])
+            seg, lo, hi = b.chunks
+            opt.step(g)
+            args = (b.x_addr, b.g_addr, b.offsets, seg, lo, hi, b.mean_sq, b.count,
+                    b.momentum, b.coef, b.flags, True, np.inf, 0.0, True)
+            (t_ser, t_par), (_, ratio) = time_interleaved(
+                [lambda: K.segments_step(*args),
+                 lambda: K.segments_step_parallel(*args)], repeat)
+            rows.append(dict(n=n, dtype=np.dtype(dtype).name, serial_us=t_ser * 1e6,
+                             parallel_us=t_par * 1e6, parallel_over_serial=ratio))
+    return rows
+
+
+def specialisations():
+    """The compiled specialisations of the entry-point kernels in this
+    process, by dtype: one ``single_step`` per dtype (small single arrays),
+    ``array_step`` (single arrays through the bucket interface) and the
+    serial and parallel segmented kernels (several or large arrays)."""
+    from .kernels import cpu as K
+    out = {"single_step": sorted(str(d) for d in K._SINGLE_STEP)}
+    for name, arg in (("array_step", 0), ("segments_step", 6),
+                      ("segments_step_parallel", 6)):
+        out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
+    return out
+
+
+def _compiled_here():
+    """How many kernels this process compiled rather than loaded from cache."""
+    from .kernels import cpu as K
+    kernels = list(K._SINGLE_STEP.values()) + [
+        K.array_step, K.segments_step, K.segments_step_parallel]
+    return sum(sum(k.stats.cache_misses.values()) for k in kernels)
+
+
+def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
+        reference=True, torch=True, parallel=False):
+    """Run the benchmark; returns a JSON-able dict."""
+    result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0],
+                               numpy=np.__version__),
+                  parallel_min_size=_buckets.PARALLEL_MIN_SIZE, rows=[])
+    import numba
+    result["machine"]["numba"] = numba.__version__
+    result["machine"]["threads"] = numba.get_num_threads()
+    for dtype in dtypes:
+        for n in sizes:
+            result["rows"].append(bench_size(int(n), dtype, repeat, reference, torch))
+    if extras:
+        big = max(int(n) for n in sizes)
+        checked = [r for r in result["rows"] if r["n"] == big]
+        result["check_finite_ratio"] = {r["dtype"]: r["check_ratio"] for r in checked}
+        result["many_small"] = bench_many_small(repeat)
+        result["small"] = bench_small(repeat)
+        result["startup"] = bench_startup(repeat)
+    if parallel:
+        result["parallel"] = bench_parallel(repeat, dtypes=dtypes)
+    result["specialisations"] = specialisations()
+    return result
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def format_table(result):
+    """The result as a Markdown table and a few lines of extras."""
+    lines = ["| N | dtype | step µs | unchecked µs | GB/s | vs same-traffic kernel "
+             "| speed-up vs NumPy reference | torch Adam fused GB/s (ours/torch) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        vs_ref = r.get("vs_reference")
+        torch = "-" if "torch_adam_gbps" not in r else (
+            f"{_fmt(r['torch_adam_gbps'])} ({r['gbps_vs_torch']:.2f})")
+        lines.append(
+            f"| {r['n']:,} | {r['dtype']} | {_fmt(r['step_us'])} | "
+            f"{_fmt(r['step_unchecked_us'])} | {_fmt(r['gbps'])} | "
+            f"{r['vs_traffic']:.2f}x | {'-' if vs_ref is None else f'{vs_ref:.1f}x'} | "
+            f"{torch} |")
+    refs = {r["reference"] for r in result["rows"] if "reference" in r}
+    if refs:
+        lines.append(f"\nReference: {', '.join(sorted(refs))}.")
+    if "check_finite_ratio" in result:
+        c = ", ".join(f"{k} {v:.2f}x" for k, v in result["check_finite_ratio"].items())
+        lines.append(f"check_finite=True / False at the largest N: {c}")
+    if "many_small" in result:
+        m = result["many_small"]
+        lines.append(f"{m['arrays']} arrays x {m['size']:,} {m['dtype']} vs one array "
+                     f"of {m['arrays'] * m['size']:,}: {m['many_arrays_us']:,.0f} µs vs "
+                     f"{m['one_array_us']:,.0f} µs ({m['ratio']:.2f}x) with the same "
+                     f"gradient arrays each step; {m['many_arrays_new_us']:,.0f} µs vs "
+                     f"{m['one_array_new_us']:,.0f} µs ({m['ratio_new']:.2f}x) with new "
+                     f"arrays each step")
+    if "small" in result:
+        s = result["small"]
+        lines.append(f"step() on {s['n']} {s['dtype']} elements: {s['step_us']:.2f} µs, "
+                     f"reference {s['reference_us']:.1f} µs ({s['speedup']:.1f}x faster)")
+    if "startup" in result:
+        s = result["startup"]
+        lines.append(f"fresh process, import + first step: {s['import_step_ms']:.0f} ms vs "
+                     f"'import numpy, numba' {s['import_numpy_numba_ms']:.0f} ms "
+                     f"({s['ratio']:.2f}x) and numba's floor (one trivial cached "
+                     f"function) {s['numba_floor_ms']:.0f} ms "
+                     f"({s['ratio_to_floor']:.2f}x); kernels compiled there: "
+                     f"{s['compiled_in_fresh_process']}; scipy.optimize/sparse or "
+                     f"numba.cuda imported: {s['heavy_modules_imported'] or 'none'}")
+    for r in result.get("parallel", []):
+        lines.append(f"{r['dtype']} n={r['n']:>10,}: serial {r['serial_us']:10,.1f} µs, "
+                     f"parallel {r['parallel_us']:10,.1f} µs "
+                     f"(parallel/serial {r['parallel_over_serial']:.2f})")
+    spec = result.get("specialisations", {})
+    if spec:
+        lines.append("compiled kernels: " + "; ".join(
+            f"{k} [{', '.join(v)}]" for k, v in spec.items()))
+    lines.append(f"(parallel kernels from {result['parallel_min_size']:,} elements; "
+                 f"{result['machine']['threads']} threads)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    """Options of the ``bench`` subcommand."""
+    parser.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")],
+                        default=list(DEFAULT_SIZES),
+                        help="comma-separated array sizes (default 10,1e3,1e5,1e6,1e7)")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","),
+                        default=list(DEFAULT_DTYPES),
+                        help="comma-separated dtypes (default float32,float64)")
+    parser.add_argument("--repeat", type=int, default=7,
+                        help="timed blocks per measurement; medians are reported")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as JSON instead of a table")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="only the table: skip the check_finite, many-arrays, "
+                             "small-N and start-up measurements")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the NumPy reference timings")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip torch.optim.Adam even when torch is installed")
+    parser.add_argument("--parallel", action="store_true",
+                        help="also time the serial against the parallel kernel from "
+                             "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
+
+
+def main(argv=None):
+    """Entry point of ``python -m expectigrad_np bench [options]``."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m expectigrad_np bench",
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    for d in args.dtypes:
+        if d not in DEFAULT_DTYPES:
+            raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
+    if args.repeat < 1 or any(n < 1 for n in args.sizes):
+        raise SystemExit("bench: --repeat and every size must be >= 1")
+    result = run(args.sizes, args.dtypes, args.repeat, extras=not args.no_extras,
+                 reference=not args.no_reference, torch=not args.no_torch,
+                 parallel=args.parallel)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    else:
+        print(format_table(result))
+    return 0

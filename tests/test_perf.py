@@ -1,0 +1,321 @@
+"""The fast paths agree bit for bit with the reference, fall back where they
+must, and steady-state steps allocate nothing proportional to the arrays.
+
+No timing is asserted here: ``python -m expectigrad_np bench`` measures.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import expectigrad_np as eg
+from expectigrad_np import _buckets
+from expectigrad_np.kernels import cpu as K
+
+CONFIGS = [
+    dict(),
+    dict(beta=0.0),
+    dict(sparse_counter=False),
+    dict(beta=0.0, sparse_counter=False),
+    dict(clipvalue=0.5),
+    dict(beta=0.5, clipvalue=0.3),
+]
+# Norm clipping sums squares in another order than NumPy's pairwise sum, so
+# its factor may differ in the last bit: these agree to rounding only.
+NORM_CONFIGS = [dict(clipnorm=0.7), dict(beta=0.5, clipnorm=0.7, clipvalue=0.3)]
+
+
+def _grads(rng, shape, dtype, steps):
+    out = []
+    for _ in range(steps):
+        g = rng.standard_normal(shape).astype(dtype)
+        g[rng.random(shape) < 0.3] = 0          # exact zeros: sparse counter
+        out.append(g)
+    return out
+
+
+def _state(opt):
+    sd = opt.state_dict()
+    return sd["step"], {i: {k: np.array(v) for k, v in e.items()}
+                        for i, e in sd["state"].items()}
+
+
+def _assert_same(a, b, xa, xb):
+    for p, q in zip(xa, xb):
+        assert p.dtype == q.dtype
+        np.testing.assert_array_equal(p, q)
+    sa, sb = _state(a), _state(b)
+    assert sa[0] == sb[0]
+    for i in sa[1]:
+        for k in sa[1][i]:
+            np.testing.assert_array_equal(sa[1][i][k], sb[1][i][k], err_msg=f"{i} {k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("shape", [(10,), (3, 4)])
+def test_single_array_fast_path_matches_reference_bitwise(dtype, config, shape):
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(shape).astype(dtype)
+    xf, xr = x0.copy(), x0.copy()
+    fast = eg.Expectigrad(xf, lr=0.05, **config)
+    ref = eg.Expectigrad(xr, lr=0.05, backend="numpy", **config)
+    assert fast._fast is not None
+    for g in _grads(rng, shape, dtype, 25):
+        fast.step(g)
+        ref.step(g)
+    _assert_same(fast, ref, [xf], [xr])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", NORM_CONFIGS)
+def test_single_array_fast_path_with_norm_clipping_matches_reference(dtype, config):
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(10).astype(dtype)
+    xf, xr = x0.copy(), x0.copy()
+    fast = eg.Expectigrad(xf, lr=0.05, **config)
+    ref = eg.Expectigrad(xr, lr=0.05, backend="numpy", **config)
+    for g in _grads(rng, 10, dtype, 25):
+        fast.step(g)
+        ref.step(g)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(xf, xr, rtol=tol, atol=tol)
+
+
+def test_fast_path_with_global_clipnorm_and_schedule_matches_reference():
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal(16)
+    xf, xr = x0.copy(), x0.copy()
+    kw = dict(lr=eg.schedules.exponential_decay(0.1, 0.5, 4), global_clipnorm=50.0)
+    fast = eg.Expectigrad(xf, **kw)
+    ref = eg.Expectigrad(xr, backend="numpy", **kw)
+    for g in _grads(rng, 16, np.float64, 20):
+        fast.step(g)
+        ref.step(g)
+    _assert_same(fast, ref, [xf], [xr])
+    for g in _grads(rng, 16, np.float64, 5):
+        fast.step(g * 100)                     # now the global norm clips
+        ref.step(g * 100)
+    np.testing.assert_allclose(xf, xr, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_and_general_paths_interleave_bitwise():
+    """Gradients the fast path refuses (other dtype, strided, lists of
+    lists) go the general way; mixing both keeps exact agreement."""
+    rng = np.random.default_rng(2)
+    x0 = rng.standard_normal(12).astype(np.float32)
+    xf, xr = x0.copy(), x0.copy()
+    fast = eg.Expectigrad([xf], lr=0.1)
+    ref = eg.Expectigrad([xr], lr=0.1, backend="numpy")
+    for i, g in enumerate(_grads(rng, 24, np.float32, 12)):
+        g = g[::2]                                  # strided
+        if i % 3 == 1:
+            g = np.ascontiguousarray(g)             # fast
+        elif i % 3 == 2:
+            g = g.astype(np.float64)                # cast on the general path
+        fast.step([g])
+        ref.step([g])
+        if i == 5:
+            fast.step([None])
+            ref.step([None])
+    _assert_same(fast, ref, [xf], [xr])
+
+
+def test_hyperparameter_change_and_state_load_reach_the_fast_path():
+    rng = np.random.default_rng(3)
+    xf, xr = np.zeros(8), np.zeros(8)
+    fast = eg.Expectigrad(xf, lr=0.1)
+    ref = eg.Expectigrad(xr, lr=0.1, backend="numpy")
+    gs = _grads(rng, 8, np.float64, 12)
+    for i, g in enumerate(gs):
+        if i == 4:
+            for o in (fast, ref):
+                o.param_groups[0]["lr"] = 0.02
+                o.param_groups[0]["beta"] = 0.5
+        if i == 8:
+            sd = ref.state_dict()
+            fast.load_state_dict(sd)
+            xf[...] = xr
+        fast.step(g)
+        ref.step(g)
+    _assert_same(fast, ref, [xf], [xr])
+
+
+def test_changing_check_finite_and_global_clipnorm_reaches_the_fast_path():
+    x = np.zeros(4)
+    opt = eg.Expectigrad(x, lr=0.1)
+    opt.step(np.ones(4))
+    opt.check_finite = False
+    opt.step(np.array([1.0, np.inf, 1.0, 1.0]))     # not refused any more
+    assert opt.step_count == 2 and not np.isfinite(x[1])
+    y, z = np.zeros(4), np.zeros(4)
+    fast = eg.Expectigrad(y, lr=0.1)
+    ref = eg.Expectigrad(z, lr=0.1, backend="numpy")
+    for o in (fast, ref):
+        o.step(np.ones(4))
+        o.global_clipnorm = 0.01
+        o.step(np.full(4, 3.0))
+    np.testing.assert_allclose(y, z, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape", "size", "dtype"])
+def test_fast_path_refusals_change_nothing(bad):
+    x = np.linspace(-1, 1, 10)
+    opt = eg.Expectigrad(x, lr=0.1)
+    opt.step(np.ones(10))
+    before = (x.copy(), _state(opt))
+    g = {"nan": np.where(np.arange(10) == 3, np.nan, 1.0),
+         "shape": np.ones((2, 5)), "size": np.ones(11),
+         "dtype": np.ones(10, dtype=complex)}[bad]
+    with pytest.raises((ValueError, TypeError, FloatingPointError)):
+        opt.step(g)
+    np.testing.assert_array_equal(x, before[0])
+    after = _state(opt)
+    assert after[0] == before[1][0]
+    for k, v in before[1][1][0].items():
+        np.testing.assert_array_equal(after[1][0][k], v)
+
+
+def test_many_arrays_match_reference_bitwise():
+    rng = np.random.default_rng(4)
+    shapes = [(5,), (3, 7), (40_000,), (1,)]
+    x0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    xf = [x.copy() for x in x0]
+    xr = [x.copy() for x in x0]
+    fast = eg.Expectigrad(xf, lr=0.05, clipnorm=2.0, global_clipnorm=5.0)
+    ref = eg.Expectigrad(xr, lr=0.05, clipnorm=2.0, global_clipnorm=5.0, backend="numpy")
+    for _ in range(6):
+        gs = [g[0] for g in (_grads(rng, s, np.float32, 1) for s in shapes)]
+        fast.step(gs)
+        ref.step(gs)
+    # Norm clipping sums squares in a different order: equal to rounding.
+    for p, q in zip(xf, xr):
+        np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_reused_gradient_buffers_are_read_afresh_every_step():
+    """The same gradient array objects, refilled in place between steps (and
+    sometimes None, or swapped for a new array), step exactly like fresh
+    copies."""
+    rng = np.random.default_rng(6)
+    shapes = [(7,), (2, 3), (5,)]
+    xf = [np.zeros(s) for s in shapes]
+    xr = [np.zeros(s) for s in shapes]
+    fast = eg.Expectigrad(xf, lr=0.1)
+    ref = eg.Expectigrad(xr, lr=0.1, backend="numpy")
+    buffers = [np.empty(s) for s in shapes]
+    for i in range(10):
+        for b in buffers:
+            b[...] = rng.standard_normal(b.shape)
+        grads = list(buffers)
+        if i == 3:
+            grads[1] = None
+        if i == 6:
+            grads[2] = buffers[2].copy()
+        fast.step(grads)
+        ref.step([None if g is None else g.copy() for g in grads])
+    _assert_same(fast, ref, xf, xr)
+
+
+@pytest.mark.parametrize("shapes", [[(5,)], [(5,), (2, 3)]])
+def test_deep_copied_optimizer_steps_its_own_arrays(shapes):
+    import copy
+    rng = np.random.default_rng(7)
+    xs = [np.zeros(s) for s in shapes]
+    opt = eg.Expectigrad(xs, lr=0.1)
+    opt.step([np.ones(s) for s in shapes])
+    twin = copy.deepcopy(opt)
+    before = [x.copy() for x in xs]
+    ys = twin.params
+    for _ in range(3):
+        twin.step([rng.standard_normal(s) for s in shapes])
+    for x, b, y in zip(xs, before, ys):
+        np.testing.assert_array_equal(x, b)            # the original is untouched
+        assert not np.array_equal(y, b)                # the copy moved
+    ref = eg.Expectigrad([b.copy() for b in before], lr=0.1, backend="numpy")
+    ref.load_state_dict(opt.state_dict())
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        ref.step([rng.standard_normal(s) for s in shapes])
+    _assert_same(twin, ref, ys, ref.params)
+
+
+def test_large_single_array_takes_parallel_kernel_and_matches(monkeypatch):
+    monkeypatch.setattr(_buckets, "PARALLEL_MIN_SIZE", 64)
+    rng = np.random.default_rng(5)
+    x0 = rng.standard_normal(3 * K.CHUNK + 17).astype(np.float32)
+    xf, xr = x0.copy(), x0.copy()
+    fast = eg.Expectigrad(xf, lr=0.05)
+    ref = eg.Expectigrad(xr, lr=0.05, backend="numpy")
+    assert fast._fast is None                      # above the size: segmented
+    for g in _grads(rng, x0.size, np.float32, 5):
+        fast.step(g)
+        ref.step(g)
+    _assert_same(fast, ref, [xf], [xr])
+
+
+def test_span_stats_detects_nonfinite_anywhere():
+    for dtype in (np.float32, np.float64):
+        for n in (1, 7, 64, 1000):
+            g = np.ones(n, dtype)
+            for i in {0, n // 2, n - 1}:
+                for bad in (np.nan, np.inf, -np.inf):
+                    h = g.copy()
+                    h[i] = bad
+                    assert K._span_stats(h)[0] != 0, (dtype, n, i, bad)
+            assert K._span_stats(g)[0] == 0
+
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import json, numpy as np, expectigrad_np as eg
+
+    def vm(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    n = 5_000_000
+    rng = np.random.default_rng(0)
+    xs = [np.zeros(n, np.float32), np.zeros(1000, np.float32)]
+    gs = [rng.standard_normal(n).astype(np.float32), np.ones(1000, np.float32)]
+    x1 = np.zeros(1000)
+    g1 = np.ones(1000)
+    many = eg.Expectigrad(xs, clipnorm=1.0, global_clipnorm=2.0)
+    one = eg.Expectigrad(x1)
+    for _ in range(2):                      # compile/load, touch every page
+        many.step(gs); one.step(g1)
+    rss = vm("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                        # reset the peak (VmHWM)
+    for _ in range(5):
+        many.step(gs); one.step(g1)
+    print(json.dumps(dict(rss=rss, hwm=vm("VmHWM"), bytes=n * 4)))
+""")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux")
+                         and os.access("/proc/self/clear_refs", os.W_OK)),
+                    reason="needs /proc/self/clear_refs (Linux)")
+def test_steady_state_steps_do_not_grow_peak_memory():
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], check=True,
+                         capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # One temporary the size of a gradient would add r["bytes"] (20 MB).
+    assert r["hwm"] - r["rss"] < r["bytes"] // 4, r
+
+
+def test_bench_smoke_emits_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "expectigrad_np", "bench", "--sizes", "10",
+         "--repeat", "1", "--json", "--no-torch"],
+        check=True, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    result = json.loads(out.stdout)
+    row, = [r for r in result["rows"] if r["dtype"] == "float32"]
+    assert row["n"] == 10 and row["bytes_per_step"] == 360
+    assert {"many_small", "small", "startup", "specialisations"} <= set(result)
