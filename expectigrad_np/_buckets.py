@@ -24,22 +24,20 @@ COEF_FIELDS = K.COEF_FIELDS
 COUNT_DTYPE = np.uint32
 
 # Below this many elements (in one bucket) a step runs serially: a parallel
-# launch costs a few microseconds of thread-pool wake-up, and the step is
-# bound by memory bandwidth, which one core nearly saturates; threads only pay
-# off once a pass is long and a second core is free.  Measured on a 2-core
-# machine shared with other work (segments_step against
-# segments_step_parallel, interleaved, medians of 9, float32 and float64,
-# CHUNK = 2**16): the parallel/serial time ratio was 0.92-1.02 from 2**15 to
-# 2**18 elements, 1.0-1.19 at 2**19-2**20 and 0.96-0.99 at 2**21; at 1e7
-# elements parallel took 0.93x the serial time.  Another run (``bench
-# --parallel``, float32, 7 blocks): 1.87 at 2**18, 0.62-0.68 from 2**20 to
-# 2**23.  So: parallel from 2**20 elements (4 MB per float32 array).  (When
-# the second core is busy with other processes a parallel step can take
-# 2-3x the serial one: the pass waits for the descheduled thread.)  To
-# re-tune on another machine, time both kernels around the threshold with
-# ``python -m expectigrad_np bench --parallel`` and set this module variable
-# accordingly (it is read when optimizers are built and when they step).
-PARALLEL_MIN_SIZE = 1 << 20
+# launch costs a few microseconds of thread-pool wake-up, and work is split
+# in chunks of CHUNK = 2**17 elements, so a bucket needs two chunks before a
+# second thread has anything to do.  Measured with ``python -m expectigrad_np
+# bench --parallel`` (float32, medians of 5, the machine otherwise idle):
+# parallel/serial time 1.16-1.26 from 2**15 to 2**17 elements (one chunk),
+# 0.55-0.62 from 2**18 to 2**23.  Earlier runs on the same machine while
+# other jobs shared its 2 cores gave 0.92-1.19 between 2**15 and 2**20: a
+# parallel pass waits for a descheduled thread, and when the second core is
+# busy a parallel step can take 2-3x the serial one.  So: parallel from two
+# chunks, 2**18 elements (1 MB per float32 array).  To re-tune on another
+# machine, time both kernels around the threshold with ``bench --parallel``
+# and set this module variable (it is read when optimizers are built and when
+# they step).
+PARALLEL_MIN_SIZE = 1 << 18
 
 # One parallel kernel at a time: Numba's workqueue threading layer (used where
 # neither TBB nor OpenMP is available) aborts the process when two threads
@@ -124,6 +122,7 @@ class _Bucket:
         f[:, K.ACTIVE] = active
         f[:, K.SPARSE] = sparse
         f[:, K.MOMENTUM] = momentum
+        f[:, K.T] = t
         self.hyper = dict(lr=lr, beta=beta, eps=eps, t=t)
 
 

@@ -335,7 +335,7 @@ class CudaBucket(_Bucket):
         if n:
             h_addr[...] = self.addr
             h_table[:, :len(KC.COEF_FIELDS)] = self.coef
-            h_table[:, len(KC.COEF_FIELDS):] = self.flags
+            h_table[:, len(KC.COEF_FIELDS):] = self.flags[:, :len(KC.TABLE_FLAGS)]
         self.d_buffer.copy_to_device(host, stream=self.stream)
         if self._events[slot] is None:
             self._events[slot] = _event()

@@ -19,12 +19,13 @@ the same quantity, but it never grows with the number of steps, so it cannot
 overflow while every ``g**2`` is finite (a finite ``g`` whose square
 overflows counts as the largest finite ``g**2``), and in float32 it keeps the adaptive
 step accurate over millions of steps where a float32 running sum drifts.
-The new mean is rounded stochastically (``add_stochastically_rounded``):
-to one of the two floats around the exact ``mean_sq + increment``, with
-probability proportional to closeness, chosen by a hash of the element's
-index and ``t``.  Unlike round-to-nearest, that is exact on average, so a
-float32 mean stays accurate over millions of slowly changing steps, and it
-is reproducible and the same on every backend.
+In float32 the new mean is rounded stochastically
+(``add_stochastically_rounded``): to one of the two floats around the exact
+``mean_sq + increment``, with probability proportional to closeness, the
+choice made by ``dither(index, t)``.  Unlike round-to-nearest that is exact
+on average, so a float32 mean stays accurate over millions of slowly
+changing steps; it is reproducible and the same on every backend.  float64
+rounds to nearest (its rounding errors are 2**29 times smaller).
 With the sparse counter a coordinate whose gradient is exactly zero keeps
 its mean and its count; its ``u`` is then ``0 / (eps + sqrt(mean_sq)) = 0``,
 which is the paper's ``0/0 := 0``.
@@ -53,44 +54,45 @@ def step_size(lr: float, beta: float, t: int) -> float:
 
 
 def dither(index, t):
-    """Reproducible uniform numbers in [0, 1), multiples of 2**-24, one per
-    element ``index`` (int array) and step ``t``: an integer hash (a
-    multiply-xorshift mix of 32-bit words) of the pair."""
-    h = (np.asarray(index, dtype=np.uint64) * np.uint64(0x9E3779B1)
-         + np.uint64(t) * np.uint64(0x85EBCA77)) & _MASK32
-    h ^= h >> np.uint64(15)
-    h = (h * np.uint64(0x2C1B3C6D)) & _MASK32
-    h ^= h >> np.uint64(12)
-    h = (h * np.uint64(0x297A2D39)) & _MASK32
-    h ^= h >> np.uint64(15)
+    """Positions in [0, 1) (multiples of 2**-24) for elements ``index`` (an
+    int array) on step ``t``: the fractional part of
+    ``index * 0x85EBCA77 / 2**32 + t * 0x9E3779B9 / 2**32``.
+
+    For one element, successive steps walk round the unit interval by the
+    golden ratio (a Weyl sequence): evenly spread and never periodic in
+    practice, so rounding errors cancel over a run, faster than with
+    independent random numbers.  Neighbouring elements start at unrelated
+    points.  Pure integer arithmetic: the same bits on every backend.
+    """
+    h = (np.asarray(index, dtype=np.uint64) * np.uint64(0x85EBCA77)
+         + np.uint64(t) * np.uint64(0x9E3779B9)) & _MASK32
     return (h >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24)
 
 
 def add_stochastically_rounded(a, b, t):
-    """``a + b`` in ``a``'s dtype, rounded to one of its two neighbouring
-    floats with probability proportional to closeness (stochastic rounding).
+    """``a + b`` in float32, rounded to one of its two neighbouring floats
+    with probability proportional to closeness (stochastic rounding).
 
-    Round-to-nearest makes the same small error on every step when the mean
-    changes smoothly, and a million such errors add up (about 1e-4 relative
-    on a stream whose gradients shrink a thousandfold).  Stochastic rounding
-    is exact on average, so the errors cancel instead.  The random choice
-    comes from ``dither(index, t)``, so results are reproducible and equal on
-    every backend.
+    Round-to-nearest makes nearly the same small error on every step when
+    the mean changes smoothly, and a million such errors add up (1.3e-4
+    relative on a stream whose gradients shrink a thousandfold).  Stochastic
+    rounding is exact on average, so the errors cancel instead (3e-5 on that
+    stream).  The choice comes from ``dither(index, t)``: reproducible, and
+    the same on every backend.
 
     ``s = fl(a + b)`` and ``e = a + b - s`` exactly (Knuth's TwoSum); the
     result is the neighbour of ``s`` on ``e``'s side when ``|e| > r * gap``,
-    ``gap`` the distance to that neighbour and ``r`` uniform in [0, 1).
+    ``gap`` the distance to that neighbour and ``r`` the dither.
     """
-    a = np.asarray(a)
-    bits = np.int32 if a.dtype == np.float32 else np.int64
-    s = np.asarray(a + b, dtype=a.dtype)
+    a = np.asarray(a, dtype=np.float32)
+    s = np.asarray(a + b, dtype=np.float32)
     bp = s - a
     e = (a - (s - bp)) + (b - bp)                  # a + b = s + e exactly
-    step = np.where(e > 0, 1, -1).astype(bits)
+    step = np.where(e > 0, 1, -1).astype(np.int32)
     with np.errstate(invalid="ignore", over="ignore"):
-        neighbour = (s.view(bits) + step).view(a.dtype)
+        neighbour = (s.view(np.int32) + step).view(np.float32)
         gap = np.abs(neighbour - s)
-        r = dither(np.arange(s.size).reshape(s.shape), t).astype(a.dtype)
+        r = dither(np.arange(s.size).reshape(s.shape), t)
         return np.where(np.abs(e) > r * gap, neighbour, s)
 
 
@@ -146,8 +148,11 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         weight = np.where(counted, one / np.maximum(count, 1).astype(x.dtype), zero)
     else:
         weight = dt(1.0 / t)                                   # n = t
-    mean_sq[...] = add_stochastically_rounded(                 # s / n
-        mean_sq, (g2 - mean_sq) * weight, t)
+    increment = (g2 - mean_sq) * weight                         # s / n
+    if x.dtype == np.float32:
+        mean_sq[...] = add_stochastically_rounded(mean_sq, increment, t)
+    else:
+        mean_sq += increment
     u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0
 
     if beta == 0.0:

@@ -31,6 +31,7 @@ def drive(stream, x, v, n, m, flags, lr, beta, eps, t0):
         t = t0 + r + 1
         c[K.STEP] = dt(lr / (1.0 - beta ** t))
         c[K.INV_T] = dt(1.0 / t)
+        flags[K.T] = t
         K.array_step(x, stream[r], v, n, m, c, flags, False, np.inf)
 
 
@@ -40,7 +41,7 @@ def run(stream, dtype, sparse=True):
     w = stream.shape[1]
     x, v, m = np.zeros(w, dtype), np.zeros(w, dtype), np.zeros(w, dtype)
     n = np.zeros(w if sparse else 0, np.uint32)
-    drive(stream, x, v, n, m, np.array([1, int(sparse), 1]), LR, BETA, EPS, 0)
+    drive(stream, x, v, n, m, np.array([1, int(sparse), 1, 0]), LR, BETA, EPS, 0)
     return x, v, n, m
 
 
@@ -104,26 +105,51 @@ def adaptive_rel_error(v32, v64):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_million_steps_stays_accurate(long_run, sparse):
-    """Measured: max 1.3e-4 (sparse counter) and 1.8e-4 (dense) over 16
-    coordinates; the float32 running sum of the same stream: 1.1e-3."""
+def test_million_steps_within_1e4(long_run, sparse):
+    """A million steps of gradients that shrink a thousandfold: the float32
+    adaptive step stays within 1e-4 of the float64 one (the stochastically
+    rounded mean measured 3e-5 here; with round-to-nearest it was 1.3e-4
+    sparse and 1.8e-4 dense), where a float32 running sum is off by 1e-3."""
     v32, v64 = long_run[sparse]
     assert v32.dtype == np.float32 and np.all(np.isfinite(v32))
     err = adaptive_rel_error(v32, v64)
-    assert err.max() < 3e-4, err.max()
+    assert err.max() < 1e-4, err.max()
     sum_err = adaptive_rel_error(*long_run["sum"])
     assert sum_err.max() > 1e-3          # the stream does defeat a running sum
-    assert err.max() < sum_err.max() / 4
+    assert err.max() < sum_err.max() / 10
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "round-to-nearest of a float32 running mean accumulates correlated errors "
-    "of ~2e-4 over 1e6 smoothly decaying steps; 1e-4 needs e.g. stochastic "
-    "rounding of the stored mean"))
-@pytest.mark.parametrize("sparse", [True])
-def test_million_steps_within_1e4(long_run, sparse):
-    err = adaptive_rel_error(*long_run[sparse])
-    assert err.max() < 1e-4, err.max()
+@njit(cache=False)
+def _round_to_nearest_mean(stream, sparse):
+    """The mean as a plain float32 ``v += (g**2 - v) / n``, rounded to nearest."""
+    v = np.zeros(stream.shape[1], np.float32)
+    n = np.zeros(stream.shape[1], np.float32)
+    for r in range(stream.shape[0]):
+        for i in range(stream.shape[1]):
+            g2 = stream[r, i] * stream[r, i]
+            if sparse and g2 == 0:
+                continue
+            n[i] = n[i] + 1 if sparse else np.float32(r + 1)
+            v[i] += (g2 - v[i]) * (np.float32(1) / n[i])
+    return v
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_1e4_check_fails_with_round_to_nearest(long_run, sparse):
+    """The accuracy test can fail: the same mean rounded to nearest misses it."""
+    stream = decaying_stream()
+    v64 = long_run[sparse][1]
+    assert adaptive_rel_error(_round_to_nearest_mean(stream, sparse), v64).max() > 1e-4
+
+
+def test_one_huge_gradient_then_a_million_small_ones():
+    """g = 1e4 once, then 1e6 gradients of 1: the mean must forget nothing
+    and drift nowhere (a float32 running sum is off by ~5e-3 here)."""
+    stream = np.ones((STEPS, 4), np.float32)
+    stream[0] = 1e4
+    v32 = run(stream, np.float32)[1]
+    v64 = run(stream, np.float64)[1]
+    assert adaptive_rel_error(v32, v64).max() < 1e-4
 
 
 # --- the counter -------------------------------------------------------------------

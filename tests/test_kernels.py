@@ -28,8 +28,9 @@ def _compiled_ir(dtype):
     n = np.zeros(8, np.uint32)
     c = np.array([0.01, 0.9, 0.1, 1e-8, 1.0, np.inf, np.inf], dtype)
     scale = dtype(1.0)
-    args = [(x, g, v, n, m, c, scale), (x, g, v, n, c, scale), (x, g, v, m, c, scale),
-            (x, g, v, c, scale)]
+    i0, t = 0, 1
+    args = [(x, g, v, n, m, c, scale, i0, t), (x, g, v, n, c, scale, i0, t),
+            (x, g, v, m, c, scale, i0, t), (x, g, v, c, scale, i0, t)]
     irs = {}
     for loop, a in zip(UPDATE_LOOPS, args):
         fresh = uncached(loop)
@@ -86,13 +87,14 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         v, n, m = np.zeros(total, dtype), np.zeros(total, np.uint32), np.zeros(total, dtype)
         coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0], dtype), (len(sizes), 1))
-        flags = np.ones((len(sizes), 3), np.int64)
+        flags = np.ones((len(sizes), len(cpu.FLAG_FIELDS)), np.int64)
         seg, lo, hi = cpu.make_chunks(sizes)
         x_addr = np.array([cpu.data_address(x) if x.size else 0 for x in xs], np.int64)
         rng = np.random.default_rng(1)
         for _ in range(3):
             gs = [rng.standard_normal(s).astype(dtype) for s in sizes]
             g_addr = np.array([cpu.data_address(g) if g.size else 0 for g in gs], np.int64)
+            flags[:, cpu.T] += 1
             bad, _ = kernel(x_addr, g_addr, offsets, seg, lo, hi, v, n, m, coef, flags,
                             True, 5.0, 0.0, True)
             assert bad == -1

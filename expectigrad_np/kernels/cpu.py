@@ -32,7 +32,9 @@ returns before writing anything.
 
 Coefficient rows (one per array, in the array's dtype):
 ``[step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``.
-Flag rows (int64): ``[active, sparse_counter, momentum]``.
+Flag rows (int64): ``[active, sparse_counter, momentum, t]``, ``t`` the
+array's step number counting this step (it seeds the stochastic rounding of
+the mean, ``_add_rounded``).
 All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
 vectorises the inner loops (check with ``inspect_asm``: ``vsqrtps``/``vdivps``
 on ``ymm`` or ``zmm`` registers), ``nogil=True`` and ``cache=True``.  The update loops
@@ -62,9 +64,8 @@ __all__ = [
 ]
 
 # Elements per work item of the segmented kernels: large enough that a chunk
-# costs far more than its scheduling, small enough to balance threads (at
-# least 8 chunks per array at the parallel threshold, PARALLEL_MIN_SIZE in
-# _buckets.py).  Measured at 1e7 float32 elements, parallel, interleaved runs
+# costs far more than its scheduling, small enough to balance threads (the
+# parallel threshold, PARALLEL_MIN_SIZE in _buckets.py, is two chunks).  Measured at 1e7 float32 elements, parallel, interleaved runs
 # (see the bench module's time_interleaved): 2**13 elements cost 1.22-1.27x
 # the same-traffic kernel, 2**15 1.15-1.20x, 2**17 1.09-1.14x, 2**19 1.11-1.15x.
 CHUNK = 1 << 17
@@ -72,10 +73,14 @@ CHUNK = 1 << 17
 COEF_FIELDS = ("step_size", "beta", "one_minus_beta", "eps", "inv_t",
                "clipvalue", "clipnorm")
 STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM = range(len(COEF_FIELDS))
-FLAG_FIELDS = ("active", "sparse", "momentum")
-ACTIVE, SPARSE, MOMENTUM = range(len(FLAG_FIELDS))
+FLAG_FIELDS = ("active", "sparse", "momentum", "t")
+ACTIVE, SPARSE, MOMENTUM, T = range(len(FLAG_FIELDS))
 
 _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
+_MASK32 = np.uint64(0xFFFFFFFF)
+# reference.dither: frac(index * _WEYL_INDEX / 2**32 + t * _WEYL_STEP / 2**32)
+_WEYL_INDEX = np.uint64(0x85EBCA77)
+_WEYL_STEP = np.uint64(0x9E3779B9)         # 2**32 / golden ratio
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
 
 
@@ -129,14 +134,89 @@ def _max_finite_impl(x):
     return lambda x: big
 
 
+@intrinsic
+def _float_bits(typingctx, x):
+    """The bits of float ``x`` as a signed integer of the same width."""
+    ity = types.int32 if x.bitwidth == 32 else types.int64
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(ity))
+
+    return ity(x), codegen
+
+
+@intrinsic
+def _bits_float(typingctx, bits, like):
+    """The float of ``like``'s type whose bits are ``bits``."""
+    ity = types.int32 if like.bitwidth == 32 else types.int64
+
+    def codegen(context, builder, signature, args):
+        value = context.cast(builder, args[0], signature.args[0], ity)
+        return builder.bitcast(value, context.get_value_type(like))
+
+    return like(bits, like), codegen
+
+
+@intrinsic
+def _is_float32(typingctx, x):
+    """True for a float32 ``x``: a compile-time constant, so LLVM drops the
+    branch it guards."""
+    single = x.bitwidth == 32
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.boolean, single)
+
+    return types.boolean(x), codegen
+
+
+@intrinsic
+def _dither(typingctx, index, t, like):
+    """``reference.dither`` in ``like``'s float type: the position in [0, 1)
+    of element ``index`` on step ``t``, ``((index * 0x85EBCA77 + t *
+    0x9E3779B9) mod 2**32 >> 8) / 2**24``.  Written as 32-bit integer IR
+    (numba would widen the products to 64 bits), so it vectorises as 32-bit
+    multiplies."""
+    from llvmlite import ir
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        index32 = builder.trunc(args[0], i32)
+        t32 = builder.trunc(args[1], i32)
+        h = builder.add(builder.mul(index32, ir.Constant(i32, int(_WEYL_INDEX))),
+                        builder.mul(t32, ir.Constant(i32, int(_WEYL_STEP))))
+        top = builder.lshr(h, ir.Constant(i32, 8))             # < 2**24: exact
+        fty = context.get_value_type(like)
+        return builder.fmul(builder.sitofp(top, fty), ir.Constant(fty, 2.0 ** -24))
+
+    return like(index, t, like), codegen
+
+
 @njit(inline="always", **_OPTS)
-def _adaptive(g, g2, mean_sq, weight, eps):
+def _add_rounded(a, b, index, t):
+    """``a + b``; in float32 ``reference.add_stochastically_rounded`` for one
+    element: the neighbour of ``s = fl(a + b)`` on the side of its exact
+    error ``e`` (TwoSum) when ``|e| > r * gap``, ``r = dither(index, t)``."""
+    s = a + b
+    if not _is_float32(s):
+        return s
+    bp = s - a
+    e = (a - (s - bp)) + (b - bp)                   # a + b = s + e exactly
+    bits = _float_bits(s)
+    neighbour = _bits_float(bits + 1 if e > 0 else bits - 1, s)
+    gap = abs(neighbour - s)
+    r = _dither(index, t, s)
+    return neighbour if abs(e) > r * gap else s
+
+
+@njit(inline="always", **_OPTS)
+def _adaptive(g, g2, mean_sq, weight, eps, index, t):
     """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
 
     A g**2 that overflows to inf counts as the largest finite value, so the
-    mean stays finite (an inf mean would turn into NaN on the next step)."""
+    mean stays finite (an inf mean would turn into NaN on the next step).
+    The new mean is rounded stochastically (``_add_rounded``)."""
     big = _max_finite(mean_sq)
-    v = mean_sq + ((big if g2 > big else g2) - mean_sq) * weight
+    v = _add_rounded(mean_sq, ((big if g2 > big else g2) - mean_sq) * weight, index, t)
     return v, g / (eps + np.sqrt(v))
 
 
@@ -148,7 +228,7 @@ def _clip(g, scale, clipvalue):
 # --- the four update loops: (sparse | dense counter) x (momentum | none) ---
 
 @njit(inline="always", **_OPTS)
-def _update_sparse_momentum(x, g, v, n, m, c, scale):
+def _update_sparse_momentum(x, g, v, n, m, c, scale, i0, t):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
@@ -157,13 +237,13 @@ def _update_sparse_momentum(x, g, v, n, m, c, scale):
         cnt = n[i] + np.uint32(counted and n[i] != _COUNT_MAX)
         n[i] = cnt
         w = one / x.dtype.type(cnt) if counted else zero
-        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS])
+        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], i0 + i, t)
         m[i] = c[BETA] * m[i] + c[OMB] * u
         x[i] -= c[STEP] * m[i]
 
 
 @njit(inline="always", **_OPTS)
-def _update_sparse(x, g, v, n, c, scale):
+def _update_sparse(x, g, v, n, c, scale, i0, t):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
@@ -172,40 +252,42 @@ def _update_sparse(x, g, v, n, c, scale):
         cnt = n[i] + np.uint32(counted and n[i] != _COUNT_MAX)
         n[i] = cnt
         w = one / x.dtype.type(cnt) if counted else zero
-        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS])
+        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], i0 + i, t)
         x[i] -= c[STEP] * u
 
 
 @njit(inline="always", **_OPTS)
-def _update_dense_momentum(x, g, v, m, c, scale):
+def _update_dense_momentum(x, g, v, m, c, scale, i0, t):
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
-        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS])
+        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], i0 + i, t)
         m[i] = c[BETA] * m[i] + c[OMB] * u
         x[i] -= c[STEP] * m[i]
 
 
 @njit(inline="always", **_OPTS)
-def _update_dense(x, g, v, c, scale):
+def _update_dense(x, g, v, c, scale, i0, t):
     for i in range(x.size):
         gi = _clip(g[i], scale, c[CLIPVALUE])
-        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS])
+        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], i0 + i, t)
         x[i] -= c[STEP] * u
 
 
 @njit(inline="always", **_OPTS)
-def _update_span(x, g, v, n, m, c, f, scale):
-    """Dispatch one contiguous span to the loop its flags call for."""
+def _update_span(x, g, v, n, m, c, f, scale, i0):
+    """Dispatch one contiguous span, elements ``i0:i0 + x.size`` of its
+    array, to the loop its flags call for."""
+    t = f[T]
     if f[SPARSE]:
         if f[MOMENTUM]:
-            _update_sparse_momentum(x, g, v, n, m, c, scale)
+            _update_sparse_momentum(x, g, v, n, m, c, scale, i0, t)
         else:
-            _update_sparse(x, g, v, n, c, scale)
+            _update_sparse(x, g, v, n, c, scale, i0, t)
     else:
         if f[MOMENTUM]:
-            _update_dense_momentum(x, g, v, m, c, scale)
+            _update_dense_momentum(x, g, v, m, c, scale, i0, t)
         else:
-            _update_dense(x, g, v, c, scale)
+            _update_dense(x, g, v, c, scale, i0, t)
 
 
 @njit(fastmath={"reassoc"}, **_OPTS)
@@ -257,7 +339,7 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
         if needs_norm:
             scale = _scale(sumsq, c[CLIPNORM])
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
-    _update_span(x, g, v, n, m, c, f, x.dtype.type(scale))
+    _update_span(x, g, v, n, m, c, f, x.dtype.type(scale), 0)
     return True, sumsq
 
 
@@ -322,6 +404,7 @@ def _single_step(g, ctx_address):
     lr, beta = s[S_LR], s[S_BETA]
     c[STEP] = lr if beta == 0.0 else lr / (1.0 - beta ** t)
     c[INV_T] = 1.0 / t
+    f[T] = steps[0] + 1
     ok, _ = _array_step_inline(x, g, v, n, m, c, f, ctx[CCHECK] != 0, s[S_GCLIP])
     if not ok:
         return NONFINITE
@@ -428,7 +511,7 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             n_span = n[a:b] if n.size else n
             m_span = m[a:b] if m.size else m
             _update_span(x[lo:hi], g[lo:hi], v[a:b], n_span, m_span,
-                         coef[k], flags[k], v.dtype.type(scale[k]))
+                         coef[k], flags[k], v.dtype.type(scale[k]), lo)
     return -1, total
 
 

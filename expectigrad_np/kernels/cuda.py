@@ -67,7 +67,10 @@ __all__ = [
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)      # NUMBA_ENABLE_CUDASIM=1
 
-TABLE_FIELDS = COEF_FIELDS + FLAG_FIELDS
+# The flags travel as 0/1 in the coefficient dtype; the step number ``t`` (the
+# last flag) travels exactly, as int64, in the address table.
+TABLE_FLAGS = FLAG_FIELDS[:3]
+TABLE_FIELDS = COEF_FIELDS + TABLE_FLAGS
 (STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM,
  ACTIVE, SPARSE, MOMENTUM) = range(len(TABLE_FIELDS))
 BAD, TOTAL = 0, 1                      # fields of ``result``
@@ -88,6 +91,8 @@ SIMULATOR_BLOCKS = 3
 
 _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
 _MASK32 = np.uint64(0xFFFFFFFF)
+_WEYL_INDEX = np.uint64(0x85EBCA77)            # reference.dither
+_WEYL_STEP = np.uint64(0x9E3779B9)
 
 
 # --- element access through device addresses ---------------------------------
@@ -136,6 +141,9 @@ else:
 # --- bit patterns of floats (stochastic rounding of the mean) --------------------
 
 if SIMULATOR:
+    def _is_float32(x):
+        return np.asarray(x).dtype == np.float32
+
     def _float_bits(x):
         """The bits of float ``x`` as a signed integer of the same width."""
         x = np.asarray(x)
@@ -145,6 +153,16 @@ if SIMULATOR:
         """The float of ``like``'s dtype whose bits are ``bits``."""
         return np.asarray(bits, like.dtype.str.replace("f", "i")).view(like.dtype)[()]
 else:
+    @intrinsic
+    def _is_float32(typingctx, x):
+        """True for a float32 ``x``, as a compile-time constant."""
+        single = x.bitwidth == 32
+
+        def codegen(context, builder, signature, args):
+            return context.get_constant(types.boolean, single)
+
+        return types.boolean(x), codegen
+
     @intrinsic
     def _float_bits(typingctx, x):
         """The bits of float ``x`` as a signed integer of the same width."""
@@ -307,9 +325,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
     ``result[BAD] >= 0``; without, the factor is 1.
 
     The counter and momentum branches depend only on the array, so every
-    thread of a block takes the same side.  The new mean is rounded
-    stochastically, with the same TwoSum error term and the same hash
-    ``dither(i, t)`` as ``reference.add_stochastically_rounded``.
+    thread of a block takes the same side.  In float32 the new mean is
+    rounded stochastically, with the TwoSum error term and the dither of
+    ``reference.add_stochastically_rounded``.
     """
     dt = v.dtype.type
     zero = dt(0)
@@ -350,23 +368,20 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             else:
                 w = inv_t
             # v + (g**2 - v) * w, an overflowed g**2 counting as the largest
-            # finite value, rounded stochastically:
+            # finite value, in float32 rounded stochastically:
             vj = v[j]
             d = ((big if g2 > big else g2) - vj) * w
             vs = vj + d
-            bp = vs - vj
-            e = (vj - (vs - bp)) + (d - bp)                 # vj + d = vs + e exactly
-            bits = _float_bits(vs)
-            nb = _bits_float(bits + 1 if e > zero else bits - 1, v)
-            gap = abs(nb - vs)
-            h = (np.uint64(i) * np.uint64(0x9E3779B1) + t * np.uint64(0x85EBCA77)) & _MASK32
-            h ^= h >> np.uint64(15)
-            h = (h * np.uint64(0x2C1B3C6D)) & _MASK32
-            h ^= h >> np.uint64(12)
-            h = (h * np.uint64(0x297A2D39)) & _MASK32
-            h ^= h >> np.uint64(15)
-            r = dt(np.int64(h >> np.uint64(8))) * dt(2.0 ** -24)
-            vj = nb if abs(e) > r * gap else vs
+            if _is_float32(vs):                             # compile-time
+                bp = vs - vj
+                e = (vj - (vs - bp)) + (d - bp)             # vj + d = vs + e exactly
+                bits = _float_bits(vs)
+                nb = _bits_float(bits + 1 if e > zero else bits - 1, v)
+                gap = abs(nb - vs)
+                h = (np.uint64(i) * _WEYL_INDEX + t * _WEYL_STEP) & _MASK32
+                r = dt(np.int64(h >> np.uint64(8))) * dt(2.0 ** -24)
+                vs = nb if abs(e) > r * gap else vs
+            vj = vs
             v[j] = vj
             u = gi / (eps + dt(math.sqrt(vj)))
             if momentum:
