@@ -43,6 +43,7 @@ from numba import njit, prange
 
 from . import reference as R
 from . import _buckets
+from .kernels.cpu import _twin
 from .optimizer import Expectigrad
 
 DEFAULT_SIZES = (10, 1_000, 100_000, 1_000_000, 10_000_000)
@@ -77,9 +78,12 @@ def _traffic_body(x, g, v, n, m):
         m[i] = h * m[i] + gi
 
 
-_traffic_serial = njit(cache=True, nogil=True, error_model="numpy")(_traffic_body)
-_traffic_parallel = njit(cache=True, nogil=True, parallel=True,
-                         error_model="numpy")(_traffic_body)
+# Two names: numba's on-disk cache ignores ``parallel``, so two dispatchers of
+# one function would load each other's machine code (see kernels.cpu._twin).
+_traffic_serial = njit(cache=True, nogil=True, error_model="numpy")(
+    _twin(_traffic_body, "_traffic_serial"))
+_traffic_parallel = njit(cache=True, nogil=True, parallel=True, error_model="numpy")(
+    _twin(_traffic_body, "_traffic_parallel"))
 
 
 def _traffic_kernel(n):
