@@ -138,7 +138,7 @@ def check_no_overlap(arrays, names):
                                  "must be a distinct, non-overlapping array")
 
 
-_FLOAT_KINDS = "fiu"
+_REAL_KINDS = "fiu"        # float, signed and unsigned integer
 
 
 def as_gradient(g, x, where):
@@ -153,7 +153,7 @@ def as_gradient(g, x, where):
         except Exception as exc:  # noqa: BLE001 - reported with context
             raise TypeError(f"the gradient of {where} could not be read as an "
                             f"array: {exc}") from None
-    if g.dtype.kind not in _FLOAT_KINDS:
+    if g.dtype.kind not in _REAL_KINDS:
         raise TypeError(f"the gradient of {where} has dtype {g.dtype}; gradients "
                         "must be real numbers (float or integer)")
     if g.shape != x.shape:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 __all__ = ["constant", "cosine_decay", "exponential_decay", "inverse_time_decay",
            "join", "linear", "warmup"]
@@ -180,6 +180,3 @@ def warmup(schedule: Callable[[int], float] | float, steps: int,
     steps = _steps("steps", steps)
     return join((linear(init, schedule(0), steps), schedule), (steps,))
 
-
-Schedule = Callable[[int], float]
-ScheduleLike = Sequence  # for type checkers only

@@ -5,7 +5,6 @@ import numba
 import numpy as np
 import pytest
 
-import expectigrad_np as eg
 from expectigrad_np.kernels import cpu
 
 UPDATE_LOOPS = [cpu._update_sparse_momentum, cpu._update_sparse,
