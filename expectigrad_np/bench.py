@@ -193,8 +193,10 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
     x1, x2 = np.zeros(n, dtype), np.zeros(n, dtype)
     checked = Expectigrad(x1, lr=1e-3)
     unchecked = Expectigrad(x2, lr=1e-3, check_finite=False)
-    tx, tg, tv, tm = (np.zeros(n, dtype) for _ in range(4))
-    tn = np.zeros(n, np.uint32)
+    # Filled, not zeros: pages of np.zeros that are only read map to one
+    # shared zero page and would never touch memory.
+    tx, tg, tv, tm = (np.full(n, 0.5, dtype) for _ in range(4))
+    tn = np.ones(n, np.uint32)
     kernel = _traffic_kernel(n)
     fns = [lambda: unchecked.step(g), lambda: checked.step(g),
            lambda: kernel(tx, tg, tv, tn, tm)]

@@ -20,12 +20,14 @@ overflow while every ``g**2`` is finite (a finite ``g`` whose square
 overflows counts as the largest finite ``g**2``), and in float32 it keeps the adaptive
 step accurate over millions of steps where a float32 running sum drifts.
 In float32 the new mean is rounded stochastically
-(``add_stochastically_rounded``): to one of the two floats around the exact
-``mean_sq + increment``, with probability proportional to closeness, the
-choice made by ``dither(index, t)``.  Unlike round-to-nearest that is exact
-on average, so a float32 mean stays accurate over millions of slowly
-changing steps; it is reproducible and the same on every backend.  float64
-rounds to nearest (its rounding errors are 2**29 times smaller).
+(``add_stochastically_rounded``): a dither of up to half a spacing,
+``dither(index, t)``, is added to the increment before rounding to nearest,
+so the result is one of the two floats around the exact ``mean_sq +
+increment`` with probability proportional to closeness.  Unlike
+round-to-nearest that is exact on average, so a float32 mean stays accurate
+over millions of slowly changing steps; it is reproducible and the same on
+every backend.  float64 rounds to nearest (its rounding errors are 2**29
+times smaller).
 With the sparse counter a coordinate whose gradient is exactly zero keeps
 its mean and its count; its ``u`` is then ``0 / (eps + sqrt(mean_sq)) = 0``,
 which is the paper's ``0/0 := 0``.
@@ -37,8 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["add_stochastically_rounded", "clip_gradient", "dither",
-           "expectigrad_update", "step_size"]
+__all__ = ["add_stochastically_rounded", "clip_gradient", "dither", "dither_offset",
+           "expectigrad_update", "power_of_two_in", "step_size", "weyl"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -53,12 +55,11 @@ def step_size(lr: float, beta: float, t: int) -> float:
     return float(lr) / (1.0 - float(beta) ** t)
 
 
-def dither(index, t):
-    """Positions in [0, 1) (multiples of 2**-24) for elements ``index`` (an
-    int array) on step ``t``: the fractional part of
-    ``index * 0x85EBCA77 / 2**32 + t * 0x9E3779B9 / 2**32``.
+def weyl(index, t):
+    """The uint32 hash ``(index * 0x85EBCA77 + t * 0x9E3779B9) mod 2**32`` of
+    elements ``index`` (an int array) on step ``t``.
 
-    For one element, successive steps walk round the unit interval by the
+    For one element, successive steps walk round the 32-bit circle by the
     golden ratio (a Weyl sequence): evenly spread and never periodic in
     practice, so rounding errors cancel over a run, faster than with
     independent random numbers.  Neighbouring elements start at unrelated
@@ -66,34 +67,69 @@ def dither(index, t):
     """
     h = (np.asarray(index, dtype=np.uint64) * np.uint64(0x85EBCA77)
          + np.uint64(t) * np.uint64(0x9E3779B9)) & _MASK32
-    return (h >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return h.astype(np.uint32)
+
+
+def dither(index, t):
+    """Offsets in (-1/2, 1/2) from ``weyl(index, t)``: its top 25 bits, read
+    as a signed number and made odd, over 2**25.  Odd multiples of 2**-25,
+    symmetric about 0, never reaching +-1/2; a float32 holds each exactly."""
+    odd = (weyl(index, t).view(np.int32) >> np.int32(7)) | np.int32(1)
+    return odd.astype(np.float32) * np.float32(2.0 ** -25)
+
+
+def power_of_two_in(a):
+    """``2**floor(log2|a|)`` for normal float32 ``a`` (``a`` with its mantissa
+    cleared), 0 for zero and subnormals: the exponent bits alone."""
+    a = np.asarray(a, dtype=np.float32)
+    return (a.view(np.int32) & np.int32(0x7F800000)).view(np.float32)
+
+
+_BELOW = np.float32(1.0 - 2.0 ** -24)
+
+
+def dither_offset(a, t):
+    """The offset ``add_stochastically_rounded`` adds: ``dither(index, t)``
+    times the spacing of float32 numbers next to ``a`` (``a >= 0``) on the
+    dither's side.
+
+    Above ``a`` the spacing is ``ulp(a) = power_of_two_in(a) * 2**-23``;
+    below it is the same, except for a power of two, where it is half that:
+    ``power_of_two_in(a * (1 - 2**-24))``, one binade lower, gives it.  The
+    product is computed as ``(dither * 2**25) * (power_of_two * 2**-48)``:
+    an odd integer times a power of two, exact down to ``a`` about 2**-78
+    and underflowing gradually below, the same way on every backend.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    d = dither(np.arange(a.size).reshape(a.shape), t)
+    side = np.where(d < 0, a * _BELOW, a)
+    return (d * np.float32(2.0 ** 25)) * (power_of_two_in(side) * np.float32(2.0 ** -48))
 
 
 def add_stochastically_rounded(a, b, t):
-    """``a + b`` in float32, rounded to one of its two neighbouring floats
-    with probability proportional to closeness (stochastic rounding).
+    """``a + b`` in float32 (``a >= 0``), rounded stochastically: a dither of
+    up to half a spacing added before rounding to nearest,
+
+        a + (b + dither_offset(a, t))
+
+    Where ``a + b`` lies between ``a``'s two neighbours, it is rounded to one
+    of the two floats around it with probability proportional to closeness:
+    exact on average.  (When ``a`` is a power of two that holds for ``|b|``
+    up to half the spacing below; increments that leave ``a``'s binade are
+    large enough for rounding to nearest to be accurate.)  With ``b == 0`` the
+    result is ``a``: the offset stays under half a spacing.
 
     Round-to-nearest makes nearly the same small error on every step when
     the mean changes smoothly, and a million such errors add up (1.3e-4
-    relative on a stream whose gradients shrink a thousandfold).  Stochastic
-    rounding is exact on average, so the errors cancel instead (3e-5 on that
-    stream).  The choice comes from ``dither(index, t)``: reproducible, and
-    the same on every backend.
-
-    ``s = fl(a + b)`` and ``e = a + b - s`` exactly (Knuth's TwoSum); the
-    result is the neighbour of ``s`` on ``e``'s side when ``|e| > r * gap``,
-    ``gap`` the distance to that neighbour and ``r`` the dither.
+    relative on a stream whose gradients shrink a thousandfold); dithered
+    rounding cancels them (2e-5 on that stream).  The offset depends only on
+    ``a``, the element and the step, so the result is reproducible and the
+    same on every backend.
     """
     a = np.asarray(a, dtype=np.float32)
-    s = np.asarray(a + b, dtype=np.float32)
-    bp = s - a
-    e = (a - (s - bp)) + (b - bp)                  # a + b = s + e exactly
-    step = np.where(e > 0, 1, -1).astype(np.int32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        neighbour = (s.view(np.int32) + step).view(np.float32)
-        gap = np.abs(neighbour - s)
-        r = dither(np.arange(s.size).reshape(s.shape), t)
-        return np.where(np.abs(e) > r * gap, neighbour, s)
+    b = np.asarray(b, dtype=np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        return a + (b + dither_offset(a, t))
 
 
 def clip_gradient(g, scale=1.0, clipvalue=np.inf):

@@ -22,25 +22,27 @@ DOUBLE_MATH = re.compile(r"\b(fadd|fsub|fmul|fdiv|fpext)\b[^\n]*\bdouble\b|fpext
 
 def _compiled_ir(dtype):
     """LLVM IR of each update loop compiled on its own for ``dtype``, with the
-    argument types the kernels pass (state arrays of the dtype, a dtype scale)."""
+    argument types the kernels pass (state arrays of the dtype, a dtype scale,
+    a uint32 hash), clipped and unclipped."""
     x, g, v, m = (np.ones(8, dtype) for _ in range(4))
     n = np.zeros(8, np.uint32)
     c = np.array([0.01, 0.9, 0.1, 1e-8, 1.0, np.inf, np.inf], dtype)
     scale = dtype(1.0)
-    i0, t = 0, 1
-    args = [(x, g, v, n, m, c, scale, i0, t), (x, g, v, n, c, scale, i0, t),
-            (x, g, v, m, c, scale, i0, t), (x, g, v, c, scale, i0, t)]
+    h = np.uint32(12345)
     irs = {}
-    for loop, a in zip(UPDATE_LOOPS, args):
-        fresh = uncached(loop)
-        fresh(*a)
-        irs[loop.__name__] = "\n".join(fresh.inspect_llvm().values())
+    for clipping in (True, False):
+        args = [(x, g, v, n, m, c, scale, h, clipping), (x, g, v, n, c, scale, h, clipping),
+                (x, g, v, m, c, scale, h, clipping), (x, g, v, c, scale, h, clipping)]
+        for loop, a in zip(UPDATE_LOOPS, args):
+            fresh = uncached(loop)
+            fresh(*a)
+            irs[loop.__name__, clipping] = "\n".join(fresh.inspect_llvm().values())
     return irs
 
 
 def test_float32_update_loops_do_no_double_arithmetic():
     irs = _compiled_ir(np.float32)
-    assert len(irs) == len(UPDATE_LOOPS)
+    assert len(irs) == 2 * len(UPDATE_LOOPS)
     for name, ir in irs.items():
         assert "fmul float" in ir, name
         assert not DOUBLE_MATH.search(ir), f"{name} promotes float32 to double"

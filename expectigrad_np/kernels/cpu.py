@@ -76,8 +76,6 @@ STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM = range(len(COEF_FIELDS))
 FLAG_FIELDS = ("active", "sparse", "momentum", "t")
 ACTIVE, SPARSE, MOMENTUM, T = range(len(FLAG_FIELDS))
 
-_COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
-_MASK32 = np.uint64(0xFFFFFFFF)
 # reference.dither: frac(index * _WEYL_INDEX / 2**32 + t * _WEYL_STEP / 2**32)
 _WEYL_INDEX = np.uint64(0x85EBCA77)
 _WEYL_STEP = np.uint64(0x9E3779B9)         # 2**32 / golden ratio
@@ -135,26 +133,20 @@ def _max_finite_impl(x):
 
 
 @intrinsic
-def _float_bits(typingctx, x):
-    """The bits of float ``x`` as a signed integer of the same width."""
-    ity = types.int32 if x.bitwidth == 32 else types.int64
+def _count_up(typingctx, count, counted):
+    """``count + 1`` if ``counted`` and ``count`` is below the uint32 maximum,
+    else ``count``: a saturating increment in 32-bit IR (numba would widen
+    uint32 arithmetic to 64 bits, and the conversions cost as much as the
+    increment)."""
+    from llvmlite import ir
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(ity))
+        i32 = ir.IntType(32)
+        below = builder.icmp_unsigned("!=", args[0], ir.Constant(i32, 0xFFFFFFFF))
+        up = builder.and_(builder.zext(args[1], ir.IntType(1)), below)
+        return builder.add(args[0], builder.zext(up, i32))
 
-    return ity(x), codegen
-
-
-@intrinsic
-def _bits_float(typingctx, bits, like):
-    """The float of ``like``'s type whose bits are ``bits``."""
-    ity = types.int32 if like.bitwidth == 32 else types.int64
-
-    def codegen(context, builder, signature, args):
-        value = context.cast(builder, args[0], signature.args[0], ity)
-        return builder.bitcast(value, context.get_value_type(like))
-
-    return like(bits, like), codegen
+    return types.uint32(types.uint32, types.boolean), codegen
 
 
 @intrinsic
@@ -170,124 +162,175 @@ def _is_float32(typingctx, x):
 
 
 @intrinsic
-def _dither(typingctx, index, t, like):
-    """``reference.dither`` in ``like``'s float type: the position in [0, 1)
-    of element ``index`` on step ``t``, ``((index * 0x85EBCA77 + t *
-    0x9E3779B9) mod 2**32 >> 8) / 2**24``.  Written as 32-bit integer IR
-    (numba would widen the products to 64 bits), so it vectorises as 32-bit
-    multiplies."""
+def _weyl(typingctx, index, t):
+    """``reference.weyl``: ``(index * 0x85EBCA77 + t * 0x9E3779B9) mod
+    2**32`` as uint32, in 32-bit IR (numba would widen it to 64 bits)."""
     from llvmlite import ir
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
         index32 = builder.trunc(args[0], i32)
         t32 = builder.trunc(args[1], i32)
-        h = builder.add(builder.mul(index32, ir.Constant(i32, int(_WEYL_INDEX))),
-                        builder.mul(t32, ir.Constant(i32, int(_WEYL_STEP))))
-        top = builder.lshr(h, ir.Constant(i32, 8))             # < 2**24: exact
-        fty = context.get_value_type(like)
-        return builder.fmul(builder.sitofp(top, fty), ir.Constant(fty, 2.0 ** -24))
+        return builder.add(builder.mul(index32, ir.Constant(i32, int(_WEYL_INDEX))),
+                           builder.mul(t32, ir.Constant(i32, int(_WEYL_STEP))))
 
-    return like(index, t, like), codegen
+    return types.uint32(index, t), codegen
+
+
+@intrinsic
+def _weyl_next(typingctx, h):
+    """The hash of the next element, ``h + 0x85EBCA77 mod 2**32``.  Carried
+    through the loop, so it vectorises as one add (an induction), not a
+    multiply per element."""
+    from llvmlite import ir
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.add(args[0], ir.Constant(i32, int(_WEYL_INDEX)))
+
+    return types.uint32(h), codegen
+
+
+@intrinsic
+def _dither_offset(typingctx, h, a):
+    """``reference.dither_offset`` for one float32 ``a`` with hash ``h``:
+    ``odd * (pow2(side) * 2**-48)``, ``odd = (int32(h) >> 7) | 1`` and
+    ``side`` ``a`` or, for a negative ``odd``, ``a * (1 - 2**-24)``.  Ten
+    instructions of 32-bit integer and float IR.  (Defined for float32 only;
+    for float64, which rounds to nearest, it is 0.)"""
+    from llvmlite import ir
+
+    def codegen(context, builder, signature, args):
+        fty = context.get_value_type(a)
+        if a.bitwidth != 32:
+            return ir.Constant(fty, 0.0)
+        i32 = ir.IntType(32)
+        hash_, value = args
+        odd = builder.or_(builder.ashr(hash_, ir.Constant(i32, 7)), ir.Constant(i32, 1))
+        below = builder.icmp_signed("<", hash_, ir.Constant(i32, 0))
+        side = builder.select(below, builder.fmul(value, ir.Constant(fty, 1.0 - 2.0 ** -24)),
+                              value)
+        pow2 = builder.bitcast(builder.and_(builder.bitcast(side, i32),
+                                            ir.Constant(i32, 0x7F800000)), fty)
+        step = builder.fmul(pow2, ir.Constant(fty, 2.0 ** -48))
+        return builder.fmul(builder.sitofp(odd, fty), step)
+
+    return a(h, a), codegen
 
 
 @njit(inline="always", **_OPTS)
-def _add_rounded(a, b, index, t):
+def _add_rounded(a, b, h):
     """``a + b``; in float32 ``reference.add_stochastically_rounded`` for one
-    element: the neighbour of ``s = fl(a + b)`` on the side of its exact
-    error ``e`` (TwoSum) when ``|e| > r * gap``, ``r = dither(index, t)``."""
-    s = a + b
-    if not _is_float32(s):
-        return s
-    bp = s - a
-    e = (a - (s - bp)) + (b - bp)                   # a + b = s + e exactly
-    bits = _float_bits(s)
-    neighbour = _bits_float(bits + 1 if e > 0 else bits - 1, s)
-    gap = abs(neighbour - s)
-    r = _dither(index, t, s)
-    return neighbour if abs(e) > r * gap else s
+    element with hash ``h``: ``a + (b + dither_offset)``, an offset of up to
+    half the spacing of floats next to ``a`` added before rounding to
+    nearest.  The offset depends on ``a`` and ``h`` only, so of the rounding
+    only the last two additions wait on ``b``."""
+    if not _is_float32(a):
+        return a + b
+    return a + (b + _dither_offset(h, a))
 
 
 @njit(inline="always", **_OPTS)
-def _adaptive(g, g2, mean_sq, weight, eps, index, t):
+def _adaptive(g, g2, mean_sq, weight, eps, h):
     """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
 
     A g**2 that overflows to inf counts as the largest finite value, so the
     mean stays finite (an inf mean would turn into NaN on the next step).
-    The new mean is rounded stochastically (``_add_rounded``)."""
+    The new mean is rounded stochastically (``_add_rounded``, hash ``h``)."""
     big = _max_finite(mean_sq)
-    v = _add_rounded(mean_sq, ((big if g2 > big else g2) - mean_sq) * weight, index, t)
+    v = _add_rounded(mean_sq, ((big if g2 > big else g2) - mean_sq) * weight, h)
     return v, g / (eps + np.sqrt(v))
 
 
 @njit(inline="always", **_OPTS)
-def _clip(g, scale, clipvalue):
-    return min(max(g * scale, -clipvalue), clipvalue)
+def _clip(g, scale, clipvalue, clipping):
+    """``clip(g * scale, -clipvalue, clipvalue)``; just ``g`` when
+    ``clipping`` is False (then ``scale == 1`` and ``clipvalue == inf``, so
+    the result is the same).  Callers pass ``clipping`` as a constant, so
+    each loop is compiled twice and the unclipped one has no clipping
+    instructions (three vector operations of about forty)."""
+    if clipping:
+        return min(max(g * scale, -clipvalue), clipvalue)
+    return g
 
 
 # --- the four update loops: (sparse | dense counter) x (momentum | none) ---
+# ``h`` is the Weyl hash of element ``i0`` (``_weyl``), carried from element
+# to element; ``clipping`` a constant (see ``_clip``).
 
 @njit(inline="always", **_OPTS)
-def _update_sparse_momentum(x, g, v, n, m, c, scale, i0, t):
+def _update_sparse_momentum(x, g, v, n, m, c, scale, h, clipping):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE])
+        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
         g2 = gi * gi
         counted = g2 != zero
-        cnt = n[i] + np.uint32(counted and n[i] != _COUNT_MAX)
+        cnt = _count_up(n[i], counted)
         n[i] = cnt
         w = one / x.dtype.type(cnt) if counted else zero
-        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], i0 + i, t)
+        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], h)
         m[i] = c[BETA] * m[i] + c[OMB] * u
         x[i] -= c[STEP] * m[i]
+        h = _weyl_next(h)
 
 
 @njit(inline="always", **_OPTS)
-def _update_sparse(x, g, v, n, c, scale, i0, t):
+def _update_sparse(x, g, v, n, c, scale, h, clipping):
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE])
+        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
         g2 = gi * gi
         counted = g2 != zero
-        cnt = n[i] + np.uint32(counted and n[i] != _COUNT_MAX)
+        cnt = _count_up(n[i], counted)
         n[i] = cnt
         w = one / x.dtype.type(cnt) if counted else zero
-        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], i0 + i, t)
+        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], h)
         x[i] -= c[STEP] * u
+        h = _weyl_next(h)
 
 
 @njit(inline="always", **_OPTS)
-def _update_dense_momentum(x, g, v, m, c, scale, i0, t):
+def _update_dense_momentum(x, g, v, m, c, scale, h, clipping):
     for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE])
-        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], i0 + i, t)
+        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
+        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], h)
         m[i] = c[BETA] * m[i] + c[OMB] * u
         x[i] -= c[STEP] * m[i]
+        h = _weyl_next(h)
 
 
 @njit(inline="always", **_OPTS)
-def _update_dense(x, g, v, c, scale, i0, t):
+def _update_dense(x, g, v, c, scale, h, clipping):
     for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE])
-        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], i0 + i, t)
+        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
+        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], h)
         x[i] -= c[STEP] * u
+        h = _weyl_next(h)
+
+
+@njit(inline="always", **_OPTS)
+def _update_loops(x, g, v, n, m, c, f, scale, h, clipping):
+    """The loop the flags call for, with ``clipping`` a constant."""
+    if f[SPARSE]:
+        if f[MOMENTUM]:
+            _update_sparse_momentum(x, g, v, n, m, c, scale, h, clipping)
+        else:
+            _update_sparse(x, g, v, n, c, scale, h, clipping)
+    else:
+        if f[MOMENTUM]:
+            _update_dense_momentum(x, g, v, m, c, scale, h, clipping)
+        else:
+            _update_dense(x, g, v, c, scale, h, clipping)
 
 
 @njit(inline="always", **_OPTS)
 def _update_span(x, g, v, n, m, c, f, scale, i0):
-    """Dispatch one contiguous span, elements ``i0:i0 + x.size`` of its
-    array, to the loop its flags call for."""
-    t = f[T]
-    if f[SPARSE]:
-        if f[MOMENTUM]:
-            _update_sparse_momentum(x, g, v, n, m, c, scale, i0, t)
-        else:
-            _update_sparse(x, g, v, n, c, scale, i0, t)
+    """Update one contiguous span, elements ``i0:i0 + x.size`` of its array."""
+    h = _weyl(i0, f[T])
+    if scale != 1 or c[CLIPVALUE] < np.inf:
+        _update_loops(x, g, v, n, m, c, f, scale, h, True)
     else:
-        if f[MOMENTUM]:
-            _update_dense_momentum(x, g, v, m, c, scale, i0, t)
-        else:
-            _update_dense(x, g, v, c, scale, i0, t)
+        _update_loops(x, g, v, n, m, c, f, scale, h, False)
 
 
 @njit(fastmath={"reassoc"}, **_OPTS)

@@ -326,13 +326,14 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
 
     The counter and momentum branches depend only on the array, so every
     thread of a block takes the same side.  In float32 the new mean is
-    rounded stochastically, with the TwoSum error term and the dither of
+    rounded stochastically, with the dither offset of
     ``reference.add_stochastically_rounded``.
     """
     dt = v.dtype.type
     zero = dt(0)
     one = dt(1)
     big = _bits_float(_float_bits(dt(math.inf)) - 1, v)   # largest finite value
+    below = dt(1.0 - 2.0 ** -24)
     if use_stats and result[BAD] >= zero:
         return                                   # refused step: write nothing
     tid = cuda.threadIdx.x
@@ -371,17 +372,17 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             # finite value, in float32 rounded stochastically:
             vj = v[j]
             d = ((big if g2 > big else g2) - vj) * w
-            vs = vj + d
-            if _is_float32(vs):                             # compile-time
-                bp = vs - vj
-                e = (vj - (vs - bp)) + (d - bp)             # vj + d = vs + e exactly
-                bits = _float_bits(vs)
-                nb = _bits_float(bits + 1 if e > zero else bits - 1, v)
-                gap = abs(nb - vs)
+            if _is_float32(vj):                             # compile-time
+                # reference.dither_offset: an odd integer from the signed
+                # top 25 bits of the Weyl hash, times the spacing next to
+                # vj on its side (a power of two over 2**23, made 2**-25 smaller)
                 h = (np.uint64(i) * _WEYL_INDEX + t * _WEYL_STEP) & _MASK32
-                r = dt(np.int64(h >> np.uint64(8))) * dt(2.0 ** -24)
-                vs = nb if abs(e) > r * gap else vs
-            vj = vs
+                hs = np.int64(h) - (np.int64(h >> np.uint64(31)) << np.int64(32))
+                odd = (hs >> np.int64(7)) | np.int64(1)
+                side = vj * below if hs < 0 else vj
+                pow2 = _bits_float(_float_bits(side) & 0x7F800000, v)
+                d = d + dt(odd) * (pow2 * dt(2.0 ** -48))
+            vj = vj + d
             v[j] = vj
             u = gi / (eps + dt(math.sqrt(vj)))
             if momentum:
