@@ -16,6 +16,7 @@ import numpy as np
 
 from ._validation import as_gradient
 from .kernels import cpu as K
+from .kernels import locate as _locate
 from .reference import clip_gradient, expectigrad_update
 
 __all__ = ["COEF_FIELDS", "CpuBucket", "NumpyBucket", "PARALLEL_MIN_SIZE"]
@@ -43,6 +44,8 @@ PARALLEL_MIN_SIZE = 1 << 18
 # neither TBB nor OpenMP is available) aborts the process when two threads
 # launch parallel regions at once.  Serial kernels run concurrently (nogil).
 _PARALLEL_LOCK = threading.Lock()
+
+_NDARRAY = id(np.ndarray)
 
 
 class _Bucket:
@@ -224,6 +227,8 @@ class CpuBucket(_Bucket):
         self.g_addr_list = [0] * len(self.params)
         self.g_last = [_NOT_AN_ARRAY] * len(self.params)
         self.shapes = [p.shape for p in self.params]
+        self.shape_table = _locate.shape_table(self.shapes)
+        self.g_slow = np.zeros(len(self.params), dtype=np.bool_)
         self.g_flat = [None] * len(self.params)
         self.chunks = K.make_chunks(self.sizes)
         self.single = len(self.params) == 1 and self.total < PARALLEL_MIN_SIZE
@@ -291,42 +296,59 @@ class CpuBucket(_Bucket):
     def load_gradients(self, grads):
         """Validate this bucket's gradients and record where to read them.
 
+        A bucket of several arrays locates all of them in one compiled call
+        (``kernels.locate``: C-contiguous ndarrays of the bucket's dtype and
+        the parameters' shapes, about 10 ns each); the others, and every
+        gradient of a one-array bucket, go through ``_load_one``.
+        """
+        if not self.single and _locate.layout_ok():
+            ids = np.fromiter(map(id, grads), np.int64, len(self.params))
+            ndims, dims, dims_start = self.shape_table
+            n_slow = _locate.locate_arrays(ids, _NDARRAY, id(self.dtype), ndims, dims,
+                                           dims_start, self.g_addr, self.g_slow)
+            if n_slow:
+                for k in np.flatnonzero(self.g_slow).tolist():
+                    self.g_addr[k] = self.g_addr_list[k] = self._load_one(k, grads[k])
+            return
+        for k, g in enumerate(grads):
+            self.g_addr_list[k] = self._load_one(k, g)
+        self.g_addr[:] = self.g_addr_list
+
+    def _load_one(self, k, g):
+        """Validate gradient ``k`` and return the address to read it from.
+
         The common case, a C-contiguous ndarray of the bucket's dtype and the
         parameter's shape, costs a few attribute checks and one
-        ``data_address`` call per array (about 0.4 µs), and nothing when it
-        is the very array object given last step (a reused gradient buffer:
-        same memory, dtype and shape); anything else goes through
-        ``as_gradient`` and a staging copy.
+        ``data_address`` call (about 0.4 µs), and nothing when it is the very
+        array object given last step (a reused gradient buffer: same memory,
+        dtype and shape); anything else goes through ``as_gradient`` and a
+        staging copy.
         """
-        dtype, shapes, g_flat = self.dtype, self.shapes, self.g_flat
-        addr, last = self.g_addr_list, self.g_last
-        ndarray, data_address = np.ndarray, K.data_address
-        for k, g in enumerate(grads):
-            if g is last[k] and g.dtype is dtype:
-                continue
-            last[k] = _NOT_AN_ARRAY
-            if g is None:
-                g_flat[k] = None
-                addr[k] = 0
-                continue
-            if not (type(g) is ndarray and (g.dtype is dtype or g.dtype == dtype)
-                    and g.flags.c_contiguous):
-                x = self.params[k]
-                g = as_gradient(g, x, self.names[k])
-                stage = self.g_stage[k]
-                if stage is None:
-                    stage = self.g_stage[k] = np.empty(x.shape, self.dtype)
-                np.copyto(stage, g, casting="unsafe")
-                g = stage
-            elif g.shape != shapes[k]:
-                as_gradient(g, self.params[k], self.names[k])  # raises with the message
-            else:
-                last[k] = g             # used in place: skip it next time
-            if g.ndim != 1:
-                g = g.reshape(-1)
-            g_flat[k] = g
-            addr[k] = data_address(g)   # never read for an empty array
-        self.g_addr[:] = addr
+        last = self.g_last
+        if g is last[k] and g.dtype is self.dtype:
+            return self.g_addr_list[k]
+        last[k] = _NOT_AN_ARRAY
+        if g is None:
+            self.g_flat[k] = None
+            return 0
+        dtype = self.dtype
+        if not (type(g) is np.ndarray and (g.dtype is dtype or g.dtype == dtype)
+                and g.flags.c_contiguous):
+            x = self.params[k]
+            g = as_gradient(g, x, self.names[k])
+            stage = self.g_stage[k]
+            if stage is None:
+                stage = self.g_stage[k] = np.empty(x.shape, self.dtype)
+            np.copyto(stage, g, casting="unsafe")
+            g = stage
+        elif g.shape != self.shapes[k]:
+            as_gradient(g, self.params[k], self.names[k])  # raises with the message
+        else:
+            last[k] = g             # used in place: skip it next time
+        if g.ndim != 1:
+            g = g.reshape(-1)
+        self.g_flat[k] = g
+        return K.data_address(g)    # never read for an empty array
 
     def _stage_in(self):
         for p, s in self.staged:

@@ -368,20 +368,24 @@ def specialisations():
     """The compiled specialisations of the entry-point kernels in this
     process, by dtype: one ``single_step`` per dtype (small single arrays),
     ``array_step`` (single arrays through the bucket interface) and the
-    serial and parallel segmented kernels (several or large arrays)."""
+    serial and parallel segmented kernels (several or large arrays), and
+    ``locate_arrays`` (one signature for every dtype: several arrays)."""
     from .kernels import cpu as K
+    from .kernels import locate
     out = {"single_step": sorted(str(d) for d in K._SINGLE_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
                       ("segments_step_parallel", 6)):
         out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
+    out["locate_arrays"] = ["any"] * len(locate.locate_arrays.signatures)
     return out
 
 
 def _compiled_here():
     """How many kernels this process compiled rather than loaded from cache."""
     from .kernels import cpu as K
+    from .kernels import locate
     kernels = list(K._SINGLE_STEP.values()) + [
-        K.array_step, K.segments_step, K.segments_step_parallel]
+        K.array_step, K.segments_step, K.segments_step_parallel, locate.locate_arrays]
     return sum(sum(k.stats.cache_misses.values()) for k in kernels)
 
 

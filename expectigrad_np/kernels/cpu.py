@@ -44,7 +44,8 @@ reference counting, per span.  The first pass may reassociate its sums (see
 
 Compiled specialisations: one per dtype (float32, float64) of
 ``single_step``, ``array_step``, ``segments_step`` and
-``segments_step_parallel``, plus ``data_address`` on 1-D arrays; each is
+``segments_step_parallel``, plus ``data_address`` on 1-D arrays and
+``locate.locate_arrays`` (one signature); each is
 compiled once, cached on disk and only loaded in later processes
 (``python -m expectigrad_np bench`` lists those of a run).
 """
