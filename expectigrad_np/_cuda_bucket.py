@@ -278,7 +278,7 @@ class CudaBucket(_Bucket):
 
     # --- stepping -----------------------------------------------------------------
 
-    def load_gradients(self, grads):
+    def load_gradients(self, grads, ids=None):
         """Check this bucket's gradients (device arrays of the parameter's
         shape and dtype, C-contiguous) and record their addresses."""
         addresses = []

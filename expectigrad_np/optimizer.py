@@ -15,6 +15,8 @@ from . import _validation as V
 from ._buckets import CpuBucket, NumpyBucket
 from .kernels.cpu import NONFINITE, single_step
 
+_NONE_ID = id(None)
+
 __all__ = ["Expectigrad", "ParamGroup"]
 
 _BACKENDS = ("auto", "cpu", "numpy", "cuda")
@@ -285,6 +287,9 @@ class Expectigrad:
         self._momentum = self._beta > 0
         self._scheduled = any(callable(g["lr"]) for g in groups)
         self._static_lr = None if self._scheduled else per("lr")
+        # Names this set of hyperparameters: buckets rewrite the rows that
+        # depend only on them when it changes (see set_coefficients).
+        self._hyper_key = object()
         for b in self._buckets:
             if self._momentum[b.slots].any():
                 b.ensure_momentum()
@@ -416,21 +421,30 @@ class Expectigrad:
         if fast is not None and self._step_fast(fast, grads):
             return
         grads = self._flatten_grads(grads)
-        active = np.array([g is not None for g in grads], dtype=bool)
+        # Object addresses of the gradients: None is one object, so this gives
+        # the active arrays, and the buckets locate the rest from it.
+        ids = np.fromiter(map(id, grads), np.int64, len(grads))
+        active = ids != _NONE_ID
         if not active.any():
             return
         if len(self._buckets) == 1:
-            self._buckets[0].load_gradients(grads)      # slots are 0..n-1
+            self._buckets[0].load_gradients(grads, ids)      # slots are 0..n-1
         else:
             for b in self._buckets:
-                b.load_gradients([grads[i] for i in b.slots])
+                b.load_gradients([grads[i] for i in b.slots], ids[b.slots])
         lr = self._lr_per_array()
         t_new = self._t + active
         for b in self._buckets:
+            if len(self._buckets) == 1:     # slots 0..n-1: no gathering
+                b.set_coefficients(lr, self._beta, self._eps, t_new, self._clipvalue,
+                                   self._clipnorm, active, self._sparse, self._momentum,
+                                   static_key=self._hyper_key)
+                continue
             s = b.slots
             b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
                                self._clipvalue[s], self._clipnorm[s], active[s],
-                               self._sparse[s], self._momentum[s])
+                               self._sparse[s], self._momentum[s],
+                               static_key=self._hyper_key)
         gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
         sumsq = [0.0] * len(self._buckets)
         if len(self._buckets) > 1 and (self.check_finite or gclip < np.inf):

@@ -319,3 +319,28 @@ def test_bench_smoke_emits_json():
     row, = [r for r in result["rows"] if r["dtype"] == "float32"]
     assert row["n"] == 10 and row["bytes_per_step"] == 360
     assert {"many_small", "small", "startup", "specialisations"} <= set(result)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hyperparameter_changes_reach_the_cached_rows_of_many_arrays(dtype):
+    """Several arrays: the rows that depend only on hyperparameters are kept
+    between steps and rewritten when any of them changes (each change below
+    alters the result, so stale rows would show)."""
+    rng = np.random.default_rng(9)
+    xs_f = [np.zeros(s, dtype) for s in (5, 7, 3)]
+    xs_r = [x.copy() for x in xs_f]
+    fast = eg.Expectigrad(xs_f, lr=0.1)
+    ref = eg.Expectigrad(xs_r, lr=0.1, backend="numpy")
+    changes = {3: ("beta", 0.5), 5: ("eps", 1e-2), 7: ("clipvalue", 0.3),
+               9: ("lr", 0.05), 11: ("beta", 0.0), 13: ("clipnorm", 0.5)}
+    for i in range(16):
+        if i in changes:
+            key, value = changes[i]
+            for o in (fast, ref):
+                o.param_groups[0][key] = value
+        gs = [rng.standard_normal(x.shape).astype(dtype) for x in xs_f]
+        gs[0][::2] = 0
+        fast.step(gs)
+        ref.step(gs)
+        for a, b in zip(xs_f, xs_r):
+            np.testing.assert_array_equal(a, b)
