@@ -72,6 +72,7 @@ class _Bucket:
         # Per-array coefficient and flag rows, refreshed before each step.
         self.coef = np.zeros((len(self.params), len(COEF_FIELDS)), self.dtype)
         self.flags = np.zeros((len(self.params), len(K.FLAG_FIELDS)), np.int64)
+        self.flags[:, K.UNIFORM] = 1       # every count 0, every step count 0
 
     def ensure_momentum(self):
         if "momentum" not in self.stored:
@@ -98,15 +99,20 @@ class _Bucket:
                 out[name] = np.array(seg)
         return out
 
-    def write_state(self, k, arrays):
+    def write_state(self, k, arrays, t=None):
         """Overwrite array ``k``'s state from host arrays; a stored field
-        missing from ``arrays`` is zeroed."""
+        missing from ``arrays`` is zeroed.  ``t``, the array's step count,
+        tells whether its counts are uniform (``kernels.cpu.UNIFORM``);
+        without it they are taken not to be."""
         if "momentum" in arrays:
             self.ensure_momentum()
         for name in self.STATE_FIELDS:
             seg = self.segment(name, k)
             if seg is not None:
                 seg[...] = arrays.get(name, 0)
+        count = self.segment("count", k)
+        self.flags[k, K.UNIFORM] = int(t is not None and count is not None
+                                       and bool(np.all(count == t)))
 
     def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
                          sparse, momentum, static_key=None):

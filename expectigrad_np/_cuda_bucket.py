@@ -262,9 +262,10 @@ class CudaBucket(_Bucket):
                        else np.zeros(0, flat.dtype)).reshape(shape)
                 for name, flat in self._fields().items()}
 
-    def write_state(self, k, arrays):
+    def write_state(self, k, arrays, t=None):
         """Overwrite array ``k``'s state from host arrays; a stored field
-        missing from ``arrays`` is zeroed."""
+        missing from ``arrays`` is zeroed (``t`` is for the host buckets'
+        uniform-count flag; the device kernel has no such path)."""
         if "momentum" in arrays:
             self.ensure_momentum()
         a, b = int(self.offsets[k]), int(self.offsets[k + 1])

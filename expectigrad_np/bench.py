@@ -21,7 +21,8 @@ reports:
   our bytes per second over its bytes per second, timed in the same blocks.
 
 Then the extras: the check_finite cost at the largest size, 200 arrays of
-5,000 float32 elements against one array of 1M, the small-N comparison
+5,000 float32 elements against one array of 1M, gradients without exact
+zeros against the table's (the sparse counter's uniform loop), the small-N comparison
 (10 float64 elements against the reference), and start-up (a fresh process
 importing the package and taking one step, against ``import numpy, numba``).
 
@@ -273,6 +274,26 @@ def bench_many_small(repeat, arrays=200, size=5_000, dtype="float32", sets=3):
                 many_arrays_new_us=t_many_new * 1e6, ratio_new=ratio_new)
 
 
+def bench_uniform(repeat, sizes=(100_000, 1_000_000), dtype="float32"):
+    """The table's gradients have an exact zero in every seventh element, so
+    the sparse counter takes its general loop.  Gradients without zeros keep
+    every count equal to the step count, and the kernels take the uniform
+    loop (one division per span instead of one per element): the unchecked
+    step with such gradients over the one with zeros."""
+    rows = []
+    for n in sizes:
+        g_zeros = _gradient(n, dtype)
+        g_dense = g_zeros.copy()
+        g_dense[::7] = 1
+        a = Expectigrad(np.zeros(n, dtype), lr=1e-3, check_finite=False)
+        b = Expectigrad(np.zeros(n, dtype), lr=1e-3, check_finite=False)
+        (t_zeros, t_dense), (_, ratio) = time_interleaved(
+            [lambda: a.step(g_zeros), lambda: b.step(g_dense)], max(repeat, 9))
+        rows.append(dict(n=n, dtype=np.dtype(dtype).name, zeros_us=t_zeros * 1e6,
+                         no_zeros_us=t_dense * 1e6, ratio=ratio))
+    return rows
+
+
 def bench_small(repeat, n=10, dtype="float64"):
     """A whole ``step()`` on one small array against the reference step."""
     g = _gradient(n, dtype)
@@ -406,6 +427,7 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         checked = [r for r in result["rows"] if r["n"] == big]
         result["check_finite_ratio"] = {r["dtype"]: r["check_ratio"] for r in checked}
         result["many_small"] = bench_many_small(repeat)
+        result["uniform"] = bench_uniform(repeat)
         result["small"] = bench_small(repeat)
         result["startup"] = bench_startup(repeat)
     if parallel:
@@ -442,6 +464,10 @@ def format_table(result):
     if "check_finite_ratio" in result:
         c = ", ".join(f"{k} {v:.2f}x" for k, v in result["check_finite_ratio"].items())
         lines.append(f"check_finite=True / False at the largest N: {c}")
+    for u in result.get("uniform", []):
+        lines.append(f"gradients without exact zeros (uniform counts), {u['n']:,} {u['dtype']}: "
+                     f"{u['no_zeros_us']:,.1f} µs vs {u['zeros_us']:,.1f} µs with zeros "
+                     f"({u['ratio']:.2f}x), unchecked")
     if "many_small" in result:
         m = result["many_small"]
         lines.append(f"{m['arrays']} arrays x {m['size']:,} {m['dtype']} vs one array "

@@ -567,7 +567,7 @@ class Expectigrad:
             for k, i in enumerate(b.slots):
                 t, arrays = loaded[i]
                 self._t[i] = t
-                b.write_state(k, arrays)
+                b.write_state(k, arrays, t)
         self.step_count = int(step)
 
     def save(self, path, *, params=True):

@@ -41,7 +41,9 @@ def run(stream, dtype, sparse=True):
     w = stream.shape[1]
     x, v, m = np.zeros(w, dtype), np.zeros(w, dtype), np.zeros(w, dtype)
     n = np.zeros(w if sparse else 0, np.uint32)
-    drive(stream, x, v, n, m, np.array([1, int(sparse), 1, 0]), LR, BETA, EPS, 0)
+    flags = np.zeros(len(K.FLAG_FIELDS), np.int64)
+    flags[[K.ACTIVE, K.SPARSE, K.MOMENTUM, K.UNIFORM]] = 1, int(sparse), 1, 1
+    drive(stream, x, v, n, m, flags, LR, BETA, EPS, 0)
     return x, v, n, m
 
 

@@ -89,6 +89,7 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         v, n, m = np.zeros(total, dtype), np.zeros(total, np.uint32), np.zeros(total, dtype)
         coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0], dtype), (len(sizes), 1))
         flags = np.ones((len(sizes), len(cpu.FLAG_FIELDS)), np.int64)
+        flags[:, cpu.T] = 0             # counts 0 = step count 0: uniform
         seg, lo, hi = cpu.make_chunks(sizes)
         x_addr = np.array([cpu.data_address(x) if x.size else 0 for x in xs], np.int64)
         rng = np.random.default_rng(1)

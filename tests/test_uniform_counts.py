@@ -1,0 +1,107 @@
+"""The sparse counter's uniform path (``kernels.cpu._update_uniform``).
+
+While no gradient element of an array has been exactly zero, every count
+equals the array's step count and the kernels skip the per-element division.
+That path must give the reference's bits, end at the first zero, and be set
+up right by a state load.
+"""
+import numpy as np
+import pytest
+
+import expectigrad_np as eg
+from expectigrad_np.kernels import cpu as K
+
+
+def _assert_same(a, b, xs_a, xs_b):
+    for x, y in zip(xs_a, xs_b):
+        np.testing.assert_array_equal(x, y)
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    for i in sa:
+        for key in sa[i]:
+            np.testing.assert_array_equal(sa[i][key], sb[i][key], err_msg=f"{i} {key}")
+
+
+def _uniform_flags(opt):
+    return [int(f) for b in opt._buckets for f in b.flags[:, K.UNIFORM]]
+
+
+def _stream(rng, shapes, dtype, steps, zero_at):
+    """Nonzero gradients, with exact zeros in array 0 on step ``zero_at``."""
+    out = []
+    for s in range(steps):
+        gs = [(rng.standard_normal(shape) + 3.0).astype(dtype) for shape in shapes]
+        if s == zero_at:
+            gs[0].reshape(-1)[::3] = 0
+        out.append(gs)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shapes", [[(10,)], [(7,), (3, 4), (5,)], [(1 << 18,), (9,)]],
+                         ids=["single", "segments", "parallel"])
+@pytest.mark.parametrize("beta", [0.9, 0.0])
+def test_same_bits_as_the_reference_before_and_after_a_zero(dtype, shapes, beta):
+    rng = np.random.default_rng(4)
+    xs_c = [np.zeros(s, dtype) for s in shapes]
+    xs_n = [x.copy() for x in xs_c]
+    fast = eg.Expectigrad(xs_c, lr=0.01, beta=beta)
+    ref = eg.Expectigrad(xs_n, lr=0.01, beta=beta, backend="numpy")
+    assert _uniform_flags(fast) == [1] * len(shapes)
+    for s, gs in enumerate(_stream(rng, shapes, dtype, 8, zero_at=4)):
+        fast.step(gs)
+        ref.step(gs)
+        _assert_same(fast, ref, xs_c, xs_n)
+        # Only the uniform loop clears the flag: array 0 went through it.
+        assert _uniform_flags(fast)[0] == (0 if s >= 4 else 1)
+        assert _uniform_flags(fast)[1:] == [1] * (len(shapes) - 1)
+
+
+def test_none_gradient_keeps_uniformity():
+    x, y = np.zeros(6), np.zeros(4)
+    opt = eg.Expectigrad([x, y], lr=0.1)
+    ref = eg.Expectigrad([x.copy(), y.copy()], lr=0.1, backend="numpy")
+    xr, yr = ref.params
+    for gs in ([np.ones(6), np.ones(4)], [None, np.full(4, 2.0)], [np.full(6, 3.0), np.ones(4)]):
+        opt.step(gs)
+        ref.step(gs)
+    assert _uniform_flags(opt) == [1, 1]
+    _assert_same(opt, ref, [x, y], [xr, yr])
+    assert opt.state_dict()["state"][0]["count"].tolist() == [2] * 6
+    assert opt.state_dict()["state"][1]["count"].tolist() == [3] * 4
+
+
+def test_clipping_takes_the_general_loop_and_agrees():
+    rng = np.random.default_rng(8)
+    xs_c = [np.zeros(9, np.float32), np.zeros(5, np.float32)]
+    xs_n = [x.copy() for x in xs_c]
+    fast = eg.Expectigrad(xs_c, lr=0.01, clipvalue=2.5)
+    ref = eg.Expectigrad(xs_n, lr=0.01, clipvalue=2.5, backend="numpy")
+    for gs in _stream(rng, [(9,), (5,)], np.float32, 6, zero_at=2):
+        fast.step(gs)
+        ref.step(gs)
+    _assert_same(fast, ref, xs_c, xs_n)
+    assert _uniform_flags(fast) == [1, 1]      # never through the uniform loop
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_state_load_sets_the_flag(uniform):
+    rng = np.random.default_rng(2)
+    src = eg.Expectigrad([np.zeros(8)], lr=0.1)
+    for s in range(5):
+        g = rng.standard_normal(8) + 3
+        if not uniform and s == 1:
+            g[2] = 0
+        src.step([g])
+    sd = src.state_dict()
+    fast = eg.Expectigrad([np.zeros((8,)), np.zeros(3)], lr=0.1)
+    ref = eg.Expectigrad([np.zeros((8,)), np.zeros(3)], lr=0.1, backend="numpy")
+    for o in (fast, ref):
+        full = o.state_dict()
+        full["state"][0] = sd["state"][0]
+        o.load_state_dict(full)
+    assert _uniform_flags(fast) == [int(uniform), 1]
+    for _ in range(3):
+        gs = [rng.standard_normal(8) + 3, rng.standard_normal(3) + 3]
+        fast.step(gs)
+        ref.step(gs)
+    _assert_same(fast, ref, fast.params, ref.params)
