@@ -180,7 +180,8 @@ class NumpyBucket(_Bucket):
                 continue
             if check and not np.all(np.isfinite(g)):
                 return k, None
-            sumsq.append(float(np.sum(np.square(g, dtype=np.float64))))
+            with np.errstate(over="ignore"):     # an inf norm clips to zero, as on the CPU
+                sumsq.append(float(np.sum(np.square(g, dtype=np.float64))))
         return -1, sumsq
 
     def scales(self, sumsq, global_clipnorm, other_sumsq):

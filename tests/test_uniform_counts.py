@@ -80,7 +80,26 @@ def test_clipping_takes_the_general_loop_and_agrees():
         fast.step(gs)
         ref.step(gs)
     _assert_same(fast, ref, xs_c, xs_n)
-    assert _uniform_flags(fast) == [1, 1]      # never through the uniform loop
+    assert _uniform_flags(fast) == [0, 1]      # the general loop ends it too
+
+
+@pytest.mark.parametrize("backend_dtype", [np.float64, np.float32])
+def test_a_gradient_zeroed_by_clipping_ends_uniformity(backend_dtype):
+    """A norm that overflows float64 (1e200**2) gives the clipping factor 0:
+    the gradient counts as zero there, in the clipped (general) loop, and the
+    next, unclipped step must not take the uniform loop.  Found by the
+    backend-agreement test."""
+    def run(backend):
+        x = np.full((), 0.126, backend_dtype)
+        opt = eg.Expectigrad([x], lr=1.0, beta=0.0, eps=1e-12, clipnorm=1.0,
+                             backend=backend)
+        big = np.float64(1e200) if backend_dtype == np.float64 else np.float32(1e30)
+        for g in (None, np.asarray(big, backend_dtype), np.asarray(1.0, backend_dtype)):
+            opt.step([g])
+        return x, opt
+    x_c, fast = run("cpu")
+    x_n, ref = run("numpy")
+    _assert_same(fast, ref, [x_c], [x_n])
 
 
 @pytest.mark.parametrize("uniform", [True, False])
