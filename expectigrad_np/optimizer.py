@@ -427,20 +427,14 @@ class Expectigrad:
         active = ids != _NONE_ID
         if not active.any():
             return
-        if len(self._buckets) == 1:
-            self._buckets[0].load_gradients(grads, ids)      # slots are 0..n-1
-        else:
-            for b in self._buckets:
-                b.load_gradients([grads[i] for i in b.slots], ids[b.slots])
+        single = len(self._buckets) == 1           # then its slots are 0..n-1
+        for b in self._buckets:
+            b.load_gradients(grads if single else [grads[i] for i in b.slots],
+                             ids if single else ids[b.slots])
         lr = self._lr_per_array()
         t_new = self._t + active
         for b in self._buckets:
-            if len(self._buckets) == 1:     # slots 0..n-1: no gathering
-                b.set_coefficients(lr, self._beta, self._eps, t_new, self._clipvalue,
-                                   self._clipnorm, active, self._sparse, self._momentum,
-                                   static_key=self._hyper_key)
-                continue
-            s = b.slots
+            s = slice(None) if single else b.slots     # a view, not a gathered copy
             b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
                                self._clipvalue[s], self._clipnorm[s], active[s],
                                self._sparse[s], self._momentum[s],

@@ -79,7 +79,7 @@ FLAG_FIELDS = ("active", "sparse", "momentum", "t", "uniform")
 ACTIVE, SPARSE, MOMENTUM, T, UNIFORM = range(len(FLAG_FIELDS))
 _UNIFORM_MAX_T = 0xFFFFFFFF           # counts saturate beyond: no longer uniform
 
-# reference.dither: frac(index * _WEYL_INDEX / 2**32 + t * _WEYL_STEP / 2**32)
+# reference.weyl: (index * _WEYL_INDEX + t * _WEYL_STEP) mod 2**32
 _WEYL_INDEX = np.uint64(0x85EBCA77)
 _WEYL_STEP = np.uint64(0x9E3779B9)         # 2**32 / golden ratio
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
@@ -340,7 +340,8 @@ def _update_loops(x, g, v, n, m, c, f, scale, h, clipping):
 # its time at 1e5 elements).
 
 @njit(inline="always", **_OPTS)
-def _update_uniform_momentum(x, g, v, n, m, c, h, t):
+def _update_uniform(x, g, v, n, m, c, h, t, momentum):
+    """The uniform loop, with momentum or not (``momentum`` a constant)."""
     zero = x.dtype.type(0)
     now, before = np.uint32(t), np.uint32(t - 1)
     w_t = x.dtype.type(1) / x.dtype.type(now)
@@ -352,26 +353,11 @@ def _update_uniform_momentum(x, g, v, n, m, c, h, t):
         missed = missed | (g2 == zero)
         n[i] = now if counted else before
         v[i], u = _adaptive(gi, g2, v[i], w_t if counted else zero, c[EPS], h)
-        m[i] = c[BETA] * m[i] + c[OMB] * u
-        x[i] -= c[STEP] * m[i]
-        h = _weyl_next(h)
-    return missed
-
-
-@njit(inline="always", **_OPTS)
-def _update_uniform(x, g, v, n, c, h, t):
-    zero = x.dtype.type(0)
-    now, before = np.uint32(t), np.uint32(t - 1)
-    w_t = x.dtype.type(1) / x.dtype.type(now)
-    missed = False
-    for i in range(x.size):
-        gi = g[i]
-        g2 = gi * gi
-        counted = g2 != zero
-        missed = missed | (g2 == zero)
-        n[i] = now if counted else before
-        v[i], u = _adaptive(gi, g2, v[i], w_t if counted else zero, c[EPS], h)
-        x[i] -= c[STEP] * u
+        if momentum:
+            m[i] = c[BETA] * m[i] + c[OMB] * u
+            x[i] -= c[STEP] * m[i]
+        else:
+            x[i] -= c[STEP] * u
         h = _weyl_next(h)
     return missed
 
@@ -391,9 +377,9 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
         f[UNIFORM] = 0          # clipping may have zeroed a gradient: not tracked
     elif f[SPARSE] and f[UNIFORM] and t <= _UNIFORM_MAX_T:
         if f[MOMENTUM]:
-            missed = _update_uniform_momentum(x, g, v, n, m, c, h, t)
+            missed = _update_uniform(x, g, v, n, m, c, h, t, True)
         else:
-            missed = _update_uniform(x, g, v, n, c, h, t)
+            missed = _update_uniform(x, g, v, n, m, c, h, t, False)
         if missed:
             f[UNIFORM] = 0
     else:

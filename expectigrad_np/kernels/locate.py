@@ -31,14 +31,10 @@ from numba import carray, njit
 
 from .cpu import _pointer_of
 
-__all__ = ["layout_ok", "locate_arrays", "ndarray_type_address"]
+__all__ = ["layout_ok", "locate_arrays", "shape_table"]
 
 _OB_TYPE, _DATA, _ND, _DIMENSIONS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
 _C_CONTIGUOUS_ALIGNED = 0x0001 | 0x0100    # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED
-
-
-def ndarray_type_address():
-    return id(np.ndarray)
 
 
 @njit(cache=True, error_model="numpy")
