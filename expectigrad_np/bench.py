@@ -312,7 +312,8 @@ _STARTUP_INFO = (
     _STARTUP_STEP + "import json, sys\n"
     "from expectigrad_np.bench import _compiled_here\n"
     "print(json.dumps(dict(compiled=_compiled_here(), modules=sorted(m for m in "
-    "('scipy.optimize', 'scipy.sparse', 'numba.cuda') if m in sys.modules))))\n")
+    "('scipy.linalg', 'scipy.optimize', 'numba.cuda', 'numba.np.linalg') "
+    "if m in sys.modules))))\n")
 _STARTUP_BASE = "import numpy, numba"
 # The floor any numba package pays: the first call of one trivial cached
 # function initialises numba's CPU target (which imports scipy.linalg).
@@ -487,8 +488,9 @@ def format_table(result):
                      f"({s['ratio']:.2f}x) and numba's floor (one trivial cached "
                      f"function) {s['numba_floor_ms']:.0f} ms "
                      f"({s['ratio_to_floor']:.2f}x); kernels compiled there: "
-                     f"{s['compiled_in_fresh_process']}; scipy.optimize/sparse or "
-                     f"numba.cuda imported: {s['heavy_modules_imported'] or 'none'}")
+                     f"{s['compiled_in_fresh_process']}; scipy.linalg/optimize, "
+                     f"numba.cuda or numba.np.linalg imported: "
+                     f"{s['heavy_modules_imported'] or 'none'}")
     for r in result.get("parallel", []):
         lines.append(f"{r['dtype']} n={r['n']:>10,}: serial {r['serial_us']:10,.1f} µs, "
                      f"parallel {r['parallel_us']:10,.1f} µs "

@@ -48,7 +48,8 @@ Compiled specialisations: one per dtype (float32, float64) of
 ``segments_step_parallel``, plus ``data_address`` on 1-D arrays and
 ``locate.locate_arrays`` (one signature); each is
 compiled once, cached on disk and only loaded in later processes
-(``python -m expectigrad_np bench`` lists those of a run).
+(``python -m expectigrad_np bench`` lists those of a run), without refreshing
+numba's whole CPU target (``loading.py``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
+
+from .loading import load_without_refresh
 
 __all__ = [
     "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "SCALAR_FIELDS", "array_step",
@@ -85,6 +88,15 @@ _WEYL_STEP = np.uint64(0x9E3779B9)         # 2**32 / golden ratio
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
 
 
+def _kernel(func=None, **options):
+    """``njit(**_OPTS, **options)`` for a kernel called from Python: cached,
+    and loaded from the cache without refreshing numba's whole CPU target
+    (``loading.py``)."""
+    if func is None:
+        return lambda f: _kernel(f, **options)
+    return load_without_refresh(njit(**_OPTS, **options)(func))
+
+
 def _twin(func, name):
     """A copy of ``func`` under another name.  Numba's on-disk cache is keyed
     by the function's qualified name and signature, not by ``parallel``: two
@@ -95,7 +107,7 @@ def _twin(func, name):
     return twin
 
 
-@njit(**_OPTS)
+@_kernel
 def data_address(a):
     """The address of ``a``'s first element (a fast ``a.ctypes.data``)."""
     return a.ctypes.data
@@ -386,7 +398,7 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
         _update_loops(x, g, v, n, m, c, f, scale, h, False)
 
 
-@njit(fastmath={"reassoc"}, **_OPTS)
+@_kernel(fastmath={"reassoc"})
 def _span_stats(g):
     """(sum of g*0, sum of g**2 in float64) over a span.
 
@@ -408,7 +420,7 @@ def _span_stats(g):
     return nonfinite, sumsq
 
 
-@njit(**_OPTS)
+@_kernel
 def _scale(sumsq, clipnorm):
     """Norm-clipping factor min(1, clipnorm / sqrt(sumsq))."""
     norm = np.sqrt(sumsq)
@@ -439,7 +451,7 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     return True, sumsq
 
 
-array_step = njit(**_OPTS)(_array_step)
+array_step = _kernel(_array_step)
 _array_step_inline = njit(inline="always", **_OPTS)(
     _twin(_array_step, "_array_step_inline"))
 
@@ -524,7 +536,10 @@ def single_step(dtype):
     if kernel is None:
         from numba import from_dtype
         sig = types.int64(types.Array(from_dtype(dtype), 1, "C"), types.int64)
-        kernel = _SINGLE_STEP[dtype] = njit([sig], **_OPTS)(_single_step)
+        kernel = _kernel(_single_step)
+        kernel.compile(sig)             # as njit([sig]) does: this signature only
+        kernel.disable_compile()
+        _SINGLE_STEP[dtype] = kernel
     return kernel
 
 
@@ -611,6 +626,6 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     return -1, total
 
 
-segments_step = njit(**_OPTS)(_segments_step)
-segments_step_parallel = njit(parallel=True, **_OPTS)(
-    _twin(_segments_step, "_segments_step_parallel"))
+segments_step = _kernel(_segments_step)
+segments_step_parallel = _kernel(_twin(_segments_step, "_segments_step_parallel"),
+                                 parallel=True)

@@ -30,6 +30,7 @@ import numpy as np
 from numba import carray, njit
 
 from .cpu import _pointer_of
+from .loading import load_without_refresh
 
 __all__ = ["layout_ok", "locate_arrays", "shape_table"]
 
@@ -37,6 +38,7 @@ _OB_TYPE, _DATA, _ND, _DIMENSIONS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
 _C_CONTIGUOUS_ALIGNED = 0x0001 | 0x0100    # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED
 
 
+@load_without_refresh
 @njit(cache=True, error_model="numpy")
 def locate_arrays(objects, ndarray_type, descr, ndims, dims, dims_start, addresses, slow):
     """For each object address ``objects[k]``: if it is an ndarray whose type
