@@ -212,6 +212,12 @@ class NumpyBucket(_Bucket):
         return -1, total
 
 
+def _address(a):
+    """The data address of ``a`` (0 when empty: never read), without a
+    compiled call or ``ctypes``."""
+    return a.__array_interface__["data"][0] if a.size else 0
+
+
 def _clip_scale(sumsq, clipnorm):
     norm = np.sqrt(sumsq)
     return float(clipnorm / norm) if norm > clipnorm else 1.0
@@ -239,8 +245,7 @@ class CpuBucket(_Bucket):
         self.x_flat = [p.reshape(-1) if s is None else s
                        for p, s in zip(self.params, self.x_stage)]
         self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
-        self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
-                               dtype=np.int64)
+        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
         self.g_stage = [None] * len(self.params)
         self.g_addr = np.zeros(len(self.params), dtype=np.int64)
         self.g_addr_list = [0] * len(self.params)
@@ -266,8 +271,7 @@ class CpuBucket(_Bucket):
         self.x_flat = [p.reshape(-1) if s is None else s
                        for p, s in zip(self.params, self.x_stage)]
         self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
-        self.x_addr = np.array([K.data_address(x) if x.size else 0 for x in self.x_flat],
-                               dtype=np.int64)
+        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
         self.g_flat = [None] * len(self.params)
         self.g_addr[:] = 0
         self.g_addr_list = [0] * len(self.params)
@@ -289,14 +293,17 @@ class CpuBucket(_Bucket):
         if getattr(self, "ctx", None) is None:
             # Allocated once and then updated in place: its address is final.
             self.ctx = np.zeros(len(K.CTX_FIELDS), dtype=np.int64)
-        addr = lambda a: a.ctypes.data if a.size else 0  # noqa: E731
+        addr = _address
         steps, scalars, check = getattr(self, "_bound", (None, None, False))
+        self.ctx_shape = np.array(self.shapes[0], dtype=np.int64).reshape(-1)
         self.ctx[:] = [
             addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
             addr(self.momentum), addr(self.coef), addr(self.flags),
             self.total, self.count.size, self.momentum.size,
             0 if steps is None else addr(steps),
-            0 if scalars is None else addr(scalars), int(check)]
+            0 if scalars is None else addr(scalars), int(check),
+            _NDARRAY, id(self.dtype), len(self.shapes[0]),
+            self.ctx_shape.__array_interface__["data"][0]]
 
     def bind_single(self, steps, scalars, check):
         """Give ``single_step`` its step count (int64 array, element 0, kept

@@ -388,13 +388,15 @@ def bench_parallel(repeat, sizes=PARALLEL_SIZES, dtypes=DEFAULT_DTYPES):
 
 def specialisations():
     """The compiled specialisations of the entry-point kernels in this
-    process, by dtype: one ``single_step`` per dtype (small single arrays),
-    ``array_step`` (single arrays through the bucket interface) and the
-    serial and parallel segmented kernels (several or large arrays), and
-    ``locate_arrays`` (one signature for every dtype: several arrays)."""
+    process, by dtype: ``single_step`` (one small array; holding the GIL up
+    to ``SINGLE_STEP_GIL_MAX`` elements, releasing it above), ``array_step``
+    (single arrays through the bucket interface), the serial and parallel
+    segmented kernels (several or large arrays), and ``locate_arrays`` (one
+    signature for every dtype: several arrays)."""
     from .kernels import cpu as K
     from .kernels import locate
-    out = {"single_step": sorted(str(d) for d in K._SINGLE_STEP)}
+    out = {"single_step": sorted(f"{d}{' (GIL held)' if gil else ''}"
+                                 for d, gil in K._SINGLE_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
                       ("segments_step_parallel", 6)):
         out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
@@ -407,7 +409,8 @@ def _compiled_here():
     from .kernels import cpu as K
     from .kernels import locate
     kernels = list(K._SINGLE_STEP.values()) + [
-        K.array_step, K.segments_step, K.segments_step_parallel, locate.locate_arrays]
+        K.array_step, K.segments_step, K.segments_step_parallel, locate.locate_arrays,
+        K.data_address]
     return sum(sum(k.stats.cache_misses.values()) for k in kernels)
 
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import _validation as V
 from ._buckets import CpuBucket, NumpyBucket
-from .kernels.cpu import NONFINITE, single_step
+from .kernels import locate as _locate
+from .kernels.cpu import NONFINITE, SINGLE_STEP_GIL_MAX, single_step_entry
 
 _NONE_ID = id(None)
 
@@ -302,17 +303,19 @@ class Expectigrad:
         """Set up the single-array fast path of ``step``; None where it does
         not apply.
 
-        One C-contiguous array below the parallel size on the cpu backend:
-        every coefficient but ``step_size`` and ``1/t`` is fixed until a param
-        group changes, so it is written here once, and ``single_step`` does
-        the rest, reading ``lr``, ``beta`` and ``global_clipnorm`` from a
-        float64 row and incrementing ``self._t`` in place.  A step is then a
-        few checks of the gradient and one kernel call with two arguments.
+        One C-contiguous array below the parallel size on the cpu backend,
+        where the kernels can read NumPy's array objects
+        (``locate.layout_ok``): every coefficient but ``step_size`` and
+        ``1/t`` is fixed until a param group changes, so it is written here
+        once, and ``single_step`` does the rest, reading ``lr``, ``beta``
+        and ``global_clipnorm`` from a float64 row and incrementing
+        ``self._t`` in place.  A step is then a few checks and one call of
+        the kernel's compiled entry point with two ints and a float.
         """
         if self.backend != "cpu" or len(self._params) != 1:
             return None
         b = self._buckets[0]
-        if not hasattr(b, "bind_single"):
+        if not hasattr(b, "bind_single") or not _locate.layout_ok():
             return None
         group = self.param_groups[0]
         schedule = group["lr"] if callable(group["lr"]) else None
@@ -327,38 +330,32 @@ class Expectigrad:
                            self._clipvalue, self._clipnorm, np.ones(1, bool),
                            self._sparse, self._momentum)
         p = self._params[0]
+        entry = single_step_entry(p.dtype, hold_gil=p.size <= SINGLE_STEP_GIL_MAX)
         # ctx keeps the address: the bucket updates that row in place.
-        return (single_step(p.dtype), ctx.ctypes.data, ctx, self._t, scalars,
-                schedule, p.dtype, None if p.ndim == 1 else p.shape)
+        return entry, int(ctx.__array_interface__["data"][0]), ctx, self._t, scalars, schedule
 
     def _step_fast(self, fast, grads):
         """Step a single-array optimizer with one kernel call; False (and
         nothing done) when the general path must handle ``grads``.
 
-        The kernel's fixed signature checks that the gradient is a
-        C-contiguous 1-D array of the parameter's dtype (else ``TypeError``,
-        and the general path takes over); its size is checked in the kernel.
+        The kernel takes the gradient by its object address and uses it only
+        if it is a C-contiguous, aligned ndarray of the parameter's dtype and
+        shape (else ``NOT_LOCATED``, and the general path takes over, which
+        stages, casts or says what is wrong).  ``grads`` is alive for the call.
         """
-        kernel, ctx_address, _, steps, scalars, schedule, dtype, shape = fast
+        entry, ctx_address, _, steps, scalars, schedule = fast
         g = grads if self._bare else (
             grads[0] if type(grads) in (list, tuple) and len(grads) == 1 else None)
-        if getattr(g, "dtype", None) is not dtype or steps is not self._t:
+        if steps is not self._t:
             return False
-        if shape is not None:
-            if g.shape != shape or not g.flags.c_contiguous:
-                return False
-            g = g.reshape(-1)
         if schedule is not None:
             scalars[0] = V.check_scheduled_lr(schedule(self.step_count),
                                               self.step_count, "param group 0: ")
-        try:
-            code = kernel(g, ctx_address)
-        except TypeError:
-            return False
+        code = entry(id(g), ctx_address, 0.0)
         if code:
             if code == NONFINITE:
                 self._raise_nonfinite(self._buckets[0], 0)
-            return False      # size mismatch: the general path says what is wrong
+            return False      # not located: the general path deals with it
         self.step_count += 1
         return True
 

@@ -132,3 +132,25 @@ def test_many_new_arrays_are_located_without_the_python_path(monkeypatch):
     opt.step([np.ones(10, np.float64)] + [np.ones(10, np.float32)] * 49)
     assert calls == [0]
     assert all(np.all(p < 0) for p in params)
+
+
+@pytest.mark.parametrize("field", ["_OB_TYPE", "_DATA", "_ND", "_DIMENSIONS", "_STRIDES", "_DESCR",
+                                   "_FLAGS"])
+def test_layout_check_fails_on_any_wrong_offset(monkeypatch, field):
+    """The self-check reads every field the kernels read: moving any one of
+    them by 8 bytes makes it fail (so the kernels would not be used)."""
+    assert locate._check_layout()
+    monkeypatch.setattr(locate, field, getattr(locate, field) + 8)
+    assert not locate._check_layout()
+
+
+def test_without_the_layout_single_arrays_take_the_general_path(monkeypatch):
+    monkeypatch.setattr(locate, "_LAYOUT_OK", False)
+    x, y = np.ones(5), np.ones(5)
+    a = eg.Expectigrad(x, lr=0.1)
+    b = eg.Expectigrad(y, lr=0.1, backend="numpy")
+    assert a._fast is None
+    for g in (np.arange(5.0), np.ones(5)):
+        a.step(g)
+        b.step(g)
+    np.testing.assert_array_equal(x, y)

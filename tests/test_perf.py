@@ -344,3 +344,62 @@ def test_hyperparameter_changes_reach_the_cached_rows_of_many_arrays(dtype):
         ref.step(gs)
         for a, b in zip(xs_f, xs_r):
             np.testing.assert_array_equal(a, b)
+
+
+def _gradient_kinds(rng, shape, dtype):
+    """(gradient, taken by the single-array kernel?) for a parameter of
+    ``shape`` and ``dtype``: every way an object can be or fail to be one
+    the kernel may read in place."""
+    size = int(np.prod(shape))
+    good = rng.standard_normal(shape).astype(dtype)
+    other = np.float64 if dtype == np.float32 else np.float32
+    wide = rng.standard_normal(2 * size + 2).astype(dtype)
+    readonly = good.copy()
+    readonly.flags.writeable = False
+    unaligned = np.frombuffer(b"\0" + good.tobytes(), dtype=dtype, count=size,
+                              offset=1).reshape(shape)
+    kinds = [(good, True), (wide[1:size + 1].reshape(shape), True), (readonly, True),
+             (good.astype(other), False), (wide[:2 * size:2].reshape(shape), False),
+             (good.view(np.recarray), False), (good.tolist(), False),
+             (unaligned, False), (good.reshape(-1, 1), False)]
+    if len(shape) == 2:
+        kinds.append((np.asfortranarray(good), False))
+    return kinds
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6,), (3, 4)])
+def test_single_array_kernel_reads_only_what_it_may(monkeypatch, dtype, shape):
+    """The single-array kernel takes its gradient by object address: it must
+    use exactly the C-contiguous, aligned ndarrays of the parameter's dtype
+    and shape (checked by counting general-path calls), and every gradient,
+    taken or not, must give the NumPy backend's bits."""
+    rng = np.random.default_rng(11)
+    x0 = rng.standard_normal(shape).astype(dtype)
+    xf, xr = x0.copy(), x0.copy()
+    fast = eg.Expectigrad(xf, lr=0.05)
+    ref = eg.Expectigrad(xr, lr=0.05, backend="numpy")
+    assert fast._fast is not None
+    general = []
+    original = eg.Expectigrad._flatten_grads
+    monkeypatch.setattr(eg.Expectigrad, "_flatten_grads",
+                        lambda self, g: general.append(1) or original(self, g))
+    for g, taken in _gradient_kinds(rng, shape, dtype):
+        if isinstance(g, np.ndarray) and g.shape != shape:
+            with pytest.raises(ValueError):
+                fast.step(g)
+            continue
+        before = len(general)
+        fast.step(g)
+        assert (len(general) == before) == taken, (type(g), getattr(g, "flags", None))
+        ref.step(g)
+        _assert_same(fast, ref, [xf], [xr])
+
+
+def test_single_array_kernel_holds_the_gil_only_for_small_arrays():
+    small = eg.Expectigrad(np.zeros(K.SINGLE_STEP_GIL_MAX, np.float32))
+    large = eg.Expectigrad(np.zeros(K.SINGLE_STEP_GIL_MAX + 1, np.float32))
+    assert small._fast[0] is K.single_step_entry(np.float32, hold_gil=True)
+    assert large._fast[0] is K.single_step_entry(np.float32, hold_gil=False)
+    assert not K.single_step(np.float32, True).targetoptions.get("nogil", False)
+    assert K.single_step(np.float32, False).targetoptions["nogil"]

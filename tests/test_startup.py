@@ -28,8 +28,9 @@ _CHILD = textwrap.dedent("""
         rng = np.random.default_rng(7)
         big = _buckets.PARALLEL_MIN_SIZE + 5
         cases = [
-            ([10], {}, lambda g: g),                                   # single_step
-            ([12], {"clipvalue": 0.5}, lambda g: g[::-1]),            # array_step
+            ([10], {}, lambda g: g),                         # single_step, GIL held
+            ([5000], {}, lambda g: g),                     # single_step, GIL released
+            ([12], {"clipvalue": 0.5}, lambda g: g[::-1]),   # array_step, data_address
             ([300, 7, 40], {"check_finite": True, "clipvalue": 1.0}, lambda g: g),
             ([big, 3], {}, lambda g: g),                              # parallel
         ]
@@ -54,7 +55,9 @@ _CHILD = textwrap.dedent("""
     for dtype in (np.float32, np.float64):
         ours, reference = run("cpu", dtype), run("numpy", dtype)
         same = same and all(np.array_equal(a, b) for a, b in zip(ours, reference))
-        kernels["single_step_" + np.dtype(dtype).name] = K.single_step(dtype)
+        for hold_gil in (True, False):
+            kernels[f"single_step_{np.dtype(dtype).name}_{hold_gil}"] = K.single_step(
+                dtype, hold_gil)
     print(json.dumps(dict(
         same=same,
         hits={k: sum(d.stats.cache_hits.values()) for k, d in kernels.items()},

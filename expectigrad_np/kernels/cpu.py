@@ -7,12 +7,15 @@ math, which they follow operation for operation).
 
 Three entry points cover every case:
 
-``single_step(dtype)``
+``single_step(dtype, hold_gil)``
     one small C-contiguous array, for the lowest call overhead (a whole
-    ``Expectigrad.step`` on 10 elements takes well under a microsecond): a
-    kernel of fixed signature ``(gradient, context address)``; the
-    parameter, state, coefficients, step count and scalars are reached
-    through the context row (``CTX_FIELDS``).
+    ``Expectigrad.step`` on 10 elements takes about 0.4 µs): a kernel of
+    fixed signature ``(gradient object address, context address, zero)``,
+    called through its compiled entry point with Python ints, so numba's
+    dispatch never types an array; the gradient is read from its NumPy
+    object (``locate.located_address``) and the parameter, state,
+    coefficients, step count and scalars are reached through the context
+    row (``CTX_FIELDS``).
 
 ``array_step``
     one C-contiguous 1-D array, passed directly with its state and rows
@@ -44,7 +47,8 @@ reference counting, per span.  The first pass may reassociate its sums (see
 ``_span_stats``).
 
 Compiled specialisations: one per dtype (float32, float64) of
-``single_step``, ``array_step``, ``segments_step`` and
+``single_step`` (two: holding the GIL up to ``SINGLE_STEP_GIL_MAX``
+elements, releasing it above), ``array_step``, ``segments_step`` and
 ``segments_step_parallel``, plus ``data_address`` on 1-D arrays and
 ``locate.locate_arrays`` (one signature); each is
 compiled once, cached on disk and only loaded in later processes
@@ -61,6 +65,10 @@ from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from .loading import load_without_refresh
+from .locate import located_address
+from .pointers import pointer_like as _pointer_like
+from .pointers import pointer_of as _pointer_of
+from .pointers import pointer_to as _pointer_to
 
 __all__ = [
     "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "SCALAR_FIELDS", "array_step",
@@ -111,29 +119,6 @@ def _twin(func, name):
 def data_address(a):
     """The address of ``a``'s first element (a fast ``a.ctypes.data``)."""
     return a.ctypes.data
-
-
-@intrinsic
-def _pointer_like(typingctx, address, like):
-    """Reinterpret an integer address as a pointer to ``like``'s dtype."""
-    ptr_type = types.CPointer(like.dtype)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
-
-    return ptr_type(address, like), codegen
-
-
-@intrinsic
-def _pointer_of(typingctx, address, dtype):
-    """Reinterpret an integer address as a pointer to ``dtype`` (a NumPy
-    scalar class such as ``np.uint32``)."""
-    ptr_type = types.CPointer(dtype.instance_type)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
-
-    return ptr_type(address, dtype), codegen
 
 
 def _max_finite(x):
@@ -460,26 +445,46 @@ _array_step_inline = njit(inline="always", **_OPTS)(
 # parameter, the three state buffers, the coefficient and flag rows; the
 # element counts of the parameter and of the two optional state buffers; the
 # address of the array's int64 step count ``t`` (steps taken so far) and of a
-# float64 row ``SCALAR_FIELDS``; and the check_finite flag.
+# float64 row ``SCALAR_FIELDS``; the check_finite flag; and what the gradient
+# object must be (see ``locate.located_address``): the address of the
+# ``numpy.ndarray`` type object and of the parameter's dtype object, the
+# parameter's number of dimensions and the address of an int64 row holding
+# its shape.
 CTX_FIELDS = ("x", "mean_sq", "count", "momentum", "coef", "flags",
-              "size", "count_size", "momentum_size", "t", "scalars", "check")
-(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE, CT, CS, CCHECK) = range(len(CTX_FIELDS))
+              "size", "count_size", "momentum_size", "t", "scalars", "check",
+              "ndarray_type", "descr", "ndim", "shape")
+(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE, CT, CS, CCHECK,
+ CTYPE, CDESCR, CNDIM, CSHAPE) = range(len(CTX_FIELDS))
 SCALAR_FIELDS = ("lr", "beta", "global_clipnorm")
 S_LR, S_BETA, S_GCLIP = range(len(SCALAR_FIELDS))
 
 # Return codes of ``single_step``.
-STEPPED, NONFINITE, SIZE_MISMATCH, UNBOUND = 0, 1, 2, 3
+STEPPED, NONFINITE, NOT_LOCATED, UNBOUND = 0, 1, 2, 3
+
+# ``single_step`` holds the GIL for arrays up to this many elements (a step
+# there takes a few microseconds, and releasing and taking back the GIL
+# would add a tenth of one) and releases it above.
+SINGLE_STEP_GIL_MAX = 1 << 12
 
 
-def _single_step(g, ctx_address):
+def _single_step(g_object, ctx_address, zero):
     """``array_step`` for a bucket of one array, with the least call overhead.
 
-    Only the gradient travels as an array; everything else is reached through
-    the int64 context row at ``ctx_address`` (see ``CTX_FIELDS``) and the
-    addresses in it, all kept alive by their owner.  With ``t`` the step
-    count after this step and ``lr``, ``beta`` from the float64 scalar row,
-    the two coefficients that change every step are computed here in
-    float64, exactly as ``reference.step_size`` and
+    Called with two integers and a scalar: the gradient's object address
+    (``id(g)``), the address of the int64 context row (see
+    ``CTX_FIELDS``), and a zero of the array dtype, which only selects the
+    specialisation.  The gradient is used where it lies if it is a
+    C-contiguous, aligned ndarray of exactly the parameter's dtype and shape
+    (``locate.located_address``); anything else returns ``NOT_LOCATED`` and
+    the caller takes the general path.  Everything else is reached through
+    the context row and the addresses in it, all kept alive by their owner,
+    as the gradient is by the caller.  No array crosses numba's dispatch:
+    passing integers is cheaper, and the caller may call the compiled entry
+    point directly.
+
+    With ``t`` the step count after this step and ``lr``, ``beta`` from the
+    float64 scalar row, the two coefficients that change every step are
+    computed here in float64, exactly as ``reference.step_size`` and
     ``Bucket.set_coefficients`` do (the same C library ``pow``), and stored
     cast to the array dtype::
 
@@ -489,17 +494,20 @@ def _single_step(g, ctx_address):
     the other coefficients are read as ``set_coefficients`` left them.  On
     success the step count is incremented in place.
 
-    Returns ``STEPPED``; ``NONFINITE`` when check_finite is set and ``g``
-    holds NaN or infinity; ``SIZE_MISMATCH`` when ``g.size`` is not the
-    parameter's; ``UNBOUND`` when ``ctx`` has no step count or scalar row.
-    Apart from the coefficient row nothing is written in those cases.
+    Returns ``STEPPED``; ``NONFINITE`` when check_finite is set and the
+    gradient holds NaN or infinity; ``NOT_LOCATED`` (see above); ``UNBOUND``
+    when ``ctx`` has no step count or scalar row.  Nothing is written in
+    those cases.
     """
     ctx = carray(_pointer_of(ctx_address, np.int64), len(CTX_FIELDS))
-    size = ctx[CSIZE]
-    if g.size != size:
-        return SIZE_MISMATCH
     if ctx[CT] == 0 or ctx[CS] == 0:
         return UNBOUND
+    shape = carray(_pointer_of(ctx[CSHAPE], np.int64), ctx[CNDIM])
+    address = located_address(g_object, ctx[CTYPE], ctx[CDESCR], ctx[CNDIM], shape)
+    if address < 0:
+        return NOT_LOCATED
+    size = ctx[CSIZE]
+    g = carray(_pointer_to(address, zero), size)
     x = carray(_pointer_like(ctx[CX], g), size)
     v = carray(_pointer_like(ctx[CV], g), size)
     n = carray(_pointer_of(ctx[CN], np.uint32), ctx[CNSIZE])
@@ -523,24 +531,36 @@ def _single_step(g, ctx_address):
 _SINGLE_STEP = {}
 
 
-def single_step(dtype):
-    """``_single_step`` compiled for C-contiguous 1-D ``dtype`` gradients
-    only (float32 or float64), loaded or compiled on first use.
+def single_step(dtype, hold_gil=False):
+    """``_single_step`` compiled for one array dtype (float32 or float64),
+    holding the GIL or releasing it; loaded or compiled on first use.
 
-    Its one signature is fixed, so a gradient of another type, layout or
-    dimension raises ``TypeError`` instead of compiling a new specialisation:
-    callers catch it and take the general path.
+    Returns the dispatcher, of one signature ``(int64, int64, dtype)``;
+    ``single_step_entry`` gives its compiled entry point.
     """
     dtype = np.dtype(dtype)
-    kernel = _SINGLE_STEP.get(dtype)
+    kernel = _SINGLE_STEP.get((dtype, hold_gil))
     if kernel is None:
         from numba import from_dtype
-        sig = types.int64(types.Array(from_dtype(dtype), 1, "C"), types.int64)
-        kernel = _kernel(_single_step)
+        sig = types.int64(types.int64, types.int64, from_dtype(dtype))
+        name = "_single_step_gil" if hold_gil else "_single_step"
+        kernel = load_without_refresh(njit(**{**_OPTS, "nogil": not hold_gil})(
+            _twin(_single_step, name)))
         kernel.compile(sig)             # as njit([sig]) does: this signature only
         kernel.disable_compile()
-        _SINGLE_STEP[dtype] = kernel
+        _SINGLE_STEP[dtype, hold_gil] = kernel
     return kernel
+
+
+def single_step_entry(dtype, hold_gil=False):
+    """The compiled entry point of ``single_step(dtype, hold_gil)``: called
+    with two Python ints and a float it runs the kernel without numba's
+    dispatch (which would type each argument and pick the signature: more
+    than half the time of a whole step on a small array).  Its arguments
+    are unboxed as ``int64, int64, dtype``, so only ints and a float may be
+    passed."""
+    kernel = single_step(dtype, hold_gil)
+    return kernel.overloads[kernel.signatures[0]].entry_point
 
 
 # --- many arrays, flat state ---------------------------------------------------

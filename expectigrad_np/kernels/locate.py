@@ -19,23 +19,48 @@ a non-contiguous or misaligned array, a wrong shape) is marked for the
 general Python path, which validates, stages or raises as before.  So a
 mismatch can only cost speed, never correctness.
 
+``located_address`` does the same for one object inside another kernel
+(``kernels.cpu.single_step`` takes its gradient as an ``id``, so that a step
+on a small array passes no array through numba's dispatch).
+
 The layout is checked once per process against what Python reports for a
-set of sample arrays (``layout_ok``); if NumPy or the interpreter ever lays
-its objects out differently, the check fails and every array takes the
-Python path.
+set of sample arrays (``layout_ok``, through ``ctypes``, without compiling or
+loading anything); if NumPy or the interpreter ever lays its objects out
+differently, the check fails and every array takes the Python path.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import carray, njit
 
-from .cpu import _pointer_of
 from .loading import load_without_refresh
+from .pointers import pointer_of as _pointer_of
 
-__all__ = ["layout_ok", "locate_arrays", "shape_table"]
+__all__ = ["layout_ok", "locate_arrays", "located_address", "shape_table"]
 
-_OB_TYPE, _DATA, _ND, _DIMENSIONS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
+_OB_TYPE, _DATA, _ND, _DIMENSIONS, _STRIDES, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 56, 64
 _C_CONTIGUOUS_ALIGNED = 0x0001 | 0x0100    # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def located_address(p, ndarray_type, descr, ndim, dims):
+    """The data address of the object at address ``p`` if it is an ndarray
+    whose type object is ``ndarray_type`` (exactly: no subclass), whose dtype
+    object is ``descr``, C-contiguous and aligned, with ``ndim`` dimensions
+    equal to ``dims[:ndim]``; else -1.  The caller keeps the object alive."""
+    if carray(_pointer_of(p + _OB_TYPE, np.int64), 1)[0] != ndarray_type:
+        return -1                           # only then is it an array object
+    if not (carray(_pointer_of(p + _DESCR, np.int64), 1)[0] == descr
+            and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndim
+            and (carray(_pointer_of(p + _FLAGS, np.int32), 1)[0]
+                 & _C_CONTIGUOUS_ALIGNED) == _C_CONTIGUOUS_ALIGNED):
+        return -1
+    shape = carray(_pointer_of(carray(_pointer_of(p + _DIMENSIONS, np.int64), 1)[0],
+                               np.int64), ndim)
+    for d in range(ndim):
+        if shape[d] != dims[d]:
+            return -1
+    return carray(_pointer_of(p + _DATA, np.int64), 1)[0]
 
 
 @load_without_refresh
@@ -52,22 +77,11 @@ def locate_arrays(objects, ndarray_type, descr, ndims, dims, dims_start, address
     """
     n_slow = 0
     for k in range(objects.size):
-        p = objects[k]
-        ok = carray(_pointer_of(p + _OB_TYPE, np.int64), 1)[0] == ndarray_type
-        if ok:                                  # only then is it an array object
-            ok = (carray(_pointer_of(p + _DESCR, np.int64), 1)[0] == descr
-                  and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndims[k]
-                  and (carray(_pointer_of(p + _FLAGS, np.int32), 1)[0]
-                       & _C_CONTIGUOUS_ALIGNED) == _C_CONTIGUOUS_ALIGNED)
-        if ok:
-            shape = carray(_pointer_of(carray(_pointer_of(p + _DIMENSIONS, np.int64), 1)[0],
-                                       np.int64), ndims[k])
-            start = dims_start[k]
-            for d in range(ndims[k]):
-                if shape[d] != dims[start + d]:
-                    ok = False
-        if ok:
-            addresses[k] = carray(_pointer_of(p + _DATA, np.int64), 1)[0]
+        start = dims_start[k]
+        address = located_address(objects[k], ndarray_type, descr, ndims[k],
+                                  dims[start:start + ndims[k]])
+        if address >= 0:
+            addresses[k] = address
             slow[k] = False
         else:
             slow[k] = True
@@ -89,36 +103,52 @@ _LAYOUT_OK = None
 
 
 def layout_ok():
-    """Whether ``locate_arrays`` reads this process's array objects right:
-    compared once with Python's own view of sample arrays (accepted ones
-    must give ``ctypes.data``; each kind it must refuse must be refused)."""
+    """Whether the kernels read this process's array objects right: every
+    field at its offset, read once through ``ctypes`` from sample arrays of
+    every kind the kernels accept or refuse, equals Python's own view."""
     global _LAYOUT_OK
     if _LAYOUT_OK is None:
         _LAYOUT_OK = _check_layout()
     return _LAYOUT_OK
 
 
+def _reads_like_python(a):
+    """Whether every field the kernels read from ``a`` (at their offsets,
+    through ``ctypes``) equals Python's own view of it.  Reads nothing
+    outside the array object but the shape row, and that only after the
+    fields before it have matched and its pointer has been found to sit
+    right before the strides (NumPy allocates the two together)."""
+    import ctypes
+    p = id(a)
+    i64 = lambda at: ctypes.c_int64.from_address(at).value  # noqa: E731
+    if not (i64(p + _OB_TYPE) == id(type(a))
+            and i64(p + _DATA) == a.__array_interface__["data"][0]
+            and ctypes.c_int32.from_address(p + _ND).value == a.ndim
+            and i64(p + _DESCR) == id(a.dtype)
+            and ((ctypes.c_int32.from_address(p + _FLAGS).value & _C_CONTIGUOUS_ALIGNED)
+                 == _C_CONTIGUOUS_ALIGNED) == (a.flags.c_contiguous and a.flags.aligned)):
+        return False
+    if a.ndim == 0:
+        return True
+    dims_at = i64(p + _DIMENSIONS)
+    if dims_at == 0 or i64(p + _STRIDES) != dims_at + 8 * a.ndim:
+        return False
+    return (tuple(i64(dims_at + 8 * d) for d in range(a.ndim)) == a.shape
+            and tuple(i64(dims_at + 8 * (a.ndim + d)) for d in range(a.ndim)) == a.strides)
+
+
 def _check_layout():
+    """The fields the kernels read, on sample arrays of every kind they
+    accept or refuse, against Python's own view."""
     try:
-        f32 = np.dtype(np.float32)
+        import ctypes
+        if ctypes.sizeof(ctypes.c_void_p) != 8 or np.ndarray.__basicsize__ < _FLAGS + 4:
+            return False
         base = np.arange(60, dtype=np.float32)
-        accept = [base[:7], base.reshape(3, 4, 5), np.zeros((2, 1), np.float32),
-                  np.empty(0, np.float32), base[10:20]]
-        refuse = [base.reshape(3, 20).T, base[::2], base.astype(np.float64)[:7],
-                  base[:8].view(np.int32), base[:4].reshape(2, 2).view(np.recarray), [1.0], None,
-                  base.reshape(4, 15)]             # right dtype, wrong shape below
-        objects = accept + refuse
-        shapes = [a.shape for a in accept] + [(20, 3), (30,), (7,), (8,), (2, 2), (1,), (0,),
-                                              (15, 4)]
-        ndims, dims, dims_start = shape_table(shapes)
-        ids = np.array([id(o) for o in objects], dtype=np.int64)
-        addresses = np.zeros(len(objects), dtype=np.int64)
-        slow = np.zeros(len(objects), dtype=np.bool_)
-        n_slow = locate_arrays(ids, id(np.ndarray), id(f32), ndims, dims, dims_start,
-                               addresses, slow)
-        expected = [a.ctypes.data for a in accept]
-        return (n_slow == len(refuse) and not slow[:len(accept)].any()
-                and bool(slow[len(accept):].all())
-                and addresses[:len(accept)].tolist() == expected)
+        samples = [base[:7], base.reshape(3, 4, 5), np.zeros((2, 1)), np.empty(0, np.float32),
+                   base[10:20], base.reshape(3, 20).T, base[::2], base.astype(np.float64),
+                   np.frombuffer(b"\0" + base.tobytes(), np.float32, 7, 1), np.zeros(()),
+                   np.zeros(3, np.uint8), base.view(np.recarray)]
+        return all(_reads_like_python(a) for a in samples)
     except Exception:       # any surprise: use the Python path
         return False
