@@ -268,6 +268,13 @@ class Expectigrad:
     def _mark_dirty(self):
         self._dirty = True
 
+    def __getstate__(self):
+        # The fast path holds a compiled entry point, which does not pickle,
+        # and addresses, which a copy must not share: copies rebuild it.
+        state = self.__dict__.copy()
+        state["_fast"] = None
+        return state
+
     def __setstate__(self, state):
         # A copy has new buffers: rebuild the fast path on the next step.
         self.__dict__.update(state)

@@ -403,3 +403,16 @@ def test_single_array_kernel_holds_the_gil_only_for_small_arrays():
     assert large._fast[0] is K.single_step_entry(np.float32, hold_gil=False)
     assert not K.single_step(np.float32, True).targetoptions.get("nogil", False)
     assert K.single_step(np.float32, False).targetoptions["nogil"]
+
+
+def test_pickled_optimizer_rebuilds_its_fast_path():
+    import pickle
+    x = np.linspace(-1, 1, 6)
+    opt = eg.Expectigrad(x, lr=0.1)
+    opt.step(np.ones(6))
+    copy = pickle.loads(pickle.dumps(opt))
+    assert copy.param_groups[0]["params"][0] is not x
+    for o in (opt, copy):
+        o.step(np.arange(6.0))
+    np.testing.assert_array_equal(copy.param_groups[0]["params"][0], x)
+    assert copy._fast is not None and copy.step_count == opt.step_count == 2
