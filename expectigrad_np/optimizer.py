@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 from . import _validation as V
-from ._buckets import CpuBucket, NumpyBucket
+from ._buckets import CpuBucket, NumpyBucket, _address
 from .kernels import locate as _locate
 from .kernels.cpu import NONFINITE, SINGLE_STEP_GIL_MAX, single_step_entry
 
@@ -339,7 +339,7 @@ class Expectigrad:
         p = self._params[0]
         entry = single_step_entry(p.dtype, hold_gil=p.size <= SINGLE_STEP_GIL_MAX)
         # ctx keeps the address: the bucket updates that row in place.
-        return entry, int(ctx.__array_interface__["data"][0]), ctx, self._t, scalars, schedule
+        return entry, _address(ctx), ctx, self._t, scalars, schedule
 
     def _step_fast(self, fast, grads):
         """Step a single-array optimizer with one kernel call; False (and

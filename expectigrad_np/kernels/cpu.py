@@ -97,12 +97,12 @@ _OPTS = dict(nogil=True, cache=True, error_model="numpy")
 
 
 def _kernel(func=None, **options):
-    """``njit(**_OPTS, **options)`` for a kernel called from Python: cached,
-    and loaded from the cache without refreshing numba's whole CPU target
-    (``loading.py``)."""
+    """``njit`` with ``_OPTS`` updated by ``options``, for a kernel called
+    from Python: cached, and loaded from the cache without refreshing
+    numba's whole CPU target (``loading.py``)."""
     if func is None:
         return lambda f: _kernel(f, **options)
-    return load_without_refresh(njit(**_OPTS, **options)(func))
+    return load_without_refresh(njit(**{**_OPTS, **options})(func))
 
 
 def _twin(func, name):
@@ -544,8 +544,7 @@ def single_step(dtype, hold_gil=False):
         from numba import from_dtype
         sig = types.int64(types.int64, types.int64, from_dtype(dtype))
         name = "_single_step_gil" if hold_gil else "_single_step"
-        kernel = load_without_refresh(njit(**{**_OPTS, "nogil": not hold_gil})(
-            _twin(_single_step, name)))
+        kernel = _kernel(_twin(_single_step, name), nogil=not hold_gil)
         kernel.compile(sig)             # as njit([sig]) does: this signature only
         kernel.disable_compile()
         _SINGLE_STEP[dtype, hold_gil] = kernel
