@@ -446,9 +446,11 @@ class Expectigrad:
         gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
         sumsq = [0.0] * len(self._buckets)
         if len(self._buckets) > 1 and (self.check_finite or gclip < np.inf):
-            # Look at every bucket before changing any.
+            # Look at every bucket before changing any.  Passing gclip only
+            # says whether the squared norms are needed (the kernels skip
+            # them otherwise); a first pass applies no scale.
             for j, b in enumerate(self._buckets):
-                bad, sumsq[j] = b.step(self.check_finite, np.inf, 0.0, update=False)
+                bad, sumsq[j] = b.step(self.check_finite, gclip, 0.0, update=False)
                 self._raise_nonfinite(b, bad)
         check = self.check_finite and len(self._buckets) == 1
         for j, b in enumerate(self._buckets):

@@ -182,12 +182,32 @@ def test_mixed_dtypes_in_one_optimizer():
     ra, rb = a.copy(), b.copy()
     opt = eg.Expectigrad([a, b], lr=0.1, global_clipnorm=0.5)
     ref = eg.Expectigrad([ra, rb], lr=0.1, global_clipnorm=0.5, backend="numpy")
-    for _ in range(3):
-        gs = [np.array([1, 2, 3], np.float32), np.array([3, 2, 1.0])]
+    for k in range(4):
+        # The arrays' norms change differently from step to step, so a wrong
+        # global norm changes the result (a constant scale would not: the
+        # update is scale invariant).
+        gs = [np.array([1, 2, 3], np.float32) * (k + 1), np.array([3, 2, 1.0]) * (4 - k)]
         opt.step(gs)
         ref.step(gs)
     np.testing.assert_allclose(a, ra, rtol=1e-6)
     np.testing.assert_allclose(b, rb, rtol=1e-12)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_global_clipnorm_spans_dtypes_on_the_cpu_kernels(check_finite):
+    # Two buckets (float32, float64), large enough for the segmented kernel.
+    rng = np.random.default_rng(3)
+    xs = [np.zeros(3000, np.float32), np.zeros(2000)]
+    rs = [x.copy() for x in xs]
+    opt = eg.Expectigrad(xs, lr=0.1, global_clipnorm=1.0, check_finite=check_finite)
+    ref = eg.Expectigrad(rs, lr=0.1, global_clipnorm=1.0, backend="numpy")
+    for k in range(4):
+        gs = [rng.standard_normal(3000).astype(np.float32) * (k + 1),
+              rng.standard_normal(2000) * (4 - k)]
+        opt.step(gs)
+        ref.step(gs)
+    np.testing.assert_allclose(xs[0], rs[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(xs[1], rs[1], rtol=1e-12, atol=1e-14)
 
 
 # --- param groups -----------------------------------------------------------------------

@@ -258,16 +258,29 @@ def test_large_single_array_takes_parallel_kernel_and_matches(monkeypatch):
     _assert_same(fast, ref, [xf], [xr])
 
 
-def test_span_stats_detects_nonfinite_anywhere():
+@pytest.mark.parametrize("kernel", ["_span_stats", "_span_nonfinite"])
+def test_span_check_detects_nonfinite_anywhere(kernel):
+    # Every position: each of the four interleaved streams and the tail.
+    stats = getattr(K, kernel)
     for dtype in (np.float32, np.float64):
-        for n in (1, 7, 64, 1000):
+        for n in (*range(1, 14), 64, 1001):
             g = np.ones(n, dtype)
-            for i in {0, n // 2, n - 1}:
+            for i in range(n):
                 for bad in (np.nan, np.inf, -np.inf):
                     h = g.copy()
                     h[i] = bad
-                    assert K._span_stats(h)[0] != 0, (dtype, n, i, bad)
-            assert K._span_stats(g)[0] == 0
+                    assert stats(h)[0] != 0, (dtype, n, i, bad)
+            assert stats(g)[0] == 0
+
+
+def test_span_stats_squared_norm_counts_every_element():
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        for n in (*range(0, 14), 1001, 3 * 4096 + 3):
+            g = rng.standard_normal(n).astype(dtype)
+            want = float(np.sum(g.astype(np.float64) ** 2))
+            assert K._span_stats(g)[1] == pytest.approx(want, rel=1e-12, abs=0), (dtype, n)
+            assert K._span_nonfinite(g) == (0, 0.0)
 
 
 _RSS_SCRIPT = textwrap.dedent("""
