@@ -436,6 +436,14 @@ def _span_nonfinite(g):
     return _span_sums(g, False)
 
 
+@njit(inline="always", **_OPTS)
+def _first_pass(g, norm):
+    """``_span_stats(g)`` when a norm is needed, else ``_span_nonfinite(g)``."""
+    if norm:
+        return _span_stats(g)
+    return _span_nonfinite(g)
+
+
 @_kernel
 def _scale(sumsq, clipnorm):
     """Norm-clipping factor min(1, clipnorm / sqrt(sumsq))."""
@@ -459,10 +467,7 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     sumsq = 0.0
     needs_norm = c[CLIPNORM] < np.inf or global_clipnorm < np.inf
     if check or needs_norm:
-        if needs_norm:
-            nonfinite, sumsq = _span_stats(g)
-        else:
-            nonfinite, sumsq = _span_nonfinite(g)
+        nonfinite, sumsq = _first_pass(g, needs_norm)
         if check and nonfinite != 0:
             return False, sumsq
         if needs_norm:
@@ -650,11 +655,7 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             if flags[k, ACTIVE]:
                 size = offsets[k + 1] - offsets[k]
                 g = carray(_pointer_like(g_addr[k], v), size)
-                span = g[chunk_lo[j]:chunk_hi[j]]
-                if needs_norm:
-                    nonfinite, sq = _span_stats(span)
-                else:
-                    nonfinite, sq = _span_nonfinite(span)
+                nonfinite, sq = _first_pass(g[chunk_lo[j]:chunk_hi[j]], needs_norm)
                 chunk_bad[j] = nonfinite != 0
                 chunk_sq[j] = sq
         if check:
