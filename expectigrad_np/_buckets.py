@@ -47,6 +47,27 @@ _PARALLEL_LOCK = threading.Lock()
 
 _NDARRAY = id(np.ndarray)
 
+# Where the state buffers start within a 4 KiB page.  Large NumPy arrays
+# start at the same offset in their pages (16 bytes past the page, from the C
+# allocator), parameters and gradients included; loads and stores of one
+# element of arrays that agree in their low 12 address bits look alike to the
+# core's store-forwarding check (4K aliasing), and 16-byte alignment splits
+# every other 32-byte vector access across two cache lines.  The state buffers
+# start on their own 64-byte-aligned offsets, 1 KiB apart and away from 16.
+# Measured at 1e7 elements, two threads, against all buffers at offset 16:
+# float32 0.95-0.96x, float64 0.96-0.97x the step time.
+STATE_PAGE_OFFSETS = {"mean_sq": 1024, "count": 2048, "momentum": 3072}
+
+
+def state_zeros(size, dtype, name):
+    """``np.zeros(size, dtype)`` starting ``STATE_PAGE_OFFSETS[name]`` bytes
+    into a 4 KiB page (a view into a slightly larger zeroed buffer)."""
+    dtype = np.dtype(dtype)
+    nbytes = size * dtype.itemsize
+    raw = np.zeros(nbytes + 4096, np.uint8)
+    start = (STATE_PAGE_OFFSETS[name] - raw.ctypes.data) % 4096
+    return raw[start:start + nbytes].view(dtype)
+
 
 class _Bucket:
     """State layout shared by the host drivers."""
@@ -63,9 +84,9 @@ class _Bucket:
         np.cumsum(self.sizes, out=self.offsets[1:])
         total = int(self.offsets[-1])
         self.total = total
-        self.mean_sq = np.zeros(total, self.dtype)
+        self.mean_sq = state_zeros(total, self.dtype, "mean_sq")
         self.stored = {"mean_sq", "count"} if any(sparse) else {"mean_sq"}
-        self.count = np.zeros(total if any(sparse) else 0, COUNT_DTYPE)
+        self.count = state_zeros(total if any(sparse) else 0, COUNT_DTYPE, "count")
         self.momentum = np.zeros(0, self.dtype)
         if any(momentum):
             self.ensure_momentum()
@@ -76,7 +97,7 @@ class _Bucket:
 
     def ensure_momentum(self):
         if "momentum" not in self.stored:
-            self.momentum = np.zeros(self.total, self.dtype)
+            self.momentum = state_zeros(self.total, self.dtype, "momentum")
             self.stored.add("momentum")
 
     def segment(self, name, k):
@@ -266,8 +287,13 @@ class CpuBucket(_Bucket):
 
     def __setstate__(self, state):
         """After a copy or unpickling the buffers are new: derive the flat
-        views and every recorded address from them again."""
+        views and every recorded address from them again; the state
+        buffers move back to their page offsets (``state_zeros``)."""
         self.__dict__.update(state)
+        for name in self.STATE_FIELDS:
+            old = getattr(self, name)
+            setattr(self, name, state_zeros(old.size, old.dtype, name))
+            getattr(self, name)[...] = old
         self.x_flat = [p.reshape(-1) if s is None else s
                        for p, s in zip(self.params, self.x_stage)]
         self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]

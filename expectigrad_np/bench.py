@@ -10,8 +10,9 @@ reports:
   reads ``x, g, mean_sq, count, momentum`` and writes all but ``g``: 36 B in
   float32, 64 B in float64 (``traffic_bytes``);
 - ``vs_traffic``: unchecked step time over the time of a kernel with the same
-  memory traffic and trivial arithmetic (``_traffic_kernel``), serial or
-  parallel by the same size rule as the step, timed in the same run;
+  memory traffic and trivial arithmetic (``_traffic_kernel``) on buffers laid
+  out as the optimizer's, serial or parallel by the same size rule as the
+  step, timed in the same run;
 - ``vs_reference``: speed-up of the checked step over the pure-NumPy
   reference: ``expectigrad.testing.NumpyExpectigrad`` of the original project
   when that package is installed, else ``expectigrad_np.reference``;
@@ -195,9 +196,14 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
     checked = Expectigrad(x1, lr=1e-3)
     unchecked = Expectigrad(x2, lr=1e-3, check_finite=False)
     # Filled, not zeros: pages of np.zeros that are only read map to one
-    # shared zero page and would never touch memory.
-    tx, tg, tv, tm = (np.full(n, 0.5, dtype) for _ in range(4))
-    tn = np.ones(n, np.uint32)
+    # shared zero page and would never touch memory.  Laid out as the
+    # optimizer's arrays are: the parameter and gradient from NumPy, the three
+    # state buffers from the buckets' allocator (_buckets.state_zeros).
+    tx, tg = np.full(n, 0.5, dtype), np.full(n, 0.5, dtype)
+    tv, tn, tm = (_buckets.state_zeros(n, np.uint32 if name == "count" else dtype, name)
+                  for name in ("mean_sq", "count", "momentum"))
+    for a in (tv, tn, tm):
+        a[...] = 1
     kernel = _traffic_kernel(n)
     fns = [lambda: unchecked.step(g), lambda: checked.step(g),
            lambda: kernel(tx, tg, tv, tn, tm)]

@@ -429,3 +429,25 @@ def test_pickled_optimizer_rebuilds_its_fast_path():
         o.step(np.arange(6.0))
     np.testing.assert_array_equal(copy.param_groups[0]["params"][0], x)
     assert copy._fast is not None and copy.step_count == opt.step_count == 2
+
+
+def test_state_buffers_start_at_their_page_offsets_after_copies():
+    """The state buffers start at ``STATE_PAGE_OFFSETS`` within a page (away
+    from where NumPy's large arrays start), zeroed, and keep their offsets
+    and contents through deepcopy and pickling."""
+    import copy
+    import pickle
+    x = np.zeros(100_000, np.float32)
+    opt = eg.Expectigrad(x)
+    (b,) = opt._buckets
+    for name, offset in _buckets.STATE_PAGE_OFFSETS.items():
+        a = getattr(b, name)
+        assert a.ctypes.data % 4096 == offset and a.size == x.size and not a.any()
+    opt.step(np.linspace(-1, 1, x.size, dtype=np.float32))
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        (tb,) = twin._buckets
+        for name, offset in _buckets.STATE_PAGE_OFFSETS.items():
+            a = getattr(tb, name)
+            assert a.ctypes.data % 4096 == offset
+            np.testing.assert_array_equal(a, getattr(b, name))
+            assert a.dtype == getattr(b, name).dtype
