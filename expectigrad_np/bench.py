@@ -404,7 +404,7 @@ def specialisations():
     out = {"single_step": sorted(f"{d}{' (GIL held)' if gil else ''}"
                                  for d, gil in K._SINGLE_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
-                      ("segments_step_parallel", 6)):
+                      ("segments_step_parallel", 6), ("_update_span", 0)):
         out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
     out["locate_arrays"] = ["any"] * len(locate.locate_arrays.signatures)
     return out
@@ -415,8 +415,8 @@ def _compiled_here():
     from .kernels import cpu as K
     from .kernels import locate
     kernels = list(K._SINGLE_STEP.values()) + [
-        K.array_step, K.segments_step, K.segments_step_parallel, locate.locate_arrays,
-        K.data_address]
+        K.array_step, K.segments_step, K.segments_step_parallel, K._update_span,
+        locate.locate_arrays, K.data_address]
     return sum(sum(k.stats.cache_misses.values()) for k in kernels)
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from expectigrad_np.kernels import cpu
 
-UPDATE_LOOPS = [cpu._update_sparse_momentum, cpu._update_sparse,
-                cpu._update_dense_momentum, cpu._update_dense]
+# (sparse counter, momentum) of the four update loops of cpu._update_general
+UPDATE_LOOPS = [(True, True), (True, False), (False, True), (False, False)]
 
 
 def uncached(dispatcher):
@@ -18,6 +18,18 @@ def uncached(dispatcher):
                if k not in ("cache", "nopython")}
     return numba.njit(**options)(dispatcher.py_func)
 DOUBLE_MATH = re.compile(r"\b(fadd|fsub|fmul|fdiv|fpext)\b[^\n]*\bdouble\b|fpext float")
+
+
+def _loop_kernel(sparse, momentum, clipping):
+    """An uncached kernel running one update loop of ``cpu._update_general``
+    with its flags constants, as ``cpu._update_loops`` calls it (each loop is
+    inlined and compiled per constant)."""
+    general = cpu._update_general
+    env = {"general": general}
+    src = (f"def call(x, g, v, n, m, c, scale, h):\n"
+           f"    general(x, g, v, n, m, c, scale, h, {clipping}, {sparse}, {momentum})\n")
+    exec(src, env)
+    return numba.njit(nogil=True, error_model="numpy")(env["call"])
 
 
 def _compiled_ir(dtype):
@@ -31,12 +43,10 @@ def _compiled_ir(dtype):
     h = np.uint32(12345)
     irs = {}
     for clipping in (True, False):
-        args = [(x, g, v, n, m, c, scale, h, clipping), (x, g, v, n, c, scale, h, clipping),
-                (x, g, v, m, c, scale, h, clipping), (x, g, v, c, scale, h, clipping)]
-        for loop, a in zip(UPDATE_LOOPS, args):
-            fresh = uncached(loop)
-            fresh(*a)
-            irs[loop.__name__, clipping] = "\n".join(fresh.inspect_llvm().values())
+        for sparse, momentum in UPDATE_LOOPS:
+            fresh = _loop_kernel(sparse, momentum, clipping)
+            fresh(x, g, v, n, m, c, scale, h)
+            irs[sparse, momentum, clipping] = "\n".join(fresh.inspect_llvm().values())
     return irs
 
 
@@ -61,8 +71,15 @@ def test_update_loops_vectorise():
         assert re.search(r"<\d+ x float>", ir), f"{name} did not vectorise"
 
 
+def test_update_loops_prefetch():
+    """Every update loop asks for the blocks ahead (``llvm.prefetch``)."""
+    irs = _compiled_ir(np.float32)
+    for name, ir in irs.items():
+        assert "@llvm.prefetch" in ir, f"{name} does not prefetch"
+
+
 def test_kernels_are_cached_and_release_the_gil():
-    for fn in [cpu.array_step, cpu.segments_step, cpu.segments_step_parallel, *UPDATE_LOOPS]:
+    for fn in [cpu.array_step, cpu.segments_step, cpu.segments_step_parallel, cpu._update_general, cpu._prefetch_block]:
         assert fn.targetoptions.get("nogil") is True
         assert fn._cache.__class__.__name__ == "FunctionCache"
 

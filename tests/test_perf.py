@@ -72,6 +72,29 @@ def test_single_array_fast_path_matches_reference_bitwise(dtype, config, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_blocked_loops_match_reference_at_block_boundaries(dtype, config):
+    """Sizes around the update loops' blocks (whole blocks with prefetching,
+    then the rest element by element) agree bitwise with the reference, in
+    the uniform loop (first steps: no zero gradients) and the general one."""
+    block = K.BLOCK_BYTES // np.dtype(dtype).itemsize
+    ahead = K.PREFETCH_AHEAD_BYTES // K.BLOCK_BYTES
+    sizes = [block - 1, block, block + 1, (ahead + 1) * block,
+             (ahead + 2) * block + 3, 37 * block + 5]
+    for size in sizes:
+        rng = np.random.default_rng(size)
+        x0 = rng.standard_normal(size).astype(dtype)
+        xf, xr = x0.copy(), x0.copy()
+        fast = eg.Expectigrad(xf, lr=0.05, **config)
+        ref = eg.Expectigrad(xr, lr=0.05, backend="numpy", **config)
+        dense = [(rng.standard_normal(size) + 3).astype(dtype) for _ in range(3)]
+        for g in dense + _grads(rng, size, dtype, 6):
+            fast.step(g)
+            ref.step(g)
+        _assert_same(fast, ref, [xf], [xr])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("config", NORM_CONFIGS)
 def test_single_array_fast_path_with_norm_clipping_matches_reference(dtype, config):
     rng = np.random.default_rng(0)

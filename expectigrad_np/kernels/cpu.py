@@ -41,15 +41,20 @@ of the mean, ``_add_rounded``), ``uniform`` set while every count of the array
 equals ``t - 1`` (see ``_update_uniform``; the kernels clear it).
 All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
 vectorises the inner loops (check with ``inspect_asm``: ``vsqrtps``/``vdivps``
-on ``ymm`` or ``zmm`` registers), ``nogil=True`` and ``cache=True``.  The update loops
-are inlined into the entry points (``inline="always"``): no calls, and no
-reference counting, per span.  The first pass may reassociate its sums (see
+on ``ymm`` or ``zmm`` registers), ``nogil=True`` and ``cache=True``.  The update of
+a span, ``_update_span``, is one compiled function that every entry point
+calls (compiled once per dtype, and linked into the entry points' cached
+code); within it the loops and their helpers are inlined, and nothing is
+reference counted inside a loop.  The loops run over blocks and prefetch
+ahead (see BLOCK_BYTES).  The first pass may reassociate its sums (see
 ``_span_stats``).
 
 Compiled specialisations: one per dtype (float32, float64) of
 ``single_step`` (two: holding the GIL up to ``SINGLE_STEP_GIL_MAX``
-elements, releasing it above), ``array_step``, ``segments_step`` and
-``segments_step_parallel``, plus ``data_address`` on 1-D arrays and
+elements, releasing it above), ``array_step``, ``segments_step``,
+``segments_step_parallel`` and the ``_update_span`` they share (with its
+small helpers ``_adaptive``, ``_clip``, ``_add_rounded`` and
+``_prefetch_block``, which LLVM inlines), plus ``data_address`` on 1-D arrays and
 ``locate.locate_arrays`` (one signature); each is
 compiled once, cached on disk and only loaded in later processes
 (``python -m expectigrad_np bench`` lists those of a run), without refreshing
@@ -149,6 +154,64 @@ def _count_up(typingctx, count, counted):
     return types.uint32(types.uint32, types.boolean), codegen
 
 
+# --- blocks and prefetching ----------------------------------------------------
+# The update loops run over blocks of BLOCK_BYTES per stream.  Before a block
+# they ask for every cache line of each array they read, PREFETCH_AHEAD_BYTES
+# further on (``_prefetch``), then update the block in a loop of constant trip
+# count that LLVM vectorises without a remainder; the last partial block runs
+# as a plain loop.  The hardware prefetchers alone leave the fused update
+# about 15 % slower than a kernel of the same traffic and trivial arithmetic
+# on arrays beyond the L2 cache: its division and square roots keep the core
+# busy, fewer loads are in flight, and the arrays arrive late.  Measured at
+# 1e7 elements, two threads, against the same-traffic kernel (medians of
+# interleaved blocks): float32 1.13-1.15x without prefetching; with 256-byte
+# blocks and 512 bytes ahead 0.99-1.02x (128/256-byte blocks: 1.12-1.13x with
+# one line in two asked for, bursts of 40 lines per block: 1.46x).  float64
+# 1.09-1.10x -> 1.02x.  At 1e4 to 1e6 elements no slower.
+BLOCK_BYTES = 256
+PREFETCH_AHEAD_BYTES = 512
+_AHEAD_BLOCKS = PREFETCH_AHEAD_BYTES // BLOCK_BYTES
+_LINE_BYTES = 64
+
+
+def _block(x):
+    """Elements per update block of array ``x`` (a compile-time constant)."""
+    return BLOCK_BYTES // x.itemsize
+
+
+@overload(_block, inline="always")
+def _block_impl(x):
+    size = BLOCK_BYTES // as_dtype(x.dtype).itemsize
+    return lambda x: size
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """Ask for the cache line holding byte ``address`` (``llvm.prefetch``:
+    read, into all cache levels).  A prefetch never faults and reads
+    nothing, so the address may lie past the end of an array.  Takes an
+    integer, not an array: arrays passed into the loops would be reference
+    counted there (atomic operations, and calls that stop vectorisation)."""
+    from llvmlite import ir
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
+
+
+@njit(**_OPTS)
+def _prefetch_lines(address, nbytes):
+    """Prefetch the ``nbytes`` from ``address``, a cache line at a time."""
+    for offset in range(0, nbytes, _LINE_BYTES):
+        _prefetch(address + offset)
+
+
 @intrinsic
 def _is_float32(typingctx, x):
     """True for a float32 ``x``: a compile-time constant, so LLVM drops the
@@ -218,7 +281,7 @@ def _dither_offset(typingctx, h, a):
     return a(h, a), codegen
 
 
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _add_rounded(a, b, h):
     """``a + b``; in float32 ``reference.add_stochastically_rounded`` for one
     element with hash ``h``: ``a + (b + dither_offset)``, an offset of up to
@@ -230,7 +293,7 @@ def _add_rounded(a, b, h):
     return a + (b + _dither_offset(h, a))
 
 
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _adaptive(g, g2, mean_sq, weight, eps, h):
     """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
 
@@ -242,7 +305,7 @@ def _adaptive(g, g2, mean_sq, weight, eps, h):
     return v, g / (eps + np.sqrt(v))
 
 
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _clip(g, scale, clipvalue, clipping):
     """``clip(g * scale, -clipvalue, clipvalue)``; just ``g`` when
     ``clipping`` is False (then ``scale == 1`` and ``clipvalue == inf``, so
@@ -254,73 +317,106 @@ def _clip(g, scale, clipvalue, clipping):
     return g
 
 
-# --- the four update loops: (sparse | dense counter) x (momentum | none) ---
-# ``h`` is the Weyl hash of element ``i0`` (``_weyl``), carried from element
-# to element; ``clipping`` a constant (see ``_clip``).
+# --- the update loops -----------------------------------------------------------
+# ``h`` is the Weyl hash of the current element (``_weyl``), carried from
+# element to element (``_weyl_next``); ``clipping``, ``sparse``, ``momentum``,
+# ``block`` and ``prefetch`` are constants at every call, so each combination
+# compiles to its own loop.  The element updates are written out in the loop
+# bodies: moved into a function of scalars they ran 1.2x slower in float64
+# (LLVM schedules the inlined call differently), and a function taking the
+# arrays would reference-count them inside the loop.
 
 @njit(inline="always", **_OPTS)
-def _update_sparse_momentum(x, g, v, n, m, c, scale, h, clipping):
-    one, zero = x.dtype.type(1), x.dtype.type(0)
-    for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
-        g2 = gi * gi
-        counted = g2 != zero
-        cnt = _count_up(n[i], counted)
-        n[i] = cnt
-        w = one / x.dtype.type(cnt) if counted else zero
-        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], h)
-        m[i] = c[BETA] * m[i] + c[OMB] * u
-        x[i] -= c[STEP] * m[i]
-        h = _weyl_next(h)
+def _coefficients(c):
+    """``(step, beta, 1 - beta, eps, 1/t, clipvalue, 1, 0)`` from a
+    coefficient row, in its dtype: read once per loop, so the loops load
+    nothing but array elements."""
+    return (c[STEP], c[BETA], c[OMB], c[EPS], c[INV_T], c[CLIPVALUE],
+            c.dtype.type(1), c.dtype.type(0))
 
 
-@njit(inline="always", **_OPTS)
-def _update_sparse(x, g, v, n, c, scale, h, clipping):
-    one, zero = x.dtype.type(1), x.dtype.type(0)
-    for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
-        g2 = gi * gi
-        counted = g2 != zero
-        cnt = _count_up(n[i], counted)
-        n[i] = cnt
-        w = one / x.dtype.type(cnt) if counted else zero
-        v[i], u = _adaptive(gi, g2, v[i], w, c[EPS], h)
-        x[i] -= c[STEP] * u
-        h = _weyl_next(h)
+@njit(**_OPTS)
+def _prefetch_block(x_at, g_at, v_at, n_at, m_at, b, block, sparse, momentum):
+    """Prefetch block ``b`` (``block`` elements from element ``b * block``)
+    of every array the loop reads, given their data addresses (integers, so
+    nothing is reference counted in the loops)."""
+    offset = b * BLOCK_BYTES
+    _prefetch_lines(x_at + offset, BLOCK_BYTES)
+    _prefetch_lines(g_at + offset, BLOCK_BYTES)
+    _prefetch_lines(v_at + offset, BLOCK_BYTES)
+    if sparse:
+        _prefetch_lines(n_at + b * block * 4, block * 4)       # uint32 counts
+    if momentum:
+        _prefetch_lines(m_at + offset, BLOCK_BYTES)
 
 
 @njit(inline="always", **_OPTS)
-def _update_dense_momentum(x, g, v, m, c, scale, h, clipping):
-    for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
-        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], h)
-        m[i] = c[BETA] * m[i] + c[OMB] * u
-        x[i] -= c[STEP] * m[i]
-        h = _weyl_next(h)
+def _general_blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch,
+                    clipping, sparse, momentum):
+    """Update ``count`` blocks of ``block`` elements from element ``lo``;
+    returns the hash of the next element.
+
+    With the sparse counter an element is counted when its (clipped)
+    gradient is not zero, and g**2 enters the mean with weight 1/count (0
+    when not counted); with the dense counter with weight 1/t.  Then the
+    momentum (when ``momentum``) and the parameter step.
+    """
+    step, beta, omb, eps, inv_t, clipvalue, one, zero = k
+    x_at, g_at, v_at, n_at, m_at = (x.ctypes.data, g.ctypes.data, v.ctypes.data,
+                                    n.ctypes.data, m.ctypes.data)
+    for b in range(count):
+        if prefetch and b + _AHEAD_BLOCKS < count:
+            _prefetch_block(x_at, g_at, v_at, n_at, m_at, b + _AHEAD_BLOCKS, block,
+                            sparse, momentum)
+        for j in range(block):
+            i = lo + np.uint64(b * block + j)      # unsigned: no wraparound code
+            gi = _clip(g[i], scale, clipvalue, clipping)
+            g2 = gi * gi
+            if sparse:
+                counted = g2 != zero
+                cnt = _count_up(n[i], counted)
+                n[i] = cnt
+                w = one / x.dtype.type(cnt) if counted else zero
+            else:
+                w = inv_t
+            v[i], u = _adaptive(gi, g2, v[i], w, eps, h)
+            if momentum:
+                m[i] = beta * m[i] + omb * u
+                x[i] -= step * m[i]
+            else:
+                x[i] -= step * u
+            h = _weyl_next(h)
+    return h
 
 
 @njit(inline="always", **_OPTS)
-def _update_dense(x, g, v, c, scale, h, clipping):
-    for i in range(x.size):
-        gi = _clip(g[i], scale, c[CLIPVALUE], clipping)
-        v[i], u = _adaptive(gi, gi * gi, v[i], c[INV_T], c[EPS], h)
-        x[i] -= c[STEP] * u
-        h = _weyl_next(h)
+def _update_general(x, g, v, n, m, c, scale, h, clipping, sparse, momentum):
+    """The general loop: whole blocks (prefetching), then the rest one
+    element at a time (a block of one, which LLVM vectorises as a plain
+    loop)."""
+    k = _coefficients(c)
+    block = _block(x)
+    whole = x.size // block
+    h = _general_blocks(x, g, v, n, m, k, scale, h, np.uint64(0), whole, block, True,
+                        clipping, sparse, momentum)
+    _general_blocks(x, g, v, n, m, k, scale, h, np.uint64(whole * block),
+                    x.size - whole * block, 1, False, clipping, sparse, momentum)
 
 
 @njit(inline="always", **_OPTS)
 def _update_loops(x, g, v, n, m, c, f, scale, h, clipping):
-    """The loop the flags call for, with ``clipping`` a constant."""
+    """The loop the flags call for, with ``clipping`` a constant.  (An empty
+    ``n`` or ``m`` is fine where the loop does not use it.)"""
     if f[SPARSE]:
         if f[MOMENTUM]:
-            _update_sparse_momentum(x, g, v, n, m, c, scale, h, clipping)
+            _update_general(x, g, v, n, m, c, scale, h, clipping, True, True)
         else:
-            _update_sparse(x, g, v, n, c, scale, h, clipping)
+            _update_general(x, g, v, n, m, c, scale, h, clipping, True, False)
     else:
         if f[MOMENTUM]:
-            _update_dense_momentum(x, g, v, m, c, scale, h, clipping)
+            _update_general(x, g, v, n, m, c, scale, h, clipping, False, True)
         else:
-            _update_dense(x, g, v, c, scale, h, clipping)
+            _update_general(x, g, v, n, m, c, scale, h, clipping, False, False)
 
 
 # --- the sparse counter while every count equals the step count ---------------
@@ -337,29 +433,53 @@ def _update_loops(x, g, v, n, m, c, f, scale, h, clipping):
 # its time at 1e5 elements).
 
 @njit(inline="always", **_OPTS)
-def _update_uniform(x, g, v, n, m, c, h, t, momentum):
-    """The uniform loop, with momentum or not (``momentum`` a constant)."""
-    zero = x.dtype.type(0)
-    now, before = np.uint32(t), np.uint32(t - 1)
-    w_t = x.dtype.type(1) / x.dtype.type(now)
+def _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t, lo, count, block, prefetch,
+                    momentum):
+    """``_general_blocks`` for the uniform loop; returns the next hash and
+    whether some gradient was zero."""
+    step, beta, omb, eps, inv_t, clipvalue, one, zero = k
     missed = False
-    for i in range(x.size):
-        gi = g[i]
-        g2 = gi * gi
-        counted = g2 != zero
-        missed = missed | (g2 == zero)
-        n[i] = now if counted else before
-        v[i], u = _adaptive(gi, g2, v[i], w_t if counted else zero, c[EPS], h)
-        if momentum:
-            m[i] = c[BETA] * m[i] + c[OMB] * u
-            x[i] -= c[STEP] * m[i]
-        else:
-            x[i] -= c[STEP] * u
-        h = _weyl_next(h)
-    return missed
+    x_at, g_at, v_at, n_at, m_at = (x.ctypes.data, g.ctypes.data, v.ctypes.data,
+                                    n.ctypes.data, m.ctypes.data)
+    for b in range(count):
+        if prefetch and b + _AHEAD_BLOCKS < count:
+            _prefetch_block(x_at, g_at, v_at, n_at, m_at, b + _AHEAD_BLOCKS, block,
+                            True, momentum)
+        for j in range(block):
+            i = lo + np.uint64(b * block + j)
+            gi = g[i]
+            g2 = gi * gi
+            counted = g2 != zero
+            missed = missed | (g2 == zero)
+            n[i] = now if counted else before
+            v[i], u = _adaptive(gi, g2, v[i], w_t if counted else zero, eps, h)
+            if momentum:
+                m[i] = beta * m[i] + omb * u
+                x[i] -= step * m[i]
+            else:
+                x[i] -= step * u
+            h = _weyl_next(h)
+    return h, missed
 
 
 @njit(inline="always", **_OPTS)
+def _update_uniform(x, g, v, n, m, c, h, t, momentum):
+    """The uniform loop, with momentum or not (``momentum`` a constant), in
+    blocks as ``_update_general``."""
+    k = _coefficients(c)
+    now, before = np.uint32(t), np.uint32(t - 1)
+    w_t = k[6] / x.dtype.type(now)
+    block = _block(x)
+    whole = x.size // block
+    h, missed = _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t, np.uint64(0),
+                                whole, block, True, momentum)
+    _, missed_rest = _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t,
+                                     np.uint64(whole * block), x.size - whole * block,
+                                     1, False, momentum)
+    return missed | missed_rest
+
+
+@njit(**_OPTS)
 def _update_span(x, g, v, n, m, c, f, scale, i0):
     """Update one contiguous span, elements ``i0:i0 + x.size`` of its array.
 
@@ -473,7 +593,7 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
         if needs_norm:
             scale = _scale(sumsq, c[CLIPNORM])
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
-    _update_span(x, g, v, n, m, c, f, x.dtype.type(scale), 0)
+    _update_span(x, g, v, n, m, c, f, x.dtype.type(scale), np.int64(0))
     return True, sumsq
 
 
