@@ -404,7 +404,7 @@ def specialisations():
     out = {"single_step": sorted(f"{d}{' (GIL held)' if gil else ''}"
                                  for d, gil in K._SINGLE_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
-                      ("segments_step_parallel", 6), ("_update_span", 0)):
+                      ("segments_step_parallel", 6)):
         out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
     out["locate_arrays"] = ["any"] * len(locate.locate_arrays.signatures)
     return out
