@@ -155,19 +155,21 @@ def _count_up(typingctx, count, counted):
 
 
 # --- blocks and prefetching ----------------------------------------------------
-# The update loops run over blocks of BLOCK_BYTES per stream.  Before a block
+# The update loops run over blocks of BLOCK_BYTES per array.  Before a block
 # they ask for every cache line of each array they read, PREFETCH_AHEAD_BYTES
-# further on (``_prefetch``), then update the block in a loop of constant trip
-# count that LLVM vectorises without a remainder; the last partial block runs
-# as a plain loop.  The hardware prefetchers alone leave the fused update
-# about 15 % slower than a kernel of the same traffic and trivial arithmetic
-# on arrays beyond the L2 cache: its division and square roots keep the core
-# busy, fewer loads are in flight, and the arrays arrive late.  Measured at
+# further on (``_prefetch_block``), then update the block in a loop of
+# constant trip count, which LLVM vectorises with no remainder; the elements
+# after the last whole block run as a plain loop.  The hardware prefetchers
+# alone leave the fused update 10-15 % slower than a kernel of the same
+# traffic and trivial arithmetic on arrays beyond the caches: its divisions
+# and square root keep the core busy, fewer loads are in flight, and the
+# arrays arrive late.  Measured in a standalone copy of the float32 loop at
 # 1e7 elements, two threads, against the same-traffic kernel (medians of
-# interleaved blocks): float32 1.13-1.15x without prefetching; with 256-byte
-# blocks and 512 bytes ahead 0.99-1.02x (128/256-byte blocks: 1.12-1.13x with
-# one line in two asked for, bursts of 40 lines per block: 1.46x).  float64
-# 1.09-1.10x -> 1.02x.  At 1e4 to 1e6 elements no slower.
+# interleaved blocks): 1.12-1.16x without prefetching; 256-byte blocks, 512
+# bytes ahead, every line: 0.99-1.02x; one line in two: 1.06-1.10x; bursts of
+# 40 lines (1 KiB blocks): 1.46-1.49x.  float64, 256-byte blocks: 1.09-1.10x
+# -> 1.02-1.03x.  At 1e4 to 1e6 elements the blocked loops take the time the
+# plain ones did.
 BLOCK_BYTES = 256
 PREFETCH_AHEAD_BYTES = 512
 _AHEAD_BLOCKS = PREFETCH_AHEAD_BYTES // BLOCK_BYTES
