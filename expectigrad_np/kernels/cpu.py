@@ -353,6 +353,15 @@ def _prefetch_block(x_at, g_at, v_at, n_at, m_at, b, block, sparse, momentum):
 
 
 @njit(inline="always", **_OPTS)
+def _addresses(x, g, v, n, m):
+    """Data addresses of the five arrays, for ``_prefetch_block`` (read once,
+    before a loop; prefetching is only asked for with ``lo == 0``, so block
+    ``b`` of the loop is block ``b`` of the arrays)."""
+    return (x.ctypes.data, g.ctypes.data, v.ctypes.data, n.ctypes.data,
+            m.ctypes.data)
+
+
+@njit(inline="always", **_OPTS)
 def _general_blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch,
                     clipping, sparse, momentum):
     """Update ``count`` blocks of ``block`` elements from element ``lo``;
@@ -364,8 +373,7 @@ def _general_blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch,
     momentum (when ``momentum``) and the parameter step.
     """
     step, beta, omb, eps, inv_t, clipvalue, one, zero = k
-    x_at, g_at, v_at, n_at, m_at = (x.ctypes.data, g.ctypes.data, v.ctypes.data,
-                                    n.ctypes.data, m.ctypes.data)
+    x_at, g_at, v_at, n_at, m_at = _addresses(x, g, v, n, m)
     for b in range(count):
         if prefetch and b + _AHEAD_BLOCKS < count:
             _prefetch_block(x_at, g_at, v_at, n_at, m_at, b + _AHEAD_BLOCKS, block,
@@ -441,8 +449,7 @@ def _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t, lo, count, block, pre
     whether some gradient was zero."""
     step, beta, omb, eps, inv_t, clipvalue, one, zero = k
     missed = False
-    x_at, g_at, v_at, n_at, m_at = (x.ctypes.data, g.ctypes.data, v.ctypes.data,
-                                    n.ctypes.data, m.ctypes.data)
+    x_at, g_at, v_at, n_at, m_at = _addresses(x, g, v, n, m)
     for b in range(count):
         if prefetch and b + _AHEAD_BLOCKS < count:
             _prefetch_block(x_at, g_at, v_at, n_at, m_at, b + _AHEAD_BLOCKS, block,
