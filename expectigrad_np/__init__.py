@@ -7,12 +7,14 @@ Numba kernels.
     >>> opt.step([np.ones_like(W)])          # W changes in place
 
 ``minimize`` is the same optimizer behind a ``scipy.optimize.minimize``-style
-call (scipy is imported on first use).  ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
-learning-rate schedules; ``cuda`` the GPU backend's ``ptx`` and ``benchmark``
+call (scipy is imported on first use).  ``reference`` holds the algorithm
+in plain NumPy; ``schedules`` the learning-rate schedules; ``cuda`` the GPU
+backend's ``ptx`` and ``benchmark``
 (importing it does not import numba.cuda).
 """
 from . import cuda, reference, schedules
-from .optimizer import Expectigrad, ParamGroup
+from .optimizer import Expectigrad
+from .param_groups import ParamGroup
 
 __version__ = "0.1.0"
 __all__ = ["Expectigrad", "ParamGroup", "cuda", "minimize", "reference", "schedules",

@@ -44,8 +44,9 @@ import numpy as np
 from numba import njit, prange
 
 from . import reference as R
-from . import _buckets
-from .kernels.cpu import _twin
+from .backends import layout as _layout
+from .backends.cpu import backend as _buckets
+from .backends.cpu.kernels import _twin
 from .optimizer import Expectigrad
 
 DEFAULT_SIZES = (10, 1_000, 100_000, 1_000_000, 10_000_000)
@@ -81,7 +82,7 @@ def _traffic_body(x, g, v, n, m):
 
 
 # Two names: numba's on-disk cache ignores ``parallel``, so two dispatchers of
-# one function would load each other's machine code (see kernels.cpu._twin).
+# one function would load each other's machine code (see backends.cpu.kernels._twin).
 _traffic_serial = njit(cache=True, nogil=True, error_model="numpy")(
     _twin(_traffic_body, "_traffic_serial"))
 _traffic_parallel = njit(cache=True, nogil=True, parallel=True, error_model="numpy")(
@@ -198,9 +199,9 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
     # Filled, not zeros: pages of np.zeros that are only read map to one
     # shared zero page and would never touch memory.  Laid out as the
     # optimizer's arrays are: the parameter and gradient from NumPy, the three
-    # state buffers from the buckets' allocator (_buckets.state_zeros).
+    # state buffers from the buckets' allocator (_layout.state_zeros).
     tx, tg = np.full(n, 0.5, dtype), np.full(n, 0.5, dtype)
-    tv, tn, tm = (_buckets.state_zeros(n, np.uint32 if name == "count" else dtype, name)
+    tv, tn, tm = (_layout.state_zeros(n, np.uint32 if name == "count" else dtype, name)
                   for name in ("mean_sq", "count", "momentum"))
     for a in (tv, tn, tm):
         a[...] = 1
@@ -372,7 +373,7 @@ PARALLEL_SIZES = tuple(1 << k for k in range(15, 24))
 def bench_parallel(repeat, sizes=PARALLEL_SIZES, dtypes=DEFAULT_DTYPES):
     """Serial against parallel segmented kernel, per size: the measurement
     behind ``PARALLEL_MIN_SIZE`` (``--parallel``)."""
-    from .kernels import cpu as K
+    from .backends.cpu import kernels as K
     rows = []
     for dtype in dtypes:
         for n in sizes:
@@ -399,8 +400,8 @@ def specialisations():
     (single arrays through the bucket interface), the serial and parallel
     segmented kernels (several or large arrays), and ``locate_arrays`` (one
     signature for every dtype: several arrays)."""
-    from .kernels import cpu as K
-    from .kernels import locate
+    from .backends.cpu import kernels as K
+    from .backends.cpu import locate
     out = {"single_step": sorted(f"{d}{' (GIL held)' if gil else ''}"
                                  for d, gil in K._SINGLE_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
@@ -412,8 +413,8 @@ def specialisations():
 
 def _compiled_here():
     """How many kernels this process compiled rather than loaded from cache."""
-    from .kernels import cpu as K
-    from .kernels import locate
+    from .backends.cpu import kernels as K
+    from .backends.cpu import locate
     kernels = list(K._SINGLE_STEP.values()) + [
         K.array_step, K.segments_step, K.segments_step_parallel, K._update_span,
         locate.locate_arrays, K.data_address]

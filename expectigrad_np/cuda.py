@@ -11,7 +11,8 @@ from __future__ import annotations
 __all__ = ["KERNEL_NAMES", "benchmark", "ptx"]
 
 # The kernels one step launches per dtype, in launch order: the stats pass
-# (only with check_finite or norm clipping) and the fused update.
+# (only with check_finite or norm clipping) and the fused update.  (Kept in
+# step with ``backends.cuda.kernels.KERNEL_NAMES``, which imports numba.cuda.)
 KERNEL_NAMES = ("stats_kernel", "update_kernel")
 
 
@@ -21,7 +22,7 @@ def ptx(dtype, cc=(9, 0)) -> str:
     ``KERNEL_NAMES``.  Compiled through NVVM from the ``cuda`` extra
     (``numba-cuda[cu12]``); no GPU is needed.  Float32 kernels hold no
     double-precision instruction."""
-    from .kernels import cuda as kernels
+    from .backends.cuda import kernels
     return kernels.ptx(dtype, cc)
 
 

@@ -113,7 +113,8 @@ def softmax_regression(epochs=20, n=3000, d=20, k=4, batch=100, seed=0, out=prin
 def rosenbrock(maxiter=20_000, out=print):
     """5-D Rosenbrock through ``scipy.optimize.minimize(method=minimize)``,
     next to scipy's BFGS."""
-    from scipy.optimize import minimize as scipy_minimize, rosen, rosen_der
+    from scipy.optimize import minimize as scipy_minimize
+    from scipy.optimize import rosen, rosen_der
 
     from ._minimize import minimize
 

@@ -3,7 +3,8 @@
 The class does bookkeeping only: it gathers parameters into param groups,
 validates hyperparameters and gradients, evaluates schedules, keeps the
 per-array step counts, and hands flat state to a backend bucket
-(``_buckets.py``), which calls the kernels.  The math is in ``reference.py``.
+(``backends/``: numpy, cpu or cuda, peers behind ``backends.base.Bucket``),
+which calls its kernels.  The math is in ``reference.py``.
 """
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ import numbers
 import numpy as np
 
 from . import _validation as V
-from ._buckets import CpuBucket, NumpyBucket, _address
-from .kernels import locate as _locate
-from .kernels.cpu import NONFINITE, SINGLE_STEP_GIL_MAX, single_step_entry
+from .backends import bucket_class
+from .param_groups import Changes, ParamGroup
 
 _NONE_ID = id(None)
 
 __all__ = ["Expectigrad", "ParamGroup"]
 
 _BACKENDS = ("auto", "cpu", "numpy", "cuda")
+
+
+def _has_numba():
+    """numba can be imported (the cpu backend needs it; numpy does not)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("numba") is not None
+    except ValueError:              # numba in sys.modules as None (blocked)
+        return False
 
 
 def _on_device(x):
@@ -32,55 +41,6 @@ def _on_device(x):
     except Exception:  # noqa: BLE001 - it has one but refuses it; the cuda backend says why
         return True
     return getattr(x, "__cuda_ndarray__", False) is True and not isinstance(x, np.ndarray)
-
-
-class ParamGroup(dict):
-    """A dict of hyperparameters and ``"params"``, validated on every change.
-
-    Change hyperparameters between steps as with torch:
-    ``opt.param_groups[0]["lr"] = 1e-4``.  A value that is not valid raises
-    at once and the group keeps its old value.  ``"params"`` and
-    ``"sparse_counter"`` are fixed once the optimizer is built.
-    """
-
-    def __init__(self, values, where, on_change):
-        super().__init__(values)
-        self._where = where
-        self._on_change = on_change
-
-    def __setitem__(self, key, value):
-        if key in ("params", "sparse_counter"):
-            raise ValueError(f"{self._where}{key!r} cannot be changed after the "
-                             "optimizer is built; build a new optimizer")
-        value = V.check_group_value(key, value, self._where)
-        if key == "eps":
-            V.check_eps_dtypes(value, self["params"], self._where)
-        super().__setitem__(key, value)
-        self._on_change()
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = default
-        return self[key]
-
-    def __delitem__(self, key):
-        raise ValueError(f"{self._where}hyperparameters cannot be removed")
-
-    def pop(self, *args):
-        raise ValueError(f"{self._where}hyperparameters cannot be removed")
-
-    def popitem(self):
-        raise ValueError(f"{self._where}hyperparameters cannot be removed")
-
-    def clear(self):
-        raise ValueError(f"{self._where}hyperparameters cannot be removed")
-
-    def __reduce__(self):
-        return (dict, (dict(self),))
 
 
 class Expectigrad:
@@ -153,9 +113,9 @@ class Expectigrad:
         V.check_no_overlap(self._params, self._names)
 
         self.backend = self._resolve_backend(backend)
-        self._dirty = True
+        self._changes = Changes()
         self.param_groups = tuple(
-            ParamGroup(g, f"param group {gi}: ", self._mark_dirty)
+            ParamGroup(g, f"param group {gi}: ", self._changes)
             for gi, g in enumerate(groups))
         self._t = np.zeros(len(self._params), dtype=np.int64)
         self.step_count = 0
@@ -170,7 +130,7 @@ class Expectigrad:
     @global_clipnorm.setter
     def global_clipnorm(self, value):
         self._global_clipnorm = V.check_positive_or_none("global_clipnorm", value)
-        self._dirty = True              # the single-array fast path reads it once
+        self._mark_dirty()              # the single-array fast path reads it once
 
     @property
     def check_finite(self):
@@ -180,7 +140,7 @@ class Expectigrad:
     @check_finite.setter
     def check_finite(self, value):
         self._check_finite = V.check_bool("check_finite", value)
-        self._dirty = True              # the single-array fast path reads it once
+        self._mark_dirty()              # the single-array fast path reads it once
 
     # --- construction -------------------------------------------------------
 
@@ -230,16 +190,16 @@ class Expectigrad:
 
     def _check_param(self, p, where):
         if _on_device(p) and not isinstance(p, np.ndarray):
-            from ._cuda_bucket import as_device_parameter
+            from .backends.cuda.backend import as_device_parameter
             return as_device_parameter(p, where)   # zero-copy numba view
         return V.check_parameter(p, where)
 
     def _resolve_backend(self, backend):
         on_device = [not isinstance(p, np.ndarray) for p in self._params]
         if backend == "auto":
-            backend = "cuda" if any(on_device) else "cpu"
+            backend = "cuda" if any(on_device) else ("cpu" if _has_numba() else "numpy")
         if backend == "cuda":
-            from ._cuda_bucket import check_device_parameters
+            from .backends.cuda.backend import check_device_parameters
             check_device_parameters(self._params, self._names)
             return backend
         if any(on_device):
@@ -248,10 +208,7 @@ class Expectigrad:
         return backend
 
     def _make_buckets(self):
-        if self.backend == "cuda":
-            from ._cuda_bucket import CudaBucket as cls
-        else:
-            cls = {"cpu": CpuBucket, "numpy": NumpyBucket}[self.backend]
+        cls = bucket_class(self.backend)
         by_dtype = {}
         for i, p in enumerate(self._params):
             by_dtype.setdefault(p.dtype.str, []).append(i)
@@ -266,7 +223,13 @@ class Expectigrad:
         return buckets
 
     def _mark_dirty(self):
-        self._dirty = True
+        changes = self.__dict__.get("_changes")
+        if changes is not None:         # None while __init__ sets the first values
+            changes.dirty = True
+
+    @property
+    def _dirty(self):
+        return self._changes.dirty
 
     def __getstate__(self):
         # The fast path holds a compiled entry point, which does not pickle,
@@ -279,7 +242,7 @@ class Expectigrad:
         # A copy has new buffers: rebuild the fast path on the next step.
         self.__dict__.update(state)
         self._fast = None
-        self._dirty = True
+        self._changes.dirty = True
 
     def _refresh(self):
         """Recompute the per-array hyperparameters after a group changed."""
@@ -302,27 +265,23 @@ class Expectigrad:
             if self._momentum[b.slots].any():
                 b.ensure_momentum()
         self._fast = self._make_fast()
-        self._dirty = False
+        self._changes.dirty = False
 
     # --- stepping -----------------------------------------------------------
 
     def _make_fast(self):
-        """Set up the single-array fast path of ``step``; None where it does
-        not apply.
+        """Set up the single-array fast path of ``step``; None where the
+        backend offers none (``CpuBucket.single_step_path``).
 
-        One C-contiguous array below the parallel size on the cpu backend,
-        where the kernels can read NumPy's array objects
-        (``locate.layout_ok``): every coefficient but ``step_size`` and
-        ``1/t`` is fixed until a param group changes, so it is written here
-        once, and ``single_step`` does the rest, reading ``lr``, ``beta``
-        and ``global_clipnorm`` from a float64 row and incrementing
-        ``self._t`` in place.  A step is then a few checks and one call of
-        the kernel's compiled entry point with two ints and a float.
+        Every coefficient but ``step_size`` and ``1/t`` is fixed until a
+        param group changes, so it is written here once; the backend's entry
+        point does the rest, reading ``lr``, ``beta`` and ``global_clipnorm``
+        from a float64 row and incrementing ``self._t`` in place.
         """
-        if self.backend != "cpu" or len(self._params) != 1:
+        if len(self._params) != 1:
             return None
         b = self._buckets[0]
-        if not hasattr(b, "bind_single") or not _locate.layout_ok():
+        if not hasattr(b, "single_step_path"):
             return None
         group = self.param_groups[0]
         schedule = group["lr"] if callable(group["lr"]) else None
@@ -330,16 +289,14 @@ class Expectigrad:
                             self._beta[0],
                             np.inf if self.global_clipnorm is None
                             else self.global_clipnorm], dtype=np.float64)
-        ctx = b.bind_single(self._t, scalars, self.check_finite)
-        if ctx is None:
+        path = b.single_step_path(self._t, scalars, self.check_finite)
+        if path is None:
             return None
         b.set_coefficients(scalars[:1], self._beta, self._eps, self._t + 1,
                            self._clipvalue, self._clipnorm, np.ones(1, bool),
                            self._sparse, self._momentum)
-        p = self._params[0]
-        entry = single_step_entry(p.dtype, hold_gil=p.size <= SINGLE_STEP_GIL_MAX)
-        # ctx keeps the address: the bucket updates that row in place.
-        return entry, _address(ctx), ctx, self._t, scalars, schedule
+        entry, ctx_address, nonfinite = path
+        return entry, ctx_address, nonfinite, self._t, scalars, schedule
 
     def _step_fast(self, fast, grads):
         """Step a single-array optimizer with one kernel call; False (and
@@ -350,7 +307,7 @@ class Expectigrad:
         shape (else ``NOT_LOCATED``, and the general path takes over, which
         stages, casts or says what is wrong).  ``grads`` is alive for the call.
         """
-        entry, ctx_address, _, steps, scalars, schedule = fast
+        entry, ctx_address, nonfinite, steps, scalars, schedule = fast
         g = grads if self._bare else (
             grads[0] if type(grads) in (list, tuple) and len(grads) == 1 else None)
         if steps is not self._t:
@@ -360,7 +317,7 @@ class Expectigrad:
                                               self.step_count, "param group 0: ")
         code = entry(id(g), ctx_address, 0.0)
         if code:
-            if code == NONFINITE:
+            if code == nonfinite:
                 self._raise_nonfinite(self._buckets[0], 0)
             return False      # not located: the general path deals with it
         self.step_count += 1
@@ -419,7 +376,7 @@ class Expectigrad:
         ``FloatingPointError`` (with ``check_finite``) for NaN or infinity;
         in every case nothing has been modified.
         """
-        if self._dirty:
+        if self._changes.dirty:
             self._refresh()
         fast = self._fast
         if fast is not None and self._step_fast(fast, grads):
@@ -561,7 +518,7 @@ class Expectigrad:
         for gi, hyper in enumerate(new_hyper):
             for key, value in hyper.items():
                 if key != "sparse_counter":
-                    dict.__setitem__(self.param_groups[gi], key, value)
+                    self.param_groups[gi]._load(key, value)
         self._refresh()
         for b in self._buckets:
             for k, i in enumerate(b.slots):

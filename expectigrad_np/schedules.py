@@ -25,8 +25,8 @@ settings and pickle.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["constant", "cosine_decay", "exponential_decay", "inverse_time_decay",
            "join", "linear", "warmup"]

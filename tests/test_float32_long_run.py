@@ -12,7 +12,7 @@ import pytest
 from numba import njit
 
 import expectigrad_np as eg
-from expectigrad_np.kernels import cpu as K
+from expectigrad_np.backends.cpu import kernels as K
 
 LR, BETA, EPS = 1e-3, 0.9, 1e-8
 STEPS = 1_000_000

@@ -5,7 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from expectigrad_np.kernels import cpu
+from expectigrad_np.backends import layout as _layout
+from expectigrad_np.backends.cpu import kernels as cpu
 
 # (sparse counter, momentum) of the four update loops of cpu._update_general
 UPDATE_LOOPS = [(True, True), (True, False), (False, True), (False, False)]
@@ -79,17 +80,18 @@ def test_update_loops_prefetch():
 
 
 def test_kernels_are_cached_and_release_the_gil():
-    for fn in [cpu.array_step, cpu.segments_step, cpu.segments_step_parallel, cpu._update_general, cpu._prefetch_block]:
+    for fn in [cpu.array_step, cpu.segments_step, cpu.segments_step_parallel,
+               cpu._update_general, cpu._prefetch_block]:
         assert fn.targetoptions.get("nogil") is True
         assert fn._cache.__class__.__name__ == "FunctionCache"
 
 
 def test_make_chunks_covers_every_element_once():
-    sizes = [0, 5, cpu.CHUNK, cpu.CHUNK + 1, 3 * cpu.CHUNK - 7]
-    seg, lo, hi = cpu.make_chunks(sizes)
+    sizes = [0, 5, _layout.CHUNK, _layout.CHUNK + 1, 3 * _layout.CHUNK - 7]
+    seg, lo, hi = _layout.make_chunks(sizes)
     covered = [np.zeros(s, int) for s in sizes]
     for k, a, b in zip(seg, lo, hi):
-        assert 0 <= a < b <= sizes[k] and b - a <= cpu.CHUNK
+        assert 0 <= a < b <= sizes[k] and b - a <= _layout.CHUNK
         covered[k][a:b] += 1
     assert all(np.all(c == 1) for c in covered)
 
@@ -97,7 +99,7 @@ def test_make_chunks_covers_every_element_once():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
     rng = np.random.default_rng(0)
-    sizes = [3, cpu.CHUNK + 17, 0, 1000]
+    sizes = [3, _layout.CHUNK + 17, 0, 1000]
     results = []
     for kernel in (cpu.segments_step, cpu.segments_step_parallel):
         xs = [np.linspace(-1, 1, s).astype(dtype) for s in sizes]
@@ -107,7 +109,7 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0], dtype), (len(sizes), 1))
         flags = np.ones((len(sizes), len(cpu.FLAG_FIELDS)), np.int64)
         flags[:, cpu.T] = 0             # counts 0 = step count 0: uniform
-        seg, lo, hi = cpu.make_chunks(sizes)
+        seg, lo, hi = _layout.make_chunks(sizes)
         x_addr = np.array([cpu.data_address(x) if x.size else 0 for x in xs], np.int64)
         rng = np.random.default_rng(1)
         for _ in range(3):

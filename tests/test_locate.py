@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import expectigrad_np as eg
-from expectigrad_np import _buckets
-from expectigrad_np.kernels import locate
+from expectigrad_np.backends.cpu import backend as _buckets
+from expectigrad_np.backends.cpu import locate
 
 
 def test_layout_is_recognised_here():

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import expectigrad_np as eg
-from expectigrad_np import _buckets
-from expectigrad_np.kernels import cpu as K
+from expectigrad_np.backends import layout as _layout
+from expectigrad_np.backends.cpu import backend as _buckets
+from expectigrad_np.backends.cpu import kernels as K
 
 CONFIGS = [
     dict(),
@@ -270,7 +271,7 @@ def test_deep_copied_optimizer_steps_its_own_arrays(shapes):
 def test_large_single_array_takes_parallel_kernel_and_matches(monkeypatch):
     monkeypatch.setattr(_buckets, "PARALLEL_MIN_SIZE", 64)
     rng = np.random.default_rng(5)
-    x0 = rng.standard_normal(3 * K.CHUNK + 17).astype(np.float32)
+    x0 = rng.standard_normal(3 * _layout.CHUNK + 17).astype(np.float32)
     xf, xr = x0.copy(), x0.copy()
     fast = eg.Expectigrad(xf, lr=0.05)
     ref = eg.Expectigrad(xr, lr=0.05, backend="numpy")
@@ -463,13 +464,13 @@ def test_state_buffers_start_at_their_page_offsets_after_copies():
     x = np.zeros(100_000, np.float32)
     opt = eg.Expectigrad(x)
     (b,) = opt._buckets
-    for name, offset in _buckets.STATE_PAGE_OFFSETS.items():
+    for name, offset in _layout.STATE_PAGE_OFFSETS.items():
         a = getattr(b, name)
         assert a.ctypes.data % 4096 == offset and a.size == x.size and not a.any()
     opt.step(np.linspace(-1, 1, x.size, dtype=np.float32))
     for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         (tb,) = twin._buckets
-        for name, offset in _buckets.STATE_PAGE_OFFSETS.items():
+        for name, offset in _layout.STATE_PAGE_OFFSETS.items():
             a = getattr(tb, name)
             assert a.ctypes.data % 4096 == offset
             np.testing.assert_array_equal(a, getattr(b, name))

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from oracles import DenseCountMutant, EmaMutant, InnerMomentumMutant, NoSqrtMutant, PaperExpectigrad
 
 import expectigrad_np as eg
-from oracles import (DenseCountMutant, EmaMutant, InnerMomentumMutant, NoSqrtMutant,
-                     PaperExpectigrad)
 
 BACKENDS = {
     "cpu": lambda x, **kw: eg.Expectigrad(x, backend="cpu", **kw),

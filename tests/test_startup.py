@@ -8,10 +8,9 @@ import sys
 import textwrap
 import types
 
-import numpy as np
 import pytest
 
-from expectigrad_np.kernels import loading
+from expectigrad_np.backends.cpu import loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +20,8 @@ _CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
     import expectigrad_np as eg
-    from expectigrad_np import _buckets
-    from expectigrad_np.kernels import cpu as K, loading, locate
+    from expectigrad_np.backends.cpu import backend as _buckets
+    from expectigrad_np.backends.cpu import kernels as K, loading, locate
 
     def run(backend, dtype):
         rng = np.random.default_rng(7)

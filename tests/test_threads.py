@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import expectigrad_np as eg
-from expectigrad_np._buckets import PARALLEL_MIN_SIZE
+from expectigrad_np.backends.cpu.backend import PARALLEL_MIN_SIZE
 
 N_THREADS = 4
 STEPS = 15
@@ -140,10 +140,11 @@ def test_parallel_kernels_from_threads_with_workqueue_layer():
 
 _WHICH_KERNEL = """
 import sys, numpy as np, numba
-from expectigrad_np.kernels import cpu as K
+from expectigrad_np.backends import layout as _layout
+from expectigrad_np.backends.cpu import kernels as K
 x = np.zeros(1 << 16, np.float32); g = np.ones_like(x)
 v, m, n = np.zeros_like(x), np.zeros_like(x), np.zeros(x.size, np.uint32)
-seg, lo, hi = K.make_chunks([x.size])
+seg, lo, hi = _layout.make_chunks([x.size])
 coef = np.array([[1e-3, .9, .1, 1e-8, 1., np.inf, np.inf]], np.float32)
 kernel = K.segments_step_parallel if sys.argv[1] == "parallel" else K.segments_step
 kernel(np.array([K.data_address(x)]), np.array([K.data_address(g)]),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import expectigrad_np as eg
-from expectigrad_np.kernels import cpu as K
+from expectigrad_np.backends.cpu import kernels as K
 
 
 def _assert_same(a, b, xs_a, xs_b):

@@ -4,7 +4,7 @@ import pytest
 from numba import cuda
 
 import expectigrad_np as eg
-from expectigrad_np.kernels import cuda as KC
+from expectigrad_np.backends.cuda import kernels as KC
 
 
 class InterfaceArray:

@@ -9,7 +9,7 @@ from numba import cuda
 
 import expectigrad_np as eg
 from expectigrad_np import schedules
-from expectigrad_np.kernels import cuda as KC
+from expectigrad_np.backends.cuda import kernels as KC
 
 SHAPES = [(), (0,), (1,), (5,), (2, 3), (3, 1, 4), (KC.CHUNK * 2 + 5,)]
 

@@ -7,8 +7,8 @@ from devarrays import InterfaceArray, to_device, to_host, views
 from numba import cuda
 
 import expectigrad_np as eg
-from expectigrad_np import _cuda_bucket
-from expectigrad_np.kernels import cuda as KC
+from expectigrad_np.backends.cuda import backend as _cuda_bucket
+from expectigrad_np.backends.cuda import kernels as KC
 
 
 def snapshot(opt, xs):

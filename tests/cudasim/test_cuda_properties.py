@@ -8,12 +8,21 @@ import pytest
 from devarrays import CudaMirror, simulator_only
 from hypothesis import given
 from hypothesis import strategies as st
-from test_properties import (betas, bounded_step_violation, counter_violations,
-                             filter_violation, gradient_stream, linearity_violation,
-                             scale_violation, seeds, step_sequences, trajectory)
-
-from expectigrad_np.kernels import cuda as KC
 from oracles import PaperExpectigrad
+from test_properties import (
+    betas,
+    bounded_step_violation,
+    counter_violations,
+    filter_violation,
+    gradient_stream,
+    linearity_violation,
+    scale_violation,
+    seeds,
+    step_sequences,
+    trajectory,
+)
+
+from expectigrad_np.backends.cuda import kernels as KC
 
 steps_ = st.integers(1, 12)
 

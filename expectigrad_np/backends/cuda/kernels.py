@@ -1,6 +1,6 @@
 """Numba CUDA kernels for the Expectigrad update.
 
-The per-element math is that of ``kernels/cpu.py`` and ``reference.py``,
+The per-element math is that of ``backends/cpu/kernels.py`` and ``reference.py``,
 operation for operation (see ``reference.py`` for the equations)::
 
     g  = clip(g * scale, -clipvalue, clipvalue)
@@ -37,7 +37,7 @@ int64 table: parameter, gradient, and the array's step ``t``), read and written 
 intrinsics; in numba's simulator, where device memory is host memory, the
 same kernels use ``ctypes`` views at those addresses instead.  Per-array
 coefficients come as one ``(n_arrays, 10)`` table in the array dtype:
-``COEF_FIELDS`` of ``kernels.cpu`` followed by the flags
+``layout.COEF_FIELDS`` followed by the flags
 ``[active, sparse, momentum]`` as 0/1.
 
 All arithmetic is in the array dtype, including norms: float32 kernels hold
@@ -57,8 +57,7 @@ import numpy as np
 from numba import config, cuda, types
 from numba.cuda.extending import intrinsic
 
-from ..cuda import KERNEL_NAMES
-from .cpu import COEF_FIELDS, FLAG_FIELDS, make_chunks
+from ..layout import COEF_FIELDS, FLAG_FIELDS, make_chunks
 
 __all__ = [
     "CHUNK", "KERNEL_NAMES", "SIMULATOR", "TABLE_FIELDS", "THREADS",
@@ -66,6 +65,10 @@ __all__ = [
 ]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)      # NUMBA_ENABLE_CUDASIM=1
+
+# The kernels one step launches per dtype, in launch order: the stats pass
+# (only with check_finite or norm clipping) and the fused update.
+KERNEL_NAMES = ("stats_kernel", "update_kernel")
 
 # The flags travel as 0/1 in the coefficient dtype; the step number ``t`` (the
 # last flag) travels exactly, as int64, in the address table.

@@ -32,9 +32,9 @@ import ctypes
 import numpy as np
 from numba import cuda
 
-from ._buckets import COUNT_DTYPE, _Bucket
-from .kernels import cpu as K
-from .kernels import cuda as KC
+from .. import layout as L
+from ..base import Bucket
+from . import kernels as KC
 
 __all__ = ["CudaBucket", "as_device_parameter", "check_device_parameters",
            "is_device_array"]
@@ -161,32 +161,19 @@ def _fill_zero(a):
         KC.zero_kernel[min(1024, (a.size + 255) // 256), 256](a)
 
 
-class CudaBucket(_Bucket):
+class CudaBucket(Bucket):
     """Flat state of one dtype on the device; one update launch per step.
 
     ``mean_sq``, ``count`` (if any array uses the sparse counter) and
     ``momentum`` (once any array has ``beta > 0``) are device arrays with one
-    segment per parameter, as in ``_Bucket``.
+    segment per parameter, as in ``base.Bucket``.
     """
 
     backend = "cuda"
 
     def __init__(self, dtype, slots, params, names, sparse, momentum, chunk=None):
-        # The host buffers of _Bucket are replaced by device ones: no
-        # super().__init__ (it would allocate the state on the host).
-        self.dtype = np.dtype(dtype)
-        self.slots = np.asarray(slots, dtype=np.intp)
-        self.params = list(params)
-        self.names = list(names)
-        self.shapes = [tuple(p.shape) for p in self.params]
-        self.sizes = [int(p.size) for p in self.params]
+        super().__init__(dtype, slots, params, names, sparse, momentum)
         n = len(self.params)
-        self.offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self.sizes, out=self.offsets[1:])
-        self.total = int(self.offsets[-1])
-        self.coef = np.zeros((n, len(KC.COEF_FIELDS)), self.dtype)
-        self.flags = np.zeros((n, len(KC.FLAG_FIELDS)), np.int64)
-
         self.kernels = KC.kernels(self.dtype)
         self.stream = cuda.default_stream()
         self.chunk, seg, lo, hi, first, big = KC.make_layout(
@@ -213,14 +200,6 @@ class CudaBucket(_Bucket):
             sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
             self.blocks = int(sms) * KC.BLOCKS_PER_SM
 
-        # State.
-        self.mean_sq = _zeros(self.total, self.dtype)
-        self.stored = {"mean_sq", "count"} if any(sparse) else {"mean_sq"}
-        self.count = _zeros(self.total if "count" in self.stored else 1, COUNT_DTYPE)
-        self.momentum = cuda.device_array(1, self.dtype)
-        if any(momentum):
-            self.ensure_momentum()
-
         # Per-step table: [parameter address, gradient address, step t (n, 3)
         # int64 | coefficients (n, 10) dtype], one byte buffer so that one
         # copy uploads it.
@@ -237,6 +216,11 @@ class CudaBucket(_Bucket):
         self._pending = True
         self.grads = [None] * n
 
+    def _zeros(self, size, dtype, name):
+        """Zeroed flat state on the device (at least one element: numba
+        launches need a nonempty array)."""
+        return _zeros(max(size, 1), dtype)
+
     def _split(self, buffer, n):
         a = self._addr_bytes
         addr = buffer[:a].view(np.int64).reshape(n, 3) if n else None
@@ -244,11 +228,6 @@ class CudaBucket(_Bucket):
         return addr, table.view(self.dtype).reshape(n, len(KC.TABLE_FIELDS))
 
     # --- state -----------------------------------------------------------------
-
-    def ensure_momentum(self):
-        if "momentum" not in self.stored:
-            self.momentum = _zeros(self.total, self.dtype)
-            self.stored.add("momentum")
 
     def _fields(self):
         return {name: getattr(self, name) for name in self.STATE_FIELDS
@@ -319,8 +298,10 @@ class CudaBucket(_Bucket):
         event.record(stream=cuda.external_stream(stream))
         event.wait(stream=self.stream)
 
-    def set_coefficients(self, *args, **kwargs):
-        super().set_coefficients(*args, **kwargs)
+    def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
+                         sparse, momentum, static_key=None):
+        super().set_coefficients(lr, beta, eps, t, clipvalue, clipnorm, active,
+                                 sparse, momentum, static_key)
         self.addr[:, 2] = self.hyper["t"]          # hashed by the mean's rounding
         self._pending = True
 
@@ -350,14 +331,14 @@ class CudaBucket(_Bucket):
         when ``check`` is set or ``update`` is False; otherwise the step is
         fully asynchronous and ``(-1, 0.0)`` is returned.
         """
-        active = self.flags[:, K.ACTIVE] != 0
+        active = self.flags[:, L.ACTIVE] != 0
         if self.n_chunks == 0 or not active.any():
             return -1, 0.0
         if self._pending:
             self._upload()
         dt = self.dtype.type
         needs_norm = global_clipnorm < np.inf or bool(
-            (self.coef[active, K.CLIPNORM] < np.inf).any())
+            (self.coef[active, L.CLIPNORM] < np.inf).any())
         use_stats = bool(check or needs_norm or not update)
         grid = min(self.n_chunks, self.blocks)
         if use_stats:

@@ -76,28 +76,31 @@ from .pointers import pointer_of as _pointer_of
 from .pointers import pointer_to as _pointer_to
 
 __all__ = [
-    "CHUNK", "COEF_FIELDS", "CTX_FIELDS", "FLAG_FIELDS", "SCALAR_FIELDS", "array_step",
-    "data_address", "make_chunks", "segments_step", "segments_step_parallel",
+    "CTX_FIELDS", "SCALAR_FIELDS", "array_step",
+    "data_address", "segments_step", "segments_step_parallel",
     "single_step",
 ]
 
-# Elements per work item of the segmented kernels: large enough that a chunk
-# costs far more than its scheduling, small enough to balance threads (the
-# parallel threshold, PARALLEL_MIN_SIZE in _buckets.py, is two chunks).  Measured at 1e7 float32 elements, parallel, interleaved runs
-# (see the bench module's time_interleaved): 2**13 elements cost 1.22-1.27x
-# the same-traffic kernel, 2**15 1.15-1.20x, 2**17 1.09-1.14x, 2**19 1.11-1.15x.
-CHUNK = 1 << 17
+from ..layout import (
+    ACTIVE,
+    BETA,
+    CLIPNORM,
+    CLIPVALUE,
+    COEF_FIELDS,
+    EPS,
+    FLAG_FIELDS,
+    INV_T,
+    MOMENTUM,
+    OMB,
+    SPARSE,
+    STEP,
+    UNIFORM,
+    UNIFORM_MAX_T,
+    WEYL_INDEX,
+    WEYL_STEP,
+    T,
+)
 
-COEF_FIELDS = ("step_size", "beta", "one_minus_beta", "eps", "inv_t",
-               "clipvalue", "clipnorm")
-STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM = range(len(COEF_FIELDS))
-FLAG_FIELDS = ("active", "sparse", "momentum", "t", "uniform")
-ACTIVE, SPARSE, MOMENTUM, T, UNIFORM = range(len(FLAG_FIELDS))
-_UNIFORM_MAX_T = 0xFFFFFFFF           # counts saturate beyond: no longer uniform
-
-# reference.weyl: (index * _WEYL_INDEX + t * _WEYL_STEP) mod 2**32
-_WEYL_INDEX = np.uint64(0x85EBCA77)
-_WEYL_STEP = np.uint64(0x9E3779B9)         # 2**32 / golden ratio
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
 
 
@@ -236,8 +239,8 @@ def _weyl(typingctx, index, t):
         i32 = ir.IntType(32)
         index32 = builder.trunc(args[0], i32)
         t32 = builder.trunc(args[1], i32)
-        return builder.add(builder.mul(index32, ir.Constant(i32, int(_WEYL_INDEX))),
-                           builder.mul(t32, ir.Constant(i32, int(_WEYL_STEP))))
+        return builder.add(builder.mul(index32, ir.Constant(i32, WEYL_INDEX)),
+                           builder.mul(t32, ir.Constant(i32, WEYL_STEP)))
 
     return types.uint32(index, t), codegen
 
@@ -251,7 +254,7 @@ def _weyl_next(typingctx, h):
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
-        return builder.add(args[0], ir.Constant(i32, int(_WEYL_INDEX)))
+        return builder.add(args[0], ir.Constant(i32, WEYL_INDEX))
 
     return types.uint32(h), codegen
 
@@ -501,7 +504,7 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
     if scale != 1 or c[CLIPVALUE] < np.inf:
         _update_loops(x, g, v, n, m, c, f, scale, h, True)
         f[UNIFORM] = 0          # clipping may have zeroed a gradient: not tracked
-    elif f[SPARSE] and f[UNIFORM] and t <= _UNIFORM_MAX_T:
+    elif f[SPARSE] and f[UNIFORM] and t <= UNIFORM_MAX_T:
         if f[MOMENTUM]:
             missed = _update_uniform(x, g, v, n, m, c, h, t, True)
         else:
@@ -733,22 +736,6 @@ def single_step_entry(dtype, hold_gil=False):
 
 
 # --- many arrays, flat state ---------------------------------------------------
-
-def make_chunks(sizes, chunk=CHUNK):
-    """Split arrays of the given sizes into work items.
-
-    Returns ``(seg, lo, hi)``: chunk ``j`` covers elements ``lo[j]:hi[j]`` of
-    array ``seg[j]``.  Empty arrays get no chunk.
-    """
-    seg, lo, hi = [], [], []
-    for k, size in enumerate(sizes):
-        for start in range(0, int(size), chunk):
-            seg.append(k)
-            lo.append(start)
-            hi.append(min(start + chunk, int(size)))
-    as64 = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
-    return as64(seg), as64(lo), as64(hi)
-
 
 def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
                    v, n, m, coef, flags, check, global_clipnorm, other_sumsq,

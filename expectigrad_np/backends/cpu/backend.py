@@ -1,0 +1,263 @@
+"""The cpu backend: every array of a bucket in one fused Numba kernel call.
+
+``CpuBucket`` implements ``backends.base.Bucket`` on the kernels of
+``kernels.py`` (which know nothing of it).  What makes a step cheap lives
+here and in ``locate.py`` (gradients located in one compiled call),
+``pointers.py`` and ``loading.py``; each piece fails safe: a mismatch of
+its contract costs speed, never correctness.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from ..._validation import as_gradient
+from .. import layout as L
+from ..base import Bucket
+from . import kernels as K
+from . import locate as _locate
+
+__all__ = ["PARALLEL_MIN_SIZE", "CpuBucket"]
+
+# Below this many elements (in one bucket) a step runs serially: a parallel
+# launch costs a few microseconds of thread-pool wake-up, and work is split
+# in chunks of ``layout.CHUNK`` elements, so a bucket needs two chunks before
+# a second thread has anything to do.  ``bench --parallel`` times both
+# kernels around the threshold; a module variable, read when optimizers are
+# built and when they step, so it can be re-tuned for another machine.
+PARALLEL_MIN_SIZE = 1 << 18
+
+# One parallel kernel at a time: Numba's workqueue threading layer (used where
+# neither TBB nor OpenMP is available) aborts the process when two threads
+# launch parallel regions at once.  Serial kernels run concurrently (nogil).
+_PARALLEL_LOCK = threading.Lock()
+
+_NDARRAY = id(np.ndarray)
+
+
+def _address(a):
+    """The data address of ``a`` (0 when empty: never read), without a
+    compiled call or ``ctypes``."""
+    return a.__array_interface__["data"][0] if a.size else 0
+
+
+_NOT_AN_ARRAY = object()        # what no gradient is
+
+
+class CpuBucket(Bucket):
+    """Steps all arrays of the bucket with one call of a fused kernel.
+
+    Parameters that are not C-contiguous are stepped through a contiguous
+    staging copy made once here (copied in before and out after each step);
+    gradients that are not C-contiguous arrays of the bucket's dtype are
+    copied into a per-array staging buffer allocated on first need.  The
+    common case, contiguous arrays of the right dtype, copies nothing.
+    """
+
+    backend = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.x_stage = [None if p.flags.c_contiguous else np.empty(p.size, self.dtype)
+                        for p in self.params]
+        self.x_flat = [p.reshape(-1) if s is None else s
+                       for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
+        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
+        self.g_stage = [None] * len(self.params)
+        self.g_addr = np.zeros(len(self.params), dtype=np.int64)
+        self.g_addr_list = [0] * len(self.params)
+        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
+        self.shape_table = _locate.shape_table(self.shapes)
+        self.g_slow = np.zeros(len(self.params), dtype=np.bool_)
+        self.g_flat = [None] * len(self.params)
+        self.chunks = L.make_chunks(self.sizes)
+        self.single = len(self.params) == 1 and self.total < PARALLEL_MIN_SIZE
+        self.ctx = None
+        self._update_ctx()
+
+    def ensure_momentum(self):
+        super().ensure_momentum()
+        if hasattr(self, "ctx"):        # not while Bucket.__init__ runs
+            self._update_ctx()
+
+    def __setstate__(self, state):
+        """After a copy or unpickling the buffers are new: derive the flat
+        views and every recorded address from them again; the state
+        buffers move back to their page offsets (``state_zeros``)."""
+        self.__dict__.update(state)
+        for name in self.STATE_FIELDS:
+            old = getattr(self, name)
+            setattr(self, name, L.state_zeros(old.size, old.dtype, name))
+            getattr(self, name)[...] = old
+        self.x_flat = [p.reshape(-1) if s is None else s
+                       for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
+        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
+        self.g_flat = [None] * len(self.params)
+        self.g_addr[:] = 0
+        self.g_addr_list = [0] * len(self.params)
+        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
+        self.ctx = None
+        self._update_ctx()
+
+    def _update_ctx(self):
+        """Addresses for ``kernels.cpu.single_step`` (see ``CTX_FIELDS``).
+
+        Set only for a bucket of one C-contiguous, nonempty array below
+        ``PARALLEL_MIN_SIZE``; else None.  Rebuilt whenever a state buffer is
+        replaced (``ensure_momentum``) or ``bind_single`` is called, so it
+        never points at freed memory: the bucket holds every array it names.
+        """
+        if not (self.single and self.total and self.x_stage[0] is None):
+            self.ctx = None
+            return
+        if getattr(self, "ctx", None) is None:
+            # Allocated once and then updated in place: its address is final.
+            self.ctx = np.zeros(len(K.CTX_FIELDS), dtype=np.int64)
+        addr = _address
+        steps, scalars, check = getattr(self, "_bound", (None, None, False))
+        self.ctx_shape = np.array(self.shapes[0], dtype=np.int64).reshape(-1)
+        self.ctx[:] = [
+            addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
+            addr(self.momentum), addr(self.coef), addr(self.flags),
+            self.total, self.count.size, self.momentum.size,
+            0 if steps is None else addr(steps),
+            0 if scalars is None else addr(scalars), int(check),
+            _NDARRAY, id(self.dtype), len(self.shapes[0]),
+            self.ctx_shape.__array_interface__["data"][0]]
+
+    def bind_single(self, steps, scalars, check):
+        """Give ``single_step`` its step count (int64 array, element 0, kept
+        and incremented in place), its float64 scalar row
+        (``SCALAR_FIELDS``: lr, beta, global_clipnorm) and the check_finite
+        flag.  Returns the context row (its address never changes), or None
+        where ``single_step`` does not apply (see ``_update_ctx``)."""
+        if steps.dtype != np.int64 or scalars.dtype != np.float64 or \
+                scalars.size != len(K.SCALAR_FIELDS) or not steps.flags.c_contiguous:
+            raise TypeError("bind_single needs an int64 step count and a float64 "
+                            "scalar row")
+        self._bound = (steps, scalars, bool(check))
+        self._update_ctx()
+        return self.ctx
+
+    def single_step_path(self, steps, scalars, check):
+        """The single-array fast path: ``(entry, ctx_address, nonfinite)``,
+        or None where it does not apply (see ``_update_ctx``), or where the
+        kernels cannot read NumPy's array objects (``locate.layout_ok``).
+
+        ``entry(id(g), ctx_address, 0.0)`` steps with gradient ``g`` and
+        returns ``kernels.STEPPED`` (the step count in ``steps`` is
+        incremented), ``nonfinite`` (refused, nothing written) or another
+        code when the general path must take ``g`` (nothing written).  The
+        bucket keeps every array the context names alive; the caller keeps
+        ``g`` alive for the call.
+        """
+        if not _locate.layout_ok():
+            return None
+        ctx = self.bind_single(steps, scalars, check)
+        if ctx is None:
+            return None
+        p = self.params[0]
+        entry = K.single_step_entry(p.dtype, hold_gil=p.size <= K.SINGLE_STEP_GIL_MAX)
+        return entry, _address(ctx), K.NONFINITE
+
+    def load_gradients(self, grads, ids=None):
+        """Validate this bucket's gradients and record where to read them.
+
+        A bucket of several arrays locates all of them in one compiled call
+        (``kernels.locate``: C-contiguous ndarrays of the bucket's dtype and
+        the parameters' shapes, about 10 ns each), from their object
+        addresses ``ids`` (``id`` of each gradient; computed when not given);
+        the others, and every gradient of a one-array bucket, go through
+        ``_load_one``.
+        """
+        if not self.single and _locate.layout_ok():
+            if ids is None:
+                ids = np.fromiter(map(id, grads), np.int64, len(self.params))
+            ndims, dims, dims_start = self.shape_table
+            n_slow = _locate.locate_arrays(ids, _NDARRAY, id(self.dtype), ndims, dims,
+                                           dims_start, self.g_addr, self.g_slow)
+            if n_slow:
+                for k in np.flatnonzero(self.g_slow).tolist():
+                    self.g_addr[k] = self.g_addr_list[k] = self._load_one(k, grads[k])
+            return
+        for k, g in enumerate(grads):
+            self.g_addr_list[k] = self._load_one(k, g)
+        self.g_addr[:] = self.g_addr_list
+
+    def _load_one(self, k, g):
+        """Validate gradient ``k`` and return the address to read it from.
+
+        The common case, a C-contiguous ndarray of the bucket's dtype and the
+        parameter's shape, costs a few attribute checks and one
+        ``data_address`` call (about 0.4 µs), and nothing when it is the very
+        array object given last step (a reused gradient buffer: same memory,
+        dtype and shape); anything else goes through ``as_gradient`` and a
+        staging copy.
+        """
+        last = self.g_last
+        if g is last[k] and g.dtype is self.dtype:
+            return self.g_addr_list[k]
+        last[k] = _NOT_AN_ARRAY
+        if g is None:
+            self.g_flat[k] = None
+            return 0
+        dtype = self.dtype
+        if not (type(g) is np.ndarray and (g.dtype is dtype or g.dtype == dtype)
+                and g.flags.c_contiguous):
+            x = self.params[k]
+            g = as_gradient(g, x, self.names[k])
+            stage = self.g_stage[k]
+            if stage is None:
+                stage = self.g_stage[k] = np.empty(x.shape, self.dtype)
+            np.copyto(stage, g, casting="unsafe")
+            g = stage
+        elif g.shape != self.shapes[k]:
+            as_gradient(g, self.params[k], self.names[k])  # raises with the message
+        else:
+            last[k] = g             # used in place: skip it next time
+        if g.ndim != 1:
+            g = g.reshape(-1)
+        self.g_flat[k] = g
+        return K.data_address(g)    # never read for an empty array
+
+    def _stage_in(self):
+        for p, s in self.staged:
+            np.copyto(s.reshape(p.shape), p)
+
+    def _stage_out(self):
+        for p, s in self.staged:
+            np.copyto(p, s.reshape(p.shape))
+
+    def step(self, check, global_clipnorm, other_sumsq, update=True):
+        """One fused step (or, with ``update=False``, only the first pass).
+
+        Returns ``(bad, sumsq)`` from the kernel; ``bad >= 0`` means nothing
+        was written.
+        """
+        if update:
+            self._stage_in()
+        if self.single and update and other_sumsq == 0.0:
+            k = 0
+            if self.g_flat[0] is None:
+                return -1, 0.0
+            ok, sumsq = K.array_step(
+                self.x_flat[0], self.g_flat[0], self.mean_sq, self.count,
+                self.momentum, self.coef[0], self.flags[0], check, global_clipnorm)
+            bad = -1 if ok else k
+        else:
+            kernel = (K.segments_step if self.total < PARALLEL_MIN_SIZE
+                      else K.segments_step_parallel)
+            seg, lo, hi = self.chunks
+            with (_PARALLEL_LOCK if kernel is K.segments_step_parallel
+                  else contextlib.nullcontext()):
+                bad, sumsq = kernel(
+                    self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
+                    self.mean_sq, self.count, self.momentum, self.coef, self.flags,
+                    check, global_clipnorm, other_sumsq, update)
+        if update and bad < 0:
+            self._stage_out()
+        return int(bad), float(sumsq)

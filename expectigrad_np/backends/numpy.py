@@ -1,0 +1,71 @@
+"""The reference backend: each array stepped by ``reference.py`` in NumPy.
+
+It imports no numba, and gives the cpu backend's bits (the kernels follow
+``reference.py`` operation for operation).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._validation import as_gradient
+from ..reference import clip_gradient, expectigrad_update
+from . import layout as L
+from .base import Bucket
+
+__all__ = ["NumpyBucket"]
+
+
+class NumpyBucket(Bucket):
+    """Steps each array with ``reference.expectigrad_update``."""
+
+    backend = "numpy"
+
+    def load_gradients(self, grads, ids=None):
+        """Validate this bucket's gradients; keep them as arrays of our dtype."""
+        loaded = []
+        for k, g in enumerate(grads):
+            if g is not None:
+                g = as_gradient(g, self.params[k], self.names[k])
+                g = g.astype(self.dtype, copy=False)
+            loaded.append(g)
+        self.grads = loaded
+
+    def _stats(self, check):
+        """``(bad, sumsq)`` as the kernels return them."""
+        sumsq = []
+        for k, g in enumerate(self.grads):
+            if g is None or not self.flags[k, L.ACTIVE]:
+                sumsq.append(0.0)
+                continue
+            if check and not np.all(np.isfinite(g)):
+                return k, None
+            with np.errstate(over="ignore"):     # an inf norm clips to zero, as on the CPU
+                sumsq.append(float(np.sum(np.square(g, dtype=np.float64))))
+        return -1, sumsq
+
+    def _scales(self, sumsq, global_clipnorm, other_sumsq):
+        scale = [L.clip_scale(sq, self.coef[k, L.CLIPNORM]) for k, sq in enumerate(sumsq)]
+        total = sum(sq * s * s for sq, s in zip(sumsq, scale))
+        g_scale = L.clip_scale(total + other_sumsq, global_clipnorm)
+        return [s * g_scale for s in scale], total
+
+    def step(self, check, global_clipnorm, other_sumsq, update=True):
+        bad, sumsq = self._stats(check)
+        if bad >= 0:
+            return bad, 0.0
+        scale, total = self._scales(sumsq, global_clipnorm, other_sumsq)
+        if not update:
+            return -1, total
+        h = self.hyper
+        for k, g in enumerate(self.grads):
+            c, f = self.coef[k], self.flags[k]
+            if g is None or not f[L.ACTIVE]:
+                continue
+            expectigrad_update(
+                self.params[k], clip_gradient(g, scale[k], c[L.CLIPVALUE]),
+                self.segment("mean_sq", k),
+                self.segment("count", k) if f[L.SPARSE] else None,
+                self.segment("momentum", k) if f[L.MOMENTUM] else None,
+                t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
+                eps=float(h["eps"][k]), sparse_counter=bool(f[L.SPARSE]))
+        return -1, total

@@ -1,0 +1,122 @@
+"""Param groups: the hyperparameters of a set of arrays, validated on every change.
+
+``ParamGroup`` is a ``MutableMapping`` (not a ``dict``): every way of
+changing it (``g[key] = v``, ``g.update(...)``, ``g |= {...}``,
+``g.setdefault``) goes through one validating ``__setitem__``, and an update
+of several keys is checked whole before any key changes.  Its ``"params"``
+are a fixed tuple.  The guard survives ``copy.deepcopy`` and pickling: a
+copy is a ``ParamGroup`` again, tied to the copied optimizer.
+
+A group tells its optimizer that it changed through a shared ``Changes``
+flag rather than a callback, so a group holds no reference to the
+optimizer (no reference cycle: ``del opt`` frees it at once).
+"""
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from . import _validation as V
+
+__all__ = ["Changes", "ParamGroup", "ParamList"]
+
+FIXED = ("params", "sparse_counter")
+
+
+class Changes:
+    """A flag an optimizer and its groups share: set when a group changes."""
+
+    __slots__ = ("dirty",)
+
+    def __init__(self):
+        self.dirty = True
+
+    def __getstate__(self):
+        return self.dirty
+
+    def __setstate__(self, state):
+        self.dirty = True          # a copy rebuilds whatever it cached
+
+
+class ParamList(tuple):
+    """The parameters of a group: fixed once the optimizer is built."""
+
+    def _refuse(self, *args, **kwargs):
+        raise ValueError("the parameters of a param group cannot be changed after the "
+                         "optimizer is built; build a new optimizer (or another "
+                         "param group) with the arrays you want")
+
+    append = extend = insert = remove = pop = clear = __setitem__ = __delitem__ = _refuse
+    __iadd__ = _refuse
+
+
+class ParamGroup(MutableMapping):
+    """The hyperparameters and ``"params"`` of one param group.
+
+    Change hyperparameters between steps as with torch:
+    ``opt.param_groups[0]["lr"] = 1e-4``.  A value that is not valid raises
+    at once and the group keeps its old values.  ``"params"`` and
+    ``"sparse_counter"`` are fixed once the optimizer is built; keys cannot
+    be removed.
+    """
+
+    def __init__(self, values, where, changes):
+        self._data = dict(values)
+        self._data["params"] = ParamList(self._data["params"])
+        self._where = where
+        self._changes = changes
+
+    def _checked(self, key, value):
+        if key in FIXED:
+            raise ValueError(f"{self._where}{key!r} cannot be changed after the "
+                             "optimizer is built; build a new optimizer")
+        value = V.check_group_value(key, value, self._where)
+        if key == "eps":
+            V.check_eps_dtypes(value, self._data["params"], self._where)
+        return value
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __setitem__(self, key, value):
+        self._data[key] = self._checked(key, value)
+        self._changes.dirty = True
+
+    def update(self, other=(), /, **kwargs):
+        """Set several hyperparameters: all are checked before any changes."""
+        items = dict(other, **kwargs)
+        checked = {key: self._checked(key, value) for key, value in items.items()}
+        self._data.update(checked)
+        self._changes.dirty = True
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __or__(self, other):
+        return {**self._data, **dict(other)}
+
+    def __delitem__(self, key):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def popitem(self):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def clear(self):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def pop(self, key, *default):
+        raise ValueError(f"{self._where}hyperparameters cannot be removed")
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+    def __repr__(self):
+        return f"ParamGroup({self._data!r})"
+
+    def _load(self, key, value):
+        """Set an already validated value (``load_state_dict``)."""
+        self._data[key] = value
+        self._changes.dirty = True
