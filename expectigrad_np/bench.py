@@ -46,6 +46,7 @@ from numba import njit, prange
 from . import reference as R
 from .backends import layout as _layout
 from .backends.cpu import backend as _buckets
+from .backends.cpu import loops as _loops
 from .backends.cpu.kernels import _twin
 from .optimizer import Expectigrad
 
@@ -395,18 +396,20 @@ def bench_parallel(repeat, sizes=PARALLEL_SIZES, dtypes=DEFAULT_DTYPES):
 
 def specialisations():
     """The compiled specialisations of the entry-point kernels in this
-    process, by dtype: ``single_step`` (one small array; holding the GIL up
-    to ``SINGLE_STEP_GIL_MAX`` elements, releasing it above), ``array_step``
-    (single arrays through the bucket interface), the serial and parallel
-    segmented kernels (several or large arrays), and ``locate_arrays`` (one
-    signature for every dtype: several arrays)."""
+    process, by dtype and loop mask (``loops.LOOPS``, hex): ``single_step``
+    (one small array; holding the GIL up to ``SINGLE_STEP_GIL_MAX`` elements,
+    releasing it above), ``array_step`` (single arrays through the bucket
+    interface), the serial and parallel segmented kernels (several or large
+    arrays), and ``locate_arrays`` (one signature for every dtype)."""
     from .backends.cpu import kernels as K
     from .backends.cpu import locate
-    out = {"single_step": sorted(f"{d}{' (GIL held)' if gil else ''}"
-                                 for d, gil in K._SINGLE_STEP)}
+    out = {"single_step": sorted(f"{d} loops {mask:x}{' (GIL held)' if gil else ''}"
+                                 for d, gil, mask in K._SINGLE_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
                       ("segments_step_parallel", 6)):
-        out[name] = sorted(str(sig[arg].dtype) for sig in getattr(K, name).signatures)
+        out[name] = sorted(f"{sig[arg].dtype} loops {mask:x}"
+                           for mask, v in K._VARIANTS.items()
+                           for sig in getattr(v, name).signatures)
     out["locate_arrays"] = ["any"] * len(locate.locate_arrays.signatures)
     return out
 
@@ -416,8 +419,10 @@ def _compiled_here():
     from .backends.cpu import kernels as K
     from .backends.cpu import locate
     kernels = list(K._SINGLE_STEP.values()) + [
-        K.array_step, K.segments_step, K.segments_step_parallel, K._update_span,
-        locate.locate_arrays, K.data_address]
+        getattr(v, name) for v in K._VARIANTS.values()
+        for name in ("array_step", "segments_step", "segments_step_parallel")] + [
+        d for span in K._SPANS.values() for d in span.values()] + [
+        _loops._update_span, locate.locate_arrays, K.data_address]
     return sum(sum(k.stats.cache_misses.values()) for k in kernels)
 
 

@@ -289,12 +289,12 @@ class Expectigrad:
                             self._beta[0],
                             np.inf if self.global_clipnorm is None
                             else self.global_clipnorm], dtype=np.float64)
-        path = b.single_step_path(self._t, scalars, self.check_finite)
-        if path is None:
-            return None
         b.set_coefficients(scalars[:1], self._beta, self._eps, self._t + 1,
                            self._clipvalue, self._clipnorm, np.ones(1, bool),
                            self._sparse, self._momentum)
+        path = b.single_step_path(self._t, scalars, self.check_finite)
+        if path is None:
+            return None
         entry, ctx_address, nonfinite = path
         return entry, ctx_address, nonfinite, self._t, scalars, schedule
 

@@ -12,6 +12,7 @@ import pytest
 from numba import njit
 
 import expectigrad_np as eg
+from expectigrad_np.backends import layout as _layout
 from expectigrad_np.backends.cpu import kernels as K
 
 LR, BETA, EPS = 1e-3, 0.9, 1e-8
@@ -24,14 +25,14 @@ def drive(stream, x, v, n, m, flags, lr, beta, eps, t0):
     """Step ``x`` once per row of ``stream`` as ``Expectigrad`` does, with the
     coefficient row of ``_buckets.set_coefficients`` (float64, then cast)."""
     dt = x.dtype.type
-    c = np.zeros(len(K.COEF_FIELDS), x.dtype)
-    c[K.BETA], c[K.OMB], c[K.EPS] = dt(beta), dt(1.0 - beta), dt(eps)
-    c[K.CLIPVALUE], c[K.CLIPNORM] = dt(np.inf), dt(np.inf)
+    c = np.zeros(len(_layout.COEF_FIELDS), x.dtype)
+    c[_layout.BETA], c[_layout.OMB], c[_layout.EPS] = dt(beta), dt(1.0 - beta), dt(eps)
+    c[_layout.CLIPVALUE], c[_layout.CLIPNORM] = dt(np.inf), dt(np.inf)
     for r in range(stream.shape[0]):
         t = t0 + r + 1
-        c[K.STEP] = dt(lr / (1.0 - beta ** t))
-        c[K.INV_T] = dt(1.0 / t)
-        flags[K.T] = t
+        c[_layout.STEP] = dt(lr / (1.0 - beta ** t))
+        c[_layout.INV_T] = dt(1.0 / t)
+        flags[_layout.T] = t
         K.array_step(x, stream[r], v, n, m, c, flags, False, np.inf)
 
 
@@ -41,8 +42,9 @@ def run(stream, dtype, sparse=True):
     w = stream.shape[1]
     x, v, m = np.zeros(w, dtype), np.zeros(w, dtype), np.zeros(w, dtype)
     n = np.zeros(w if sparse else 0, np.uint32)
-    flags = np.zeros(len(K.FLAG_FIELDS), np.int64)
-    flags[[K.ACTIVE, K.SPARSE, K.MOMENTUM, K.UNIFORM]] = 1, int(sparse), 1, 1
+    flags = np.zeros(len(_layout.FLAG_FIELDS), np.int64)
+    L = _layout
+    flags[[L.ACTIVE, L.SPARSE, L.MOMENTUM, L.UNIFORM]] = 1, int(sparse), 1, 1
     drive(stream, x, v, n, m, flags, LR, BETA, EPS, 0)
     return x, v, n, m
 

@@ -7,8 +7,9 @@ import pytest
 
 from expectigrad_np.backends import layout as _layout
 from expectigrad_np.backends.cpu import kernels as cpu
+from expectigrad_np.backends.cpu import loops as _loops
 
-# (sparse counter, momentum) of the four update loops of cpu._update_general
+# (sparse counter, momentum) of the four update loops of _loops._update_general
 UPDATE_LOOPS = [(True, True), (True, False), (False, True), (False, False)]
 
 
@@ -22,10 +23,10 @@ DOUBLE_MATH = re.compile(r"\b(fadd|fsub|fmul|fdiv|fpext)\b[^\n]*\bdouble\b|fpext
 
 
 def _loop_kernel(sparse, momentum, clipping):
-    """An uncached kernel running one update loop of ``cpu._update_general``
+    """An uncached kernel running one update loop of ``_loops._update_general``
     with its flags constants, as ``cpu._update_loops`` calls it (each loop is
     inlined and compiled per constant)."""
-    general = cpu._update_general
+    general = _loops._update_general
     env = {"general": general}
     src = (f"def call(x, g, v, n, m, c, scale, h):\n"
            f"    general(x, g, v, n, m, c, scale, h, {clipping}, {sparse}, {momentum})\n")
@@ -81,7 +82,7 @@ def test_update_loops_prefetch():
 
 def test_kernels_are_cached_and_release_the_gil():
     for fn in [cpu.array_step, cpu.segments_step, cpu.segments_step_parallel,
-               cpu._update_general, cpu._prefetch_block]:
+               _loops._update_general, _loops._prefetch_block]:
         assert fn.targetoptions.get("nogil") is True
         assert fn._cache.__class__.__name__ == "FunctionCache"
 
@@ -107,15 +108,15 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         v, n, m = np.zeros(total, dtype), np.zeros(total, np.uint32), np.zeros(total, dtype)
         coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0], dtype), (len(sizes), 1))
-        flags = np.ones((len(sizes), len(cpu.FLAG_FIELDS)), np.int64)
-        flags[:, cpu.T] = 0             # counts 0 = step count 0: uniform
+        flags = np.ones((len(sizes), len(_layout.FLAG_FIELDS)), np.int64)
+        flags[:, _layout.T] = 0             # counts 0 = step count 0: uniform
         seg, lo, hi = _layout.make_chunks(sizes)
         x_addr = np.array([cpu.data_address(x) if x.size else 0 for x in xs], np.int64)
         rng = np.random.default_rng(1)
         for _ in range(3):
             gs = [rng.standard_normal(s).astype(dtype) for s in sizes]
             g_addr = np.array([cpu.data_address(g) if g.size else 0 for g in gs], np.int64)
-            flags[:, cpu.T] += 1
+            flags[:, _layout.T] += 1
             bad, _ = kernel(x_addr, g_addr, offsets, seg, lo, hi, v, n, m, coef, flags,
                             True, 5.0, 0.0, True)
             assert bad == -1

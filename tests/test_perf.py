@@ -15,7 +15,9 @@ import pytest
 import expectigrad_np as eg
 from expectigrad_np.backends import layout as _layout
 from expectigrad_np.backends.cpu import backend as _buckets
+from expectigrad_np.backends.cpu import intrinsics as _intrinsics
 from expectigrad_np.backends.cpu import kernels as K
+from expectigrad_np.backends.cpu import loops as _loops
 
 CONFIGS = [
     dict(),
@@ -78,8 +80,8 @@ def test_blocked_loops_match_reference_at_block_boundaries(dtype, config):
     """Sizes around the update loops' blocks (whole blocks with prefetching,
     then the rest element by element) agree bitwise with the reference, in
     the uniform loop (first steps: no zero gradients) and the general one."""
-    block = K.BLOCK_BYTES // np.dtype(dtype).itemsize
-    ahead = K.PREFETCH_AHEAD_BYTES // K.BLOCK_BYTES
+    block = _intrinsics.BLOCK_BYTES // np.dtype(dtype).itemsize
+    ahead = _intrinsics.PREFETCH_AHEAD_BYTES // _intrinsics.BLOCK_BYTES
     sizes = [block - 1, block, block + 1, (ahead + 1) * block,
              (ahead + 2) * block + 3, 37 * block + 5]
     for size in sizes:
@@ -285,7 +287,7 @@ def test_large_single_array_takes_parallel_kernel_and_matches(monkeypatch):
 @pytest.mark.parametrize("kernel", ["_span_stats", "_span_nonfinite"])
 def test_span_check_detects_nonfinite_anywhere(kernel):
     # Every position: each of the four interleaved streams and the tail.
-    stats = getattr(K, kernel)
+    stats = getattr(_loops, kernel)
     for dtype in (np.float32, np.float64):
         for n in (*range(1, 14), 64, 1001):
             g = np.ones(n, dtype)
@@ -303,8 +305,8 @@ def test_span_stats_squared_norm_counts_every_element():
         for n in (*range(0, 14), 1001, 3 * 4096 + 3):
             g = rng.standard_normal(n).astype(dtype)
             want = float(np.sum(g.astype(np.float64) ** 2))
-            assert K._span_stats(g)[1] == pytest.approx(want, rel=1e-12, abs=0), (dtype, n)
-            assert K._span_nonfinite(g) == (0, 0.0)
+            assert _loops._span_stats(g)[1] == pytest.approx(want, rel=1e-12, abs=0), (dtype, n)
+            assert _loops._span_nonfinite(g) == (0, 0.0)
 
 
 _RSS_SCRIPT = textwrap.dedent("""
@@ -436,10 +438,12 @@ def test_single_array_kernel_reads_only_what_it_may(monkeypatch, dtype, shape):
 def test_single_array_kernel_holds_the_gil_only_for_small_arrays():
     small = eg.Expectigrad(np.zeros(K.SINGLE_STEP_GIL_MAX, np.float32))
     large = eg.Expectigrad(np.zeros(K.SINGLE_STEP_GIL_MAX + 1, np.float32))
-    assert small._fast[0] is K.single_step_entry(np.float32, hold_gil=True)
-    assert large._fast[0] is K.single_step_entry(np.float32, hold_gil=False)
-    assert not K.single_step(np.float32, True).targetoptions.get("nogil", False)
-    assert K.single_step(np.float32, False).targetoptions["nogil"]
+    loops = small._buckets[0]._loops(np.inf)
+    assert loops == large._buckets[0]._loops(np.inf)
+    assert small._fast[0] is K.single_step_entry(np.float32, hold_gil=True, loops=loops)
+    assert large._fast[0] is K.single_step_entry(np.float32, hold_gil=False, loops=loops)
+    assert not K.single_step(np.float32, True, loops).targetoptions.get("nogil", False)
+    assert K.single_step(np.float32, False, loops).targetoptions["nogil"]
 
 
 def test_pickled_optimizer_rebuilds_its_fast_path():

@@ -46,17 +46,20 @@ _CHILD = textwrap.dedent("""
             out += xs
         return out
 
-    kernels = {"data_address": K.data_address, "array_step": K.array_step,
-               "segments_step": K.segments_step,
-               "segments_step_parallel": K.segments_step_parallel,
-               "locate_arrays": locate.locate_arrays}
     same = True
     for dtype in (np.float32, np.float64):
         ours, reference = run("cpu", dtype), run("numpy", dtype)
         same = same and all(np.array_equal(a, b) for a, b in zip(ours, reference))
-        for hold_gil in (True, False):
-            kernels[f"single_step_{np.dtype(dtype).name}_{hold_gil}"] = K.single_step(
-                dtype, hold_gil)
+    # Every kernel the steps above used: the variants' entry points (only
+    # the loops those arrays take) and the single-array ones.
+    kernels = {"data_address": K.data_address, "locate_arrays": locate.locate_arrays}
+    for mask, v in K._VARIANTS.items():
+        for name in ("array_step", "segments_step", "segments_step_parallel"):
+            kernels[f"{name}_{mask:x}"] = getattr(v, name)
+    for (dtype, hold_gil, mask), d in K._SINGLE_STEP.items():
+        kernels[f"single_step_{dtype.name}_{hold_gil}_{mask:x}"] = d
+    kernels = {k: d for k, d in kernels.items()
+               if sum(d.stats.cache_hits.values()) + sum(d.stats.cache_misses.values())}
     print(json.dumps(dict(
         same=same,
         hits={k: sum(d.stats.cache_hits.values()) for k, d in kernels.items()},
@@ -83,6 +86,10 @@ def warm_cache():
 def test_a_fresh_process_loads_every_kernel_without_the_refresh(warm_cache):
     result = _child(EXPECTIGRAD_NP_FULL_REFRESH="")
     assert result["same"], "kernels loaded this way differ from the NumPy backend"
+    used = {name.rsplit("_", 1)[0] for name in result["hits"]}
+    for entry in ("array_step", "segments_step", "segments_step_parallel",
+                  "single_step_float32_True", "single_step_float64_False"):
+        assert entry in used, (entry, sorted(result["hits"]))
     assert all(result["hits"].values()), result["hits"]          # each one loaded
     assert not any(result["misses"].values()), result["misses"]  # none compiled
     if not result["enabled"]:

@@ -1,4 +1,4 @@
-"""The sparse counter's uniform path (``kernels.cpu._update_uniform``).
+"""The sparse counter's uniform path (``kernels._loops._update_uniform``).
 
 While no gradient element of an array has been exactly zero, every count
 equals the array's step count and the kernels skip the per-element division.
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import expectigrad_np as eg
-from expectigrad_np.backends.cpu import kernels as K
+from expectigrad_np.backends import layout as _layout
 
 
 def _assert_same(a, b, xs_a, xs_b):
@@ -22,7 +22,7 @@ def _assert_same(a, b, xs_a, xs_b):
 
 
 def _uniform_flags(opt):
-    return [int(f) for b in opt._buckets for f in b.flags[:, K.UNIFORM]]
+    return [int(f) for b in opt._buckets for f in b.flags[:, _layout.UNIFORM]]
 
 
 def _stream(rng, shapes, dtype, steps, zero_at):

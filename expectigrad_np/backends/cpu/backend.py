@@ -18,6 +18,7 @@ from .. import layout as L
 from ..base import Bucket
 from . import kernels as K
 from . import locate as _locate
+from .loops import ALL_LOOPS, loops_for
 
 __all__ = ["PARALLEL_MIN_SIZE", "CpuBucket"]
 
@@ -161,8 +162,38 @@ class CpuBucket(Bucket):
         if ctx is None:
             return None
         p = self.params[0]
-        entry = K.single_step_entry(p.dtype, hold_gil=p.size <= K.SINGLE_STEP_GIL_MAX)
+        entry = K.single_step_entry(p.dtype, hold_gil=p.size <= K.SINGLE_STEP_GIL_MAX,
+                                    loops=self._loops(scalars[2]))
         return entry, _address(ctx), K.NONFINITE
+
+    _loop_masks = None
+
+    def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
+                         sparse, momentum, static_key=None):
+        rewrite = static_key is None or static_key is not self._static_key
+        super().set_coefficients(lr, beta, eps, t, clipvalue, clipnorm, active,
+                                 sparse, momentum, static_key)
+        if rewrite:
+            self._loop_masks = None
+
+    def _loops(self, global_clipnorm):
+        """The mask of the update loops this bucket's arrays may take
+        (``loops.loops_for``), from the flag and coefficient rows as
+        ``set_coefficients`` left them; kept until they are rewritten."""
+        masks = self._loop_masks
+        if masks is None:
+            f, c = self.flags, self.coef
+            sparse = (f[:, L.SPARSE] != 0).tolist()
+            momentum = (f[:, L.MOMENTUM] != 0).tolist()
+            clips = ((c[:, L.CLIPVALUE] < np.inf) | (c[:, L.CLIPNORM] < np.inf)).tolist()
+            combos = set(zip(sparse, momentum, clips))
+            masks = self._loop_masks = {}
+            for global_clip in (False, True):
+                mask = 0
+                for s, m, clip in combos:
+                    mask |= loops_for(s, m, clip or global_clip)
+                masks[global_clip] = mask
+        return masks[bool(global_clipnorm < np.inf)]
 
     def load_gradients(self, grads, ids=None):
         """Validate this bucket's gradients and record where to read them.
@@ -240,24 +271,30 @@ class CpuBucket(Bucket):
         """
         if update:
             self._stage_in()
-        if self.single and update and other_sumsq == 0.0:
-            k = 0
-            if self.g_flat[0] is None:
-                return -1, 0.0
-            ok, sumsq = K.array_step(
-                self.x_flat[0], self.g_flat[0], self.mean_sq, self.count,
-                self.momentum, self.coef[0], self.flags[0], check, global_clipnorm)
-            bad = -1 if ok else k
-        else:
-            kernel = (K.segments_step if self.total < PARALLEL_MIN_SIZE
-                      else K.segments_step_parallel)
-            seg, lo, hi = self.chunks
-            with (_PARALLEL_LOCK if kernel is K.segments_step_parallel
-                  else contextlib.nullcontext()):
-                bad, sumsq = kernel(
-                    self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
-                    self.mean_sq, self.count, self.momentum, self.coef, self.flags,
-                    check, global_clipnorm, other_sumsq, update)
+        loops = self._loops(global_clipnorm)
+        bad, sumsq = self._run(K.variant(loops), check, global_clipnorm, other_sumsq, update)
+        if bad == K.SEGMENTS_NO_LOOP and loops != ALL_LOOPS:
+            # A loop this variant lacks (nothing was written): every loop.
+            bad, sumsq = self._run(K.variant(ALL_LOOPS), check, global_clipnorm,
+                                   other_sumsq, update)
         if update and bad < 0:
             self._stage_out()
         return int(bad), float(sumsq)
+
+    def _run(self, kernels, check, global_clipnorm, other_sumsq, update):
+        if self.single and update and other_sumsq == 0.0:
+            if self.g_flat[0] is None:
+                return -1, 0.0
+            code, sumsq = kernels.array_step(
+                self.x_flat[0], self.g_flat[0], self.mean_sq, self.count,
+                self.momentum, self.coef[0], self.flags[0], check, global_clipnorm)
+            bad = {K.STEPPED: -1, K.NONFINITE: 0}.get(code, K.SEGMENTS_NO_LOOP)
+            return bad, sumsq
+        parallel = self.total >= PARALLEL_MIN_SIZE
+        kernel = kernels.segments_step_parallel if parallel else kernels.segments_step
+        seg, lo, hi = self.chunks
+        with _PARALLEL_LOCK if parallel else contextlib.nullcontext():
+            return kernel(
+                self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
+                self.mean_sq, self.count, self.momentum, self.coef, self.flags,
+                check, global_clipnorm, other_sumsq, update)
