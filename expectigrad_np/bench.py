@@ -396,15 +396,16 @@ def bench_parallel(repeat, sizes=PARALLEL_SIZES, dtypes=DEFAULT_DTYPES):
 
 def specialisations():
     """The compiled specialisations of the entry-point kernels in this
-    process, by dtype and loop mask (``loops.LOOPS``, hex): ``single_step``
-    (one small array; holding the GIL up to ``SINGLE_STEP_GIL_MAX`` elements,
-    releasing it above), ``array_step`` (single arrays through the bucket
-    interface), the serial and parallel segmented kernels (several or large
-    arrays), and ``locate_arrays`` (one signature for every dtype)."""
+    process, by dtype and loop mask (``loops.LOOPS``, hex): ``bucket_step``
+    (the whole-step route; holding the GIL up to ``SINGLE_STEP_GIL_MAX``
+    elements, releasing it above; serial or parallel), ``array_step``
+    (single arrays on the general route), the serial and parallel segmented
+    kernels (several or large arrays), and ``locate_arrays`` (one signature for every dtype)."""
     from .backends.cpu import kernels as K
     from .backends.cpu import locate
-    out = {"single_step": sorted(f"{d} loops {mask:x}{' (GIL held)' if gil else ''}"
-                                 for d, gil, mask in K._SINGLE_STEP)}
+    out = {"bucket_step": sorted(
+        f"{d} loops {mask:x}{' (GIL held)' if gil else ''}{' parallel' if par else ''}"
+        for d, gil, par, mask in K._BUCKET_STEP)}
     for name, arg in (("array_step", 0), ("segments_step", 6),
                       ("segments_step_parallel", 6)):
         out[name] = sorted(f"{sig[arg].dtype} loops {mask:x}"
@@ -418,7 +419,7 @@ def _compiled_here():
     """How many kernels this process compiled rather than loaded from cache."""
     from .backends.cpu import kernels as K
     from .backends.cpu import locate
-    kernels = list(K._SINGLE_STEP.values()) + [
+    kernels = list(K._BUCKET_STEP.values()) + [
         getattr(v, name) for v in K._VARIANTS.values()
         for name in ("array_step", "segments_step", "segments_step_parallel")] + [
         d for span in K._SPANS.values() for d in span.values()] + [

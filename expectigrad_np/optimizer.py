@@ -270,68 +270,84 @@ class Expectigrad:
     # --- stepping -----------------------------------------------------------
 
     def _make_fast(self):
-        """Set up the single-array fast path of ``step``; None where the
-        backend offers none (``CpuBucket.single_step_path``).
+        """Set up the compiled route of ``step`` for a one-dtype optimizer;
+        None where the backend offers none (``CpuBucket.step_path``).
 
         Every coefficient but ``step_size`` and ``1/t`` is fixed until a
         param group changes, so it is written here once; the backend's entry
-        point does the rest, reading ``lr``, ``beta`` and ``global_clipnorm``
-        from a float64 row and incrementing ``self._t`` in place.
+        point does the rest in one call: it locates the gradients in the
+        sequence passed to ``step``, computes the coefficients from the
+        float64 ``lr`` and ``beta`` rows and the step counts (``self._t``,
+        incremented in place), checks, clips and updates.
         """
-        if len(self._params) != 1:
+        if len(self._buckets) != 1:
             return None
         b = self._buckets[0]
-        if not hasattr(b, "single_step_path"):
+        if not hasattr(b, "step_path"):
             return None
-        group = self.param_groups[0]
-        schedule = group["lr"] if callable(group["lr"]) else None
-        scalars = np.array([0.0 if schedule is not None else self._static_lr[0],
-                            self._beta[0],
-                            np.inf if self.global_clipnorm is None
-                            else self.global_clipnorm], dtype=np.float64)
-        b.set_coefficients(scalars[:1], self._beta, self._eps, self._t + 1,
-                           self._clipvalue, self._clipnorm, np.ones(1, bool),
-                           self._sparse, self._momentum)
-        path = b.single_step_path(self._t, scalars, self.check_finite)
+        n = len(self._params)
+        schedules = [(gi, g["lr"]) for gi, g in enumerate(self.param_groups)
+                     if callable(g["lr"])]
+        lr = np.array(self._lr_per_array(schedule_step=None), dtype=np.float64)
+        scalars = np.array([np.inf if self.global_clipnorm is None
+                            else self.global_clipnorm, 0.0], dtype=np.float64)
+        b.set_coefficients(lr, self._beta, self._eps, self._t + 1, self._clipvalue,
+                           self._clipnorm, np.ones(n, bool), self._sparse, self._momentum)
+        beta = np.ascontiguousarray(self._beta, dtype=np.float64)
+        path = b.step_path(self._t, lr, beta, scalars, self.check_finite, self._bare, n)
         if path is None:
             return None
-        entry, ctx_address, nonfinite = path
-        return entry, ctx_address, nonfinite, self._t, scalars, schedule
+        entry, ctx_address, lock = path
+        members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
+        return entry, ctx_address, lock, lr, beta, scalars, schedules, members
 
     def _step_fast(self, fast, grads):
-        """Step a single-array optimizer with one kernel call; False (and
-        nothing done) when the general path must handle ``grads``.
+        """Step with one compiled call; False (and nothing done) when the
+        general path must handle ``grads``.
 
-        The kernel takes the gradient by its object address and uses it only
-        if it is a C-contiguous, aligned ndarray of the parameter's dtype and
-        shape (else ``NOT_LOCATED``, and the general path takes over, which
-        stages, casts or says what is wrong).  ``grads`` is alive for the call.
+        The entry point reads ``grads`` where it lies: a list or tuple with
+        one C-contiguous, aligned ndarray (or None) per parameter, of its
+        dtype and shape, or the bare array of a one-array optimizer.
+        Anything else returns a code for the general path, which stages,
+        casts or says what is wrong.  A list is passed as a tuple copy, so
+        that no other thread can change it while the kernel reads it.
         """
-        entry, ctx_address, nonfinite, steps, scalars, schedule = fast
-        g = grads if self._bare else (
-            grads[0] if type(grads) in (list, tuple) and len(grads) == 1 else None)
-        if steps is not self._t:
+        entry, ctx_address, lock, lr, _, _, schedules, members = fast
+        if self._bare:
+            obj = grads
+        elif type(grads) is tuple:
+            obj = grads
+        elif type(grads) is list:
+            obj = tuple(grads)
+        else:
             return False
-        if schedule is not None:
-            scalars[0] = V.check_scheduled_lr(schedule(self.step_count),
-                                              self.step_count, "param group 0: ")
-        code = entry(id(g), ctx_address, 0.0)
-        if code:
-            if code == nonfinite:
-                self._raise_nonfinite(self._buckets[0], 0)
-            return False      # not located: the general path deals with it
+        for (gi, schedule), idx in zip(schedules, members):
+            lr[idx] = V.check_scheduled_lr(schedule(self.step_count), self.step_count,
+                                           f"param group {gi}: ")
+        if lock is None:
+            code = entry(id(obj), ctx_address, 0.0)
+        else:
+            with lock:
+                code = entry(id(obj), ctx_address, 0.0)
+        if code != -1:
+            if code >= 0:
+                self._raise_nonfinite(self._buckets[0], code)
+            return False      # not located (or no loop): the general path deals with it
         self.step_count += 1
         return True
 
-    def _lr_per_array(self):
+    def _lr_per_array(self, schedule_step=-1):
+        """Each array's learning rate this step (float64); a schedule is
+        evaluated at ``step_count`` (or taken as 0 with ``schedule_step``
+        None: the compiled route fills those in every step)."""
         if not self._scheduled:
             return self._static_lr
         lrs = []
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             if callable(lr):
-                lr = V.check_scheduled_lr(lr(self.step_count), self.step_count,
-                                          f"param group {gi}: ")
+                lr = 0.0 if schedule_step is None else V.check_scheduled_lr(
+                    lr(self.step_count), self.step_count, f"param group {gi}: ")
             lrs.append(lr)
         return np.asarray(lrs, dtype=np.float64)[self._group_of]
 

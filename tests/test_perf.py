@@ -277,7 +277,7 @@ def test_large_single_array_takes_parallel_kernel_and_matches(monkeypatch):
     xf, xr = x0.copy(), x0.copy()
     fast = eg.Expectigrad(xf, lr=0.05)
     ref = eg.Expectigrad(xr, lr=0.05, backend="numpy")
-    assert fast._fast is None                      # above the size: segmented
+    assert fast._fast[2] is not None               # above the size: parallel (locked)
     for g in _grads(rng, x0.size, np.float32, 5):
         fast.step(g)
         ref.step(g)
@@ -440,10 +440,10 @@ def test_single_array_kernel_holds_the_gil_only_for_small_arrays():
     large = eg.Expectigrad(np.zeros(K.SINGLE_STEP_GIL_MAX + 1, np.float32))
     loops = small._buckets[0]._loops(np.inf)
     assert loops == large._buckets[0]._loops(np.inf)
-    assert small._fast[0] is K.single_step_entry(np.float32, hold_gil=True, loops=loops)
-    assert large._fast[0] is K.single_step_entry(np.float32, hold_gil=False, loops=loops)
-    assert not K.single_step(np.float32, True, loops).targetoptions.get("nogil", False)
-    assert K.single_step(np.float32, False, loops).targetoptions["nogil"]
+    assert small._fast[0] is K.bucket_step_entry(np.float32, hold_gil=True, loops=loops)
+    assert large._fast[0] is K.bucket_step_entry(np.float32, hold_gil=False, loops=loops)
+    assert not K.bucket_step(np.float32, True, False, loops).targetoptions.get("nogil", False)
+    assert K.bucket_step(np.float32, False, False, loops).targetoptions["nogil"]
 
 
 def test_pickled_optimizer_rebuilds_its_fast_path():

@@ -27,8 +27,8 @@ _CHILD = textwrap.dedent("""
         rng = np.random.default_rng(7)
         big = _buckets.PARALLEL_MIN_SIZE + 5
         cases = [
-            ([10], {}, lambda g: g),                         # single_step, GIL held
-            ([5000], {}, lambda g: g),                     # single_step, GIL released
+            ([10], {}, lambda g: g),                         # bucket_step, GIL held
+            ([5000], {}, lambda g: g),                     # bucket_step, GIL released
             ([12], {"clipvalue": 0.5}, lambda g: g[::-1]),   # array_step, data_address
             ([300, 7, 40], {"check_finite": True, "clipvalue": 1.0}, lambda g: g),
             ([big, 3], {}, lambda g: g),                              # parallel
@@ -56,8 +56,8 @@ _CHILD = textwrap.dedent("""
     for mask, v in K._VARIANTS.items():
         for name in ("array_step", "segments_step", "segments_step_parallel"):
             kernels[f"{name}_{mask:x}"] = getattr(v, name)
-    for (dtype, hold_gil, mask), d in K._SINGLE_STEP.items():
-        kernels[f"single_step_{dtype.name}_{hold_gil}_{mask:x}"] = d
+    for (dtype, hold_gil, parallel, mask), d in K._BUCKET_STEP.items():
+        kernels[f"bucket_step_{dtype.name}_{hold_gil}_{parallel}_{mask:x}"] = d
     kernels = {k: d for k, d in kernels.items()
                if sum(d.stats.cache_hits.values()) + sum(d.stats.cache_misses.values())}
     print(json.dumps(dict(
@@ -87,8 +87,8 @@ def test_a_fresh_process_loads_every_kernel_without_the_refresh(warm_cache):
     result = _child(EXPECTIGRAD_NP_FULL_REFRESH="")
     assert result["same"], "kernels loaded this way differ from the NumPy backend"
     used = {name.rsplit("_", 1)[0] for name in result["hits"]}
-    for entry in ("array_step", "segments_step", "segments_step_parallel",
-                  "single_step_float32_True", "single_step_float64_False"):
+    for entry in ("array_step", "bucket_step_float32_True_False",
+                  "bucket_step_float64_False_False", "bucket_step_float32_False_True"):
         assert entry in used, (entry, sorted(result["hits"]))
     assert all(result["hits"].values()), result["hits"]          # each one loaded
     assert not any(result["misses"].values()), result["misses"]  # none compiled

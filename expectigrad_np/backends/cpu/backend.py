@@ -105,66 +105,87 @@ class CpuBucket(Bucket):
         self._update_ctx()
 
     def _update_ctx(self):
-        """Addresses for ``kernels.cpu.single_step`` (see ``CTX_FIELDS``).
+        """The context row of ``kernels.bucket_step`` (``BUCKET_FIELDS``),
+        once ``bind`` has given it the caller's rows; else None.
 
-        Set only for a bucket of one C-contiguous, nonempty array below
-        ``PARALLEL_MIN_SIZE``; else None.  Rebuilt whenever a state buffer is
-        replaced (``ensure_momentum``) or ``bind_single`` is called, so it
-        never points at freed memory: the bucket holds every array it names.
+        Rebuilt whenever a state buffer is replaced (``ensure_momentum``),
+        after copies and on ``bind``, so it never points at freed memory: the
+        bucket holds every array it names (the bound rows included).
         """
-        if not (self.single and self.total and self.x_stage[0] is None):
+        bound = getattr(self, "_bound", None)
+        if bound is None or self.staged or not self.params:
             self.ctx = None
             return
+        steps, lr, beta, scalars, check, bare, n_items = bound
         if getattr(self, "ctx", None) is None:
             # Allocated once and then updated in place: its address is final.
-            self.ctx = np.zeros(len(K.CTX_FIELDS), dtype=np.int64)
+            self.ctx = np.zeros(len(K.BUCKET_FIELDS), dtype=np.int64)
         addr = _address
-        steps, scalars, check = getattr(self, "_bound", (None, None, False))
-        self.ctx_shape = np.array(self.shapes[0], dtype=np.int64).reshape(-1)
-        self.ctx[:] = [
-            addr(self.x_flat[0]), addr(self.mean_sq), addr(self.count),
-            addr(self.momentum), addr(self.coef), addr(self.flags),
-            self.total, self.count.size, self.momentum.size,
-            0 if steps is None else addr(steps),
-            0 if scalars is None else addr(scalars), int(check),
-            _NDARRAY, id(self.dtype), len(self.shapes[0]),
-            self.ctx_shape.__array_interface__["data"][0]]
+        seg, lo, hi = self.chunks
+        ndims, dims, dims_start = self.shape_table
+        # Scratch of the kernel: scale and sumsq per array, flags and squared
+        # norms per chunk (float64 rows; the flags use 1 byte of 8).
+        self._scratch = np.zeros(2 * len(self.params) + 2 * seg.size, np.float64)
+        self._ctx_rows = (seg, lo, hi, ndims, dims, dims_start)     # kept alive
+        row = {
+            "x_addr": addr(self.x_addr), "g_addr": addr(self.g_addr),
+            "offsets": addr(self.offsets), "chunk_seg": addr(seg), "chunk_lo": addr(lo),
+            "chunk_hi": addr(hi), "n_chunks": seg.size, "mean_sq": addr(self.mean_sq),
+            "count": addr(self.count), "momentum": addr(self.momentum),
+            "total": self.total, "count_size": self.count.size,
+            "momentum_size": self.momentum.size, "coef": addr(self.coef),
+            "flags": addr(self.flags), "n_arrays": len(self.params),
+            "steps": addr(steps), "lr": addr(lr), "beta": addr(beta),
+            "scalars": addr(scalars), "check": int(check), "slots": addr(self.slots64),
+            "n_items": n_items, "bare": int(bare), "ndarray_type": _NDARRAY,
+            "descr": id(self.dtype), "ndims": addr(ndims), "dims": addr(dims),
+            "dims_start": addr(dims_start), "list_type": id(list),
+            "tuple_type": id(tuple), "none": id(None), "scratch": addr(self._scratch)}
+        self.ctx[:] = [row[name] for name in K.BUCKET_FIELDS]
 
-    def bind_single(self, steps, scalars, check):
-        """Give ``single_step`` its step count (int64 array, element 0, kept
-        and incremented in place), its float64 scalar row
-        (``SCALAR_FIELDS``: lr, beta, global_clipnorm) and the check_finite
-        flag.  Returns the context row (its address never changes), or None
-        where ``single_step`` does not apply (see ``_update_ctx``)."""
-        if steps.dtype != np.int64 or scalars.dtype != np.float64 or \
-                scalars.size != len(K.SCALAR_FIELDS) or not steps.flags.c_contiguous:
-            raise TypeError("bind_single needs an int64 step count and a float64 "
-                            "scalar row")
-        self._bound = (steps, scalars, bool(check))
+    def bind(self, steps, lr, beta, scalars, check, bare, n_items):
+        """Give ``bucket_step`` the caller's rows, in bucket order: step
+        counts (int64, incremented in place), learning rates and betas
+        (float64, read each step), the float64 scalar row
+        (``BUCKET_SCALARS``), the check_finite flag, whether the gradient is
+        passed bare (a one-array optimizer), and how many items the
+        gradient sequence holds (``slots`` index into it).  Returns the
+        context row (its address never changes), or None where the entry
+        does not apply (staged, non-contiguous parameters)."""
+        rows = (steps, lr, beta, scalars)
+        if not all(r.flags.c_contiguous for r in rows) or steps.dtype != np.int64 or \
+                lr.dtype != np.float64 or beta.dtype != np.float64 or \
+                scalars.dtype != np.float64 or scalars.size != len(K.BUCKET_SCALARS):
+            raise TypeError("bind needs an int64 step row and float64 lr, beta and "
+                            "scalar rows")
+        self.slots64 = self.slots.astype(np.int64)
+        self._bound = (steps, lr, beta, scalars, bool(check), bool(bare), int(n_items))
         self._update_ctx()
         return self.ctx
 
-    def single_step_path(self, steps, scalars, check):
-        """The single-array fast path: ``(entry, ctx_address, nonfinite)``,
-        or None where it does not apply (see ``_update_ctx``), or where the
-        kernels cannot read NumPy's array objects (``locate.layout_ok``).
+    def step_path(self, steps, lr, beta, scalars, check, bare, n_items):
+        """The compiled whole-step entry: ``(entry, ctx_address, lock)``, or
+        None where it does not apply (see ``bind``), or where the kernels
+        cannot read NumPy's array and sequence objects
+        (``locate.layout_ok``).
 
-        ``entry(id(g), ctx_address, 0.0)`` steps with gradient ``g`` and
-        returns ``kernels.STEPPED`` (the step count in ``steps`` is
-        incremented), ``nonfinite`` (refused, nothing written) or another
-        code when the general path must take ``g`` (nothing written).  The
-        bucket keeps every array the context names alive; the caller keeps
-        ``g`` alive for the call.
+        ``entry(id(grads), ctx_address, 0.0)`` (under ``lock``, when not
+        None: parallel kernels run one at a time) steps with ``grads`` and
+        returns ``kernels.BUCKET_STEPPED`` (the step counts in ``steps``
+        are incremented), the index of a non-finite gradient (refused,
+        nothing written) or another code when the general path must take
+        ``grads`` (nothing written).  The caller keeps ``grads`` alive and
+        unchanged for the call (a tuple, or a list while holding the GIL).
         """
         if not _locate.layout_ok():
             return None
-        ctx = self.bind_single(steps, scalars, check)
+        ctx = self.bind(steps, lr, beta, scalars, check, bare, n_items)
         if ctx is None:
             return None
-        p = self.params[0]
-        entry = K.single_step_entry(p.dtype, hold_gil=p.size <= K.SINGLE_STEP_GIL_MAX,
-                                    loops=self._loops(scalars[2]))
-        return entry, _address(ctx), K.NONFINITE
+        parallel = self.total >= PARALLEL_MIN_SIZE
+        entry = K.bucket_step_entry(self.dtype, hold_gil=self.total <= K.SINGLE_STEP_GIL_MAX,
+                                    parallel=parallel, loops=self._loops(scalars[0]))
+        return entry, _address(ctx), (_PARALLEL_LOCK if parallel else None)
 
     _loop_masks = None
 

@@ -1,64 +1,37 @@
-"""Fused Numba CPU kernels for the Expectigrad update.
+"""The CPU entry points: a whole step in one compiled call.
 
-The kernels know nothing of the optimizer class.  They take raw arrays and
-per-array coefficient rows, read every gradient and state element once, and
-write parameters and state in the same pass (see ``reference.py`` for the
-math, which they follow operation for operation).
+The kernels know nothing of the optimizer class.  They take raw arrays (or
+their addresses) and per-array coefficient and flag rows
+(``layout.COEF_FIELDS``, ``layout.FLAG_FIELDS``), read every gradient and
+state element once, and write parameters and state in the same pass
+(``reference.py`` states the math; ``loops.py`` holds the element update).
 
-Three entry points cover every case:
-
-``single_step(dtype, hold_gil)``
-    one small C-contiguous array, for the lowest call overhead (a whole
-    ``Expectigrad.step`` on 10 elements takes about 0.4 µs): a kernel of
-    fixed signature ``(gradient object address, context address, zero)``,
-    called through its compiled entry point with Python ints, so numba's
-    dispatch never types an array; the gradient is read from its NumPy
-    object (``locate.located_address``) and the parameter, state,
-    coefficients, step count and scalars are reached through the context
-    row (``CTX_FIELDS``).
-
-``array_step``
-    one C-contiguous 1-D array, passed directly with its state and rows
-    (serial; the bucket interface's path for a single array).
-
+``bucket_step(dtype, hold_gil, parallel, loops)``
+    the route every step of a one-dtype optimizer takes: one call with the
+    gradients' object address and the address of the bucket's context row
+    (``BUCKET_FIELDS``).  It locates the gradients in the list or tuple
+    passed to ``step`` (``locate.py``), computes the per-step coefficients
+    in float64, runs the first pass and the update, and increments the step
+    counts.  Called through its compiled entry point with Python ints, so
+    numba's dispatch never types an array.
 ``segments_step`` / ``segments_step_parallel``
-    any number of arrays of one dtype.  Parameters and gradients are reached
-    through their data addresses; the state of all arrays lives in flat
-    buffers, one segment per array.  The work is split into fixed chunks
-    (``CHUNK`` elements, never crossing an array boundary) so one parallel
-    loop covers 200 small arrays as well as one large one.
+    the same step from arrays of data addresses, for the general route
+    (gradients staged or cast in Python, several dtypes).
+``array_step``
+    one C-contiguous 1-D array passed directly (the general route's
+    one-array case).
 
-Both do the whole step in one call: an optional first pass over the
-gradients (non-finite check and squared norms for norm clipping), and
-only if that pass finds nothing wrong, the update pass.  A rejected step
-returns before writing anything.
+Every one does the whole step in one call: an optional first pass over the
+gradients (non-finite check and squared norms for norm clipping), and only
+if that pass finds nothing wrong, the update pass.  A refused step returns
+before writing anything.  The work is split into chunks (``layout.CHUNK``
+elements, never crossing an array), so one parallel loop covers 200 small
+arrays as well as one large one.
 
-Coefficient rows (one per array, in the array's dtype):
-``[step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``.
-Flag rows (int64): ``[active, sparse_counter, momentum, t, uniform]``, ``t``
-the array's step number counting this step (it seeds the stochastic rounding
-of the mean, ``_add_rounded``), ``uniform`` set while every count of the array
-equals ``t - 1`` (see ``_update_uniform``; the kernels clear it).
-All compiled with ``error_model="numpy"`` and branch-free selects so LLVM
-vectorises the inner loops (check with ``inspect_asm``: ``vsqrtps``/``vdivps``
-on ``ymm`` or ``zmm`` registers), ``nogil=True`` and ``cache=True``.  The update of
-a span, ``_update_span``, is one compiled function that every entry point
-calls (compiled once per dtype, and linked into the entry points' cached
-code); within it the loops and their helpers are inlined, and nothing is
-reference counted inside a loop.  The loops run over blocks and prefetch
-ahead (see BLOCK_BYTES).  The first pass may reassociate its sums (see
-``_span_stats``).
-
-Compiled specialisations: one per dtype (float32, float64) of
-``single_step`` (two: holding the GIL up to ``SINGLE_STEP_GIL_MAX``
-elements, releasing it above), ``array_step``, ``segments_step``,
-``segments_step_parallel`` and the ``_update_span`` they share (with its
-small helpers ``_adaptive``, ``_clip``, ``_add_rounded`` and
-``_prefetch_block``, which LLVM inlines), plus ``data_address`` on 1-D arrays and
-``locate.locate_arrays`` (one signature); each is
-compiled once, cached on disk and only loaded in later processes
-(``python -m expectigrad_np bench`` lists those of a run), without refreshing
-numba's whole CPU target (``loading.py``).
+Each entry point exists per *variant* (``variant``): compiled with only the
+update loops its bucket's arrays can take, which is most of what a cold
+first step costs.  All are cached on disk and loaded in later processes
+without refreshing numba's whole CPU target (``loading.py``).
 """
 from __future__ import annotations
 
@@ -78,16 +51,15 @@ from ..layout import (
 from .jit import OPTS as _OPTS
 from .jit import kernel as _kernel
 from .jit import twin as _twin
-from .locate import located_address
+from .locate import located_address, sequence_item
 from .loops import ALL_LOOPS, _first_pass, _has_loop, _scale, _update_span, loop_globals
 from .pointers import pointer_like as _pointer_like
 from .pointers import pointer_of as _pointer_of
 from .pointers import pointer_to as _pointer_to
 
 __all__ = [
-    "CTX_FIELDS", "SCALAR_FIELDS", "array_step",
-    "data_address", "segments_step", "segments_step_parallel",
-    "single_step",
+    "BUCKET_FIELDS", "BUCKET_SCALARS", "array_step", "bucket_step", "bucket_step_entry",
+    "data_address", "segments_step", "segments_step_parallel", "variant",
 ]
 
 
@@ -126,136 +98,19 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     return STEPPED, sumsq
 
 
-# Return codes of ``array_step`` and ``single_step``.
+# Return codes of ``array_step``.
 STEPPED, NONFINITE, NOT_LOCATED, UNBOUND, NO_LOOP = 0, 1, 2, 3, 4
 # ``segments_step`` returns an array index, or -1; or this:
 SEGMENTS_NO_LOOP = -2
 
 array_step = _kernel(_array_step)
-_array_step_inline = njit(inline="always", **_OPTS)(
-    _twin(_array_step, "_array_step_inline"))
 
 
-# Layout of the int64 context row of ``single_step``: data addresses of the
-# parameter, the three state buffers, the coefficient and flag rows; the
-# element counts of the parameter and of the two optional state buffers; the
-# address of the array's int64 step count ``t`` (steps taken so far) and of a
-# float64 row ``SCALAR_FIELDS``; the check_finite flag; and what the gradient
-# object must be (see ``locate.located_address``): the address of the
-# ``numpy.ndarray`` type object and of the parameter's dtype object, the
-# parameter's number of dimensions and the address of an int64 row holding
-# its shape.
-CTX_FIELDS = ("x", "mean_sq", "count", "momentum", "coef", "flags",
-              "size", "count_size", "momentum_size", "t", "scalars", "check",
-              "ndarray_type", "descr", "ndim", "shape")
-(CX, CV, CN, CM, CC, CF, CSIZE, CNSIZE, CMSIZE, CT, CS, CCHECK,
- CTYPE, CDESCR, CNDIM, CSHAPE) = range(len(CTX_FIELDS))
-SCALAR_FIELDS = ("lr", "beta", "global_clipnorm")
-S_LR, S_BETA, S_GCLIP = range(len(SCALAR_FIELDS))
 
-
-# ``single_step`` holds the GIL for arrays up to this many elements (a step
-# there takes a few microseconds, and releasing and taking back the GIL
+# The whole-step entry holds the GIL for buckets up to this many elements (a
+# step there takes a few microseconds, and releasing and taking back the GIL
 # would add a tenth of one) and releases it above.
 SINGLE_STEP_GIL_MAX = 1 << 12
-
-
-def _single_step(g_object, ctx_address, zero):
-    """``array_step`` for a bucket of one array, with the least call overhead.
-
-    Called with two integers and a scalar: the gradient's object address
-    (``id(g)``), the address of the int64 context row (see
-    ``CTX_FIELDS``), and a zero of the array dtype, which only selects the
-    specialisation.  The gradient is used where it lies if it is a
-    C-contiguous, aligned ndarray of exactly the parameter's dtype and shape
-    (``locate.located_address``); anything else returns ``NOT_LOCATED`` and
-    the caller takes the general path.  Everything else is reached through
-    the context row and the addresses in it, all kept alive by their owner,
-    as the gradient is by the caller.  No array crosses numba's dispatch:
-    passing integers is cheaper, and the caller may call the compiled entry
-    point directly.
-
-    With ``t`` the step count after this step and ``lr``, ``beta`` from the
-    float64 scalar row, the two coefficients that change every step are
-    computed here in float64, exactly as ``reference.step_size`` and
-    ``Bucket.set_coefficients`` do (the same C library ``pow``), and stored
-    cast to the array dtype::
-
-        c[STEP]  = lr / (1 - beta**t)   (lr when beta == 0)
-        c[INV_T] = 1 / t
-
-    the other coefficients are read as ``set_coefficients`` left them.  On
-    success the step count is incremented in place.
-
-    Returns ``STEPPED``; ``NONFINITE`` when check_finite is set and the
-    gradient holds NaN or infinity; ``NOT_LOCATED`` (see above); ``UNBOUND``
-    when ``ctx`` has no step count or scalar row; ``NO_LOOP`` when this
-    compiled variant lacks the loop the array needs.  Nothing is written in
-    those cases.
-    """
-    ctx = carray(_pointer_of(ctx_address, np.int64), len(CTX_FIELDS))
-    if ctx[CT] == 0 or ctx[CS] == 0:
-        return UNBOUND
-    shape = carray(_pointer_of(ctx[CSHAPE], np.int64), ctx[CNDIM])
-    address = located_address(g_object, ctx[CTYPE], ctx[CDESCR], ctx[CNDIM], shape)
-    if address < 0:
-        return NOT_LOCATED
-    size = ctx[CSIZE]
-    g = carray(_pointer_to(address, zero), size)
-    x = carray(_pointer_like(ctx[CX], g), size)
-    v = carray(_pointer_like(ctx[CV], g), size)
-    n = carray(_pointer_of(ctx[CN], np.uint32), ctx[CNSIZE])
-    m = carray(_pointer_like(ctx[CM], g), ctx[CMSIZE])
-    c = carray(_pointer_like(ctx[CC], g), len(COEF_FIELDS))
-    f = carray(_pointer_of(ctx[CF], np.int64), len(FLAG_FIELDS))
-    steps = carray(_pointer_of(ctx[CT], np.int64), 1)
-    s = carray(_pointer_of(ctx[CS], np.float64), len(SCALAR_FIELDS))
-    t = np.float64(steps[0] + 1)
-    lr, beta = s[S_LR], s[S_BETA]
-    c[STEP] = lr if beta == 0.0 else lr / (1.0 - beta ** t)
-    c[INV_T] = 1.0 / t
-    f[T] = steps[0] + 1
-    code, _ = _array_step_inline(x, g, v, n, m, c, f, ctx[CCHECK] != 0, s[S_GCLIP])
-    if code != STEPPED:
-        return code
-    steps[0] += 1
-    return STEPPED
-
-
-_SINGLE_STEP = {}
-
-
-def single_step(dtype, hold_gil=False, loops=ALL_LOOPS):
-    """``_single_step`` compiled for one array dtype (float32 or float64),
-    holding the GIL or releasing it, with the update loops of mask
-    ``loops`` (``variant``); loaded or compiled on first use.
-
-    Returns the dispatcher, of one signature ``(int64, int64, dtype)``;
-    ``single_step_entry`` gives its compiled entry point.
-    """
-    dtype = np.dtype(dtype)
-    kernel = _SINGLE_STEP.get((dtype, hold_gil, loops))
-    if kernel is None:
-        from numba import from_dtype
-        sig = types.int64(types.int64, types.int64, from_dtype(dtype))
-        name = ("_single_step_gil" if hold_gil else "_single_step") + _suffix(loops)
-        kernel = _kernel(_twin(_single_step, name, **_variant_globals(loops)),
-                         nogil=not hold_gil)
-        kernel.compile(sig)             # as njit([sig]) does: this signature only
-        kernel.disable_compile()
-        _SINGLE_STEP[dtype, hold_gil, loops] = kernel
-    return kernel
-
-
-def single_step_entry(dtype, hold_gil=False, loops=ALL_LOOPS):
-    """The compiled entry point of ``single_step(dtype, hold_gil, loops)``:
-    called with two Python ints and a float it runs the kernel without
-    numba's dispatch (which would type each argument and pick the signature:
-    more than half the time of a whole step on a small array).  Its
-    arguments are unboxed as ``int64, int64, dtype``, so only ints and a
-    float may be passed."""
-    kernel = single_step(dtype, hold_gil, loops)
-    return kernel.overloads[kernel.signatures[0]].entry_point
 
 
 # --- many arrays, flat state ---------------------------------------------------
@@ -263,6 +118,17 @@ def single_step_entry(dtype, hold_gil=False, loops=ALL_LOOPS):
 def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
                    v, n, m, coef, flags, check, global_clipnorm, other_sumsq,
                    update):
+    """``_segments_body`` with its scratch rows allocated here (see there)."""
+    n_arrays = offsets.size - 1
+    return _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
+                          v, n, m, coef, flags, check, global_clipnorm, other_sumsq,
+                          update, np.empty(n_arrays), np.empty(chunk_seg.size, np.bool_),
+                          np.empty(chunk_seg.size), np.empty(n_arrays))
+
+
+def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
+                   v, n, m, coef, flags, check, global_clipnorm, other_sumsq,
+                   update, scale, chunk_bad, chunk_sq, sumsq):
     """Body of the segmented kernels (compiled serial and parallel).
 
     ``x_addr[k]``/``g_addr[k]`` are the data addresses of array ``k``'s
@@ -279,6 +145,9 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     some finite clipnorm), else 0.0: the check alone skips the norm, so a
     first pass (``update`` False) that wants the norm passes a finite
     ``global_clipnorm``.
+
+    ``scale``, ``sumsq`` (one per array) and ``chunk_bad``, ``chunk_sq``
+    (one per chunk) are scratch rows, overwritten.
     """
     n_arrays = offsets.size - 1
     n_chunks = chunk_seg.size
@@ -286,11 +155,9 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     for k in range(n_arrays):
         if coef[k, CLIPNORM] < np.inf:
             needs_norm = True
-    scale = np.ones(n_arrays)
+    scale[:n_arrays] = 1.0
     total = 0.0
     if check or needs_norm:
-        chunk_bad = np.zeros(n_chunks, np.bool_)
-        chunk_sq = np.zeros(n_chunks)
         for j in prange(n_chunks):
             k = chunk_seg[j]
             if flags[k, ACTIVE]:
@@ -299,11 +166,14 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
                 nonfinite, sq = _first_pass(g[chunk_lo[j]:chunk_hi[j]], needs_norm)
                 chunk_bad[j] = nonfinite != 0
                 chunk_sq[j] = sq
+            else:
+                chunk_bad[j] = False
+                chunk_sq[j] = 0.0
         if check:
             for j in range(n_chunks):
                 if chunk_bad[j]:
                     return chunk_seg[j], total
-        sumsq = np.zeros(n_arrays)
+        sumsq[:n_arrays] = 0.0
         for j in range(n_chunks):
             sumsq[chunk_seg[j]] += chunk_sq[j]
         for k in range(n_arrays):
@@ -334,9 +204,161 @@ def _segments_step(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     return -1, total
 
 
+_segments_body = njit(inline="always", **_OPTS)(_segments_body)
+
 segments_step = _kernel(_segments_step)
 segments_step_parallel = _kernel(_twin(_segments_step, "_segments_step_parallel"),
                                  parallel=True)
+
+
+# --- a whole step of one bucket in one call ------------------------------------
+# Layout of the int64 context row of ``bucket_step`` (addresses of int64,
+# float64 and dtype rows and tables the bucket owns, and counts):
+BUCKET_FIELDS = (
+    "x_addr", "g_addr", "offsets", "chunk_seg", "chunk_lo", "chunk_hi", "n_chunks",
+    "mean_sq", "count", "momentum", "total", "count_size", "momentum_size",
+    "coef", "flags", "n_arrays", "steps", "lr", "beta", "scalars", "check",
+    "slots", "n_items", "bare", "ndarray_type", "descr", "ndims", "dims",
+    "dims_start", "list_type", "tuple_type", "none", "scratch")
+(BX, BG, BOFF, BSEG, BLO, BHI, BNCH, BV, BN, BM, BTOTAL, BNSIZE, BMSIZE, BCOEF,
+ BFLAGS, BNARR, BSTEPS, BLR, BBETA, BS, BCHECK, BSLOTS, BNITEMS, BBARE, BTYPE,
+ BDESCR, BNDIMS, BDIMS, BDSTART, BLIST, BTUPLE, BNONE, BSCRATCH) = range(len(BUCKET_FIELDS))
+# The float64 scalar row: global_clipnorm in, the bucket's squared norm out.
+BUCKET_SCALARS = ("global_clipnorm", "sumsq")
+# Return codes of ``bucket_step`` besides an array index (a non-finite
+# gradient: refused) and SEGMENTS_NO_LOOP.  Nothing is written unless STEPPED.
+BUCKET_STEPPED, BUCKET_NOT_LOCATED = -1, -3
+
+
+def _bucket_step(g_object, ctx_address, zero):
+    """One whole optimizer step of a bucket (every array of one dtype).
+
+    ``g_object`` is the address of the gradients as the user passed them
+    (``id`` of a list or tuple holding one gradient per parameter, or of
+    the bare gradient array of a one-array optimizer), or 0 when the caller
+    has already written each gradient's data address into the ``g_addr``
+    row and each array's ``ACTIVE`` flag.  Otherwise each gradient is
+    located here (``locate.located_address``): ``None`` skips its array,
+    and anything but a C-contiguous ndarray of exactly the parameter's
+    dtype and shape returns ``BUCKET_NOT_LOCATED`` (the caller stages it and
+    calls again with 0).
+
+    Then, with ``t`` each array's step count after this step and ``lr``,
+    ``beta`` from float64 rows, the coefficients that change every step are
+    computed in float64 exactly as ``reference.step_size`` does (the same C
+    library ``pow``) and stored in the array dtype::
+
+        c[STEP]  = lr / (1 - beta**t)   (lr when beta == 0)
+        c[INV_T] = 1 / t
+
+    and the step is ``segments_step``'s (first pass, then the update).  On
+    success every active array's step count is incremented in place.
+
+    Returns ``BUCKET_STEPPED``; the index of a gradient holding NaN or
+    infinity (with check_finite); ``BUCKET_NOT_LOCATED``; or
+    ``SEGMENTS_NO_LOOP``.  Nothing but the coefficient rows is written in
+    those cases.
+    """
+    ctx = carray(_pointer_of(ctx_address, np.int64), len(BUCKET_FIELDS))
+    n_arrays = ctx[BNARR]
+    g_addr = carray(_pointer_of(ctx[BG], np.int64), n_arrays)
+    flags = carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS)))
+    if g_object != 0:
+        n_active = 0
+        slots = carray(_pointer_of(ctx[BSLOTS], np.int64), n_arrays)
+        ndims = carray(_pointer_of(ctx[BNDIMS], np.int64), n_arrays)
+        dims_start = carray(_pointer_of(ctx[BDSTART], np.int64), n_arrays)
+        dims = carray(_pointer_of(ctx[BDIMS], np.int64), dims_start[n_arrays - 1]
+                      + ndims[n_arrays - 1])
+        for k in range(n_arrays):
+            if ctx[BBARE]:
+                item = g_object
+            else:
+                item = sequence_item(g_object, slots[k], ctx[BNITEMS], ctx[BLIST],
+                                     ctx[BTUPLE])
+                if item == 0:
+                    return BUCKET_NOT_LOCATED
+            if item == ctx[BNONE]:
+                flags[k, ACTIVE] = 0
+                g_addr[k] = 0
+                continue
+            start = dims_start[k]
+            address = located_address(item, ctx[BTYPE], ctx[BDESCR], ndims[k],
+                                      dims[start:start + ndims[k]])
+            if address < 0:
+                return BUCKET_NOT_LOCATED
+            flags[k, ACTIVE] = 1
+            g_addr[k] = address
+            n_active += 1
+        if n_active == 0:
+            return BUCKET_NOT_LOCATED       # a step of nothing: the caller's business
+    coef = carray(_pointer_to(ctx[BCOEF], zero), (n_arrays, len(COEF_FIELDS)))
+    steps = carray(_pointer_of(ctx[BSTEPS], np.int64), n_arrays)
+    lr = carray(_pointer_of(ctx[BLR], np.float64), n_arrays)
+    beta = carray(_pointer_of(ctx[BBETA], np.float64), n_arrays)
+    s = carray(_pointer_of(ctx[BS], np.float64), len(BUCKET_SCALARS))
+    for k in range(n_arrays):
+        t = max(steps[k] + flags[k, ACTIVE], 1)
+        flags[k, T] = t
+        tf = np.float64(t)
+        coef[k, STEP] = lr[k] if beta[k] == 0.0 else lr[k] / (1.0 - beta[k] ** tf)
+        coef[k, INV_T] = 1.0 / tf
+    nch = ctx[BNCH]
+    bad, sumsq = _segments_inline(
+        carray(_pointer_of(ctx[BX], np.int64), n_arrays), g_addr,
+        carray(_pointer_of(ctx[BOFF], np.int64), n_arrays + 1),
+        carray(_pointer_of(ctx[BSEG], np.int64), nch),
+        carray(_pointer_of(ctx[BLO], np.int64), nch),
+        carray(_pointer_of(ctx[BHI], np.int64), nch),
+        carray(_pointer_to(ctx[BV], zero), ctx[BTOTAL]),
+        carray(_pointer_of(ctx[BN], np.uint32), ctx[BNSIZE]),
+        carray(_pointer_to(ctx[BM], zero), ctx[BMSIZE]),
+        coef, flags, ctx[BCHECK] != 0, s[0], 0.0, True,
+        carray(_pointer_of(ctx[BSCRATCH], np.float64), n_arrays),
+        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays, np.bool_), nch),
+        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays + 8 * nch, np.float64), nch),
+        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays + 16 * nch, np.float64), n_arrays))
+    s[1] = sumsq
+    if bad != -1:
+        return bad
+    for k in range(n_arrays):
+        steps[k] += flags[k, ACTIVE]
+    return BUCKET_STEPPED
+
+
+_segments_inline = njit(inline="always", **_OPTS)(_twin(_segments_body.py_func, "_segments_inline"))
+
+_BUCKET_STEP = {}
+
+
+def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS):
+    """``_bucket_step`` compiled for one dtype, holding the GIL or not,
+    serial or parallel, with the update loops of mask ``loops``; loaded or
+    compiled on first use.  Returns the dispatcher, of one signature
+    ``(int64, int64, dtype)``; ``bucket_step_entry`` gives its entry point."""
+    dtype = np.dtype(dtype)
+    key = (dtype, hold_gil, parallel, loops)
+    kernel = _BUCKET_STEP.get(key)
+    if kernel is None:
+        from numba import from_dtype
+        sig = types.int64(types.int64, types.int64, from_dtype(dtype))
+        name = ("_bucket_step" + ("_gil" if hold_gil else "") + ("_par" if parallel else "")
+                + _suffix(loops))
+        kernel = _kernel(_twin(_bucket_step, name, **_variant_globals(loops)),
+                         nogil=not hold_gil, parallel=parallel)
+        kernel.compile(sig)             # as njit([sig]) does: this signature only
+        kernel.disable_compile()
+        _BUCKET_STEP[key] = kernel
+    return kernel
+
+
+def bucket_step_entry(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS):
+    """The compiled entry point of ``bucket_step(...)``: called with two
+    Python ints and a float, without numba's dispatch (which would type
+    each argument and pick the signature).  Only ints and a float may be
+    passed: they are unboxed as ``int64, int64, dtype``."""
+    kernel = bucket_step(dtype, hold_gil, parallel, loops)
+    return kernel.overloads[kernel.signatures[0]].entry_point
 
 
 # --- variants: only the loops a bucket can take -----------------------------------
@@ -357,8 +379,8 @@ _SPANS = {}
 
 
 def _variant_globals(loops):
-    """Globals of a variant's entry points: its span, its loop check and its
-    inlined one-array step (the module's own functions for every loop)."""
+    """Globals of a variant's entry points: its span, its loop check and the
+    inlined segments body (the module's own functions for every loop)."""
     if loops == ALL_LOOPS:
         return {}
     found = _SPANS.get(loops)
@@ -368,11 +390,14 @@ def _variant_globals(loops):
                                    **switches))
         has = njit(**_OPTS)(_twin(_has_loop.py_func, "_has_loop" + _suffix(loops),
                                   **switches))
-        inline = njit(inline="always", **_OPTS)(
-            _twin(_array_step, "_array_step_inline" + _suffix(loops),
+        segments = njit(inline="always", **_OPTS)(
+            _twin(_segments_body.py_func, "_segments_inline" + _suffix(loops),
+                  _update_span=span, _has_loop=has))
+        body = njit(inline="always", **_OPTS)(
+            _twin(_segments_body.py_func, "_segments_body" + _suffix(loops),
                   _update_span=span, _has_loop=has))
         found = _SPANS[loops] = {"_update_span": span, "_has_loop": has,
-                                 "_array_step_inline": inline}
+                                 "_segments_inline": segments, "_segments_body": body}
     return found
 
 

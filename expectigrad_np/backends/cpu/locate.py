@@ -20,7 +20,7 @@ general Python path, which validates, stages or raises as before.  So a
 mismatch can only cost speed, never correctness.
 
 ``located_address`` does the same for one object inside another kernel
-(``kernels.cpu.single_step`` takes its gradient as an ``id``, so that a step
+(``kernels.bucket_step`` takes its gradients as an ``id``, so that a step
 on a small array passes no array through numba's dispatch).
 
 The layout is checked once per process against what Python reports for a
@@ -36,7 +36,8 @@ from numba import carray, njit
 from .loading import load_without_refresh
 from .pointers import pointer_of as _pointer_of
 
-__all__ = ["layout_ok", "locate_arrays", "located_address", "shape_table"]
+__all__ = ["layout_ok", "locate_arrays", "located_address", "sequence_item",
+           "shape_table"]
 
 _OB_TYPE, _DATA, _ND, _DIMENSIONS, _STRIDES, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 56, 64
 _C_CONTIGUOUS_ALIGNED = 0x0001 | 0x0100    # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED
@@ -61,6 +62,26 @@ def located_address(p, ndarray_type, descr, ndim, dims):
         if shape[d] != dims[d]:
             return -1
     return carray(_pointer_of(p + _DATA, np.int64), 1)[0]
+
+
+_OB_SIZE, _LIST_ITEMS, _TUPLE_ITEMS = 16, 24, 24
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def sequence_item(p, index, size, list_type, tuple_type):
+    """The address of item ``index`` of the object at ``p`` if it is a
+    ``list`` or ``tuple`` (exactly: type objects ``list_type``,
+    ``tuple_type``) of ``size`` items; else 0.  The caller keeps the object
+    alive and unchanged (a tuple, or a list while holding the GIL)."""
+    kind = carray(_pointer_of(p + _OB_TYPE, np.int64), 1)[0]
+    if carray(_pointer_of(p + _OB_SIZE, np.int64), 1)[0] != size:
+        return 0
+    if kind == tuple_type:
+        return carray(_pointer_of(p + _TUPLE_ITEMS, np.int64), size)[index]
+    if kind == list_type:
+        items = carray(_pointer_of(p + _LIST_ITEMS, np.int64), 1)[0]
+        return carray(_pointer_of(items, np.int64), size)[index]
+    return 0
 
 
 @load_without_refresh
@@ -149,6 +170,24 @@ def _check_layout():
                    base[10:20], base.reshape(3, 20).T, base[::2], base.astype(np.float64),
                    np.frombuffer(b"\0" + base.tobytes(), np.float32, 7, 1), np.zeros(()),
                    np.zeros(3, np.uint8), base.view(np.recarray)]
-        return all(_reads_like_python(a) for a in samples)
+        return all(_reads_like_python(a) for a in samples) and _sequences_read_right()
     except Exception:       # any surprise: use the Python path
         return False
+
+
+def _sequences_read_right():
+    """``list`` and ``tuple`` objects hold their size and items where
+    ``sequence_item`` reads them (checked on samples through ``ctypes``)."""
+    import ctypes
+    i64 = lambda at: ctypes.c_int64.from_address(at).value  # noqa: E731
+    items = [np.zeros(1), None, np.zeros(2)]
+    for seq in (list(items), tuple(items), [], ()):
+        p = id(seq)
+        if i64(p + _OB_TYPE) != id(type(seq)) or i64(p + _OB_SIZE) != len(seq):
+            return False
+        if not seq:
+            continue
+        start = i64(p + _LIST_ITEMS) if type(seq) is list else p + _TUPLE_ITEMS
+        if [i64(start + 8 * k) for k in range(len(seq))] != [id(o) for o in seq]:
+            return False
+    return True
