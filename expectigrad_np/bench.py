@@ -314,6 +314,80 @@ def bench_small(repeat, n=10, dtype="float64"):
                 reference_us=t_ref * 1e6, speedup=r)
 
 
+def bench_small_lists(repeat):
+    """A whole ``step()`` against the NumPy reference stepping the same
+    arrays: one 10-element array, and the four arrays of a small MLP
+    ((64, 32), (32,), (32, 10), (10,)), float64."""
+    rows = []
+    for name, shapes in (("one 10-element array", [(10,)]),
+                         ("small MLP, 4 arrays", [(64, 32), (32,), (32, 10), (10,)])):
+        gs = [_gradient(int(np.prod(s)), "float64").reshape(s) for s in shapes]
+        xs = [np.zeros(s) for s in shapes]
+        opt = Expectigrad(xs, lr=1e-3)
+        steppers = [_reference_stepper(np.zeros(s), g) for s, g in zip(shapes, gs)]
+
+        def ref(steppers=steppers):
+            for step, _ in steppers:
+                step()
+        (t_ours, t_ref), (_, r) = time_interleaved([lambda: opt.step(gs), ref],
+                                                   max(repeat, 5))
+        rows.append(dict(case=name, step_us=t_ours * 1e6, reference=steppers[0][1],
+                         reference_us=t_ref * 1e6, speedup=r))
+    return rows
+
+
+_COLD = """
+import json, os, sys, time
+import numpy as np, numba
+from numba import njit, prange
+T = time.perf_counter
+
+def body(x, g, v, n, m):
+    for i in prange(x.size):
+        g2 = g[i] * g[i]
+        c = g2 != 0
+        n[i] += c
+        w = np.float32(1) / np.float32(n[i]) if c else np.float32(0)
+        v[i] += (g2 - v[i]) * w
+        u = g[i] / (np.float32(1e-8) + np.sqrt(v[i]))
+        m[i] = np.float32(0.9) * m[i] + np.float32(0.1) * u
+        x[i] -= np.float32(1e-3) * m[i]
+
+arrays = [np.ones(8, np.float32) for _ in range(3)]
+arrays.insert(3, np.zeros(8, np.uint32)); arrays.append(np.zeros(8, np.float32))
+t0 = T(); njit(error_model="numpy")(body)(*arrays)
+t1 = T(); njit(error_model="numpy", parallel=True)(body)(*arrays)
+t2 = T()
+import expectigrad_np as eg
+from expectigrad_np.backends.cpu.backend import PARALLEL_MIN_SIZE
+t3 = T(); eg.Expectigrad(np.zeros(10, np.float32)).step(np.ones(10, np.float32))
+t4 = T()
+big = np.zeros(2 * PARALLEL_MIN_SIZE, np.float32)
+eg.Expectigrad(big).step(np.ones_like(big))
+t5 = T()
+print(json.dumps(dict(plain_serial_s=t1 - t0, plain_parallel_s=t2 - t1,
+                      first_small_step_s=t4 - t3, first_parallel_step_s=t5 - t4)))
+"""
+
+
+def bench_cold():
+    """First steps with an empty compile cache (a fresh ``NUMBA_CACHE_DIR``,
+    a fresh process): a default float32 optimizer on a small array, then on
+    a parallel-size one, against compiling a plain ``@njit`` loop of the
+    same update, serial plus parallel, in the same process."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=tmp,
+                   PYTHONPATH=os.pathsep.join(sys.path))
+        out = subprocess.run([sys.executable, "-c", _COLD], check=True,
+                             capture_output=True, text=True, env=env)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    plain = row["plain_serial_s"] + row["plain_parallel_s"]
+    ours = row["first_small_step_s"] + row["first_parallel_step_s"]
+    row.update(plain_s=plain, first_steps_s=ours, ratio=ours / plain)
+    return row
+
+
 _STARTUP_STEP = ("import numpy as np, expectigrad_np as eg\n"
                  "eg.Expectigrad(np.zeros(10)).step(np.ones(10))\n")
 _STARTUP_INFO = (
@@ -446,6 +520,8 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         result["many_small"] = bench_many_small(repeat)
         result["uniform"] = bench_uniform(repeat)
         result["small"] = bench_small(repeat)
+        result["small_lists"] = bench_small_lists(repeat)
+        result["cold"] = bench_cold()
         result["startup"] = bench_startup(repeat)
     if parallel:
         result["parallel"] = bench_parallel(repeat, dtypes=dtypes)
@@ -497,6 +573,11 @@ def format_table(result):
         s = result["small"]
         lines.append(f"step() on {s['n']} {s['dtype']} elements: {s['step_us']:.2f} µs, "
                      f"reference {s['reference_us']:.1f} µs ({s['speedup']:.1f}x faster)")
+    for row in result.get("small_lists", ()):
+        lines.append(f"step() on {row['case']} (float64): {row['step_us']:.2f} µs, "
+                     f"reference {row['reference_us']:.1f} µs ({row['speedup']:.1f}x faster)")
+    if "cold" in result:
+        lines.append(_format_cold(result["cold"]))
     if "startup" in result:
         s = result["startup"]
         lines.append(f"fresh process, import + first step: {s['import_step_ms']:.0f} ms vs "
@@ -520,6 +601,13 @@ def format_table(result):
     return "\n".join(lines)
 
 
+def _format_cold(c):
+    return (f"cold cache: first small + first parallel-size float32 step "
+            f"{c['first_small_step_s']:.2f} s + {c['first_parallel_step_s']:.2f} s against "
+            f"a plain @njit loop {c['plain_serial_s']:.2f} s serial + "
+            f"{c['plain_parallel_s']:.2f} s parallel ({c['ratio']:.1f}x)")
+
+
 def add_arguments(parser):
     """Options of the ``bench`` subcommand."""
     parser.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")],
@@ -539,6 +627,10 @@ def add_arguments(parser):
                         help="skip the NumPy reference timings")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip torch.optim.Adam even when torch is installed")
+    parser.add_argument("--cold", action="store_true",
+                        help="only the cold-cache row: the first steps in a fresh "
+                             "process with an empty NUMBA_CACHE_DIR, against compiling "
+                             "a plain @njit loop of the same update")
     parser.add_argument("--parallel", action="store_true",
                         help="also time the serial against the parallel kernel from "
                              "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
@@ -556,6 +648,13 @@ def main(argv=None):
             raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
     if args.repeat < 1 or any(n < 1 for n in args.sizes):
         raise SystemExit("bench: --repeat and every size must be >= 1")
+    if args.cold:
+        row = bench_cold()
+        if args.json:
+            print(json.dumps({"cold": row}, indent=1))
+        else:
+            print(_format_cold(row))
+        return 0
     result = run(args.sizes, args.dtypes, args.repeat, extras=not args.no_extras,
                  reference=not args.no_reference, torch=not args.no_torch,
                  parallel=args.parallel)
