@@ -37,12 +37,16 @@ def check_lr(value, where=""):
 
 
 def check_scheduled_lr(value, step, where=""):
-    """The value a schedule returned: finite and >= 0."""
+    """The value a schedule returned: a real number (not a bool or a
+    string), finite and >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}lr schedule returned {value!r} at step {step}, not a "
+                        "number; a schedule must return a float")
     try:
         value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}lr schedule returned {value!r} at step {step}, "
-                        "not a number") from None
+    except OverflowError:
+        raise ValueError(f"{where}lr schedule returned {value!r} at step {step}, "
+                         "too large for a float; it must be finite and >= 0") from None
     if not math.isfinite(value) or value < 0.0:
         raise ValueError(f"{where}lr schedule returned {value!r} at step {step}; "
                          "it must be finite and >= 0")
@@ -72,6 +76,22 @@ def check_eps_dtypes(eps, params, where=""):
             raise ValueError(f"{where}eps={eps!r} is 0 in {dtype}, the dtype of a "
                              f"parameter of this group; use eps >= "
                              f"{np.finfo(dtype).smallest_subnormal}")
+
+
+def check_step_size_dtypes(lr, beta, params, where=""):
+    """The largest step size, ``lr / (1 - beta)`` on the first step (``lr``
+    when ``beta == 0``), must be finite in the dtype of every parameter it
+    applies to (lr=3e38 overflows float32 and would write inf and NaN)."""
+    if callable(lr):
+        return
+    largest = lr if beta == 0.0 else lr / (1.0 - beta)
+    for p in params:
+        dtype = np.dtype(getattr(p, "dtype", np.float64))
+        if dtype.kind == "f" and largest > float(np.finfo(dtype).max):
+            raise ValueError(f"{where}lr={lr!r} with beta={beta!r} gives a first step size "
+                             f"of {largest:.3g}, which overflows {dtype}, the dtype of a "
+                             f"parameter of this group; use lr <= "
+                             f"{float(np.finfo(dtype).max) * (1.0 - beta):.3g}")
 
 
 def check_bool(name, value, where=""):
@@ -106,16 +126,45 @@ def check_group_value(key, value, where=""):
     raise ValueError(f"{where}unknown hyperparameter {key!r}; known: {known}")
 
 
+def _refuse_subclass(x, what):
+    """Masked arrays and matrices change what NumPy's arithmetic means
+    (masked elements, ``*`` as a matrix product): the kernels would read
+    their raw data and the numpy backend would not, so they are refused."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{what} is a masked array; masks are not supported. Pass "
+                        "np.asarray(x) (its data, every element) or fill the masked "
+                        "elements first (x.filled(...))")
+    if isinstance(x, np.matrix):
+        raise TypeError(f"{what} is a numpy.matrix; pass np.asarray(x), a plain "
+                        "ndarray viewing the same memory")
+
+
 def check_parameter(x, where):
     """A parameter: a writeable real floating ndarray (float32 or float64)."""
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{where} must be a numpy.ndarray, got {type(x).__name__}")
+        kind = f"{type(x).__module__}.{type(x).__qualname__}"
+        if type(x).__module__.startswith("torch"):
+            hint = ("for a CPU tensor pass t.detach().numpy(), an ndarray sharing its "
+                    "memory, which the optimizer updates in place")
+        elif isinstance(x, (list, tuple, numbers.Number)):
+            hint = ("make it an array first, x = np.asarray(values, dtype=np.float64), "
+                    "and keep that array: it is updated in place")
+        else:
+            hint = "pass an ndarray (np.asarray(x) where it shares x's memory)"
+        raise TypeError(f"{where} must be a numpy.ndarray, got {kind}; {hint}")
+    _refuse_subclass(x, where)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"{where} has dtype {x.dtype}; parameters must be "
-                        "float32 or float64")
+                        "float32 or float64 (x.astype(np.float32) makes a copy to "
+                        "optimise)")
     if not x.flags.writeable:
         raise ValueError(f"{where} is read-only; parameters are updated in place")
     return x
+
+
+# numpy >= 2 moved byte_bounds to numpy.lib.array_utils.
+_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) \
+    or getattr(np, "byte_bounds", None)
 
 
 def check_no_overlap(arrays, names):
@@ -124,7 +173,7 @@ def check_no_overlap(arrays, names):
     for a, name in zip(arrays, names):
         if not isinstance(a, np.ndarray) or a.size == 0:
             continue  # device arrays are checked by the cuda backend
-        lo, hi = np.lib.array_utils.byte_bounds(a)
+        lo, hi = _byte_bounds(a)
         spans.append((lo, hi, a, name))
     spans.sort(key=lambda s: s[0])
     for i, (lo1, hi1, a1, n1) in enumerate(spans):
@@ -147,7 +196,9 @@ def as_gradient(g, x, where):
     Real floating and integer gradients are accepted (cast later to ``x``'s
     dtype); complex, boolean, object and string data are refused.
     """
-    if not isinstance(g, np.ndarray):
+    if isinstance(g, np.ndarray):
+        _refuse_subclass(g, f"the gradient of {where}")
+    else:
         try:
             g = np.asarray(g)
         except Exception as exc:  # noqa: BLE001 - reported with context

@@ -101,7 +101,8 @@ def _collect(opt, params):
                         "dtype": np.dtype(p.dtype).str})
         for field in _STATE_FIELDS:
             if field in st:
-                arrays[f"state_{i}_{field}"] = np.ascontiguousarray(st[field])
+                # np.array, not ascontiguousarray: that makes 0-d arrays 1-d.
+                arrays[f"state_{i}_{field}"] = np.array(st[field], order="C")
         if params:
             arrays[f"param_{i}"] = np.array(_host(p), order="C")
     groups = []
@@ -117,6 +118,25 @@ def _collect(opt, params):
     return arrays
 
 
+def _target(path):
+    """The file ``save`` replaces: ``path`` (str, bytes or ``os.PathLike``),
+    or, for a symbolic link, the file it points to (the link stays a link).
+    Anything that exists and is not a regular file (a FIFO, a device, a
+    directory) is refused."""
+    import stat
+    path = os.fsdecode(os.fspath(path))
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"cannot save a checkpoint to {path!r}: it exists and is not a "
+                         "regular file (a directory, FIFO or device); choose a file path")
+    return path
+
+
 def save(opt, path, *, params=True):
     """Write ``opt``'s checkpoint to ``path`` atomically (see module docs).
 
@@ -124,8 +144,9 @@ def save(opt, path, *, params=True):
     restores the model along with the optimizer.  The file is written at
     exactly ``path`` (no suffix is added).
     """
-    path = os.fspath(path)
-    arrays = _collect(opt, params)
+    path = _target(path)
+    with opt._lock:             # a consistent snapshot: no step runs meanwhile
+        arrays = _collect(opt, params)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp", dir=directory)
@@ -168,18 +189,46 @@ class _Refused(ValueError):
     pass
 
 
-def _read(path):
-    """All arrays of the file, in memory; any defect -> _Refused."""
-    with open(path, "rb") as f:   # a missing file is FileNotFoundError, as usual
+# Members are inflated only when the metadata names them, and only if the
+# archive says they inflate to no more than the array they must hold plus a
+# .npy header: an archive with a huge extra or oversized member is refused
+# without reading it (a zip bomb costs nothing).
+_META_MAX_BYTES = 64 << 20
+_HEADER_MAX_BYTES = 1 << 16
+
+
+class _Archive:
+    """The members of an ``.npz`` file, read on demand with size checks."""
+
+    def __init__(self, f):
         try:
             z = np.load(f, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise _Refused("it is a single .npy array, not an .npz archive")
-            with z:
-                return {name: z[name] for name in z.files}
-        except _Refused:
-            raise
         except Exception as exc:  # noqa: BLE001 - zip, npy and decoding errors alike
+            raise _Refused(f"it is truncated or corrupt ({type(exc).__name__}: "
+                           f"{exc})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise _Refused("it is a single .npy array, not an .npz archive")
+        self.z = z
+        self.names = set(z.files)
+
+    def __contains__(self, key):
+        return key in self.names
+
+    def get(self, key, max_bytes=_META_MAX_BYTES):
+        """Member ``key`` (None if absent), refused if it would inflate to
+        more than ``max_bytes`` plus a header."""
+        if key not in self.names:
+            return None
+        try:
+            size = self.z.zip.getinfo(key + ".npy").file_size
+        except KeyError:
+            size = None
+        if size is None or size > max_bytes + _HEADER_MAX_BYTES:
+            raise _Refused(f"its member {key!r} inflates to {size} bytes, more than the "
+                           f"{max_bytes} its array can hold")
+        try:
+            return self.z[key]
+        except Exception as exc:  # noqa: BLE001
             raise _Refused(f"it is truncated or corrupt ({type(exc).__name__}: "
                            f"{exc})") from None
 
@@ -260,7 +309,7 @@ def _check_layout(opt, meta):
 
 
 def _array(arrays, key, p, dtype, name):
-    a = arrays.get(key)
+    a = arrays.get(key, max_bytes=int(np.prod(p.shape)) * np.dtype(dtype).itemsize)
     if a is None:
         raise _Refused(f"the array {key!r} ({name}) is missing")
     if a.shape != p.shape or a.dtype != np.dtype(dtype):
@@ -282,10 +331,9 @@ def _state_dict(opt, meta, arrays):
             entry["count"] = _array(arrays, f"state_{i}_count", p, np.uint32, name)
         elif f"state_{i}_count" in arrays:
             raise _Refused(f"it has a count for {name}, which has no sparse counter")
-        if momentum[i]:
+        if momentum[i] or f"state_{i}_momentum" in arrays:
+            # Momentum is kept once a bucket had beta > 0, beta = 0 included.
             entry["momentum"] = _array(arrays, f"state_{i}_momentum", p, p.dtype, name)
-        elif f"state_{i}_momentum" in arrays:
-            raise _Refused(f"it has momentum for {name}, whose beta is 0")
         for field in ("mean_sq", "momentum"):
             if field in entry and not np.all(np.isfinite(entry[field])):
                 raise _Refused(f"the {field} of {name} holds NaN or infinity")
@@ -310,14 +358,19 @@ def load(opt, path):
     with nothing changed, when the file is truncated, corrupt, of another
     format version, or does not match ``opt``.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))
     try:
-        arrays = _read(path)
-        meta = _meta(arrays)
-        if opt._dirty:
-            opt._refresh()
-        _check_layout(opt, meta)
-        sd, params = _state_dict(opt, meta, arrays)
+        with open(path, "rb") as f:   # a missing file is FileNotFoundError, as usual
+            arrays = _Archive(f)
+            meta = _meta(arrays)
+            if opt._dirty:
+                opt._refresh()
+            _check_layout(opt, meta)
+            sd, params = _state_dict(opt, meta, arrays)
+        for p, name in zip(opt.params, opt._names):
+            if params and isinstance(p, np.ndarray) and not p.flags.writeable:
+                raise _Refused(f"{name} is read-only, so its saved value cannot be "
+                               "restored; make it writeable first (nothing was changed)")
         # Checks everything it is given before it writes anything.
         opt.load_state_dict(sd)
     except ValueError as exc:

@@ -9,10 +9,13 @@ which calls its kernels.  The math is in ``reference.py``.
 from __future__ import annotations
 
 import numbers
+import threading
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _validation as V
+from ._atomic import interrupts_deferred
 from .backends import bucket_class
 from .param_groups import Changes, ParamGroup
 
@@ -21,6 +24,25 @@ _NONE_ID = id(None)
 __all__ = ["Expectigrad", "ParamGroup"]
 
 _BACKENDS = ("auto", "cpu", "numpy", "cuda")
+
+
+def _locked(method):
+    """Run ``method`` holding the optimizer's lock: no step runs meanwhile."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _step_number(value, where):
+    """A step count: an integer (not a bool) in [0, 2**62)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value < 1 << 62:
+        raise ValueError(f"{where} must be an integer in [0, 2**62), got {value!r}")
+    return int(value)
 
 
 def _has_numba():
@@ -118,9 +140,19 @@ class Expectigrad:
             ParamGroup(g, f"param group {gi}: ", self._changes)
             for gi, g in enumerate(groups))
         self._t = np.zeros(len(self._params), dtype=np.int64)
-        self.step_count = 0
+        self._step_counter = np.zeros(1, dtype=np.int64)      # the kernels advance it
+        self._lock = threading.RLock()
         self._buckets = self._make_buckets()
         self._refresh()
+
+    @property
+    def step_count(self):
+        """Steps taken (``step()`` calls that changed anything)."""
+        return int(self._step_counter[0])
+
+    @step_count.setter
+    def step_count(self, value):
+        self._step_counter[0] = value
 
     @property
     def global_clipnorm(self):
@@ -185,6 +217,7 @@ class Expectigrad:
             group["params"] = [self._check_param(p, f"param group {gi} param {pi}")
                                for pi, p in enumerate(plist)]
             V.check_eps_dtypes(group["eps"], group["params"], where)
+            V.check_step_size_dtypes(group["lr"], group["beta"], group["params"], where)
             groups.append(group)
         return groups
 
@@ -234,13 +267,16 @@ class Expectigrad:
     def __getstate__(self):
         # The fast path holds a compiled entry point, which does not pickle,
         # and addresses, which a copy must not share: copies rebuild it.
-        state = self.__dict__.copy()
-        state["_fast"] = None
-        return state
+        with self._lock:
+            state = self.__dict__.copy()
+            state["_fast"] = None
+            del state["_lock"]
+            return state
 
     def __setstate__(self, state):
         # A copy has new buffers: rebuild the fast path on the next step.
         self.__dict__.update(state)
+        self._lock = threading.RLock()
         self._fast = None
         self._changes.dirty = True
 
@@ -255,15 +291,21 @@ class Expectigrad:
         self._clipvalue = per("clipvalue", np.inf)
         self._clipnorm = per("clipnorm", np.inf)
         self._sparse = np.array([groups[gi]["sparse_counter"] for gi in self._group_of])
-        self._momentum = self._beta > 0
         self._scheduled = any(callable(g["lr"]) for g in groups)
         self._static_lr = None if self._scheduled else per("lr")
         # Names this set of hyperparameters: buckets rewrite the rows that
         # depend only on them when it changes (see set_coefficients).
         self._hyper_key = object()
+        # Momentum follows m <- beta*m + (1 - beta)*u on every step once a
+        # bucket has a buffer, beta = 0 included (then m = u), so switching
+        # momentum off and on again resumes from the last u, as in the
+        # original optimizer.  A bucket gets its buffer when one of its
+        # arrays first has beta > 0.
+        self._momentum = np.zeros(len(self._params), dtype=bool)
         for b in self._buckets:
-            if self._momentum[b.slots].any():
+            if (self._beta[b.slots] > 0).any():
                 b.ensure_momentum()
+            self._momentum[b.slots] = b.has_momentum
         self._fast = self._make_fast()
         self._changes.dirty = False
 
@@ -294,7 +336,8 @@ class Expectigrad:
         b.set_coefficients(lr, self._beta, self._eps, self._t + 1, self._clipvalue,
                            self._clipnorm, np.ones(n, bool), self._sparse, self._momentum)
         beta = np.ascontiguousarray(self._beta, dtype=np.float64)
-        path = b.step_path(self._t, lr, beta, scalars, self.check_finite, self._bare, n)
+        path = b.step_path(self._t, lr, beta, scalars, self.check_finite, self._bare, n,
+                           self._step_counter)
         if path is None:
             return None
         entry, ctx_address, lock = path
@@ -333,8 +376,7 @@ class Expectigrad:
             if code >= 0:
                 self._raise_nonfinite(self._buckets[0], code)
             return False      # not located (or no loop): the general path deals with it
-        self.step_count += 1
-        return True
+        return True           # the kernel advanced the step counts and step_count
 
     def _lr_per_array(self, schedule_step=-1):
         """Each array's learning rate this step (float64); a schedule is
@@ -365,18 +407,21 @@ class Expectigrad:
         except TypeError:
             raise TypeError("step() takes a sequence of gradients, one per parameter "
                             f"({n}), got {type(grads).__name__}") from None
-        nested = len(self.param_groups) > 1 or (
-            grads and isinstance(grads[0], (list, tuple)))
-        if nested and len(grads) == len(self.param_groups) and all(
-                isinstance(g, (list, tuple)) for g in grads):
+        nested = len(grads) == len(self.param_groups) and all(
+            isinstance(g, (list, tuple)) for g in grads)
+        if nested and all(len(g) == size for g, size in zip(grads, self._group_sizes)):
+            grads = [g for group in grads for g in group]
+        elif nested and len(grads) != n:
             for gi, (g, size) in enumerate(zip(grads, self._group_sizes)):
                 if len(g) != size:
-                    raise ValueError(f"param group {gi} has {size} parameters but "
-                                     f"{len(g)} gradients were given for it")
-            grads = [g for group in grads for g in group]
+                    raise ValueError(
+                        f"param group {gi} has {size} parameters but {len(g)} gradients "
+                        "were given for it; pass one gradient per parameter, as one flat "
+                        "sequence or one sequence per param group")
         if len(grads) != n:
-            raise ValueError(f"expected {n} gradients (one per parameter), got "
-                             f"{len(grads)}")
+            raise ValueError(f"expected {n} gradients, one per parameter (a flat sequence "
+                             "in the order of the parameters, or one sequence per param "
+                             f"group), got {len(grads)}")
         return grads
 
     def step(self, grads):
@@ -392,11 +437,23 @@ class Expectigrad:
         ``FloatingPointError`` (with ``check_finite``) for NaN or infinity;
         in every case nothing has been modified.
         """
-        if self._changes.dirty:
-            self._refresh()
-        fast = self._fast
-        if fast is not None and self._step_fast(fast, grads):
-            return
+        lock = self._lock
+        lock.acquire()          # a save() or state_dict() from another thread waits
+        try:
+            if self._changes.dirty:
+                self._refresh()
+            fast = self._fast
+            if fast is not None and self._step_fast(fast, grads):
+                return
+            with interrupts_deferred():
+                self._step_general(grads)
+        finally:
+            lock.release()
+
+    def _step_general(self, grads):
+        """The route for everything the compiled one does not read where it
+        lies: gradients staged or cast here, several dtypes, the numpy and
+        cuda backends.  Checks every bucket before changing any."""
         grads = self._flatten_grads(grads)
         # Object addresses of the gradients: None is one object, so this gives
         # the active arrays, and the buckets locate the rest from it.
@@ -404,6 +461,12 @@ class Expectigrad:
         active = ids != _NONE_ID
         if not active.any():
             return
+        for i in np.flatnonzero(active).tolist():
+            p = self._params[i]
+            if isinstance(p, np.ndarray) and not p.flags.writeable:
+                raise ValueError(f"{self._names[i]} has been made read-only; parameters "
+                                 "are updated in place (set x.flags.writeable = True, or "
+                                 "pass None as its gradient); nothing was changed")
         single = len(self._buckets) == 1           # then its slots are 0..n-1
         for b in self._buckets:
             b.load_gradients(grads if single else [grads[i] for i in b.slots],
@@ -445,6 +508,7 @@ class Expectigrad:
         """All parameter arrays, group by group."""
         return list(self._params)
 
+    @_locked
     def state_dict(self):
         """Optimizer state as plain NumPy arrays and numbers (copies).
 
@@ -473,6 +537,7 @@ class Expectigrad:
             start += size
         return {"step": self.step_count, "state": state, "param_groups": groups}
 
+    @_locked
     def load_state_dict(self, state_dict):
         """Load ``state_dict()`` output; everything is checked before anything
         changes, and a mismatch raises ``ValueError`` naming what differs."""
@@ -483,8 +548,10 @@ class Expectigrad:
         except (KeyError, TypeError):
             raise ValueError("not an Expectigrad state dict: it needs 'step', "
                              "'state' and 'param_groups'") from None
-        if not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"state dict 'step' must be an integer >= 0, got {step!r}")
+        step = _step_number(step, "state dict 'step'")
+        if not isinstance(state, Mapping) or not isinstance(groups, (list, tuple)):
+            raise ValueError("not an Expectigrad state dict: 'state' must be a mapping "
+                             "and 'param_groups' a list")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(groups)} param groups, the "
                              f"optimizer has {len(self.param_groups)}")
@@ -511,9 +578,10 @@ class Expectigrad:
             where = f"state dict entry {i} ({self._names[i]})"
             if entry is None:
                 raise ValueError(f"{where} is missing")
-            t = entry.get("step")
-            if not isinstance(t, numbers.Integral) or t < 0:
-                raise ValueError(f"{where}: 'step' must be an integer >= 0, got {t!r}")
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{where} must be a mapping of 'step', 'mean_sq', ..., "
+                                 f"got {type(entry).__name__}")
+            t = _step_number(entry.get("step"), f"{where}: 'step'")
             arrays = {}
             needed = {"mean_sq": p.dtype}
             if self.param_groups[self._group_of[i]]["sparse_counter"]:
@@ -542,6 +610,7 @@ class Expectigrad:
                 self._t[i] = t
                 b.write_state(k, arrays, t)
         self.step_count = int(step)
+        self._mark_dirty()          # a loaded momentum buffer changes the flags
 
     def save(self, path, *, params=True):
         """Write a checkpoint to ``path`` atomically: parameters (unless
@@ -550,6 +619,7 @@ class Expectigrad:
         from .checkpoint import save
         save(self, path, params=params)
 
+    @_locked
     def load(self, path):
         """Restore a checkpoint written by ``save``; a truncated, corrupt or
         mismatched file raises ``ValueError`` naming it, with nothing changed."""
@@ -558,6 +628,9 @@ class Expectigrad:
 
     @staticmethod
     def _state_array(value, p, dtype, where, nonnegative=True):
+        """``value`` as a state array of ``dtype``: checked to be of the
+        parameter's shape, real, finite, within range of ``dtype`` (no
+        overflow to inf, no wrapped counts) and, where asked, >= 0."""
         a = np.asarray(value)
         dtype = np.dtype(dtype)
         if a.shape != p.shape:
@@ -568,6 +641,16 @@ class Expectigrad:
             raise ValueError(f"{where} holds NaN or infinity")
         if nonnegative and np.any(a < 0):
             raise ValueError(f"{where} holds negative values")
+        if a.size:
+            if dtype.kind == "f":
+                big = float(np.max(np.abs(a)))
+                if big > float(np.finfo(dtype).max):
+                    raise ValueError(f"{where} holds {big:.3g}, which overflows {dtype}")
+            else:
+                info = np.iinfo(dtype)
+                if int(np.max(a)) > info.max or int(np.min(a)) < info.min:
+                    raise ValueError(f"{where} holds values outside {dtype}'s range "
+                                     f"[{info.min}, {info.max}]")
         return a.astype(dtype)
 
     def __repr__(self):

@@ -77,14 +77,23 @@ class ParamGroup(MutableMapping):
     def __getitem__(self, key):
         return self._data[key]
 
+    def _checked_together(self, checked):
+        merged = {**self._data, **checked}
+        if "lr" in checked or "beta" in checked:
+            V.check_step_size_dtypes(merged["lr"], merged["beta"], merged["params"],
+                                     self._where)
+        return checked
+
     def __setitem__(self, key, value):
-        self._data[key] = self._checked(key, value)
+        checked = self._checked_together({key: self._checked(key, value)})
+        self._data.update(checked)
         self._changes.dirty = True
 
     def update(self, other=(), /, **kwargs):
         """Set several hyperparameters: all are checked before any changes."""
         items = dict(other, **kwargs)
-        checked = {key: self._checked(key, value) for key, value in items.items()}
+        checked = self._checked_together(
+            {key: self._checked(key, value) for key, value in items.items()})
         self._data.update(checked)
         self._changes.dirty = True
 

@@ -161,7 +161,8 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
     count : ndarray of uint32 like ``x``, or None
         Per-coordinate count of nonzero gradients (sparse counter only).
     momentum : ndarray like ``x``, or None
-        Outer momentum ``m`` (only when ``beta > 0``).
+        Outer momentum ``m``, updated on every step (``m = u`` when
+        ``beta == 0``); None: no momentum kept (``beta == 0`` throughout).
     t : int
         This array's step number, counting this step (t >= 1).
     lr : float
@@ -191,9 +192,9 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         mean_sq += increment
     u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0
 
-    if beta == 0.0:
+    if momentum is None:                                       # beta = 0, never momentum
         x -= dt(step_size(lr, beta, t)) * u
     else:
         momentum *= dt(beta)
-        momentum += dt(1.0 - beta) * u                         # outer momentum
+        momentum += dt(1.0 - beta) * u                         # outer momentum (= u if beta = 0)
         x -= dt(step_size(lr, beta, t)) * momentum             # bias-corrected

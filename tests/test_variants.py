@@ -59,9 +59,12 @@ def test_a_bucket_with_a_too_small_mask_still_steps_right(monkeypatch):
             assert np.array_equal(a, r)
 
 
-@pytest.mark.parametrize("change", [{"clipnorm": 0.1}, {"clipvalue": 0.05}, {"beta": 0.0}])
+@pytest.mark.parametrize("change,masks_seen", [({"clipnorm": 0.1}, 2), ({"clipvalue": 0.05}, 2),
+                                               ({"beta": 0.0}, 1)])
 @pytest.mark.parametrize("single", [True, False])
-def test_changed_hyperparameters_move_to_a_variant_with_their_loops(change, single):
+def test_changed_hyperparameters_move_to_a_variant_with_their_loops(change, masks_seen,
+                                                                    single):
+    """(beta 0 keeps the momentum loop: momentum follows m = u from then on.)"""
     rng = np.random.default_rng(3)
     sizes = [33] if single else [33, 5]
     xs = [rng.standard_normal(s).astype(np.float32) for s in sizes]
@@ -80,4 +83,4 @@ def test_changed_hyperparameters_move_to_a_variant_with_their_loops(change, sing
         masks.add(opt._buckets[0]._loops(np.inf))
         for a, r in zip(xs, ref):
             assert np.array_equal(a, r), (t, change)
-    assert len(masks) == 2
+    assert len(masks) == masks_seen

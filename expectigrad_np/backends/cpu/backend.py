@@ -44,9 +44,6 @@ def _address(a):
     return a.__array_interface__["data"][0] if a.size else 0
 
 
-_NOT_AN_ARRAY = object()        # what no gradient is
-
-
 class CpuBucket(Bucket):
     """Steps all arrays of the bucket with one call of a fused kernel.
 
@@ -70,7 +67,6 @@ class CpuBucket(Bucket):
         self.g_stage = [None] * len(self.params)
         self.g_addr = np.zeros(len(self.params), dtype=np.int64)
         self.g_addr_list = [0] * len(self.params)
-        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
         self.shape_table = _locate.shape_table(self.shapes)
         self.g_slow = np.zeros(len(self.params), dtype=np.bool_)
         self.g_flat = [None] * len(self.params)
@@ -100,7 +96,6 @@ class CpuBucket(Bucket):
         self.g_flat = [None] * len(self.params)
         self.g_addr[:] = 0
         self.g_addr_list = [0] * len(self.params)
-        self.g_last = [_NOT_AN_ARRAY] * len(self.params)
         self.ctx = None
         self._update_ctx()
 
@@ -116,7 +111,7 @@ class CpuBucket(Bucket):
         if bound is None or self.staged or not self.params:
             self.ctx = None
             return
-        steps, lr, beta, scalars, check, bare, n_items = bound
+        steps, lr, beta, scalars, check, bare, n_items, counter = bound
         if getattr(self, "ctx", None) is None:
             # Allocated once and then updated in place: its address is final.
             self.ctx = np.zeros(len(K.BUCKET_FIELDS), dtype=np.int64)
@@ -126,6 +121,7 @@ class CpuBucket(Bucket):
         # Scratch of the kernel: scale and sumsq per array, flags and squared
         # norms per chunk (float64 rows; the flags use 1 byte of 8).
         self._scratch = np.zeros(2 * len(self.params) + 2 * seg.size, np.float64)
+        self._param_ids = np.array([id(p) for p in self.params], np.int64)  # held: alive
         self._ctx_rows = (seg, lo, hi, ndims, dims, dims_start)     # kept alive
         row = {
             "x_addr": addr(self.x_addr), "g_addr": addr(self.g_addr),
@@ -140,30 +136,33 @@ class CpuBucket(Bucket):
             "n_items": n_items, "bare": int(bare), "ndarray_type": _NDARRAY,
             "descr": id(self.dtype), "ndims": addr(ndims), "dims": addr(dims),
             "dims_start": addr(dims_start), "list_type": id(list),
-            "tuple_type": id(tuple), "none": id(None), "scratch": addr(self._scratch)}
+            "tuple_type": id(tuple), "none": id(None), "scratch": addr(self._scratch),
+            "step_count": addr(counter), "param_objects": addr(self._param_ids)}
         self.ctx[:] = [row[name] for name in K.BUCKET_FIELDS]
 
-    def bind(self, steps, lr, beta, scalars, check, bare, n_items):
+    def bind(self, steps, lr, beta, scalars, check, bare, n_items, counter):
         """Give ``bucket_step`` the caller's rows, in bucket order: step
         counts (int64, incremented in place), learning rates and betas
         (float64, read each step), the float64 scalar row
         (``BUCKET_SCALARS``), the check_finite flag, whether the gradient is
         passed bare (a one-array optimizer), and how many items the
-        gradient sequence holds (``slots`` index into it).  Returns the
+        gradient sequence holds (``slots`` index into it), and the int64
+        row of the optimizer's step count (incremented too).  Returns the
         context row (its address never changes), or None where the entry
         does not apply (staged, non-contiguous parameters)."""
-        rows = (steps, lr, beta, scalars)
+        rows = (steps, lr, beta, scalars, counter)
         if not all(r.flags.c_contiguous for r in rows) or steps.dtype != np.int64 or \
                 lr.dtype != np.float64 or beta.dtype != np.float64 or \
                 scalars.dtype != np.float64 or scalars.size != len(K.BUCKET_SCALARS):
             raise TypeError("bind needs an int64 step row and float64 lr, beta and "
                             "scalar rows")
         self.slots64 = self.slots.astype(np.int64)
-        self._bound = (steps, lr, beta, scalars, bool(check), bool(bare), int(n_items))
+        self._bound = (steps, lr, beta, scalars, bool(check), bool(bare), int(n_items),
+                       counter)
         self._update_ctx()
         return self.ctx
 
-    def step_path(self, steps, lr, beta, scalars, check, bare, n_items):
+    def step_path(self, steps, lr, beta, scalars, check, bare, n_items, counter):
         """The compiled whole-step entry: ``(entry, ctx_address, lock)``, or
         None where it does not apply (see ``bind``), or where the kernels
         cannot read NumPy's array and sequence objects
@@ -179,7 +178,7 @@ class CpuBucket(Bucket):
         """
         if not _locate.layout_ok():
             return None
-        ctx = self.bind(steps, lr, beta, scalars, check, bare, n_items)
+        ctx = self.bind(steps, lr, beta, scalars, check, bare, n_items, counter)
         if ctx is None:
             return None
         parallel = self.total >= PARALLEL_MIN_SIZE
@@ -245,15 +244,10 @@ class CpuBucket(Bucket):
 
         The common case, a C-contiguous ndarray of the bucket's dtype and the
         parameter's shape, costs a few attribute checks and one
-        ``data_address`` call (about 0.4 µs), and nothing when it is the very
-        array object given last step (a reused gradient buffer: same memory,
-        dtype and shape); anything else goes through ``as_gradient`` and a
-        staging copy.
+        ``data_address`` call; anything else goes through ``as_gradient`` and
+        a staging copy.  Nothing is remembered from step to step: an array
+        whose shape was changed in place is checked like any other.
         """
-        last = self.g_last
-        if g is last[k] and g.dtype is self.dtype:
-            return self.g_addr_list[k]
-        last[k] = _NOT_AN_ARRAY
         if g is None:
             self.g_flat[k] = None
             return 0
@@ -269,8 +263,6 @@ class CpuBucket(Bucket):
             g = stage
         elif g.shape != self.shapes[k]:
             as_gradient(g, self.params[k], self.names[k])  # raises with the message
-        else:
-            last[k] = g             # used in place: skip it next time
         if g.ndim != 1:
             g = g.reshape(-1)
         self.g_flat[k] = g

@@ -51,7 +51,7 @@ from ..layout import (
 from .jit import OPTS as _OPTS
 from .jit import kernel as _kernel
 from .jit import twin as _twin
-from .locate import located_address, sequence_item
+from .locate import is_writeable, located_address, sequence_item
 from .loops import ALL_LOOPS, _first_pass, _has_loop, _scale, _update_span, loop_globals
 from .pointers import pointer_like as _pointer_like
 from .pointers import pointer_of as _pointer_of
@@ -219,10 +219,12 @@ BUCKET_FIELDS = (
     "mean_sq", "count", "momentum", "total", "count_size", "momentum_size",
     "coef", "flags", "n_arrays", "steps", "lr", "beta", "scalars", "check",
     "slots", "n_items", "bare", "ndarray_type", "descr", "ndims", "dims",
-    "dims_start", "list_type", "tuple_type", "none", "scratch")
+    "dims_start", "list_type", "tuple_type", "none", "scratch", "step_count",
+    "param_objects")
 (BX, BG, BOFF, BSEG, BLO, BHI, BNCH, BV, BN, BM, BTOTAL, BNSIZE, BMSIZE, BCOEF,
  BFLAGS, BNARR, BSTEPS, BLR, BBETA, BS, BCHECK, BSLOTS, BNITEMS, BBARE, BTYPE,
- BDESCR, BNDIMS, BDIMS, BDSTART, BLIST, BTUPLE, BNONE, BSCRATCH) = range(len(BUCKET_FIELDS))
+ BDESCR, BNDIMS, BDIMS, BDSTART, BLIST, BTUPLE, BNONE, BSCRATCH,
+ BSTEPCOUNT, BPARAMS) = range(len(BUCKET_FIELDS))
 # The float64 scalar row: global_clipnorm in, the bucket's squared norm out.
 BUCKET_SCALARS = ("global_clipnorm", "sumsq")
 # Return codes of ``bucket_step`` besides an array index (a non-finite
@@ -252,7 +254,9 @@ def _bucket_step(g_object, ctx_address, zero):
         c[INV_T] = 1 / t
 
     and the step is ``segments_step``'s (first pass, then the update).  On
-    success every active array's step count is incremented in place.
+    success every active array's step count, and the optimizer's, is
+    incremented in place: a step is one call, whole or not at all, which a
+    Python signal (Ctrl-C) cannot interrupt halfway.
 
     Returns ``BUCKET_STEPPED``; the index of a gradient holding NaN or
     infinity (with check_finite); ``BUCKET_NOT_LOCATED``; or
@@ -287,6 +291,8 @@ def _bucket_step(g_object, ctx_address, zero):
                                       dims[start:start + ndims[k]])
             if address < 0:
                 return BUCKET_NOT_LOCATED
+            if not is_writeable(carray(_pointer_of(ctx[BPARAMS], np.int64), n_arrays)[k]):
+                return BUCKET_NOT_LOCATED   # made read-only since: the general route says so
             flags[k, ACTIVE] = 1
             g_addr[k] = address
             n_active += 1
@@ -323,6 +329,7 @@ def _bucket_step(g_object, ctx_address, zero):
         return bad
     for k in range(n_arrays):
         steps[k] += flags[k, ACTIVE]
+    carray(_pointer_of(ctx[BSTEPCOUNT], np.int64), 1)[0] += 1
     return BUCKET_STEPPED
 
 

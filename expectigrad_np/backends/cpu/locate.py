@@ -36,7 +36,7 @@ from numba import carray, njit
 from .loading import load_without_refresh
 from .pointers import pointer_of as _pointer_of
 
-__all__ = ["layout_ok", "locate_arrays", "located_address", "sequence_item",
+__all__ = ["is_writeable", "layout_ok", "locate_arrays", "located_address", "sequence_item",
            "shape_table"]
 
 _OB_TYPE, _DATA, _ND, _DIMENSIONS, _STRIDES, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 56, 64
@@ -65,6 +65,14 @@ def located_address(p, ndarray_type, descr, ndim, dims):
 
 
 _OB_SIZE, _LIST_ITEMS, _TUPLE_ITEMS = 16, 24, 24
+_WRITEABLE = 0x0400                        # NPY_ARRAY_WRITEABLE
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def is_writeable(p):
+    """Whether the ndarray object at ``p`` (kept alive by the caller) is
+    writeable now."""
+    return (carray(_pointer_of(p + _FLAGS, np.int32), 1)[0] & _WRITEABLE) != 0
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -170,7 +178,12 @@ def _check_layout():
                    base[10:20], base.reshape(3, 20).T, base[::2], base.astype(np.float64),
                    np.frombuffer(b"\0" + base.tobytes(), np.float32, 7, 1), np.zeros(()),
                    np.zeros(3, np.uint8), base.view(np.recarray)]
-        return all(_reads_like_python(a) for a in samples) and _sequences_read_right()
+        frozen = np.zeros(3)
+        frozen.flags.writeable = False
+        flag = lambda a: bool(ctypes.c_int32.from_address(id(a) + _FLAGS).value  # noqa: E731
+                              & _WRITEABLE)
+        return (all(_reads_like_python(a) for a in samples) and _sequences_read_right()
+                and flag(base) and not flag(frozen))
     except Exception:       # any surprise: use the Python path
         return False
 
