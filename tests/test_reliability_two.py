@@ -1,0 +1,279 @@
+"""Second round of hostile input: each test names the promise it checks.
+(Param-group guards and freeing by ``del`` are in test_architecture.py.)"""
+import os
+import signal
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+import expectigrad_np as eg
+from expectigrad_np import schedules
+
+BACKENDS = ["cpu", "numpy"]
+
+
+def _state(opt):
+    sd = opt.state_dict()
+    return sd["step"], {i: {k: np.array(v) for k, v in e.items()}
+                        for i, e in sd["state"].items()}
+
+
+def _same_state(a, b):
+    assert a[0] == b[0]
+    for i in a[1]:
+        for k in a[1][i]:
+            assert np.array_equal(a[1][i][k], b[1][i][k]), (i, k)
+
+
+# --- momentum switched off and on (the original's m = beta*m + (1-beta)*u) ----
+
+def _original(x, grads, betas, lr=0.1, eps=1e-8):
+    """The original PyTorch optimizer's arithmetic, per step, with a
+    running sum and float counter (float64)."""
+    s = np.zeros_like(x)
+    n = np.zeros_like(x)
+    m = np.zeros_like(x)
+    for t, (g, beta) in enumerate(zip(grads, betas), 1):
+        s += g * g
+        n += np.sign(g * g)
+        u = np.where(n > 0, g / (eps + np.sqrt(s / np.maximum(n, 1))), 0.0)
+        m = beta * m + (1 - beta) * u
+        x = x - lr / (1 - beta ** t if beta > 0 else 1.0) * m
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_momentum_switched_off_and_on_follows_the_original(backend):
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(6) for _ in range(9)]
+    betas = [0.9, 0.9, 0.9, 0.0, 0.0, 0.9, 0.9, 0.5, 0.9]
+    x = np.zeros(6)
+    opt = eg.Expectigrad([x], lr=0.1, beta=betas[0], backend=backend)
+    for g, beta in zip(grads, betas):
+        opt.param_groups[0]["beta"] = beta
+        opt.step([g])
+    np.testing.assert_allclose(x, _original(np.zeros(6), grads, betas), rtol=1e-12)
+
+
+# --- interrupts ---------------------------------------------------------------
+
+def test_ctrl_c_during_a_two_dtype_step_is_delivered_after_it():
+    xs = [np.zeros(50), np.zeros(7, np.float32)]
+    opt = eg.Expectigrad(xs, lr=0.1)
+    bucket = opt._buckets[0]
+    real = type(bucket).step
+
+    def interrupted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)           # arrives mid-step
+        return out
+    bucket.step = interrupted.__get__(bucket)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step([np.ones(50), np.ones(7, np.float32)])
+    # The whole step happened: both arrays moved and every count advanced.
+    assert opt.step_count == 1
+    assert all(e["step"] == 1 for e in opt.state_dict()["state"].values())
+    assert np.all(xs[0] < 0) and np.all(xs[1] < 0)
+
+
+# --- threads: save while stepping ----------------------------------------------
+
+def test_save_while_another_thread_steps_writes_consistent_snapshots(tmp_path):
+    xs = [np.zeros(2_000_000, np.float32), np.zeros(3)]        # two buckets
+    opt = eg.Expectigrad(xs, lr=0.01)
+    stop = threading.Event()
+    gs = [np.ones(2_000_000, np.float32), np.ones(3)]
+
+    def stepper():
+        while not stop.is_set():
+            opt.step(gs)
+    th = threading.Thread(target=stepper)
+    th.start()
+    try:
+        for k in range(10):
+            path = tmp_path / f"c{k}.npz"
+            opt.save(path)
+            twin = eg.Expectigrad([np.zeros(2_000_000, np.float32), np.zeros(3)], lr=0.01)
+            twin.load(path)
+            steps = {e["step"] for e in twin.state_dict()["state"].values()}
+            assert steps == {twin.step_count}, (steps, twin.step_count)
+            counts = twin.state_dict()["state"][0]["count"]    # ones: count = steps
+            assert counts.min() == counts.max() == twin.step_count
+            # Parameters equal a run of exactly that many steps.
+            ref = eg.Expectigrad([np.zeros(3)], lr=0.01, backend="numpy")
+            for _ in range(twin.step_count):
+                ref.step([np.ones(3)])
+            np.testing.assert_array_equal(twin.params[1], ref.params[0])
+    finally:
+        stop.set()
+        th.join()
+
+
+# --- checkpoints -----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_d_parameters_round_trip_through_checkpoints(tmp_path, backend):
+    x = np.array(0.5)
+    opt = eg.Expectigrad([x, np.zeros(3)], backend=backend)
+    opt.step([np.array(1.0), np.ones(3)])
+    opt.save(tmp_path / "c.npz")
+    y = np.array(0.0)
+    twin = eg.Expectigrad([y, np.zeros(3)], backend=backend)
+    twin.load(tmp_path / "c.npz")
+    assert y == x
+    _same_state(_state(opt), _state(twin))
+
+
+def test_a_zip_bomb_member_is_not_inflated(tmp_path):
+    opt = eg.Expectigrad([np.zeros(4)])
+    opt.step([np.ones(4)])
+    path = tmp_path / "c.npz"
+    opt.save(path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        # An oversized member the metadata names: 64 MiB of zeros for 4 floats.
+        z.writestr("param_0x.npy", b"")
+    # Replace param_0 by a huge one: rebuild the archive.
+    rebuilt = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(rebuilt, "w",
+                                                       zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "param_0.npy":
+                header = data[:data.index(b"\n") + 1]
+                data = header + bytes(64 << 20)
+            dst.writestr(info.filename, data)
+    before = opt.params[0].copy()
+    with pytest.raises(ValueError, match="inflates to"):
+        opt.load(rebuilt)
+    assert np.array_equal(opt.params[0], before)
+
+
+def test_save_writes_through_a_symlink_and_refuses_special_files(tmp_path):
+    opt = eg.Expectigrad([np.zeros(4)])
+    opt.step([np.ones(4)])
+    target = tmp_path / "real.npz"
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    opt.save(link)
+    assert link.is_symlink() and target.is_file()
+    opt.save(os.fsencode(str(tmp_path / "bytes.npz")))        # bytes paths work
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        opt.save(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        opt.save(tmp_path)
+    eg.Expectigrad([np.zeros(4)]).load(link)
+
+
+def test_load_into_a_read_only_parameter_changes_nothing(tmp_path):
+    opt = eg.Expectigrad([np.zeros(4), np.zeros(2)])
+    opt.step([np.ones(4), np.ones(2)])
+    opt.save(tmp_path / "c.npz")
+    xs = [np.zeros(4), np.zeros(2)]
+    twin = eg.Expectigrad(xs)
+    xs[1].flags.writeable = False
+    before = _state(twin)
+    with pytest.raises(ValueError, match="read-only"):
+        twin.load(tmp_path / "c.npz")
+    _same_state(before, _state(twin))
+    assert not xs[0].any()
+
+
+# --- load_state_dict ranges --------------------------------------------------------
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd["state"][0].update(mean_sq=np.full(3, 1e300)), "overflows float32"),
+    (lambda sd: sd["state"][0].update(count=np.full(3, 2 ** 32 + 5)), "outside uint32"),
+    (lambda sd: sd.update(step=True), "integer"),
+    (lambda sd: sd["state"][0].update(step=2 ** 63 - 1), "integer in"),
+    (lambda sd: sd["state"].update({0: [1, 2]}), "must be a mapping"),
+    (lambda sd: sd.update(state=[1]), "must be a mapping"),
+])
+def test_load_state_dict_refuses_values_out_of_range(edit, match):
+    opt = eg.Expectigrad([np.zeros(3, np.float32)])
+    opt.step([np.ones(3, np.float32)])
+    sd = opt.state_dict()
+    edit(sd)
+    before = _state(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _same_state(before, _state(opt))
+
+
+# --- parameters and gradients -------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("several", [False, True])
+def test_a_parameter_made_read_only_after_construction_is_refused(backend, several):
+    xs = [np.zeros(5), np.zeros(3, np.float32)] if several else [np.zeros(5)]
+    opt = eg.Expectigrad(xs, backend=backend)
+    gs = [np.ones(5), np.ones(3, np.float32)] if several else [np.ones(5)]
+    opt.step(gs)
+    xs[0].flags.writeable = False
+    before = _state(opt)
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step(gs)
+    _same_state(before, _state(opt))
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_a_reused_gradient_whose_shape_changed_in_place_is_refused(several):
+    xs = [np.zeros((3, 4))] + ([np.zeros(2, np.float32)] if several else [])
+    opt = eg.Expectigrad(xs)
+    g = np.ones((3, 4))
+    rest = [np.ones(2, np.float32)] if several else []
+    opt.step([g] + rest)
+    g.shape = (12,)
+    with pytest.raises(ValueError, match=r"has shape \(12,\)"):
+        opt.step([g] + rest)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_arrays_and_matrices_are_refused(backend):
+    with pytest.raises(TypeError, match="masked array"):
+        eg.Expectigrad([np.ma.masked_array(np.zeros(3), [0, 1, 0])], backend=backend)
+    with pytest.raises(TypeError, match="numpy.matrix"):
+        eg.Expectigrad([np.asmatrix(np.zeros((2, 2)))], backend=backend)
+    opt = eg.Expectigrad([np.zeros(3)], backend=backend)
+    with pytest.raises(TypeError, match="masked array"):
+        opt.step([np.ma.masked_array(np.ones(3), [0, 1, 0])])
+    assert opt.step_count == 0
+
+
+def test_messages_say_what_to_do():
+    with pytest.raises(TypeError, match=r"np\.asarray\(values"):
+        eg.Expectigrad([[1.0, 2.0]])
+    w = np.zeros(3)
+    opt = eg.Expectigrad([w])
+    opt.step([[1.0, 2.0, 3.0]])               # one gradient, as a list: accepted
+    assert np.all(w < 0)
+    with pytest.raises(ValueError, match="one per parameter"):
+        eg.Expectigrad([np.zeros(3), np.zeros(2)]).step([np.ones(3)])
+
+
+# --- schedules and step sizes ---------------------------------------------------------
+
+@pytest.mark.parametrize("value,error", [("0.1", TypeError), (True, TypeError),
+                                         (10 ** 400, ValueError), (-1.0, ValueError)],
+                         ids=["string", "bool", "huge-int", "negative"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schedule_values_are_checked_like_constructor_values(value, error, backend):
+    x = np.zeros(3)
+    opt = eg.Expectigrad([x], lr=lambda step: value, backend=backend)
+    with pytest.raises(error, match="lr schedule returned"):
+        opt.step([np.ones(3)])
+    assert opt.step_count == 0 and not x.any()
+
+
+def test_a_step_size_that_overflows_the_dtype_is_refused():
+    with pytest.raises(ValueError, match="overflows float32"):
+        eg.Expectigrad([np.zeros(3, np.float32)], lr=3e38)
+    opt = eg.Expectigrad([np.zeros(3, np.float32)], lr=1e37, beta=0.0)
+    with pytest.raises(ValueError, match="overflows float32"):
+        opt.param_groups[0]["beta"] = 0.99
+    assert opt.param_groups[0]["beta"] == 0.0
+    eg.Expectigrad([np.zeros(3)], lr=3e38)            # fine in float64
+    assert schedules                                   # (module imported for the above)
