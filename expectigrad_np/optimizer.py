@@ -344,39 +344,20 @@ class Expectigrad:
         members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
         return entry, ctx_address, lock, lr, beta, scalars, schedules, members
 
-    def _step_fast(self, fast, grads):
-        """Step with one compiled call; False (and nothing done) when the
-        general path must handle ``grads``.
+    def _write_scheduled_lr(self, fast):
+        """Evaluate the schedules into the compiled route's float64 lr row.
 
-        The entry point reads ``grads`` where it lies: a list or tuple with
-        one C-contiguous, aligned ndarray (or None) per parameter, of its
-        dtype and shape, or the bare array of a one-array optimizer.
-        Anything else returns a code for the general path, which stages,
-        casts or says what is wrong.  A list is passed as a tuple copy, so
-        that no other thread can change it while the kernel reads it.
+        The route reads ``grads`` where it lies: a list or tuple with one
+        C-contiguous, aligned ndarray (or None) per parameter, of its dtype
+        and shape, or the bare array of a one-array optimizer.  Anything
+        else returns a code for the general route, which stages, casts or
+        says what is wrong.  A list is passed as a tuple copy, so that no
+        other thread can change it while the kernel reads it.
         """
-        entry, ctx_address, lock, lr, _, _, schedules, members = fast
-        if self._bare:
-            obj = grads
-        elif type(grads) is tuple:
-            obj = grads
-        elif type(grads) is list:
-            obj = tuple(grads)
-        else:
-            return False
+        lr, schedules, members = fast[3], fast[6], fast[7]
         for (gi, schedule), idx in zip(schedules, members):
             lr[idx] = V.check_scheduled_lr(schedule(self.step_count), self.step_count,
                                            f"param group {gi}: ")
-        if lock is None:
-            code = entry(id(obj), ctx_address, 0.0)
-        else:
-            with lock:
-                code = entry(id(obj), ctx_address, 0.0)
-        if code != -1:
-            if code >= 0:
-                self._raise_nonfinite(self._buckets[0], code)
-            return False      # not located (or no loop): the general path deals with it
-        return True           # the kernel advanced the step counts and step_count
 
     def _lr_per_array(self, schedule_step=-1):
         """Each array's learning rate this step (float64); a schedule is
@@ -437,18 +418,34 @@ class Expectigrad:
         ``FloatingPointError`` (with ``check_finite``) for NaN or infinity;
         in every case nothing has been modified.
         """
-        lock = self._lock
-        lock.acquire()          # a save() or state_dict() from another thread waits
-        try:
+        with self._lock:        # a save() or state_dict() from another thread waits
             if self._changes.dirty:
                 self._refresh()
             fast = self._fast
-            if fast is not None and self._step_fast(fast, grads):
-                return
+            if fast is not None:
+                # The compiled route, written out here: it is most of the
+                # time of a small step (see _step_fast for what it reads).
+                entry, ctx_address, lock, _, _, _, schedules, _ = fast
+                if self._bare or type(grads) is tuple:
+                    obj = grads
+                elif type(grads) is list:
+                    obj = tuple(grads)      # no other thread can change it meanwhile
+                else:
+                    obj = None
+                if obj is not None:
+                    if schedules:
+                        self._write_scheduled_lr(fast)
+                    if lock is None:
+                        code = entry(id(obj), ctx_address, 0.0)
+                    else:
+                        with lock:
+                            code = entry(id(obj), ctx_address, 0.0)
+                    if code == -1:
+                        return          # the kernel advanced every step count
+                    if code >= 0:
+                        self._raise_nonfinite(self._buckets[0], code)
             with interrupts_deferred():
                 self._step_general(grads)
-        finally:
-            lock.release()
 
     def _step_general(self, grads):
         """The route for everything the compiled one does not read where it
