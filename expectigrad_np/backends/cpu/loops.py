@@ -1,8 +1,9 @@
 """The element update, written once, and the first pass over gradients.
 
 ``_update_span`` updates one contiguous span of an array; it picks the loop
-its flags call for.  Every loop is ``_general_blocks`` or ``_uniform_blocks``
-with compile-time flags (clipping, counter, momentum, block size), so each
+its flags call for.  Every loop is ``_blocks``, the element update written
+once, with compile-time flags (clipping, counter, uniform counts, momentum,
+block size), so each
 combination compiles to its own vectorised loop.  Which combinations a
 compiled ``_update_span`` holds is itself a compile-time choice
 (``LOOPS``, see ``kernels.variant``): a bucket compiles only those its
@@ -83,17 +84,22 @@ def _addresses(x, g, v, n, m):
 
 
 @njit(inline="always", **_OPTS)
-def _general_blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch,
-                    clipping, sparse, momentum):
-    """Update ``count`` blocks of ``block`` elements from element ``lo``;
-    returns the hash of the next element.
+def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sparse,
+            momentum, uniform, now, before, w_t):
+    """The element update, written once: ``count`` blocks of ``block``
+    elements from element ``lo``.  Returns the hash of the next element and
+    (uniform loop) whether some gradient was zero.
 
     With the sparse counter an element is counted when its (clipped)
     gradient is not zero, and g**2 enters the mean with weight 1/count (0
-    when not counted); with the dense counter with weight 1/t.  Then the
-    momentum (when ``momentum``) and the parameter step.
+    when not counted); with the dense counter with weight 1/t.  In the
+    uniform loop (``uniform``: every count is ``before = t - 1``) a counted
+    element gets count ``now = t`` and weight ``w_t = 1/t``, with no
+    division.  Then the momentum (when ``momentum``) and the parameter step.
+    Every flag is a compile-time constant at every call.
     """
     step, beta, omb, eps, inv_t, clipvalue, one, zero = k
+    missed = False
     x_at, g_at, v_at, n_at, m_at = _addresses(x, g, v, n, m)
     for b in range(count):
         if prefetch and b + _AHEAD_BLOCKS < count:
@@ -103,7 +109,12 @@ def _general_blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch,
             i = lo + np.uint64(b * block + j)      # unsigned: no wraparound code
             gi = _clip(g[i], scale, clipvalue, clipping)
             g2 = gi * gi
-            if sparse:
+            if uniform:
+                counted = g2 != zero
+                missed = missed | (g2 == zero)
+                n[i] = now if counted else before
+                w = w_t if counted else zero
+            elif sparse:
                 counted = g2 != zero
                 cnt = _count_up(n[i], counted)
                 n[i] = cnt
@@ -117,21 +128,31 @@ def _general_blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch,
             else:
                 x[i] -= step * u
             h = _weyl_next(h)
-    return h
+    return h, missed
+
+
+@njit(inline="always", **_OPTS)
+def _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, uniform,
+                    now, before):
+    """Whole blocks (prefetching), then the rest one element at a time (a
+    block of one, which LLVM vectorises as a plain loop)."""
+    k = _coefficients(c)
+    w_t = k[6] / x.dtype.type(now)
+    block = _block(x)
+    whole = x.size // block
+    h, missed = _blocks(x, g, v, n, m, k, scale, h, np.uint64(0), whole, block, True,
+                        clipping, sparse, momentum, uniform, now, before, w_t)
+    _, missed_rest = _blocks(x, g, v, n, m, k, scale, h, np.uint64(whole * block),
+                             x.size - whole * block, 1, False, clipping, sparse, momentum,
+                             uniform, now, before, w_t)
+    return missed | missed_rest
 
 
 @njit(inline="always", **_OPTS)
 def _update_general(x, g, v, n, m, c, scale, h, clipping, sparse, momentum):
-    """The general loop: whole blocks (prefetching), then the rest one
-    element at a time (a block of one, which LLVM vectorises as a plain
-    loop)."""
-    k = _coefficients(c)
-    block = _block(x)
-    whole = x.size // block
-    h = _general_blocks(x, g, v, n, m, k, scale, h, np.uint64(0), whole, block, True,
-                        clipping, sparse, momentum)
-    _general_blocks(x, g, v, n, m, k, scale, h, np.uint64(whole * block),
-                    x.size - whole * block, 1, False, clipping, sparse, momentum)
+    """The general loop (``clipping``, ``sparse``, ``momentum`` constants)."""
+    _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, False,
+                    np.uint32(1), np.uint32(0))
 
 
 # --- the sparse counter while every count equals the step count ---------------
@@ -148,49 +169,11 @@ def _update_general(x, g, v, n, m, c, scale, h, clipping, sparse, momentum):
 # its time at 1e5 elements).
 
 @njit(inline="always", **_OPTS)
-def _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t, lo, count, block, prefetch,
-                    momentum):
-    """``_general_blocks`` for the uniform loop; returns the next hash and
-    whether some gradient was zero."""
-    step, beta, omb, eps, inv_t, clipvalue, one, zero = k
-    missed = False
-    x_at, g_at, v_at, n_at, m_at = _addresses(x, g, v, n, m)
-    for b in range(count):
-        if prefetch and b + _AHEAD_BLOCKS < count:
-            _prefetch_block(x_at, g_at, v_at, n_at, m_at, b + _AHEAD_BLOCKS, block,
-                            True, momentum)
-        for j in range(block):
-            i = lo + np.uint64(b * block + j)
-            gi = g[i]
-            g2 = gi * gi
-            counted = g2 != zero
-            missed = missed | (g2 == zero)
-            n[i] = now if counted else before
-            v[i], u = _adaptive(gi, g2, v[i], w_t if counted else zero, eps, h)
-            if momentum:
-                m[i] = beta * m[i] + omb * u
-                x[i] -= step * m[i]
-            else:
-                x[i] -= step * u
-            h = _weyl_next(h)
-    return h, missed
-
-
-@njit(inline="always", **_OPTS)
 def _update_uniform(x, g, v, n, m, c, h, t, momentum):
-    """The uniform loop, with momentum or not (``momentum`` a constant), in
-    blocks as ``_update_general``."""
-    k = _coefficients(c)
-    now, before = np.uint32(t), np.uint32(t - 1)
-    w_t = k[6] / x.dtype.type(now)
-    block = _block(x)
-    whole = x.size // block
-    h, missed = _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t, np.uint64(0),
-                                whole, block, True, momentum)
-    _, missed_rest = _uniform_blocks(x, g, v, n, m, k, h, now, before, w_t,
-                                     np.uint64(whole * block), x.size - whole * block,
-                                     1, False, momentum)
-    return missed | missed_rest
+    """The uniform loop, with momentum or not (``momentum`` a constant);
+    returns whether some gradient was zero."""
+    return _whole_and_rest(x, g, v, n, m, c, x.dtype.type(1), h, False, True, momentum,
+                           True, np.uint32(t), np.uint32(t - 1))
 
 
 # --- which loops a compiled span holds ------------------------------------------
