@@ -277,3 +277,32 @@ def test_a_step_size_that_overflows_the_dtype_is_refused():
     assert opt.param_groups[0]["beta"] == 0.0
     eg.Expectigrad([np.zeros(3)], lr=3e38)            # fine in float64
     assert schedules                                   # (module imported for the above)
+
+
+# --- gradients that overlap parameters ---------------------------------------------
+
+@pytest.mark.parametrize("route", ["compiled", "general"])
+@pytest.mark.parametrize("case", ["shifted view", "another parameter", "itself"])
+def test_a_gradient_overlapping_a_parameter_is_read_as_it_was(route, case):
+    """The result is that of a copied gradient, the numpy backend's."""
+    def build(backend):
+        buf = np.linspace(-1, 1, 4097)
+        other = np.linspace(0, 2, 4096)
+        params = [buf[1:], other]
+        if route == "general":
+            params.append(np.zeros(3, np.float32))     # a second dtype: general route
+        return buf, params, eg.Expectigrad(params, lr=0.1, backend=backend)
+
+    def grads(buf, params):
+        g = {"shifted view": buf[:-1], "another parameter": params[1],
+             "itself": params[0]}[case]
+        rest = [np.ones(3, np.float32)] if route == "general" else []
+        return [g, np.ones(4096)] + rest
+
+    buf, params, opt = build("cpu")
+    rbuf, rparams, ref = build("numpy")
+    for _ in range(3):
+        opt.step(grads(buf, params))
+        ref.step([np.array(g) for g in grads(rbuf, rparams)])
+    for a, b in zip(params, rparams):
+        assert np.array_equal(a, b)

@@ -64,6 +64,7 @@ class CpuBucket(Bucket):
                        for p, s in zip(self.params, self.x_stage)]
         self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
         self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
+        self._x_ranges()
         self.g_stage = [None] * len(self.params)
         self.g_addr = np.zeros(len(self.params), dtype=np.int64)
         self.g_addr_list = [0] * len(self.params)
@@ -93,6 +94,7 @@ class CpuBucket(Bucket):
                        for p, s in zip(self.params, self.x_stage)]
         self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
         self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
+        self._x_ranges()
         self.g_flat = [None] * len(self.params)
         self.g_addr[:] = 0
         self.g_addr_list = [0] * len(self.params)
@@ -137,7 +139,9 @@ class CpuBucket(Bucket):
             "descr": id(self.dtype), "ndims": addr(ndims), "dims": addr(dims),
             "dims_start": addr(dims_start), "list_type": id(list),
             "tuple_type": id(tuple), "none": id(None), "scratch": addr(self._scratch),
-            "step_count": addr(counter), "param_objects": addr(self._param_ids)}
+            "step_count": addr(counter), "param_objects": addr(self._param_ids),
+            "x_lo": addr(self.x_lo), "x_hi": addr(self.x_hi),
+            "itemsize": self.dtype.itemsize}
         self.ctx[:] = [row[name] for name in K.BUCKET_FIELDS]
 
     def bind(self, steps, lr, beta, scalars, check, bare, n_items, counter):
@@ -234,10 +238,39 @@ class CpuBucket(Bucket):
             if n_slow:
                 for k in np.flatnonzero(self.g_slow).tolist():
                     self.g_addr[k] = self.g_addr_list[k] = self._load_one(k, grads[k])
-            return
-        for k, g in enumerate(grads):
-            self.g_addr_list[k] = self._load_one(k, g)
-        self.g_addr[:] = self.g_addr_list
+        else:
+            for k, g in enumerate(grads):
+                self.g_addr_list[k] = self._load_one(k, g)
+            self.g_addr[:] = self.g_addr_list
+        self._unalias(grads)
+
+    def _x_ranges(self):
+        """The byte ranges the kernels write parameters to, sorted (they do
+        not overlap: parameters share no memory)."""
+        nbytes = np.array([x.size for x in self.x_flat], np.int64) * self.dtype.itemsize
+        order = np.argsort(self.x_addr, kind="stable")
+        self.x_lo = np.ascontiguousarray(self.x_addr[order])
+        self.x_hi = np.ascontiguousarray(self.x_addr[order] + nbytes[order])
+        self.nbytes = nbytes
+
+    def _unalias(self, grads):
+        """Stage every gradient whose memory overlaps a parameter of the
+        bucket (a view of the same buffer, or another parameter): the step
+        then reads the gradient as it was, not as the update rewrites it."""
+        g_lo = self.g_addr
+        g_hi = g_lo + self.nbytes
+        j = np.searchsorted(self.x_lo, g_hi, side="left") - 1
+        hit = (j >= 0) & (self.nbytes > 0) & (g_lo != 0)
+        hit &= self.x_hi[np.maximum(j, 0)] > g_lo
+        for k in np.flatnonzero(hit).tolist():
+            stage = self.g_stage[k]
+            if stage is not None and self.g_addr[k] == _address(stage):
+                continue                            # already a private copy
+            if stage is None:
+                stage = self.g_stage[k] = np.empty(self.shapes[k], self.dtype)
+            np.copyto(stage, np.asarray(grads[k], dtype=self.dtype).reshape(self.shapes[k]))
+            self.g_flat[k] = stage.reshape(-1)
+            self.g_addr[k] = self.g_addr_list[k] = K.data_address(self.g_flat[k])
 
     def _load_one(self, k, g):
         """Validate gradient ``k`` and return the address to read it from.

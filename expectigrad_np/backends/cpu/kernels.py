@@ -220,16 +220,38 @@ BUCKET_FIELDS = (
     "coef", "flags", "n_arrays", "steps", "lr", "beta", "scalars", "check",
     "slots", "n_items", "bare", "ndarray_type", "descr", "ndims", "dims",
     "dims_start", "list_type", "tuple_type", "none", "scratch", "step_count",
-    "param_objects")
+    "param_objects", "x_lo", "x_hi", "itemsize")
 (BX, BG, BOFF, BSEG, BLO, BHI, BNCH, BV, BN, BM, BTOTAL, BNSIZE, BMSIZE, BCOEF,
  BFLAGS, BNARR, BSTEPS, BLR, BBETA, BS, BCHECK, BSLOTS, BNITEMS, BBARE, BTYPE,
  BDESCR, BNDIMS, BDIMS, BDSTART, BLIST, BTUPLE, BNONE, BSCRATCH,
- BSTEPCOUNT, BPARAMS) = range(len(BUCKET_FIELDS))
+ BSTEPCOUNT, BPARAMS, BXLO, BXHI, BITEM) = range(len(BUCKET_FIELDS))
 # The float64 scalar row: global_clipnorm in, the bucket's squared norm out.
 BUCKET_SCALARS = ("global_clipnorm", "sumsq")
 # Return codes of ``bucket_step`` besides an array index (a non-finite
 # gradient: refused) and SEGMENTS_NO_LOOP.  Nothing is written unless STEPPED.
 BUCKET_STEPPED, BUCKET_NOT_LOCATED = -1, -3
+
+
+@njit(inline="always", **_OPTS)
+def _overlaps_a_parameter(address, ctx, k, n_arrays):
+    """Whether gradient ``k`` (at ``address``) shares bytes with a parameter
+    of the bucket: a binary search in the sorted, disjoint parameter byte
+    ranges ``x_lo``/``x_hi``."""
+    offsets = carray(_pointer_of(ctx[BOFF], np.int64), n_arrays + 1)
+    nbytes = (offsets[k + 1] - offsets[k]) * ctx[BITEM]
+    if nbytes == 0:
+        return False
+    lo_row = carray(_pointer_of(ctx[BXLO], np.int64), n_arrays)
+    hi_row = carray(_pointer_of(ctx[BXHI], np.int64), n_arrays)
+    end = address + nbytes
+    a, b = 0, n_arrays                  # the last range starting before ``end``
+    while a < b:
+        mid = (a + b) // 2
+        if lo_row[mid] < end:
+            a = mid + 1
+        else:
+            b = mid
+    return a > 0 and hi_row[a - 1] > address
 
 
 def _bucket_step(g_object, ctx_address, zero):
@@ -293,6 +315,8 @@ def _bucket_step(g_object, ctx_address, zero):
                 return BUCKET_NOT_LOCATED
             if not is_writeable(carray(_pointer_of(ctx[BPARAMS], np.int64), n_arrays)[k]):
                 return BUCKET_NOT_LOCATED   # made read-only since: the general route says so
+            if _overlaps_a_parameter(address, ctx, k, n_arrays):
+                return BUCKET_NOT_LOCATED   # the general route stages it
             flags[k, ACTIVE] = 1
             g_addr[k] = address
             n_active += 1
