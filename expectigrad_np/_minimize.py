@@ -110,6 +110,10 @@ def _bounds_arrays(bounds, x):
         lo, hi = lo.reshape(x.shape), hi.reshape(x.shape)
     if np.isnan(lo).any() or np.isnan(hi).any():
         raise ValueError("bounds hold NaN")
+    if np.any(lo == np.inf) or np.any(hi == -np.inf):
+        i = int(np.flatnonzero((lo == np.inf) | (hi == -np.inf))[0])
+        raise ValueError(f"bounds at element {i} ({lo.flat[i]!r}, {hi.flat[i]!r}) "
+                         "admit no finite value; use None or -inf/inf for no bound")
     if np.any(lo > hi):
         i = int(np.flatnonzero(lo > hi)[0])
         raise ValueError(f"bounds are empty at element {i}: lower "
@@ -169,6 +173,9 @@ class _Objective:
 
     @staticmethod
     def _scalar(f):
+        if isinstance(f, (str, bytes)) or np.asarray(f).dtype.kind not in "fiub":
+            raise ValueError("the objective must return a real scalar, got "
+                             f"{type(f).__name__} {f!r:.40}")
         try:
             return float(np.asarray(f).item())
         except (TypeError, ValueError):
@@ -386,6 +393,8 @@ def _gradient_norm(g, norm, x=None, box=None):
     gmax = float(np.max(np.abs(g))) if g is not None else math.nan
     if not math.isfinite(gmax):
         return False, gmax
+    if x is not None and gmax > float(np.finfo(x.dtype).max):
+        return False, math.inf      # finite here, but not in x's dtype (float32 x0)
     if box is not None:
         g = np.where(((x <= box[0]) & (g > 0)) | ((x >= box[1]) & (g < 0)), 0, g)
         gmax = float(np.max(np.abs(g)))

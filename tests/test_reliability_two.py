@@ -306,3 +306,21 @@ def test_a_gradient_overlapping_a_parameter_is_read_as_it_was(route, case):
         ref.step([np.array(g) for g in grads(rbuf, rparams)])
     for a, b in zip(params, rparams):
         assert np.array_equal(a, b)
+
+
+# --- minimize ---------------------------------------------------------------------
+
+def test_minimize_ends_cleanly_on_a_gradient_too_large_for_float32():
+    x0 = np.ones(3, np.float32)
+    r = eg.minimize(lambda x: float(np.sum(x * x)), x0,
+                    jac=lambda x: np.full(3, 1e39), maxiter=5)
+    assert r.status == 3 and not r.success
+    assert np.array_equal(r.x, x0)
+
+
+def test_minimize_refuses_a_string_objective_and_bounds_with_no_finite_value():
+    with pytest.raises(ValueError, match="real scalar"):
+        eg.minimize(lambda x: "3", np.ones(3), jac=lambda x: x)
+    with pytest.raises(ValueError, match="admit no finite value"):
+        eg.minimize(lambda x: float(x @ x), np.ones(2), jac=lambda x: 2 * x,
+                    bounds=[(np.inf, np.inf), (None, None)])
