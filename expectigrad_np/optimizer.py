@@ -90,12 +90,14 @@ class Expectigrad:
     sparse_counter : bool, default True
         Count only nonzero gradients (True) or every step (False).
     clipvalue : float > 0 or None
-        Clip each gradient element to ``[-clipvalue, clipvalue]``.
+        Clip each gradient element to ``[-clipvalue, clipvalue]`` (first).
     clipnorm : float > 0 or None
-        Rescale each gradient array whose L2 norm exceeds ``clipnorm``.
+        Rescale each (value-clipped) gradient array whose L2 norm exceeds
+        ``clipnorm``.
     global_clipnorm : float > 0 or None
         Rescale all gradients together when their joint L2 norm (after
-        ``clipnorm``) exceeds this.  Value clipping comes last.
+        ``clipvalue`` and ``clipnorm``) exceeds this: the original project's
+        order.
     check_finite : bool, default True
         Refuse a step whose gradients hold NaN or infinity with
         ``FloatingPointError``, before anything changes.

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["add_stochastically_rounded", "clip_gradient", "dither", "dither_offset",
+__all__ = ["add_stochastically_rounded", "clip_gradient", "clip_value", "dither", "dither_offset",
            "expectigrad_update", "power_of_two_in", "step_size", "weyl"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -132,17 +132,24 @@ def add_stochastically_rounded(a, b, t):
         return a + (b + dither_offset(a, t))
 
 
-def clip_gradient(g, scale=1.0, clipvalue=np.inf):
-    """``clip(g * scale, -clipvalue, clipvalue)`` as a new array.
-
-    ``scale`` is the norm-clipping factor ``min(1, clipnorm / ||g||)`` (and its
-    global counterpart); value clipping comes after it.
-    """
+def clip_value(g, clipvalue=np.inf):
+    """``clip(g, -clipvalue, clipvalue)`` as a new array (in ``g``'s dtype)."""
     dt = g.dtype.type
     out = np.array(g, copy=True)
-    out *= dt(scale)
     if np.isfinite(clipvalue):
         np.clip(out, dt(-clipvalue), dt(clipvalue), out=out)
+    return out
+
+
+def clip_gradient(g, scale=1.0, clipvalue=np.inf):
+    """``clip(g, -clipvalue, clipvalue) * scale`` as a new array.
+
+    The order of the original project: value clipping first, then the
+    norm-clipping factor ``scale = min(1, clipnorm / ||clip(g)||)`` times its
+    global counterpart (norms of the value-clipped gradients).
+    """
+    out = clip_value(g, clipvalue)
+    out *= g.dtype.type(scale)
     return out
 
 

@@ -324,3 +324,26 @@ def test_minimize_refuses_a_string_objective_and_bounds_with_no_finite_value():
     with pytest.raises(ValueError, match="admit no finite value"):
         eg.minimize(lambda x: float(x @ x), np.ones(2), jac=lambda x: 2 * x,
                     bounds=[(np.inf, np.inf), (None, None)])
+
+
+# --- clipping order -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipping_order_is_value_then_norm_then_global(backend):
+    """The original TF2 optimizer's order: clip by value, then each array's
+    norm, then the global norm (of the value-clipped gradients)."""
+    g = [np.array([3.0, -0.5, 4.0]), np.array([0.2, 10.0])]
+    xs = [np.zeros(3), np.zeros(2)]
+    opt = eg.Expectigrad(xs, lr=1.0, beta=0.0, clipvalue=1.0, clipnorm=1.2,
+                         global_clipnorm=1.5, backend=backend)
+    opt.step(g)
+    # By hand: value, per-array norm, global norm; first step u = sign(g).
+    gv = [np.clip(a, -1, 1) for a in g]
+    gn = [a * min(1.0, 1.2 / np.linalg.norm(a)) for a in gv]
+    total = np.sqrt(sum(np.sum(a * a) for a in gn))
+    gg = [a * min(1.0, 1.5 / total) for a in gn]
+    means = [a * a for a in gg]
+    for x, a, ms in zip(xs, gg, means):
+        np.testing.assert_allclose(x, -a / (1e-8 + np.sqrt(ms)), rtol=1e-12)
+    np.testing.assert_allclose(opt.state_dict()["state"][1]["mean_sq"], means[1],
+                               rtol=1e-12)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._validation import as_gradient
-from ..reference import clip_gradient, expectigrad_update
+from ..reference import clip_gradient, clip_value, expectigrad_update
 from . import layout as L
 from .base import Bucket
 
@@ -39,8 +39,9 @@ class NumpyBucket(Bucket):
                 continue
             if check and not np.all(np.isfinite(g)):
                 return k, None
+            gc = clip_value(g, self.coef[k, L.CLIPVALUE])   # value clipping first
             with np.errstate(over="ignore"):     # an inf norm clips to zero, as on the CPU
-                sumsq.append(float(np.sum(np.square(g, dtype=np.float64))))
+                sumsq.append(float(np.sum(np.square(gc, dtype=np.float64))))
         return -1, sumsq
 
     def _scales(self, sumsq, global_clipnorm, other_sumsq):

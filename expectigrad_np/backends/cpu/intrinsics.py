@@ -201,11 +201,12 @@ def _adaptive(g, g2, mean_sq, weight, eps, h):
 
 @njit(**_OPTS)
 def _clip(g, scale, clipvalue, clipping):
-    """``clip(g * scale, -clipvalue, clipvalue)``; just ``g`` when
+    """``clip(g, -clipvalue, clipvalue) * scale``: value clipping first, then
+    the norm-clipping factor, as in the original project; just ``g`` when
     ``clipping`` is False (then ``scale == 1`` and ``clipvalue == inf``, so
     the result is the same).  Callers pass ``clipping`` as a constant, so
     each loop is compiled twice and the unclipped one has no clipping
     instructions (three vector operations of about forty)."""
     if clipping:
-        return min(max(g * scale, -clipvalue), clipvalue)
+        return min(max(g, -clipvalue), clipvalue) * scale
     return g

@@ -85,7 +85,7 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     sumsq = 0.0
     needs_norm = c[CLIPNORM] < np.inf or global_clipnorm < np.inf
     if check or needs_norm:
-        nonfinite, sumsq = _first_pass(g, needs_norm)
+        nonfinite, sumsq = _first_pass(g, needs_norm, c[CLIPVALUE])
         if check and nonfinite != 0:
             return NONFINITE, sumsq
         if needs_norm:
@@ -163,7 +163,8 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             if flags[k, ACTIVE]:
                 size = offsets[k + 1] - offsets[k]
                 g = carray(_pointer_like(g_addr[k], v), size)
-                nonfinite, sq = _first_pass(g[chunk_lo[j]:chunk_hi[j]], needs_norm)
+                nonfinite, sq = _first_pass(g[chunk_lo[j]:chunk_hi[j]], needs_norm,
+                                            coef[k, CLIPVALUE])
                 chunk_bad[j] = nonfinite != 0
                 chunk_sq[j] = sq
             else:

@@ -268,10 +268,13 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
 
 
 @njit(inline="always", **_OPTS)
-def _span_sums(g, norm):
+def _span_sums(g, norm, clip, clipvalue):
     """(sum of g*0, sum of g**2 in float64, or 0.0 without ``norm``) over
-    a span; the body of ``_span_stats`` and ``_span_nonfinite``, which set
-    ``norm`` as a constant and compile it with reassociation.
+    a span; the body of ``_span_stats``, ``_span_stats_clipped`` and
+    ``_span_nonfinite``, which set ``norm`` and ``clip`` as constants and
+    compile it with reassociation.  With ``clip`` the squares are those of
+    ``clip(g, -clipvalue, clipvalue)``: value clipping comes before the norms,
+    as in the original project.
 
     ``g * 0`` is NaN exactly where ``g`` is NaN or infinite, so the first sum
     is zero iff the span is finite.  The span is read as four interleaved
@@ -295,35 +298,55 @@ def _span_sums(g, norm):
     for i in range(q):
         nonfinite += (a[i] * zero + b[i] * zero) + (c[i] * zero + d[i] * zero)
         if norm:
-            ga, gb = np.float64(a[i]), np.float64(b[i])
-            gc, gd = np.float64(c[i]), np.float64(d[i])
+            ga = np.float64(_clip_value(a[i], clipvalue, clip))
+            gb = np.float64(_clip_value(b[i], clipvalue, clip))
+            gc = np.float64(_clip_value(c[i], clipvalue, clip))
+            gd = np.float64(_clip_value(d[i], clipvalue, clip))
             sumsq += (ga * ga + gb * gb) + (gc * gc + gd * gd)
     for i in range(4 * q, g.size):
         nonfinite += g[i] * zero
         if norm:
-            gi = np.float64(g[i])
+            gi = np.float64(_clip_value(g[i], clipvalue, clip))
             sumsq += gi * gi
     return nonfinite, sumsq
+
+
+@njit(inline="always", **_OPTS)
+def _clip_value(g, clipvalue, clip):
+    """``clip(g, -clipvalue, clipvalue)`` when ``clip`` (a constant), else ``g``."""
+    if clip:
+        return min(max(g, -clipvalue), clipvalue)
+    return g
 
 
 @_kernel(fastmath={"reassoc"})
 def _span_stats(g):
     """(sum of g*0, sum of g**2 in float64) over a span: zero first sum iff
     the span is finite (see ``_span_sums``)."""
-    return _span_sums(g, True)
+    return _span_sums(g, True, False, g.dtype.type(0))
+
+
+@_kernel(fastmath={"reassoc"})
+def _span_stats_clipped(g, clipvalue):
+    """``_span_stats`` of ``clip(g, -clipvalue, clipvalue)`` (the NaN test
+    on ``g`` itself)."""
+    return _span_sums(g, True, True, clipvalue)
 
 
 @_kernel(fastmath={"reassoc"})
 def _span_nonfinite(g):
     """(sum of g*0, 0.0) over a span: ``_span_stats`` without the squared
     norm, for a step that checks but does not clip by norm."""
-    return _span_sums(g, False)
+    return _span_sums(g, False, False, g.dtype.type(0))
 
 
 @njit(inline="always", **_OPTS)
-def _first_pass(g, norm):
-    """``_span_stats(g)`` when a norm is needed, else ``_span_nonfinite(g)``."""
+def _first_pass(g, norm, clipvalue):
+    """``_span_stats(g)`` when a norm is needed (of the value-clipped
+    gradient when ``clipvalue`` is finite), else ``_span_nonfinite(g)``."""
     if norm:
+        if clipvalue < np.inf:
+            return _span_stats_clipped(g, clipvalue)
         return _span_stats(g)
     return _span_nonfinite(g)
 

@@ -3,7 +3,7 @@
 The per-element math is that of ``backends/cpu/kernels.py`` and ``reference.py``,
 operation for operation (see ``reference.py`` for the equations)::
 
-    g  = clip(g * scale, -clipvalue, clipvalue)
+    g  = clip(g, -clipvalue, clipvalue) * scale   (value, then norms)
     n <- n + [g**2 != 0]                 (sparse counter; w = 1/n or 0)
     w  = 1 / t                           (dense counter)
     v <- v + (g**2 - v) * w              running mean of g**2 (= s / n)
@@ -198,7 +198,7 @@ def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
                  counter, check, global_clipnorm, other_sumsq):
     """First pass: non-finite check, squared norms, clipping factors.
 
-    Writes ``sumsq[k] = sum(g_k**2)``, ``scale[k] = min(1, clipnorm_k /
+    Writes ``sumsq[k] = sum(clip(g_k)**2)`` (value clipping first), ``scale[k] = min(1, clipnorm_k /
     ||g_k||) * min(1, global_clipnorm / sqrt(total + other_sumsq))`` with
     ``total = sum_k sumsq[k] * min(1, clipnorm_k / ||g_k||)**2``, and
     ``result = [first array with a NaN/inf gradient (if check) or -1,
@@ -220,10 +220,14 @@ def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
         acc_nf = zero
         if table[k, ACTIVE] != zero:
             ga = addr[k, 1]
+            clipvalue = table[k, CLIPVALUE]
             for i in range(chunk_lo[c] + tid, chunk_hi[c], THREADS):
                 gi = _load(ga, i, scale)
                 acc_nf += gi * zero
-                acc_sq += gi * gi
+                # Norms of the value-clipped gradient (the original's order).
+                gc = -clipvalue if -clipvalue > gi else gi
+                gc = clipvalue if clipvalue < gc else gc
+                acc_sq += gc * gc
         sq[tid] = acc_sq
         nf[tid] = acc_nf
         cuda.syncthreads()
@@ -360,9 +364,10 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
         base = offsets[k]
         for i in range(chunk_lo[c] + tid, chunk_hi[c], stride):
             j = base + i
-            gi = _load(ga, i, v) * s
+            gi = _load(ga, i, v)
             gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
             gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
+            gi = gi * s                                     # then the norm factor
             g2 = gi * gi
             if sparse:
                 counted = g2 != zero
