@@ -55,13 +55,9 @@ def _count_up(typingctx, count, counted):
 # alone leave the fused update 10-15 % slower than a kernel of the same
 # traffic and trivial arithmetic on arrays beyond the caches: its divisions
 # and square root keep the core busy, fewer loads are in flight, and the
-# arrays arrive late.  Measured in a standalone copy of the float32 loop at
-# 1e7 elements, two threads, against the same-traffic kernel (medians of
-# interleaved blocks): 1.12-1.16x without prefetching; 256-byte blocks, 512
-# bytes ahead, every line: 0.99-1.02x; one line in two: 1.06-1.10x; bursts of
-# 40 lines (1 KiB blocks): 1.46-1.49x.  float64, 256-byte blocks: 1.09-1.10x
-# -> 1.02-1.03x.  At 1e4 to 1e6 elements the blocked loops take the time the
-# plain ones did.
+# arrays arrive late.  Prefetching every line two small blocks ahead keeps
+# them coming; fewer lines, or larger bursts, did worse.  The bench's 1e7
+# rows against the same-traffic kernel are the measure (README table).
 BLOCK_BYTES = 256
 PREFETCH_AHEAD_BYTES = 512
 _AHEAD_BLOCKS = PREFETCH_AHEAD_BYTES // BLOCK_BYTES
