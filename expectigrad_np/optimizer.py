@@ -358,8 +358,21 @@ class Expectigrad:
         """
         lr, schedules, members = fast[3], fast[6], fast[7]
         for (gi, schedule), idx in zip(schedules, members):
-            lr[idx] = V.check_scheduled_lr(schedule(self.step_count), self.step_count,
-                                           f"param group {gi}: ")
+            lr[idx] = self._scheduled_lr(gi, schedule)
+
+    def _scheduled_lr(self, gi, schedule):
+        """Group ``gi``'s schedule at ``step_count``, checked like a
+        constructor value and against the largest step size its parameters'
+        dtypes can hold (``lr / (1 - beta)``)."""
+        where = f"param group {gi}: "
+        value = V.check_scheduled_lr(schedule(self.step_count), self.step_count, where)
+        group = self.param_groups[gi]
+        try:
+            V.check_step_size_dtypes(value, group["beta"], group["params"], where)
+        except ValueError as exc:
+            raise ValueError(f"{where}lr schedule returned {value!r} at step "
+                             f"{self.step_count}: {str(exc)[len(where):]}") from None
+        return value
 
     def _lr_per_array(self, schedule_step=-1):
         """Each array's learning rate this step (float64); a schedule is
@@ -371,8 +384,7 @@ class Expectigrad:
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             if callable(lr):
-                lr = 0.0 if schedule_step is None else V.check_scheduled_lr(
-                    lr(self.step_count), self.step_count, f"param group {gi}: ")
+                lr = 0.0 if schedule_step is None else self._scheduled_lr(gi, lr)
             lrs.append(lr)
         return np.asarray(lrs, dtype=np.float64)[self._group_of]
 

@@ -347,3 +347,16 @@ def test_clipping_order_is_value_then_norm_then_global(backend):
         np.testing.assert_allclose(x, -a / (1e-8 + np.sqrt(ms)), rtol=1e-12)
     np.testing.assert_allclose(opt.state_dict()["state"][1]["mean_sq"], means[1],
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("several", [False, True])
+def test_a_scheduled_step_size_that_overflows_the_dtype_is_refused(backend, several):
+    xs = [np.zeros(3, np.float32)] + ([np.zeros(2)] if several else [])
+    opt = eg.Expectigrad(xs, lr=lambda step: 3e38 if step >= 1 else 1e-3, backend=backend)
+    gs = [np.ones(3, np.float32)] + ([np.ones(2)] if several else [])
+    opt.step(gs)
+    before = _state(opt)
+    with pytest.raises(ValueError, match="lr schedule returned 3e.*overflows float32"):
+        opt.step(gs)
+    _same_state(before, _state(opt))
