@@ -436,6 +436,7 @@ class Expectigrad:
             if self._changes.dirty:
                 self._refresh()
             fast = self._fast
+            lr_now = None
             if fast is not None:
                 # The compiled route, written out here: it is most of the
                 # time of a small step (see _step_fast for what it reads).
@@ -449,6 +450,7 @@ class Expectigrad:
                 if obj is not None:
                     if schedules:
                         self._write_scheduled_lr(fast)
+                        lr_now = fast[3]    # the general route must not call them again
                     if lock is None:
                         code = entry(id(obj), ctx_address, 0.0)
                     else:
@@ -459,9 +461,9 @@ class Expectigrad:
                     if code >= 0:
                         self._raise_nonfinite(self._buckets[0], code)
             with interrupts_deferred():
-                self._step_general(grads)
+                self._step_general(grads, lr_now)
 
-    def _step_general(self, grads):
+    def _step_general(self, grads, lr_now=None):
         """The route for everything the compiled one does not read where it
         lies: gradients staged or cast here, several dtypes, the numpy and
         cuda backends.  Checks every bucket before changing any."""
@@ -482,7 +484,7 @@ class Expectigrad:
         for b in self._buckets:
             b.load_gradients(grads if single else [grads[i] for i in b.slots],
                              ids if single else ids[b.slots])
-        lr = self._lr_per_array()
+        lr = self._lr_per_array() if lr_now is None else lr_now
         t_new = self._t + active
         for b in self._buckets:
             s = slice(None) if single else b.slots     # a view, not a gathered copy

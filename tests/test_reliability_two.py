@@ -360,3 +360,27 @@ def test_a_scheduled_step_size_that_overflows_the_dtype_is_refused(backend, seve
     with pytest.raises(ValueError, match="lr schedule returned 3e.*overflows float32"):
         opt.step(gs)
     _same_state(before, _state(opt))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_swapped_parameters_as_gradients_agree_across_backends(dtype):
+    """Each gradient is the other parameter: both backends read them as they
+    were at the call (found by a hostile pass: numpy read an updated one)."""
+    results = []
+    for backend in BACKENDS:
+        ps = [np.linspace(-1, 1, 7).astype(dtype), np.linspace(0.5, 2, 7).astype(dtype)]
+        opt = eg.Expectigrad(ps, lr=0.1, backend=backend)
+        for _ in range(3):
+            opt.step([ps[1], ps[0]])
+        results.append(ps)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+def test_a_schedule_is_called_once_per_step_on_every_route():
+    calls = []
+    x = np.zeros((4, 4))
+    opt = eg.Expectigrad([x], lr=lambda step: calls.append(step) or 0.1)
+    for _ in range(3):
+        opt.step([np.ones((4, 4)).T])          # not C-contiguous: the general route
+    assert calls == [0, 1, 2]

@@ -26,7 +26,8 @@ class NumpyBucket(Bucket):
         for k, g in enumerate(grads):
             if g is not None:
                 g = as_gradient(g, self.params[k], self.names[k])
-                g = g.astype(self.dtype, copy=False)
+                # A copy: a gradient may be (a view of) a parameter stepped first.
+                g = np.array(g, dtype=self.dtype, copy=True)
             loaded.append(g)
         self.grads = loaded
 
