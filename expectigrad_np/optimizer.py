@@ -503,7 +503,8 @@ class Expectigrad:
                 self._raise_nonfinite(b, bad)
         check = self.check_finite and len(self._buckets) == 1
         for j, b in enumerate(self._buckets):
-            bad, _ = b.step(check, gclip, sum(sumsq) - sumsq[j])
+            others = sum(sq for i, sq in enumerate(sumsq) if i != j)   # no inf - inf
+            bad, _ = b.step(check, gclip, others)
             self._raise_nonfinite(b, bad)
         self._t[...] = t_new        # in place: the fast path holds this array
         self.step_count += 1

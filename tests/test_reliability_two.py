@@ -384,3 +384,25 @@ def test_a_schedule_is_called_once_per_step_on_every_route():
     for _ in range(3):
         opt.step([np.ones((4, 4)).T])          # not C-contiguous: the general route
     assert calls == [0, 1, 2]
+
+
+# --- norms that overflow when squared -------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [{"global_clipnorm": 1.0}, {"clipnorm": 1.0},
+                                  {"clipnorm": 2.0, "global_clipnorm": 1.0, "clipvalue": 1e250}])
+@pytest.mark.parametrize("several", [False, True])
+def test_a_norm_that_overflows_still_clips_the_step(backend, clip, several):
+    """float64 gradients whose squares overflow: the step is clipped by the
+    scaled norm, not dropped (before, nothing moved yet step_count advanced)."""
+    xs = [np.zeros(2)] + ([np.zeros(2)] + [np.zeros(2, np.float32)] if several else [])
+    gs = [np.array([1e200, 1.0])] + ([np.array([1.0, -1.0]),
+                                      np.array([1.0, 1.0], np.float32)] if several else [])
+    opt = eg.Expectigrad(xs, lr=0.1, backend=backend, **clip)
+    opt.step(gs)
+    assert opt.step_count == 1
+    assert xs[0][0] == pytest.approx(-0.1, rel=1e-6)       # first step: lr * sign(g)
+    assert xs[0][1] < 0
+    assert opt.state_dict()["state"][0]["step"] == 1
+    for x in xs:
+        assert np.all(np.isfinite(x))

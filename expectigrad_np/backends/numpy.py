@@ -15,6 +15,16 @@ from .base import Bucket
 __all__ = ["NumpyBucket"]
 
 
+def _scaled_norm(a, other_sumsq=0.0):
+    """``sqrt(sum(a**2) + other_sumsq)`` in float64, scaled by the largest
+    element so that no square overflows."""
+    a = np.abs(np.asarray(a, dtype=np.float64))
+    big = float(a.max()) if a.size else 0.0
+    if big == 0.0:
+        return float(np.sqrt(other_sumsq))
+    return big * float(np.sqrt(np.sum((a / big) ** 2) + other_sumsq / big / big))
+
+
 class NumpyBucket(Bucket):
     """Steps each array with ``reference.expectigrad_update``."""
 
@@ -46,10 +56,23 @@ class NumpyBucket(Bucket):
         return -1, sumsq
 
     def _scales(self, sumsq, global_clipnorm, other_sumsq):
-        scale = [L.clip_scale(sq, self.coef[k, L.CLIPNORM]) for k, sq in enumerate(sumsq)]
-        total = sum(sq * s * s for sq, s in zip(sumsq, scale))
-        g_scale = L.clip_scale(total + other_sumsq, global_clipnorm)
-        return [s * g_scale for s in scale], total
+        if all(sq < np.inf for sq in sumsq):
+            scale = [L.clip_scale(sq, self.coef[k, L.CLIPNORM])
+                     for k, sq in enumerate(sumsq)]
+            total = sum(sq * s * s for sq, s in zip(sumsq, scale))
+            g_scale = L.clip_scale(total + other_sumsq, global_clipnorm)
+            return [s * g_scale for s in scale], total
+        # A squared norm overflowed: the same clipping from scaled norms.
+        scale, clipped = [], []
+        for k, (g, sq) in enumerate(zip(self.grads, sumsq)):
+            norm = np.sqrt(sq) if sq < np.inf else _scaled_norm(
+                clip_value(g, self.coef[k, L.CLIPVALUE]))
+            clipnorm = float(self.coef[k, L.CLIPNORM])
+            scale.append(clipnorm / norm if norm > clipnorm else 1.0)
+            clipped.append(norm * scale[-1])
+        joint = _scaled_norm(np.array(clipped), other_sumsq)
+        g_scale = global_clipnorm / joint if joint > global_clipnorm else 1.0
+        return [s * g_scale for s in scale], joint * joint
 
     def step(self, check, global_clipnorm, other_sumsq, update=True):
         bad, sumsq = self._stats(check)

@@ -52,7 +52,16 @@ from .jit import OPTS as _OPTS
 from .jit import kernel as _kernel
 from .jit import twin as _twin
 from .locate import is_writeable, located_address, sequence_item
-from .loops import ALL_LOOPS, _first_pass, _has_loop, _scale, _update_span, loop_globals
+from .loops import (
+    ALL_LOOPS,
+    _first_pass,
+    _has_loop,
+    _joint_norm,
+    _scale,
+    _scaled_norm,
+    _update_span,
+    loop_globals,
+)
 from .pointers import pointer_like as _pointer_like
 from .pointers import pointer_of as _pointer_of
 from .pointers import pointer_to as _pointer_to
@@ -88,9 +97,16 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
         nonfinite, sumsq = _first_pass(g, needs_norm, c[CLIPVALUE])
         if check and nonfinite != 0:
             return NONFINITE, sumsq
-        if needs_norm:
+        if needs_norm and sumsq < np.inf:
             scale = _scale(sumsq, c[CLIPNORM])
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
+        elif needs_norm:                # overflowed: see _segments_body
+            norm = _scaled_norm(g, c[CLIPVALUE])
+            clipnorm = np.float64(c[CLIPNORM])
+            scale = clipnorm / norm if norm > clipnorm else 1.0
+            norm *= scale
+            scale *= global_clipnorm / norm if norm > global_clipnorm else 1.0
+            sumsq = norm * norm
     scale = x.dtype.type(scale)
     if not _has_loop(f, scale != 1 or c[CLIPVALUE] < np.inf):
         return NO_LOOP, sumsq
@@ -177,11 +193,33 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
         sumsq[:n_arrays] = 0.0
         for j in range(n_chunks):
             sumsq[chunk_seg[j]] += chunk_sq[j]
+        overflow = False
         for k in range(n_arrays):
-            scale[k] = _scale(sumsq[k], coef[k, CLIPNORM])
-            total += sumsq[k] * scale[k] * scale[k]
-        if global_clipnorm < np.inf:
+            if flags[k, ACTIVE] and sumsq[k] == np.inf:
+                overflow = True
+        if not overflow:
+            for k in range(n_arrays):
+                scale[k] = _scale(sumsq[k], coef[k, CLIPNORM])
+                total += sumsq[k] * scale[k] * scale[k]
             g_scale = _scale(total + other_sumsq, global_clipnorm)
+        else:
+            # A squared norm overflowed (float64 gradients beyond 1e154): the
+            # same clipping from norms scaled by their largest element, so
+            # the step is clipped, not lost.
+            for k in range(n_arrays):
+                if flags[k, ACTIVE] and sumsq[k] == np.inf:
+                    size = offsets[k + 1] - offsets[k]
+                    norm = _scaled_norm(carray(_pointer_like(g_addr[k], v), size),
+                                        coef[k, CLIPVALUE])
+                else:
+                    norm = np.sqrt(sumsq[k])
+                clipnorm = np.float64(coef[k, CLIPNORM])
+                scale[k] = clipnorm / norm if norm > clipnorm else 1.0
+                sumsq[k] = norm * scale[k]          # now the clipped norm
+            joint = _joint_norm(sumsq[:n_arrays], other_sumsq)
+            total = joint * joint
+            g_scale = global_clipnorm / joint if joint > global_clipnorm else 1.0
+        if global_clipnorm < np.inf:
             for k in range(n_arrays):
                 scale[k] *= g_scale
     if not update:

@@ -351,6 +351,38 @@ def _first_pass(g, norm, clipvalue):
     return _span_nonfinite(g)
 
 
+@njit(**_OPTS)
+def _scaled_norm(g, clipvalue):
+    """The L2 norm of ``clip(g, -clipvalue, clipvalue)`` in float64, scaled
+    by its largest element so that no square overflows (the rare path of a
+    squared norm beyond the float64 range)."""
+    big = 0.0
+    for i in range(g.size):
+        big = max(big, abs(np.float64(min(max(g[i], -clipvalue), clipvalue))))
+    if big == 0.0:
+        return 0.0
+    acc = 0.0
+    for i in range(g.size):
+        r = np.float64(min(max(g[i], -clipvalue), clipvalue)) / big
+        acc += r * r
+    return big * np.sqrt(acc)
+
+
+@njit(**_OPTS)
+def _joint_norm(norms, other_sumsq):
+    """``sqrt(sum(norms**2) + other_sumsq)`` without squaring a large norm."""
+    big = 0.0
+    for k in range(norms.size):
+        big = max(big, norms[k])
+    if big == 0.0:
+        return np.sqrt(other_sumsq)
+    acc = other_sumsq / big / big
+    for k in range(norms.size):
+        r = norms[k] / big
+        acc += r * r
+    return big * np.sqrt(acc)
+
+
 @_kernel
 def _scale(sumsq, clipnorm):
     """Norm-clipping factor min(1, clipnorm / sqrt(sumsq))."""
