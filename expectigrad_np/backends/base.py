@@ -135,8 +135,9 @@ class Bucket(abc.ABC):
             c[:, L.BETA] = beta
             c[:, L.OMB] = 1.0 - beta
             c[:, L.EPS] = eps
-            c[:, L.CLIPVALUE] = clipvalue
-            c[:, L.CLIPNORM] = clipnorm
+            with np.errstate(over="ignore"):    # a threshold beyond the dtype: inf, off
+                c[:, L.CLIPVALUE] = clipvalue
+                c[:, L.CLIPNORM] = clipnorm
             f[:, L.SPARSE] = sparse
             f[:, L.MOMENTUM] = momentum
             self._static_key = static_key
