@@ -496,7 +496,7 @@ def _compiled_here():
     kernels = list(K._BUCKET_STEP.values()) + [
         getattr(v, name) for v in K._VARIANTS.values()
         for name in ("array_step", "segments_step", "segments_step_parallel")] + [
-        d for span in K._SPANS.values() for d in span.values()] + [
+        d for span in K._SPANS.values() for d in span.values() if hasattr(d, "stats")] + [
         _loops._update_span, locate.locate_arrays, K.data_address]
     return sum(sum(k.stats.cache_misses.values()) for k in kernels)
 

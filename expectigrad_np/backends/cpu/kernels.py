@@ -54,7 +54,9 @@ from .jit import twin as _twin
 from .locate import is_writeable, located_address, sequence_item
 from .loops import (
     ALL_LOOPS,
+    ANY_CLIP,
     _first_pass,
+    _first_pass_unclipped,
     _has_loop,
     _joint_norm,
     _scale,
@@ -94,13 +96,16 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
     sumsq = 0.0
     needs_norm = c[CLIPNORM] < np.inf or global_clipnorm < np.inf
     if check or needs_norm:
-        nonfinite, sumsq = _first_pass(g, needs_norm, c[CLIPVALUE])
+        if ANY_CLIP:
+            nonfinite, sumsq = _first_pass(g, needs_norm, c[CLIPVALUE])
+        else:
+            nonfinite, sumsq = _first_pass_unclipped(g, needs_norm)
         if check and nonfinite != 0:
             return NONFINITE, sumsq
         if needs_norm and sumsq < np.inf:
             scale = _scale(sumsq, c[CLIPNORM])
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
-        elif needs_norm:                # overflowed: see _segments_body
+        elif ANY_CLIP and needs_norm:   # overflowed: see _segments_body
             norm = _scaled_norm(g, c[CLIPVALUE])
             clipnorm = np.float64(c[CLIPNORM])
             scale = clipnorm / norm if norm > clipnorm else 1.0
@@ -179,8 +184,12 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             if flags[k, ACTIVE]:
                 size = offsets[k + 1] - offsets[k]
                 g = carray(_pointer_like(g_addr[k], v), size)
-                nonfinite, sq = _first_pass(g[chunk_lo[j]:chunk_hi[j]], needs_norm,
-                                            coef[k, CLIPVALUE])
+                if ANY_CLIP:
+                    nonfinite, sq = _first_pass(g[chunk_lo[j]:chunk_hi[j]], needs_norm,
+                                                coef[k, CLIPVALUE])
+                else:
+                    nonfinite, sq = _first_pass_unclipped(g[chunk_lo[j]:chunk_hi[j]],
+                                                          needs_norm)
                 chunk_bad[j] = nonfinite != 0
                 chunk_sq[j] = sq
             else:
@@ -197,7 +206,7 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
         for k in range(n_arrays):
             if flags[k, ACTIVE] and sumsq[k] == np.inf:
                 overflow = True
-        if not overflow:
+        if not (ANY_CLIP and overflow):
             for k in range(n_arrays):
                 scale[k] = _scale(sumsq[k], coef[k, CLIPNORM])
                 total += sumsq[k] * scale[k] * scale[k]
@@ -460,14 +469,16 @@ def _variant_globals(loops):
                                    **switches))
         has = njit(**_OPTS)(_twin(_has_loop.py_func, "_has_loop" + _suffix(loops),
                                   **switches))
+        any_clip = switches["ANY_CLIP"]
         segments = njit(inline="always", **_OPTS)(
             _twin(_segments_body.py_func, "_segments_inline" + _suffix(loops),
-                  _update_span=span, _has_loop=has))
+                  _update_span=span, _has_loop=has, ANY_CLIP=any_clip))
         body = njit(inline="always", **_OPTS)(
             _twin(_segments_body.py_func, "_segments_body" + _suffix(loops),
-                  _update_span=span, _has_loop=has))
+                  _update_span=span, _has_loop=has, ANY_CLIP=any_clip))
         found = _SPANS[loops] = {"_update_span": span, "_has_loop": has,
-                                 "_segments_inline": segments, "_segments_body": body}
+                                 "_segments_inline": segments, "_segments_body": body,
+                                 "ANY_CLIP": any_clip}
     return found
 
 

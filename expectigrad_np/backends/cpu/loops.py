@@ -190,12 +190,17 @@ ALL_LOOPS = (1 << len(LOOPS)) - 1
 CLIP_SM = CLIP_SN = CLIP_DM = CLIP_DN = True
 PLAIN_SM = PLAIN_SN = PLAIN_DM = PLAIN_DN = True
 UNIFORM_M = UNIFORM_N = True
+ANY_CLIP = True
 
 
 def loop_globals(mask):
     """The globals that switch on exactly the loops of bit ``mask`` (bit i:
-    ``LOOPS[i]``)."""
-    return {name.upper(): bool(mask >> i & 1) for i, name in enumerate(LOOPS)}
+    ``LOOPS[i]``), and ``ANY_CLIP``: whether some clipped loop is on (else
+    the entry points compile no clipping code at all: no value-clipped norm,
+    no overflow path)."""
+    switches = {name.upper(): bool(mask >> i & 1) for i, name in enumerate(LOOPS)}
+    switches["ANY_CLIP"] = any(switches[name.upper()] for name in LOOPS[:4])
+    return switches
 
 
 def loops_for(sparse, momentum, clipping):
@@ -347,6 +352,15 @@ def _first_pass(g, norm, clipvalue):
     if norm:
         if clipvalue < np.inf:
             return _span_stats_clipped(g, clipvalue)
+        return _span_stats(g)
+    return _span_nonfinite(g)
+
+
+@njit(inline="always", **_OPTS)
+def _first_pass_unclipped(g, norm):
+    """``_first_pass`` for a variant without clipped loops (no finite
+    clipvalue can reach it)."""
+    if norm:
         return _span_stats(g)
     return _span_nonfinite(g)
 
