@@ -344,6 +344,8 @@ class Expectigrad:
             return None
         entry, ctx_address, lock = path
         members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
+        # lr (rewritten by the schedules each step), beta and scalars are the
+        # rows the kernel reads through the context row.
         return entry, ctx_address, lock, lr, beta, scalars, schedules, members
 
     def _write_scheduled_lr(self, fast):

@@ -60,11 +60,7 @@ class CpuBucket(Bucket):
         super().__init__(*args, **kwargs)
         self.x_stage = [None if p.flags.c_contiguous else np.empty(p.size, self.dtype)
                         for p in self.params]
-        self.x_flat = [p.reshape(-1) if s is None else s
-                       for p, s in zip(self.params, self.x_stage)]
-        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
-        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
-        self._x_ranges()
+        self._derive_views()
         self.g_stage = [None] * len(self.params)
         self.g_addr = np.zeros(len(self.params), dtype=np.int64)
         self.g_addr_list = [0] * len(self.params)
@@ -90,11 +86,7 @@ class CpuBucket(Bucket):
             old = getattr(self, name)
             setattr(self, name, L.state_zeros(old.size, old.dtype, name))
             getattr(self, name)[...] = old
-        self.x_flat = [p.reshape(-1) if s is None else s
-                       for p, s in zip(self.params, self.x_stage)]
-        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
-        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
-        self._x_ranges()
+        self._derive_views()
         self.g_flat = [None] * len(self.params)
         self.g_addr[:] = 0
         self.g_addr_list = [0] * len(self.params)
@@ -244,9 +236,14 @@ class CpuBucket(Bucket):
             self.g_addr[:] = self.g_addr_list
         self._unalias(grads)
 
-    def _x_ranges(self):
-        """The byte ranges the kernels write parameters to, sorted (they do
-        not overlap: parameters share no memory)."""
+    def _derive_views(self):
+        """The flat parameter views the kernels write (a staging buffer for
+        a non-contiguous parameter), their addresses and their byte ranges,
+        sorted (they do not overlap: parameters share no memory)."""
+        self.x_flat = [p.reshape(-1) if s is None else s
+                       for p, s in zip(self.params, self.x_stage)]
+        self.staged = [(p, s) for p, s in zip(self.params, self.x_stage) if s is not None]
+        self.x_addr = np.array([_address(x) for x in self.x_flat], dtype=np.int64)
         nbytes = np.array([x.size for x in self.x_flat], np.int64) * self.dtype.itemsize
         order = np.argsort(self.x_addr, kind="stable")
         self.x_lo = np.ascontiguousarray(self.x_addr[order])
