@@ -365,7 +365,7 @@ def test_a_scheduled_step_size_that_overflows_the_dtype_is_refused(backend, seve
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_swapped_parameters_as_gradients_agree_across_backends(dtype):
     """Each gradient is the other parameter: both backends read them as they
-    were at the call (found by a hostile pass: numpy read an updated one)."""
+    were at the call (the numpy backend once read an updated one)."""
     results = []
     for backend in BACKENDS:
         ps = [np.linspace(-1, 1, 7).astype(dtype), np.linspace(0.5, 2, 7).astype(dtype)]
