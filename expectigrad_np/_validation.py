@@ -163,7 +163,7 @@ def check_parameter(x, where):
 
 
 # numpy >= 2 moved byte_bounds to numpy.lib.array_utils.
-_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) \
+byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) \
     or getattr(np, "byte_bounds", None)
 
 
@@ -173,7 +173,7 @@ def check_no_overlap(arrays, names):
     for a, name in zip(arrays, names):
         if not isinstance(a, np.ndarray) or a.size == 0:
             continue  # device arrays are checked by the cuda backend
-        lo, hi = _byte_bounds(a)
+        lo, hi = byte_bounds(a)
         spans.append((lo, hi, a, name))
     spans.sort(key=lambda s: s[0])
     for i, (lo1, hi1, a1, n1) in enumerate(spans):

@@ -145,6 +145,7 @@ class Expectigrad:
         self._step_counter = np.zeros(1, dtype=np.int64)      # the kernels advance it
         self._lock = threading.RLock()
         self._buckets = self._make_buckets()
+        self._ranges = None        # host_ranges of each bucket (several dtypes)
         self._refresh()
 
     @property
@@ -280,6 +281,7 @@ class Expectigrad:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._fast = None
+        self._ranges = None
         self._changes.dirty = True
 
     def _refresh(self):
@@ -486,6 +488,17 @@ class Expectigrad:
         for b in self._buckets:
             b.load_gradients(grads if single else [grads[i] for i in b.slots],
                              ids if single else ids[b.slots])
+        if not single:
+            # A gradient may be (a view of) another dtype's parameter, which
+            # that bucket's step writes first: read a copy.
+            if self._ranges is None:
+                self._ranges = [b.host_ranges() for b in self._buckets]
+            ranges = self._ranges
+            for b in self._buckets:
+                mine = [grads[i] for i in b.slots]
+                for other, (lo, hi) in zip(self._buckets, ranges):
+                    if other is not b:
+                        b.stage_overlapping(mine, lo, hi)
         lr = self._lr_per_array() if lr_now is None else lr_now
         t_new = self._t + active
         for b in self._buckets:

@@ -16,8 +16,8 @@ With ``beta == 0`` there is no momentum and no bias correction:
 What is stored.  Instead of the sum ``s`` the state keeps the running mean
 ``mean_sq = s / n``, updated as ``mean_sq += (g**2 - mean_sq) / n``.  It is
 the same quantity, but it never grows with the number of steps, so it cannot
-overflow while every ``g**2`` is finite (a finite ``g`` whose square
-overflows counts as the largest finite ``g**2``), and in float32 it keeps the adaptive
+overflow (a finite ``g`` whose square would overflow is first saturated,
+``saturate``), and in float32 it keeps the adaptive
 step accurate over millions of steps where a float32 running sum drifts.
 In float32 the new mean is rounded stochastically
 (``add_stochastically_rounded``): a dither of up to half a spacing,
@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backends.layout import SATURATION
+
 __all__ = ["add_stochastically_rounded", "clip_gradient", "clip_value", "dither", "dither_offset",
-           "expectigrad_update", "power_of_two_in", "step_size", "weyl"]
+           "expectigrad_update", "power_of_two_in", "saturate", "step_size", "weyl"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -132,6 +134,19 @@ def add_stochastically_rounded(a, b, t):
         return a + (b + dither_offset(a, t))
 
 
+def saturate(g):
+    """``clip(g, -G, G)`` as a new array, ``G`` the largest magnitude whose
+    square is finite in ``g``'s dtype (just below 2**64 in float32, 2**512
+    in float64; ``backends.layout.SATURATION``).
+
+    A finite gradient beyond ``G`` would make ``g**2`` overflow; saturated,
+    it enters the mean as ``G**2`` and its step as ``G``, so ``|u| <=
+    sqrt(n)`` holds for every finite gradient and the mean stays finite.
+    NaN stays NaN."""
+    sat = g.dtype.type(SATURATION[g.dtype])
+    return np.clip(g, -sat, sat)
+
+
 def clip_value(g, clipvalue=np.inf):
     """``clip(g, -clipvalue, clipvalue)`` as a new array (in ``g``'s dtype)."""
     dt = g.dtype.type
@@ -184,8 +199,8 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
     dt = x.dtype.type
     one, zero = dt(1), dt(0)
 
-    with np.errstate(over="ignore"):                  # an overflowed g**2 counts
-        g2 = np.minimum(g * g, np.finfo(x.dtype).max)  # as the largest finite value
+    g = saturate(g)                                            # g**2 stays finite
+    g2 = g * g
     if sparse_counter:
         counted = g2 != zero                                   # sign(g**2)
         count += counted & (count != np.iinfo(count.dtype).max)   # saturates

@@ -224,8 +224,9 @@ def test_mean_never_overflows_while_g2_is_finite(backend, sparse):
 @pytest.mark.parametrize("backend", ["cpu", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_overflowing_g2_saturates_instead_of_poisoning(backend, dtype):
-    """A finite gradient whose square overflows counts as the largest finite
-    g**2: the mean stays finite and later steps do not turn into NaN."""
+    """A finite gradient whose square would overflow is saturated first
+    (reference.saturate): the mean stays finite and later steps do not turn
+    into NaN."""
     huge = np.sqrt(np.finfo(dtype).max) * 4
     x = np.zeros(3, dtype)
     opt = eg.Expectigrad([x], lr=LR, backend=backend)

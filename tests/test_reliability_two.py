@@ -406,3 +406,79 @@ def test_a_norm_that_overflows_still_clips_the_step(backend, clip, several):
     assert opt.state_dict()["state"][0]["step"] == 1
     for x in xs:
         assert np.all(np.isfinite(x))
+
+
+# --- every finite gradient gives a bounded step --------------------------------
+
+def _huge_gradients(dtype, shape, rng):
+    """Finite gradients up to the dtype's largest value, with signs, zeros and
+    ordinary values among them."""
+    big = np.finfo(dtype).max
+    pool = np.array([big, -big, big / 3, 1e30, -1e38, np.sqrt(big) * 1.5, 1.0, -2.5, 0.0,
+                     1e-30], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        pool = pool.astype(dtype)
+    return rng.choice(pool[np.isfinite(pool)], shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_every_finite_gradient_gives_a_bounded_step(backend, dtype, beta, sparse):
+    """|x_t - x_{t-1}| <= lr * sqrt(t) (lr on the first step), also when g*g
+    overflows: the gradient saturates at the largest magnitude whose square
+    is finite, so |u| <= sqrt(n) and the bias-corrected momentum step is
+    bounded by lr * sqrt(t)."""
+    rng = np.random.default_rng(1)
+    lr = 0.1
+    xs = [np.zeros(37, dtype), np.zeros((3, 4), dtype)]
+    opt = eg.Expectigrad(xs, lr=lr, beta=beta, sparse_counter=sparse, backend=backend)
+    for t in range(1, 7):
+        before = [x.copy() for x in xs]
+        opt.step([_huge_gradients(dtype, x.shape, rng) for x in xs])
+        for x, b in zip(xs, before):
+            assert np.all(np.isfinite(x))
+            moved = np.abs(x.astype(np.float64) - b)
+            assert moved.max() <= lr * np.sqrt(t) * (1 + 1e-5) + np.spacing(b).max(), t
+    st = opt.state_dict()["state"][0]
+    assert np.all(np.isfinite(st["mean_sq"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,g", [(np.float32, 1e30), (np.float32, 1e38),
+                                     (np.float64, 1e200)])
+def test_a_gradient_whose_square_overflows_moves_x_by_lr(backend, dtype, g):
+    """The issue's cases: beta = 0 and beta = 0.9, lr = 0.1, first step."""
+    for beta in (0.0, 0.9):
+        x = np.zeros(2, dtype)
+        eg.Expectigrad([x], lr=0.1, beta=beta, backend=backend).step(
+            [np.array([g, -g], dtype)])
+        np.testing.assert_allclose(x, [-0.1, 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_gradient_aliasing_a_parameter_of_another_dtype_is_read_as_it_was(backend, copied):
+    """With two dtypes each bucket steps in turn: a float64 gradient that is
+    the float32 parameter's memory (and the reverse) must be read as it was
+    before either step, as if copied; also in a deep copy of the optimizer."""
+    import copy
+
+    def run(alias):
+        x32 = (np.arange(1, 9, dtype=np.float32) / 7)
+        x64 = np.linspace(1, 2, 4)
+        opt = eg.Expectigrad([x32, x64], lr=0.1, backend=backend)
+        if copied:
+            opt.step([np.ones(8, np.float32), np.ones(4)])
+            opt = copy.deepcopy(opt)
+            x32, x64 = opt.params
+        for _ in range(2):
+            g32, g64 = x64.view(np.float32), x32.view(np.float64)
+            if not alias:
+                g32, g64 = g32.copy(), g64.copy()
+            opt.step([g32, g64])
+        return x32, x64
+
+    for a, b in zip(run(True), run(False)):
+        np.testing.assert_array_equal(a, b)

@@ -21,6 +21,7 @@ import abc
 
 import numpy as np
 
+from .._validation import byte_bounds as _byte_bounds
 from . import layout as L
 
 __all__ = ["Bucket"]
@@ -149,6 +150,30 @@ class Bucket(abc.ABC):
         and record where to read them; ``ids`` are their ``id()``s where the
         caller has them.  Raises ``TypeError``/``ValueError`` saying what is
         wrong; changes no state."""
+
+    def host_ranges(self):
+        """``(lo, hi)``: sorted, disjoint byte ranges covering the host
+        memory of the bucket's parameters (int64 arrays; empty for device
+        buckets).  Another bucket stages gradients that fall in them
+        (``stage_overlapping``), so that no step reads memory another
+        bucket's step has already written."""
+        spans = sorted(_byte_bounds(p) for p in self.params
+                       if isinstance(p, np.ndarray) and p.size)
+        lo, hi = [], []
+        for a, b in spans:
+            if lo and a < hi[-1]:
+                hi[-1] = max(hi[-1], b)              # merge overlapping extents
+            else:
+                lo.append(a)
+                hi.append(b)
+        return np.array(lo, np.int64), np.array(hi, np.int64)
+
+    def stage_overlapping(self, grads, lo, hi):
+        """Copy every loaded gradient whose memory meets one of the byte
+        ranges ``[lo, hi)`` (sorted, disjoint), and read the copy instead.
+        Backends that copy every gradient, or read device memory, have
+        nothing to do."""
+        return None
 
     @abc.abstractmethod
     def step(self, check, global_clipnorm, other_sumsq, update=True):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "CHUNK", "COEF_FIELDS", "COUNT_DTYPE", "FLAG_FIELDS", "STATE_FIELDS",
+    "CHUNK", "COEF_FIELDS", "COUNT_DTYPE", "FLAG_FIELDS", "SATURATION", "STATE_FIELDS",
     "STATE_PAGE_OFFSETS", "clip_scale", "make_chunks", "one_minus_pow", "state_zeros",
 ]
 
@@ -34,6 +34,13 @@ ACTIVE, SPARSE, MOMENTUM, T, UNIFORM = range(len(FLAG_FIELDS))
 UNIFORM_MAX_T = 0xFFFFFFFF           # counts saturate beyond: no longer uniform
 
 STATE_FIELDS = ("mean_sq", "count", "momentum")
+
+# The largest gradient magnitude whose square is finite in each dtype: the
+# float just below 2**64 (float32) or 2**512 (float64).  Gradients beyond it
+# are saturated to it before they enter the update, so ``g**2`` never
+# overflows and ``|u| <= sqrt(n)`` holds for every finite gradient.
+SATURATION = {np.dtype(np.float32): float(np.nextafter(np.float32(2.0 ** 64), np.float32(0))),
+              np.dtype(np.float64): float(np.nextafter(2.0 ** 512, 0.0))}
 COUNT_DTYPE = np.dtype(np.uint32)
 
 # reference.weyl: (index * WEYL_INDEX + t * WEYL_STEP) mod 2**32

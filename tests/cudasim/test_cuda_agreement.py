@@ -195,3 +195,63 @@ def test_checkpoint_resumes_on_the_device_and_on_the_host(tmp_path):
     for x, y, z in zip(to_host(a_dev), to_host(b_dev), c_host):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_allclose(x, z, rtol=1e-5)
+
+
+# --- overflow: bounded steps and norms that do not overflow ---------------------
+
+def _stepped(xs_host, grads, hyper, backend):
+    xs = to_device(xs_host) if backend == "cuda" else [x.copy() for x in xs_host]
+    opt = eg.Expectigrad(xs, backend=backend, **hyper)
+    for g in grads:
+        opt.step(to_device(g) if backend == "cuda" else g)
+    return to_host(xs) if backend == "cuda" else xs, opt
+
+
+@pytest.mark.parametrize("dtype,g", [(np.float32, 1e30), (np.float32, 1e38),
+                                     (np.float64, 1e200)])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_a_gradient_whose_square_overflows_moves_x_by_lr(dtype, g, beta):
+    """The gradient saturates at the largest magnitude whose square is
+    finite: the first step is lr, as on the host backends."""
+    xs, opt = _stepped([np.zeros(3, dtype)], [[np.array([g, -g, 1.0], dtype)]],
+                       dict(lr=0.1, beta=beta), "cuda")
+    np.testing.assert_allclose(xs[0], [-0.1, 0.1, -0.1], rtol=1e-6)
+    assert np.all(np.isfinite(opt.state_dict()["state"][0]["mean_sq"]))
+
+
+@pytest.mark.parametrize("dtype,g", [(np.float32, 1e20), (np.float32, 3e38),
+                                     (np.float64, 1e200)])
+@pytest.mark.parametrize("clip", [dict(clipnorm=1.0), dict(global_clipnorm=1.0),
+                                  dict(clipnorm=2.0, global_clipnorm=1.0)])
+def test_a_norm_that_overflows_still_clips_the_step(dtype, g, clip):
+    """Squared norms beyond the dtype (float32 gradients of 1e20) are kept as
+    two scaled sums: the step is clipped, not dropped, and agrees with the
+    numpy backend (whose norms are in float64 with a scaled fallback)."""
+    sizes = [KC.CHUNK * (KC.THREADS + 3) + 1, 5, 2]       # a whole-block array too
+    rng = np.random.default_rng(3)
+    xs = [np.zeros(s, dtype) for s in sizes]
+    grads = []
+    for _ in range(2):
+        gs = [rng.standard_normal(s).astype(dtype) for s in sizes]
+        gs[0][[0, -1]] = [g, -g]
+        gs[1][2] = g
+        grads.append(gs)
+    got, opt = _stepped(xs, grads, dict(lr=0.1, **clip), "cuda")
+    want, ref = _stepped(xs, grads, dict(lr=0.1, **clip), "numpy")
+    for a, b in zip(got, want):
+        assert np.any(a != 0)                              # the step was taken
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert opt.state_dict()["state"][0]["step"] == 2
+
+
+def test_two_buckets_share_a_global_norm_that_overflows():
+    """A float64 bucket's overflowing squared norm reaches the float32 bucket's
+    kernel as two sums; both are clipped as the numpy backend clips them."""
+    rng = np.random.default_rng(4)
+    xs = [np.zeros(6, np.float32), np.zeros(4)]
+    grads = [[rng.standard_normal(6).astype(np.float32), np.array([1e30, 1.0, -2.0, 3.0])]
+             for _ in range(2)]
+    got, _ = _stepped(xs, grads, dict(lr=0.1, global_clipnorm=1.0), "cuda")
+    want, _ = _stepped(xs, grads, dict(lr=0.1, global_clipnorm=1.0), "numpy")
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)

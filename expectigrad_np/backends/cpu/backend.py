@@ -234,7 +234,7 @@ class CpuBucket(Bucket):
             for k, g in enumerate(grads):
                 self.g_addr_list[k] = self._load_one(k, g)
             self.g_addr[:] = self.g_addr_list
-        self._unalias(grads)
+        self._unalias(grads, self.x_lo, self.x_hi)
 
     def _derive_views(self):
         """The flat parameter views the kernels write (a staging buffer for
@@ -250,15 +250,20 @@ class CpuBucket(Bucket):
         self.x_hi = np.ascontiguousarray(self.x_addr[order] + nbytes[order])
         self.nbytes = nbytes
 
-    def _unalias(self, grads):
-        """Stage every gradient whose memory overlaps a parameter of the
-        bucket (a view of the same buffer, or another parameter): the step
-        then reads the gradient as it was, not as the update rewrites it."""
+    def stage_overlapping(self, grads, lo, hi):
+        if lo.size:
+            self._unalias(grads, lo, hi)
+
+    def _unalias(self, grads, x_lo, x_hi):
+        """Stage every gradient whose memory overlaps a byte range ``[x_lo,
+        x_hi)`` (sorted, disjoint; the bucket's own parameters, a view of
+        the same buffer or another parameter): the step then reads the
+        gradient as it was, not as the update rewrites it."""
         g_lo = self.g_addr
         g_hi = g_lo + self.nbytes
-        j = np.searchsorted(self.x_lo, g_hi, side="left") - 1
+        j = np.searchsorted(x_lo, g_hi, side="left") - 1
         hit = (j >= 0) & (self.nbytes > 0) & (g_lo != 0)
-        hit &= self.x_hi[np.maximum(j, 0)] > g_lo
+        hit &= x_hi[np.maximum(j, 0)] > g_lo
         for k in np.flatnonzero(hit).tolist():
             stage = self.g_stage[k]
             if stage is not None and self.g_addr[k] == _address(stage):

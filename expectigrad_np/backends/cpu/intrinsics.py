@@ -12,21 +12,21 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-from ..layout import WEYL_INDEX, WEYL_STEP
+from ..layout import SATURATION, WEYL_INDEX, WEYL_STEP
 from .jit import OPTS as _OPTS
 
 __all__ = ["BLOCK_BYTES", "PREFETCH_AHEAD_BYTES"]
 
 
-def _max_finite(x):
-    """The largest finite value of ``x``'s float type (a compile-time constant)."""
-    return np.finfo(type(x)).max
+def _saturation(x):
+    """``layout.SATURATION`` of ``x``'s float type (a compile-time constant)."""
+    return SATURATION[np.dtype(type(x))]
 
 
-@overload(_max_finite, inline="always")
-def _max_finite_impl(x):
-    big = as_dtype(x).type(np.finfo(as_dtype(x)).max)
-    return lambda x: big
+@overload(_saturation, inline="always")
+def _saturation_impl(x):
+    sat = as_dtype(x).type(SATURATION[as_dtype(x)])
+    return lambda x: sat
 
 
 @intrinsic
@@ -187,12 +187,19 @@ def _add_rounded(a, b, h):
 def _adaptive(g, g2, mean_sq, weight, eps, h):
     """Return (new mean of g**2, adaptive step u = g / (eps + sqrt(mean))).
 
-    A g**2 that overflows to inf counts as the largest finite value, so the
-    mean stays finite (an inf mean would turn into NaN on the next step).
-    The new mean is rounded stochastically (``_add_rounded``, hash ``h``)."""
-    big = _max_finite(mean_sq)
-    v = _add_rounded(mean_sq, ((big if g2 > big else g2) - mean_sq) * weight, h)
+    ``g`` is saturated (``_saturate``), so ``g2`` is finite.  The new mean
+    is rounded stochastically (``_add_rounded``, hash ``h``)."""
+    v = _add_rounded(mean_sq, (g2 - mean_sq) * weight, h)
     return v, g / (eps + np.sqrt(v))
+
+
+@njit(**_OPTS)
+def _saturate(g):
+    """``reference.saturate`` for one element: ``clip(g, -G, G)`` with ``G``
+    the largest magnitude whose square is finite; NaN stays NaN (selects,
+    not min/max, which vectorise the same)."""
+    sat = _saturation(g)
+    return sat if g > sat else (-sat if g < -sat else g)
 
 
 @njit(**_OPTS)

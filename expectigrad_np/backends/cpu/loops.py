@@ -35,6 +35,7 @@ from .intrinsics import (
     _clip,
     _count_up,
     _prefetch_lines,
+    _saturate,
     _weyl,
     _weyl_next,
 )
@@ -107,7 +108,7 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
                             sparse, momentum)
         for j in range(block):
             i = lo + np.uint64(b * block + j)      # unsigned: no wraparound code
-            gi = _clip(g[i], scale, clipvalue, clipping)
+            gi = _saturate(_clip(g[i], scale, clipvalue, clipping))
             g2 = gi * gi
             if uniform:
                 counted = g2 != zero

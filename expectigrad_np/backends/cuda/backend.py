@@ -186,14 +186,14 @@ class CudaBucket(Bucket):
         self.d_first = dev(first)
         self.d_big = dev(big if big.size else np.zeros(1, np.int64))
         nc = max(self.n_chunks, 1)
-        self.d_chunk_sq = cuda.device_array(nc, self.dtype)
+        self.d_chunk_sq = cuda.device_array((nc, 2), self.dtype)
         self.d_chunk_bad = cuda.device_array(nc, np.int32)
-        self.d_sumsq = cuda.device_array(max(n, 1), self.dtype)
+        self.d_sumsq = cuda.device_array((max(n, 1), 2), self.dtype)
         self.d_array_bad = cuda.device_array(max(n, 1), np.int32)
         self.d_scale = cuda.device_array(max(n, 1), self.dtype)
-        self.d_result = cuda.to_device(np.array([-1, 0], self.dtype))
+        self.d_result = cuda.to_device(np.array([-1, 0, 0], self.dtype))
         self.d_counter = cuda.to_device(np.zeros(1, np.uint32))
-        self.h_result = cuda.pinned_array(2, self.dtype)
+        self.h_result = cuda.pinned_array(3, self.dtype)
         if KC.SIMULATOR:
             self.blocks = KC.SIMULATOR_BLOCKS
         else:
@@ -347,7 +347,7 @@ class CudaBucket(Bucket):
                 self.d_first, self.d_big, self.n_big, self.d_chunk_sq,
                 self.d_chunk_bad, self.d_sumsq, self.d_array_bad, self.d_scale,
                 self.d_result, self.d_counter, bool(check), dt(global_clipnorm),
-                dt(other_sumsq))
+                *self._split_sumsq(other_sumsq))
         if update:
             self.kernels["update_kernel"][grid, KC.THREADS, self.stream](
                 self.d_table, self.d_addr, self.d_offsets, self.d_seg, self.d_lo,
@@ -357,5 +357,16 @@ class CudaBucket(Bucket):
             return -1, 0.0
         self.d_result.copy_to_host(self.h_result, stream=self.stream)
         self.stream.synchronize()                  # the one synchronisation
-        bad, total = self.h_result
-        return (int(bad) if bad >= 0 else -1), float(total)
+        bad, lo, hi = (float(v) for v in self.h_result)
+        scl = KC.NORM_SCALE[self.dtype]
+        return (int(bad) if bad >= 0 else -1), lo + hi / scl / scl
+
+    def _split_sumsq(self, sumsq):
+        """A squared norm (a Python float) as the stats kernel's two sums
+        ``(lo, hi)`` in the bucket's dtype (``KC.NORM_SPLIT``)."""
+        dt, split = self.dtype.type, KC.NORM_SPLIT[self.dtype]
+        if sumsq <= split * split:
+            return dt(sumsq), dt(0)
+        scl = KC.NORM_SCALE[self.dtype]
+        with np.errstate(over="ignore"):      # beyond the dtype: that bucket clips to 0
+            return dt(0), dt(sumsq * scl * scl)

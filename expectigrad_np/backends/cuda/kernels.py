@@ -4,6 +4,7 @@ The per-element math is that of ``backends/cpu/kernels.py`` and ``reference.py``
 operation for operation (see ``reference.py`` for the equations)::
 
     g  = clip(g, -clipvalue, clipvalue) * scale   (value, then norms)
+    g  = clip(g, -G, G)                  (saturated: g**2 stays finite)
     n <- n + [g**2 != 0]                 (sparse counter; w = 1/n or 0)
     w  = 1 / t                           (dense counter)
     v <- v + (g**2 - v) * w              running mean of g**2 (= s / n)
@@ -57,7 +58,7 @@ import numpy as np
 from numba import config, cuda, types
 from numba.cuda.extending import intrinsic
 
-from ..layout import COEF_FIELDS, FLAG_FIELDS, make_chunks
+from ..layout import COEF_FIELDS, FLAG_FIELDS, SATURATION, make_chunks
 
 __all__ = [
     "CHUNK", "KERNEL_NAMES", "SIMULATOR", "TABLE_FIELDS", "THREADS",
@@ -76,7 +77,7 @@ TABLE_FLAGS = FLAG_FIELDS[:3]
 TABLE_FIELDS = COEF_FIELDS + TABLE_FLAGS
 (STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM,
  ACTIVE, SPARSE, MOMENTUM) = range(len(TABLE_FIELDS))
-BAD, TOTAL = 0, 1                      # fields of ``result``
+BAD, TOTAL, TOTAL_HI = 0, 1, 2         # fields of ``result``
 
 # Threads per block (a power of two: the block reductions halve it).  The
 # simulator runs every thread as a Python thread, so it gets small blocks,
@@ -96,6 +97,20 @@ _COUNT_MAX = np.uint32(np.iinfo(np.uint32).max)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _WEYL_INDEX = np.uint64(0x85EBCA77)            # reference.dither
 _WEYL_STEP = np.uint64(0x9E3779B9)
+_SAT_BITS32 = int(np.float32(SATURATION[np.dtype(np.float32)]).view(np.int32))
+_SAT_BITS64 = int(np.float64(SATURATION[np.dtype(np.float64)]).view(np.int64))
+
+# Squared norms as two sums that cannot overflow (``stats_kernel``): squares
+# of elements up to NORM_SPLIT, and of larger ones times NORM_SCALE.  With
+# ``emax`` the dtype's largest binary exponent (128 or 1024), NORM_SPLIT =
+# 2**((emax - 32) / 2) and NORM_SCALE = 2**-((emax + 32) / 2): 2**31
+# squares of either kind sum to less than the largest finite value.
+NORM_SPLIT = {np.dtype(np.float32): 2.0 ** 48, np.dtype(np.float64): 2.0 ** 496}
+NORM_SCALE = {np.dtype(np.float32): 2.0 ** -80, np.dtype(np.float64): 2.0 ** -528}
+_SPLIT_BITS32 = int(np.float32(NORM_SPLIT[np.dtype(np.float32)]).view(np.int32))
+_SPLIT_BITS64 = int(np.float64(NORM_SPLIT[np.dtype(np.float64)]).view(np.int64))
+_SCALE_BITS32 = int(np.float32(NORM_SCALE[np.dtype(np.float32)]).view(np.int32))
+_SCALE_BITS64 = int(np.float64(NORM_SCALE[np.dtype(np.float64)]).view(np.int64))
 
 
 # --- element access through device addresses ---------------------------------
@@ -193,132 +208,178 @@ else:
 # Written without device-function calls (everything is inline or an
 # intrinsic), so that ``compile_ptx`` works on a machine without a GPU.
 
+def _block_reduce(red, tid):
+    """Reduce ``red`` (``(3, THREADS)`` shared) over the block, in a fixed
+    order: rows 0 and 1 summed, row 2 its maximum; the results in
+    ``red[:, 0]``, visible to every thread on return.  The one block
+    reduction of the stats pass."""
+    cuda.syncthreads()
+    width = THREADS // 2
+    while width > 0:
+        if tid < width:
+            red[0, tid] += red[0, tid + width]
+            red[1, tid] += red[1, tid + width]
+            other = red[2, tid + width]
+            if other > red[2, tid]:
+                red[2, tid] = other
+        cuda.syncthreads()
+        width //= 2
+
+
+if not SIMULATOR:
+    _block_reduce = cuda.jit(device=True, inline="always")(_block_reduce)
+
+
 def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
                  n_big, chunk_sq, chunk_bad, sumsq, array_bad, scale, result,
-                 counter, check, global_clipnorm, other_sumsq):
+                 counter, check, global_clipnorm, other_lo, other_hi):
     """First pass: non-finite check, squared norms, clipping factors.
 
-    Writes ``sumsq[k] = sum(clip(g_k)**2)`` (value clipping first), ``scale[k] = min(1, clipnorm_k /
-    ||g_k||) * min(1, global_clipnorm / sqrt(total + other_sumsq))`` with
-    ``total = sum_k sumsq[k] * min(1, clipnorm_k / ||g_k||)**2``, and
-    ``result = [first array with a NaN/inf gradient (if check) or -1,
-    total]``.  Launch with ``THREADS`` threads per block.
+    Squared norms are of the value-clipped gradient (the original's order)
+    and are kept as two sums so that none overflows in the array dtype:
+    ``lo`` sums ``g**2`` of the elements with ``|g| <= NORM_SPLIT``, ``hi``
+    sums ``(g * NORM_SCALE)**2`` of the larger ones (a power-of-two scale:
+    exact), so the squared norm is ``lo + hi / NORM_SCALE**2``.  Writes
+    ``sumsq[k] = (lo, hi)``, ``scale[k] = min(1, clipnorm_k / ||g_k||) *
+    min(1, global_clipnorm / sqrt(total + other))`` with ``total = sum_k
+    ||g_k||**2 min(1, clipnorm_k / ||g_k||)**2`` (``other = other_lo +
+    other_hi / NORM_SCALE**2``: the other buckets' part), and ``result =
+    [first array with a NaN/inf gradient (if check) or -1, total as (lo,
+    hi)]``.  Launch with ``THREADS`` threads per block.
     """
     dt = scale.dtype.type
     zero = dt(0)
     one = dt(1)
+    split = _bits_float(_SPLIT_BITS32 if _is_float32(zero) else _SPLIT_BITS64, scale)
+    scl = _bits_float(_SCALE_BITS32 if _is_float32(zero) else _SCALE_BITS64, scale)
     tid = cuda.threadIdx.x
-    sq = cuda.shared.array(THREADS, scale.dtype)
-    nf = cuda.shared.array(THREADS, scale.dtype)
-    ibad = cuda.shared.array(THREADS, np.int64)
+    red = cuda.shared.array((3, THREADS), scale.dtype)
     last = cuda.shared.array(1, np.int32)
 
-    # 1. Per chunk: sum(g * 0) and sum(g**2), reduced over the block.
+    # 1. Per chunk: the two sums of squares and whether g * 0 is ever not 0
+    #    (a NaN or an infinity), reduced over the block.
     for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
         k = chunk_seg[c]
-        acc_sq = zero
-        acc_nf = zero
+        lo = zero
+        hi = zero
+        bad = zero
         if table[k, ACTIVE] != zero:
             ga = addr[k, 1]
             clipvalue = table[k, CLIPVALUE]
             for i in range(chunk_lo[c] + tid, chunk_hi[c], THREADS):
                 gi = _load(ga, i, scale)
-                acc_nf += gi * zero
-                # Norms of the value-clipped gradient (the original's order).
+                bad = one if gi * zero != zero else bad
                 gc = -clipvalue if -clipvalue > gi else gi
                 gc = clipvalue if clipvalue < gc else gc
-                acc_sq += gc * gc
-        sq[tid] = acc_sq
-        nf[tid] = acc_nf
-        cuda.syncthreads()
-        width = THREADS // 2
-        while width > 0:
-            if tid < width:
-                sq[tid] += sq[tid + width]
-                nf[tid] += nf[tid + width]
-            cuda.syncthreads()
-            width //= 2
+                if gc > split or gc < -split:
+                    gs = gc * scl
+                    hi += gs * gs
+                else:
+                    lo += gc * gc
+        red[0, tid] = lo
+        red[1, tid] = hi
+        red[2, tid] = bad
+        _block_reduce(red, tid)
         if tid == 0:
-            chunk_sq[c] = sq[0]
-            chunk_bad[c] = nf[0] != zero
+            chunk_sq[c, 0] = red[0, 0]
+            chunk_sq[c, 1] = red[1, 0]
+            chunk_bad[c] = red[2, 0] != zero
         cuda.syncthreads()
 
     # 2. The last block to finish combines the chunks.
-    cuda.threadfence()
+    cuda.threadfence()                           # release: the chunks above
     if tid == 0:
         ticket = cuda.atomic.inc(counter, 0, np.uint32(cuda.gridDim.x - 1))
         last[0] = ticket == cuda.gridDim.x - 1       # inc wrapped the counter to 0
     cuda.syncthreads()
     if last[0] == 0:
         return
-    n_arrays = sumsq.size
+    cuda.threadfence()                           # acquire: every block's chunks
+    n_arrays = scale.size
     # Arrays with at most THREADS chunks: one thread each, chunks in order.
     for k in range(tid, n_arrays, THREADS):
         c0 = chunk_first[k]
         c1 = chunk_first[k + 1]
         if c1 - c0 <= THREADS:
-            s = zero
+            lo = zero
+            hi = zero
             b = 0
             for c in range(c0, c1):
-                s += chunk_sq[c]
+                lo += chunk_sq[c, 0]
+                hi += chunk_sq[c, 1]
                 b |= chunk_bad[c]
-            sumsq[k] = s
+            sumsq[k, 0] = lo
+            sumsq[k, 1] = hi
             array_bad[k] = b
     # Larger arrays: the whole block, one array at a time.
     for j in range(n_big):
         k = big[j]
-        s = zero
+        lo = zero
+        hi = zero
         b = zero
         for c in range(chunk_first[k] + tid, chunk_first[k + 1], THREADS):
-            s += chunk_sq[c]
-            b += dt(chunk_bad[c])
-        sq[tid] = s
-        nf[tid] = b
-        cuda.syncthreads()
-        width = THREADS // 2
-        while width > 0:
-            if tid < width:
-                sq[tid] += sq[tid + width]
-                nf[tid] += nf[tid + width]
-            cuda.syncthreads()
-            width //= 2
+            lo += chunk_sq[c, 0]
+            hi += chunk_sq[c, 1]
+            b = one if chunk_bad[c] != 0 else b
+        red[0, tid] = lo
+        red[1, tid] = hi
+        red[2, tid] = b
+        _block_reduce(red, tid)
         if tid == 0:
-            sumsq[k] = sq[0]
-            array_bad[k] = nf[0] != zero
+            sumsq[k, 0] = red[0, 0]
+            sumsq[k, 1] = red[1, 0]
+            array_bad[k] = red[2, 0] != zero
         cuda.syncthreads()
     cuda.syncthreads()
 
-    # 3. Per-array clipping factors, the clipped total and the first bad array.
-    part = zero
+    # 3. Per-array clipping factors, the clipped total and the first bad
+    #    array.  A norm with a nonzero ``hi`` is compared scaled: ``r`` is
+    #    the norm times NORM_SCALE.
+    part_lo = zero
+    part_hi = zero
     first_bad = n_arrays
     for k in range(tid, n_arrays, THREADS):
-        s = sumsq[k]
+        lo = sumsq[k, 0]
+        hi = sumsq[k, 1]
         clipnorm = table[k, CLIPNORM]
-        norm = dt(math.sqrt(s))
-        f = clipnorm / norm if norm > clipnorm else one
+        if hi == zero:
+            norm = dt(math.sqrt(lo))
+            f = clipnorm / norm if norm > clipnorm else one
+            part_lo += lo * f * f
+        else:
+            r = dt(math.sqrt(hi + (lo * scl) * scl))
+            limit = clipnorm * scl
+            f = limit / r if r > limit else one
+            rf = r * f                       # the clipped norm, scaled
+            if rf > split * scl:
+                part_hi += rf * rf
+            else:                            # clipped back into lo's range
+                part_lo += (rf / scl) * (rf / scl)
         scale[k] = f
-        part += s * f * f
         if array_bad[k] != 0 and k < first_bad:
             first_bad = k
-    sq[tid] = part
-    ibad[tid] = first_bad
-    cuda.syncthreads()
-    width = THREADS // 2
-    while width > 0:
-        if tid < width:
-            sq[tid] += sq[tid + width]
-            if ibad[tid + width] < ibad[tid]:
-                ibad[tid] = ibad[tid + width]
-        cuda.syncthreads()
-        width //= 2
-    total = sq[0]
-    norm = dt(math.sqrt(total + other_sumsq))
-    g_scale = global_clipnorm / norm if norm > global_clipnorm else one
+    red[0, tid] = part_lo
+    red[1, tid] = part_hi
+    red[2, tid] = -dt(first_bad)
+    _block_reduce(red, tid)
+    total_lo = red[0, 0]
+    total_hi = red[1, 0]
+    first_bad = -red[2, 0]
+    lo = total_lo + other_lo
+    hi = total_hi + other_hi
+    if hi == zero:
+        norm = dt(math.sqrt(lo))
+        g_scale = global_clipnorm / norm if norm > global_clipnorm else one
+    else:
+        r = dt(math.sqrt(hi + (lo * scl) * scl))
+        limit = global_clipnorm * scl
+        g_scale = limit / r if r > limit else one
     for k in range(tid, n_arrays, THREADS):
         scale[k] *= g_scale
     if tid == 0:
-        result[BAD] = dt(ibad[0]) if check and ibad[0] < n_arrays else -one
-        result[TOTAL] = total
+        result[BAD] = first_bad if check and first_bad < dt(n_arrays) else -one
+        result[TOTAL] = total_lo
+        result[TOTAL_HI] = total_hi
 
 
 def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
@@ -339,7 +400,8 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
     dt = v.dtype.type
     zero = dt(0)
     one = dt(1)
-    big = _bits_float(_float_bits(dt(math.inf)) - 1, v)   # largest finite value
+    # layout.SATURATION of the dtype (reference.saturate), from its bits
+    sat = _bits_float(_SAT_BITS32 if _is_float32(zero) else _SAT_BITS64, v)
     below = dt(1.0 - 2.0 ** -24)
     if use_stats and result[BAD] >= zero:
         return                                   # refused step: write nothing
@@ -368,6 +430,7 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
             gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
             gi = gi * s                                     # then the norm factor
+            gi = sat if gi > sat else (-sat if gi < -sat else gi)   # saturate
             g2 = gi * gi
             if sparse:
                 counted = g2 != zero
@@ -376,10 +439,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
                 w = one / dt(cnt) if counted else zero
             else:
                 w = inv_t
-            # v + (g**2 - v) * w, an overflowed g**2 counting as the largest
-            # finite value, in float32 rounded stochastically:
+            # v + (g**2 - v) * w, in float32 rounded stochastically:
             vj = v[j]
-            d = ((big if g2 > big else g2) - vj) * w
+            d = (g2 - vj) * w
             if _is_float32(vj):                             # compile-time
                 # reference.dither_offset: an odd integer from the signed
                 # top 25 bits of the Weyl hash, times the spacing next to
@@ -420,8 +482,8 @@ def signatures(dtype):
     i64, u32, i32 = types.int64[::1], types.uint32[::1], types.int32[::1]
     vec, table, addr = f[::1], f[:, ::1], types.int64[:, ::1]
     return {
-        "stats_kernel": (table, addr, i64, i64, i64, i64, i64, types.int64, vec, i32,
-                         vec, i32, vec, vec, u32, types.boolean, f, f),
+        "stats_kernel": (table, addr, i64, i64, i64, i64, i64, types.int64, table, i32,
+                         table, i32, vec, vec, u32, types.boolean, f, f, f),
         "update_kernel": (table, addr, i64, i64, i64, i64, vec, u32, vec, vec, vec,
                           types.boolean),
     }
