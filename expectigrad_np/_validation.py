@@ -14,6 +14,8 @@ GROUP_DEFAULTS = {
     "sparse_counter": True,
     "clipvalue": None,
     "clipnorm": None,
+    "weight_decay": 0.0,
+    "maximize": False,
 }
 
 
@@ -118,8 +120,14 @@ def check_group_value(key, value, where=""):
         return check_beta(value, where)
     if key == "eps":
         return check_eps(value, where)
-    if key == "sparse_counter":
+    if key in ("sparse_counter", "maximize"):
         return check_bool(key, value, where)
+    if key == "weight_decay":
+        value = _real(key, value, where)
+        if value < 0.0:
+            raise ValueError(f"{where}weight_decay must be >= 0 (decoupled decay: "
+                             f"x <- x * (1 - lr * weight_decay)), got {value!r}")
+        return value
     if key in ("clipvalue", "clipnorm"):
         return check_positive_or_none(key, value, where)
     known = ", ".join(sorted(GROUP_DEFAULTS))

@@ -48,7 +48,11 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
 FORMAT = "expectigrad_np.checkpoint"
 FORMAT_VERSION = 1
 
-_HYPER = ("lr", "beta", "eps", "sparse_counter", "clipvalue", "clipnorm")
+_HYPER = ("lr", "beta", "eps", "sparse_counter", "clipvalue", "clipnorm",
+          "weight_decay", "maximize")
+# Recorded since weight decay and maximize exist: a file without them was
+# written with their defaults.
+_LATER = {"weight_decay": 0.0, "maximize": False}
 _STATE_FIELDS = ("mean_sq", "count", "momentum")
 
 
@@ -275,6 +279,8 @@ def _check_layout(opt, meta):
             raise _Refused(f"{where} has {size!r} parameters in the file, "
                            f"{len(g['params'])} in the optimizer")
         for key in _HYPER:
+            if key not in stored and key in _LATER:
+                stored = dict(stored, **{key: _LATER[key]})
             if key not in stored:
                 raise _Refused(f"{where}: the file does not record {key!r}")
             if key == "lr":

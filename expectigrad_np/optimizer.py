@@ -17,6 +17,7 @@ import numpy as np
 from . import _validation as V
 from ._atomic import interrupts_deferred
 from .backends import bucket_class
+from .backends import layout as L
 from .param_groups import Changes, ParamGroup
 
 _NONE_ID = id(None)
@@ -89,6 +90,11 @@ class Expectigrad:
         Added to the denominator.
     sparse_counter : bool, default True
         Count only nonzero gradients (True) or every step (False).
+    weight_decay : float >= 0, default 0
+        Decoupled weight decay, as in AdamW: before each step ``x <- x * (1
+        - lr * weight_decay)`` with that step's (scheduled) ``lr``.
+    maximize : bool, default False
+        Maximise the objective: the gradient's sign is flipped.
     clipvalue : float > 0 or None
         Clip each gradient element to ``[-clipvalue, clipvalue]`` (first).
     clipnorm : float > 0 or None
@@ -116,9 +122,10 @@ class Expectigrad:
     """
 
     def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
-                 clipvalue=None, clipnorm=None, global_clipnorm=None,
-                 check_finite=True, backend="auto"):
+                 weight_decay=0.0, maximize=False, clipvalue=None, clipnorm=None,
+                 global_clipnorm=None, check_finite=True, backend="auto"):
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
+                        weight_decay=weight_decay, maximize=maximize,
                         clipvalue=clipvalue, clipnorm=clipnorm)
         defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
         self.global_clipnorm = global_clipnorm      # validated by the setters
@@ -146,6 +153,7 @@ class Expectigrad:
         self._lock = threading.RLock()
         self._buckets = self._make_buckets()
         self._ranges = None        # host_ranges of each bucket (several dtypes)
+        self._last_scheduled = {}  # group -> (schedule's last value, checked value)
         self._refresh()
 
     @property
@@ -295,6 +303,10 @@ class Expectigrad:
         self._clipvalue = per("clipvalue", np.inf)
         self._clipnorm = per("clipnorm", np.inf)
         self._sparse = np.array([groups[gi]["sparse_counter"] for gi in self._group_of])
+        self._last_scheduled = {}          # checked against the old hyperparameters
+        self._weight_decay = per("weight_decay")
+        self._maximize = np.array([groups[gi]["maximize"] for gi in self._group_of],
+                                  dtype=bool)
         self._scheduled = any(callable(g["lr"]) for g in groups)
         self._static_lr = None if self._scheduled else per("lr")
         # Names this set of hyperparameters: buckets rewrite the rows that
@@ -338,9 +350,13 @@ class Expectigrad:
         scalars = np.array([np.inf if self.global_clipnorm is None
                             else self.global_clipnorm, 0.0], dtype=np.float64)
         b.set_coefficients(lr, self._beta, self._eps, self._t + 1, self._clipvalue,
-                           self._clipnorm, np.ones(n, bool), self._sparse, self._momentum)
-        beta = np.ascontiguousarray(self._beta, dtype=np.float64)
-        path = b.step_path(self._t, lr, beta, scalars, self.check_finite, self._bare, n,
+                           self._clipnorm, np.ones(n, bool), self._sparse, self._momentum,
+                           weight_decay=self._weight_decay, maximize=self._maximize)
+        hyper = np.empty((n, len(L.HYPER_FIELDS)), np.float64)
+        hyper[:, 0] = self._beta
+        hyper[:, 1] = self._weight_decay
+        hyper[:, 2] = L.signs(self._maximize, self._momentum)[1]
+        path = b.step_path(self._t, lr, hyper, scalars, self.check_finite, self._bare, n,
                            self._step_counter)
         if path is None:
             return None
@@ -348,7 +364,7 @@ class Expectigrad:
         members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
         # lr (rewritten by the schedules each step), beta and scalars are the
         # rows the kernel reads through the context row.
-        return entry, ctx_address, lock, lr, beta, scalars, schedules, members
+        return entry, ctx_address, lock, lr, hyper, scalars, schedules, members
 
     def _write_scheduled_lr(self, fast):
         """Evaluate the schedules into the compiled route's float64 lr row.
@@ -368,14 +384,20 @@ class Expectigrad:
         """Group ``gi``'s schedule at ``step_count``, checked like a
         constructor value and against the largest step size its parameters'
         dtypes can hold (``lr / (1 - beta)``)."""
+        raw = schedule(self.step_count)
+        last = self._last_scheduled.get(gi)
+        if last is not None and last[0] is raw:
+            return last[1]               # the same object as last step: checked then
         where = f"param group {gi}: "
-        value = V.check_scheduled_lr(schedule(self.step_count), self.step_count, where)
+        value = V.check_scheduled_lr(raw, self.step_count, where)
         group = self.param_groups[gi]
         try:
             V.check_step_size_dtypes(value, group["beta"], group["params"], where)
         except ValueError as exc:
             raise ValueError(f"{where}lr schedule returned {value!r} at step "
                              f"{self.step_count}: {str(exc)[len(where):]}") from None
+        if isinstance(raw, float):       # immutable: the same object is the same value
+            self._last_scheduled[gi] = (raw, value)
         return value
 
     def _lr_per_array(self, schedule_step=-1):
@@ -506,7 +528,8 @@ class Expectigrad:
             b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
                                self._clipvalue[s], self._clipnorm[s], active[s],
                                self._sparse[s], self._momentum[s],
-                               static_key=self._hyper_key)
+                               static_key=self._hyper_key,
+                               weight_decay=self._weight_decay[s], maximize=self._maximize[s])
         gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
         sumsq = [0.0] * len(self._buckets)
         if len(self._buckets) > 1 and (self.check_finite or gclip < np.inf):

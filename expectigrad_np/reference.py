@@ -169,8 +169,13 @@ def clip_gradient(g, scale=1.0, clipvalue=np.inf):
 
 
 def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
-                       sparse_counter=True):
+                       sparse_counter=True, weight_decay=0.0, maximize=False):
     """One Expectigrad step on one array, in place.
+
+    With ``maximize`` the gradient's sign is flipped first; with
+    ``weight_decay`` the parameter decays as in AdamW (decoupled, with this
+    step's ``lr``) before the step is subtracted:
+    ``x <- x * (1 - lr * weight_decay) - step``.
 
     Parameters
     ----------
@@ -195,11 +200,16 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         Denominator constant, > 0.
     sparse_counter : bool
         Count only nonzero gradients (True) or every step (False, ``n = t``).
+    weight_decay : float
+        Decoupled weight decay >= 0: ``x`` is scaled by ``1 - lr *
+        weight_decay`` (computed in float64, rounded to ``x``'s dtype).
+    maximize : bool
+        Ascend instead: the gradient's sign is flipped.
     """
     dt = x.dtype.type
     one, zero = dt(1), dt(0)
 
-    g = saturate(g)                                            # g**2 stays finite
+    g = saturate(-g if maximize else g)                        # g**2 stays finite
     g2 = g * g
     if sparse_counter:
         counted = g2 != zero                                   # sign(g**2)
@@ -214,6 +224,7 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         mean_sq += increment
     u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0
 
+    x *= dt(1.0 - float(lr) * float(weight_decay))             # decoupled decay (1: none)
     if momentum is None:                                       # beta = 0, never momentum
         x -= dt(step_size(lr, beta, t)) * u
     else:

@@ -65,3 +65,15 @@ def test_mlp_numpy(tmp_path, capsys):
         assert len(curves[name]) == 8 and curves[name][-1] < curves[name][0]
     assert os.path.exists(tmp_path / "mlp_numpy.png") == has("matplotlib")
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not has("torch"), reason="torch is not installed "
+                    "(pip install 'expectigrad_np[torch]')")
+def test_pytorch_digits(tmp_path, capsys):
+    results = load("pytorch_digits").main(["--epochs", "3", "--out", str(tmp_path)])
+    assert set(results) == {"Expectigrad", "Adam"}
+    for r in results.values():
+        assert r["losses"][-1] < r["losses"][0] and r["accuracy"] > 0.5
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    assert os.path.exists(tmp_path / "pytorch_digits.png") == has("matplotlib")

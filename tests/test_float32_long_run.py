@@ -28,6 +28,7 @@ def drive(stream, x, v, n, m, flags, lr, beta, eps, t0):
     c = np.zeros(len(_layout.COEF_FIELDS), x.dtype)
     c[_layout.BETA], c[_layout.OMB], c[_layout.EPS] = dt(beta), dt(1.0 - beta), dt(eps)
     c[_layout.CLIPVALUE], c[_layout.CLIPNORM] = dt(np.inf), dt(np.inf)
+    c[_layout.DECAY] = dt(1.0)                                  # no weight decay
     for r in range(stream.shape[0]):
         t = t0 + r + 1
         c[_layout.STEP] = dt(lr / (1.0 - beta ** t))

@@ -40,7 +40,7 @@ def _compiled_ir(dtype):
     a uint32 hash), clipped and unclipped."""
     x, g, v, m = (np.ones(8, dtype) for _ in range(4))
     n = np.zeros(8, np.uint32)
-    c = np.array([0.01, 0.9, 0.1, 1e-8, 1.0, np.inf, np.inf], dtype)
+    c = np.array([0.01, 0.9, 0.1, 1e-8, 1.0, np.inf, np.inf, 1.0], dtype)
     scale = dtype(1.0)
     h = np.uint32(12345)
     irs = {}
@@ -107,7 +107,7 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         total = sum(sizes)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         v, n, m = np.zeros(total, dtype), np.zeros(total, np.uint32), np.zeros(total, dtype)
-        coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0], dtype), (len(sizes), 1))
+        coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0, 1.0], dtype), (len(sizes), 1))
         flags = np.ones((len(sizes), len(_layout.FLAG_FIELDS)), np.int64)
         flags[:, _layout.T] = 0             # counts 0 = step count 0: uniform
         seg, lo, hi = _layout.make_chunks(sizes)

@@ -268,7 +268,9 @@ LATER = [
     (1, "clipnorm", INF, ValueError, "param group 1: clipnorm must be finite"),
     (0, "sparse_counter", False, ValueError, "param group 0: 'sparse_counter' cannot"),
     (0, "params", [], ValueError, "param group 0: 'params' cannot be changed"),
-    (0, "weight_decay", 0.1, ValueError, "param group 0: unknown hyperparameter"),
+    (0, "momentum", 0.1, ValueError, "param group 0: unknown hyperparameter"),
+    (0, "weight_decay", -0.1, ValueError, "param group 0: weight_decay must be >= 0"),
+    (1, "maximize", 1, TypeError, "param group 1: maximize must be True or False"),
 ]
 
 

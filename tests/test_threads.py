@@ -145,7 +145,7 @@ from expectigrad_np.backends.cpu import kernels as K
 x = np.zeros(1 << 16, np.float32); g = np.ones_like(x)
 v, m, n = np.zeros_like(x), np.zeros_like(x), np.zeros(x.size, np.uint32)
 seg, lo, hi = _layout.make_chunks([x.size])
-coef = np.array([[1e-3, .9, .1, 1e-8, 1., np.inf, np.inf]], np.float32)
+coef = np.array([[1e-3, .9, .1, 1e-8, 1., np.inf, np.inf, 1.]], np.float32)
 kernel = K.segments_step_parallel if sys.argv[1] == "parallel" else K.segments_step
 kernel(np.array([K.data_address(x)]), np.array([K.data_address(g)]),
        np.array([0, x.size]), seg, lo, hi, v, n, m, coef, np.array([[1, 1, 1]]),

@@ -24,7 +24,7 @@ def test_a_variant_without_the_loop_writes_nothing(dtype):
     n = 50
     x, g = np.zeros(n, dtype), np.full(n, 0.5, dtype)
     v, m, cnt = np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, np.uint32)
-    coef = np.array([1e-3, .9, .1, 1e-8, 1., np.inf, np.inf], dtype)
+    coef = np.array([1e-3, .9, .1, 1e-8, 1., np.inf, np.inf, 1.], dtype)
     flags = np.array([1, 1, 1, 1, 0], np.int64)                 # sparse, momentum
     wrong = K.variant(_loops.loops_for(False, False, False))    # dense, no momentum
     code, _ = wrong.array_step(x, g, v, cnt, m, coef, flags, True, np.inf)

@@ -115,7 +115,8 @@ class Bucket(abc.ABC):
     # --- stepping ----------------------------------------------------------------
 
     def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
-                         sparse, momentum, static_key=None):
+                         sparse, momentum, static_key=None, weight_decay=0.0,
+                         maximize=False):
         """Fill the coefficient and flag rows from per-array values (bucket
         order): ``t`` is each array's step number counting this step.
 
@@ -126,15 +127,17 @@ class Bucket(abc.ABC):
         beta = np.asarray(beta, dtype=np.float64)
         t = np.maximum(np.asarray(t, dtype=np.int64), 1)
         # 1 - beta**t > 0 for every valid beta in [0, 1): no division by zero.
+        omb_sign, step_sign = L.signs(maximize, momentum)
         step_size = np.where(beta == 0.0, lr, lr / L.one_minus_pow(beta, t))
         c, f = self.coef, self.flags
-        c[:, L.STEP] = step_size
+        c[:, L.STEP] = step_size * step_sign
         c[:, L.INV_T] = 1.0 / t
+        c[:, L.DECAY] = 1.0 - np.asarray(lr, dtype=np.float64) * weight_decay
         f[:, L.ACTIVE] = active
         f[:, L.T] = t
         if static_key is None or static_key is not self._static_key:
             c[:, L.BETA] = beta
-            c[:, L.OMB] = 1.0 - beta
+            c[:, L.OMB] = (1.0 - beta) * omb_sign
             c[:, L.EPS] = eps
             with np.errstate(over="ignore"):    # a threshold beyond the dtype: inf, off
                 c[:, L.CLIPVALUE] = clipvalue
@@ -142,7 +145,9 @@ class Bucket(abc.ABC):
             f[:, L.SPARSE] = sparse
             f[:, L.MOMENTUM] = momentum
             self._static_key = static_key
-        self.hyper = dict(lr=lr, beta=beta, eps=eps, t=t)
+        self.hyper = dict(lr=lr, beta=beta, eps=eps, t=t,
+                          weight_decay=np.broadcast_to(weight_decay, t.shape),
+                          maximize=np.broadcast_to(maximize, t.shape))
 
     @abc.abstractmethod
     def load_gradients(self, grads, ids=None):

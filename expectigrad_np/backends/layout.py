@@ -6,7 +6,12 @@ the bucket), ``count`` (uint32, sparse counter only) and ``momentum``.
 Per-array hyperparameters travel to the kernels as two small tables:
 
 coefficient rows (one per array, in the bucket's dtype)
-    ``COEF_FIELDS = [step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm]``
+    ``COEF_FIELDS = [step_size, beta, 1 - beta, eps, 1/t, clipvalue, clipnorm,
+    decay]``, ``decay = 1 - lr * weight_decay``.  ``maximize`` (the
+    gradient's sign flipped) is folded into signs: ``1 - beta`` is negated
+    for arrays with momentum, ``step_size`` for arrays without
+    (``signs``), so it costs the loops nothing and gives the bits of
+    negating the gradient.
 flag rows (int64)
     ``FLAG_FIELDS = [active, sparse, momentum, t, uniform]``: ``t`` is the
     array's step number counting this step (it seeds the stochastic
@@ -22,13 +27,18 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "CHUNK", "COEF_FIELDS", "COUNT_DTYPE", "FLAG_FIELDS", "SATURATION", "STATE_FIELDS",
-    "STATE_PAGE_OFFSETS", "clip_scale", "make_chunks", "one_minus_pow", "state_zeros",
+    "CHUNK", "COEF_FIELDS", "COUNT_DTYPE", "FLAG_FIELDS", "HYPER_FIELDS", "SATURATION",
+    "STATE_FIELDS", "STATE_PAGE_OFFSETS", "clip_scale", "make_chunks", "one_minus_pow",
+    "signs", "state_zeros",
 ]
 
 COEF_FIELDS = ("step_size", "beta", "one_minus_beta", "eps", "inv_t",
-               "clipvalue", "clipnorm")
-STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM = range(len(COEF_FIELDS))
+               "clipvalue", "clipnorm", "decay")
+STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM, DECAY = range(len(COEF_FIELDS))
+# The float64 per-array table the compiled CPU route reads each step (with
+# the lr row) to compute step_size and decay: beta, weight_decay and the
+# sign of step_size (``signs``).
+HYPER_FIELDS = ("beta", "weight_decay", "step_sign")
 FLAG_FIELDS = ("active", "sparse", "momentum", "t", "uniform")
 ACTIVE, SPARSE, MOMENTUM, T, UNIFORM = range(len(FLAG_FIELDS))
 UNIFORM_MAX_T = 0xFFFFFFFF           # counts saturate beyond: no longer uniform
@@ -98,6 +108,18 @@ def one_minus_pow(beta, t):
     if (t == t0).all() and (beta == beta[0]).all():
         return 1.0 - float(beta[0]) ** int(t0)            # the same for every array
     return np.array([1.0 - b ** k for b, k in zip(beta.tolist(), t.tolist())])
+
+
+def signs(maximize, momentum):
+    """``(omb_sign, step_sign)`` per array: ``maximize`` flips the
+    gradient's sign, which is ``u``'s sign; with momentum that is the sign
+    of ``(1 - beta) * u`` in ``m``, without it the sign of the step.
+    ``(-a) * b == a * (-b)`` exactly, so the bits are those of negating
+    ``g``."""
+    maximize = np.asarray(maximize, dtype=bool)
+    momentum = np.asarray(momentum, dtype=bool)
+    return (np.where(maximize & momentum, -1.0, 1.0),
+            np.where(maximize & ~momentum, -1.0, 1.0))
 
 
 def clip_scale(sumsq, clipnorm):

@@ -92,5 +92,6 @@ class NumpyBucket(Bucket):
                 self.segment("count", k) if f[L.SPARSE] else None,
                 self.segment("momentum", k) if f[L.MOMENTUM] else None,
                 t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
-                eps=float(h["eps"][k]), sparse_counter=bool(f[L.SPARSE]))
+                eps=float(h["eps"][k]), sparse_counter=bool(f[L.SPARSE]),
+                weight_decay=float(h["weight_decay"][k]), maximize=bool(h["maximize"][k]))
         return -1, total

@@ -28,6 +28,7 @@ def problems(draw):
         eps=draw(st.sampled_from([1e-8, 1e-3, 1.0])), sparse_counter=draw(st.booleans()),
         clipvalue=draw(st.sampled_from([None, 0.5])), clipnorm=draw(st.sampled_from([None, 1.0])),
         global_clipnorm=draw(st.sampled_from([None, 2.0])),
+        weight_decay=draw(st.sampled_from([0.0, 0.3])), maximize=draw(st.booleans()),
         check_finite=draw(st.booleans()))
     steps = draw(st.integers(1, 5))
     return arrays, hyper, steps, seed
@@ -85,6 +86,7 @@ def test_cuda_agrees_with_reference(problem):
     dict(), dict(beta=0.0), dict(sparse_counter=False), dict(sparse_counter=False, beta=0.0),
     dict(clipvalue=0.3, clipnorm=0.5, global_clipnorm=0.7),
     dict(global_clipnorm=1.0, check_finite=False),
+    dict(weight_decay=0.2, maximize=True), dict(beta=0.0, weight_decay=0.5, maximize=True),
 ])
 def test_every_option_with_multi_chunk_arrays(dtype, hyper):
     """One array long enough for more than THREADS chunks (summed by a whole

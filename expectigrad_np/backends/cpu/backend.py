@@ -105,7 +105,7 @@ class CpuBucket(Bucket):
         if bound is None or self.staged or not self.params:
             self.ctx = None
             return
-        steps, lr, beta, scalars, check, bare, n_items, counter = bound
+        steps, lr, hyper, scalars, check, bare, n_items, counter = bound
         if getattr(self, "ctx", None) is None:
             # Allocated once and then updated in place: its address is final.
             self.ctx = np.zeros(len(K.BUCKET_FIELDS), dtype=np.int64)
@@ -125,7 +125,7 @@ class CpuBucket(Bucket):
             "total": self.total, "count_size": self.count.size,
             "momentum_size": self.momentum.size, "coef": addr(self.coef),
             "flags": addr(self.flags), "n_arrays": len(self.params),
-            "steps": addr(steps), "lr": addr(lr), "beta": addr(beta),
+            "steps": addr(steps), "lr": addr(lr), "hyper": addr(hyper),
             "scalars": addr(scalars), "check": int(check), "slots": addr(self.slots64),
             "n_items": n_items, "bare": int(bare), "ndarray_type": _NDARRAY,
             "descr": id(self.dtype), "ndims": addr(ndims), "dims": addr(dims),
@@ -136,29 +136,31 @@ class CpuBucket(Bucket):
             "itemsize": self.dtype.itemsize}
         self.ctx[:] = [row[name] for name in K.BUCKET_FIELDS]
 
-    def bind(self, steps, lr, beta, scalars, check, bare, n_items, counter):
+    def bind(self, steps, lr, hyper, scalars, check, bare, n_items, counter):
         """Give ``bucket_step`` the caller's rows, in bucket order: step
-        counts (int64, incremented in place), learning rates and betas
-        (float64, read each step), the float64 scalar row
+        counts (int64, incremented in place), learning rates (float64, read
+        each step) and the float64 ``(n, len(HYPER_FIELDS))`` table of
+        beta, weight decay and step sign (``layout.signs``), the float64 scalar row
         (``BUCKET_SCALARS``), the check_finite flag, whether the gradient is
         passed bare (a one-array optimizer), and how many items the
         gradient sequence holds (``slots`` index into it), and the int64
         row of the optimizer's step count (incremented too).  Returns the
         context row (its address never changes), or None where the entry
         does not apply (staged, non-contiguous parameters)."""
-        rows = (steps, lr, beta, scalars, counter)
+        rows = (steps, lr, hyper, scalars, counter)
         if not all(r.flags.c_contiguous for r in rows) or steps.dtype != np.int64 or \
-                lr.dtype != np.float64 or beta.dtype != np.float64 or \
+                lr.dtype != np.float64 or hyper.dtype != np.float64 or \
+                hyper.shape != (lr.size, len(L.HYPER_FIELDS)) or \
                 scalars.dtype != np.float64 or scalars.size != len(K.BUCKET_SCALARS):
-            raise TypeError("bind needs an int64 step row and float64 lr, beta and "
-                            "scalar rows")
+            raise TypeError("bind needs an int64 step row, a float64 lr row, a float64 "
+                            "(n, 3) hyper table and a float64 scalar row")
         self.slots64 = self.slots.astype(np.int64)
-        self._bound = (steps, lr, beta, scalars, bool(check), bool(bare), int(n_items),
+        self._bound = (steps, lr, hyper, scalars, bool(check), bool(bare), int(n_items),
                        counter)
         self._update_ctx()
         return self.ctx
 
-    def step_path(self, steps, lr, beta, scalars, check, bare, n_items, counter):
+    def step_path(self, steps, lr, hyper, scalars, check, bare, n_items, counter):
         """The compiled whole-step entry: ``(entry, ctx_address, lock)``, or
         None where it does not apply (see ``bind``), or where the kernels
         cannot read NumPy's array and sequence objects
@@ -174,7 +176,7 @@ class CpuBucket(Bucket):
         """
         if not _locate.layout_ok():
             return None
-        ctx = self.bind(steps, lr, beta, scalars, check, bare, n_items, counter)
+        ctx = self.bind(steps, lr, hyper, scalars, check, bare, n_items, counter)
         if ctx is None:
             return None
         parallel = self.total >= PARALLEL_MIN_SIZE
@@ -185,10 +187,11 @@ class CpuBucket(Bucket):
     _loop_masks = None
 
     def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
-                         sparse, momentum, static_key=None):
+                         sparse, momentum, static_key=None, weight_decay=0.0,
+                         maximize=False):
         rewrite = static_key is None or static_key is not self._static_key
         super().set_coefficients(lr, beta, eps, t, clipvalue, clipnorm, active,
-                                 sparse, momentum, static_key)
+                                 sparse, momentum, static_key, weight_decay, maximize)
         if rewrite:
             self._loop_masks = None
 

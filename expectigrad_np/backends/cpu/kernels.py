@@ -43,7 +43,9 @@ from ..layout import (
     CLIPNORM,
     CLIPVALUE,
     COEF_FIELDS,
+    DECAY,
     FLAG_FIELDS,
+    HYPER_FIELDS,
     INV_T,
     STEP,
     T,
@@ -265,12 +267,12 @@ segments_step_parallel = _kernel(_twin(_segments_step, "_segments_step_parallel"
 BUCKET_FIELDS = (
     "x_addr", "g_addr", "offsets", "chunk_seg", "chunk_lo", "chunk_hi", "n_chunks",
     "mean_sq", "count", "momentum", "total", "count_size", "momentum_size",
-    "coef", "flags", "n_arrays", "steps", "lr", "beta", "scalars", "check",
+    "coef", "flags", "n_arrays", "steps", "lr", "hyper", "scalars", "check",
     "slots", "n_items", "bare", "ndarray_type", "descr", "ndims", "dims",
     "dims_start", "list_type", "tuple_type", "none", "scratch", "step_count",
     "param_objects", "x_lo", "x_hi", "itemsize")
 (BX, BG, BOFF, BSEG, BLO, BHI, BNCH, BV, BN, BM, BTOTAL, BNSIZE, BMSIZE, BCOEF,
- BFLAGS, BNARR, BSTEPS, BLR, BBETA, BS, BCHECK, BSLOTS, BNITEMS, BBARE, BTYPE,
+ BFLAGS, BNARR, BSTEPS, BLR, BHYPER, BS, BCHECK, BSLOTS, BNITEMS, BBARE, BTYPE,
  BDESCR, BNDIMS, BDIMS, BDSTART, BLIST, BTUPLE, BNONE, BSCRATCH,
  BSTEPCOUNT, BPARAMS, BXLO, BXHI, BITEM) = range(len(BUCKET_FIELDS))
 # The float64 scalar row: global_clipnorm in, the bucket's squared norm out.
@@ -315,13 +317,16 @@ def _bucket_step(g_object, ctx_address, zero):
     dtype and shape returns ``BUCKET_NOT_LOCATED`` (the caller stages it and
     calls again with 0).
 
-    Then, with ``t`` each array's step count after this step and ``lr``,
-    ``beta`` from float64 rows, the coefficients that change every step are
-    computed in float64 exactly as ``reference.step_size`` does (the same C
-    library ``pow``) and stored in the array dtype::
+    Then, with ``t`` each array's step count after this step, ``lr`` from
+    a float64 row and ``beta``, ``weight_decay`` and the step's sign from
+    the float64 hyper table (``layout.HYPER_FIELDS``), the coefficients
+    that change every step are computed in float64 exactly as
+    ``reference.step_size`` does (the same C library ``pow``) and stored in
+    the array dtype::
 
-        c[STEP]  = lr / (1 - beta**t)   (lr when beta == 0)
+        c[STEP]  = sign * lr / (1 - beta**t)   (sign * lr when beta == 0)
         c[INV_T] = 1 / t
+        c[DECAY] = 1 - lr * weight_decay
 
     and the step is ``segments_step``'s (first pass, then the update).  On
     success every active array's step count, and the optimizer's, is
@@ -373,14 +378,17 @@ def _bucket_step(g_object, ctx_address, zero):
     coef = carray(_pointer_to(ctx[BCOEF], zero), (n_arrays, len(COEF_FIELDS)))
     steps = carray(_pointer_of(ctx[BSTEPS], np.int64), n_arrays)
     lr = carray(_pointer_of(ctx[BLR], np.float64), n_arrays)
-    beta = carray(_pointer_of(ctx[BBETA], np.float64), n_arrays)
+    hyper = carray(_pointer_of(ctx[BHYPER], np.float64), (n_arrays, len(HYPER_FIELDS)))
     s = carray(_pointer_of(ctx[BS], np.float64), len(BUCKET_SCALARS))
     for k in range(n_arrays):
         t = max(steps[k] + flags[k, ACTIVE], 1)
         flags[k, T] = t
         tf = np.float64(t)
-        coef[k, STEP] = lr[k] if beta[k] == 0.0 else lr[k] / (1.0 - beta[k] ** tf)
+        beta = hyper[k, 0]
+        step = lr[k] if beta == 0.0 else lr[k] / (1.0 - beta ** tf)
+        coef[k, STEP] = step * hyper[k, 2]                 # the step's sign
         coef[k, INV_T] = 1.0 / tf
+        coef[k, DECAY] = 1.0 - lr[k] * hyper[k, 1]
     nch = ctx[BNCH]
     bad, sumsq = _segments_inline(
         carray(_pointer_of(ctx[BX], np.int64), n_arrays), g_addr,

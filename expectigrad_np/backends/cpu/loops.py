@@ -17,6 +17,7 @@ from numba import njit
 from ..layout import (
     BETA,
     CLIPVALUE,
+    DECAY,
     EPS,
     INV_T,
     MOMENTUM,
@@ -53,11 +54,11 @@ from .jit import kernel as _kernel
 
 @njit(inline="always", **_OPTS)
 def _coefficients(c):
-    """``(step, beta, 1 - beta, eps, 1/t, clipvalue, 1, 0)`` from a
+    """``(step, beta, 1 - beta, eps, 1/t, clipvalue, 1, 0, decay)`` from a
     coefficient row, in its dtype: read once per loop, so the loops load
     nothing but array elements."""
     return (c[STEP], c[BETA], c[OMB], c[EPS], c[INV_T], c[CLIPVALUE],
-            c.dtype.type(1), c.dtype.type(0))
+            c.dtype.type(1), c.dtype.type(0), c[DECAY])
 
 
 @njit(**_OPTS)
@@ -99,7 +100,7 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
     division.  Then the momentum (when ``momentum``) and the parameter step.
     Every flag is a compile-time constant at every call.
     """
-    step, beta, omb, eps, inv_t, clipvalue, one, zero = k
+    step, beta, omb, eps, inv_t, clipvalue, one, zero, decay = k
     missed = False
     x_at, g_at, v_at, n_at, m_at = _addresses(x, g, v, n, m)
     for b in range(count):
@@ -125,9 +126,9 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
             v[i], u = _adaptive(gi, g2, v[i], w, eps, h)
             if momentum:
                 m[i] = beta * m[i] + omb * u
-                x[i] -= step * m[i]
+                x[i] = x[i] * decay - step * m[i]     # decay = 1: x - step * m
             else:
-                x[i] -= step * u
+                x[i] = x[i] * decay - step * u
             h = _weyl_next(h)
     return h, missed
 

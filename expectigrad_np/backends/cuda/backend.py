@@ -299,9 +299,10 @@ class CudaBucket(Bucket):
         event.wait(stream=self.stream)
 
     def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
-                         sparse, momentum, static_key=None):
+                         sparse, momentum, static_key=None, weight_decay=0.0,
+                         maximize=False):
         super().set_coefficients(lr, beta, eps, t, clipvalue, clipnorm, active,
-                                 sparse, momentum, static_key)
+                                 sparse, momentum, static_key, weight_decay, maximize)
         self.addr[:, 2] = self.hyper["t"]          # hashed by the mean's rounding
         self._pending = True
 

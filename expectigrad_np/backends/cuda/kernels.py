@@ -9,8 +9,8 @@ operation for operation (see ``reference.py`` for the equations)::
     w  = 1 / t                           (dense counter)
     v <- v + (g**2 - v) * w              running mean of g**2 (= s / n)
     u  = g / (eps + sqrt(v))             0/0 := 0
-    m <- beta * m + (1 - beta) * u ;  x <- x - step_size * m     (beta > 0)
-    x <- x - step_size * u                                       (beta = 0)
+    m <- beta * m + (1 - beta) * u ;  x <- x * decay - step_size * m     (beta > 0)
+    x <- x * decay - step_size * u                                       (beta = 0)
 
 A step of one bucket (all parameter arrays of one dtype) launches at most
 two kernels, whatever the number of arrays:
@@ -37,7 +37,7 @@ Arrays are reached through their device addresses (a ``(n_arrays, 3)``
 int64 table: parameter, gradient, and the array's step ``t``), read and written with two small
 intrinsics; in numba's simulator, where device memory is host memory, the
 same kernels use ``ctypes`` views at those addresses instead.  Per-array
-coefficients come as one ``(n_arrays, 10)`` table in the array dtype:
+coefficients come as one ``(n_arrays, 11)`` table in the array dtype:
 ``layout.COEF_FIELDS`` followed by the flags
 ``[active, sparse, momentum]`` as 0/1.
 
@@ -75,7 +75,7 @@ KERNEL_NAMES = ("stats_kernel", "update_kernel")
 # last flag) travels exactly, as int64, in the address table.
 TABLE_FLAGS = FLAG_FIELDS[:3]
 TABLE_FIELDS = COEF_FIELDS + TABLE_FLAGS
-(STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM,
+(STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM, DECAY,
  ACTIVE, SPARSE, MOMENTUM) = range(len(TABLE_FIELDS))
 BAD, TOTAL, TOTAL_HI = 0, 1, 2         # fields of ``result``
 
@@ -418,6 +418,7 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
         eps = table[k, EPS]
         inv_t = table[k, INV_T]
         clipvalue = table[k, CLIPVALUE]
+        decay = table[k, DECAY]
         sparse = table[k, SPARSE] != zero
         momentum = table[k, MOMENTUM] != zero
         xa = addr[k, 0]
@@ -458,7 +459,7 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
             if momentum:
                 u = beta * m[j] + omb * u
                 m[j] = u
-            _store(xa, i, v, _load(xa, i, v) - step * u)
+            _store(xa, i, v, _load(xa, i, v) * decay - step * u)
 
 
 def _zero(a):

@@ -1,0 +1,378 @@
+"""Expectigrad as a ``torch.optim.Optimizer``, stepping on the package's kernels.
+
+A drop-in for the original project's ``expectigrad.pytorch.Expectigrad``::
+
+    from expectigrad_np.pytorch import Expectigrad      # was: from expectigrad.pytorch ...
+    opt = Expectigrad(model.parameters(), lr=1e-3)
+
+Bookkeeping follows torch's conventions (param groups, closures, ``zero_grad``,
+``lr_scheduler``, ``GradScaler``, ``state_dict``); the arithmetic is
+``expectigrad_np.Expectigrad``'s: CPU float32/float64 tensors are updated in
+place by the fused CPU kernels through zero-copy ``.numpy()`` views, every
+tensor of a dtype in one compiled call; CUDA tensors go to the cuda backend
+through ``__cuda_array_interface__``.
+
+Differences from the original
+-----------------------------
+- Per-group ``beta`` and ``sparse_counter`` are honoured.  The original
+  decides whether momentum exists and which counter to use from the
+  constructor's values for every group.
+- ``weight_decay`` (decoupled, as in AdamW, with the scheduled ``lr``) and
+  ``maximize`` exist.
+- State is stored as the running mean ``mean_sq = sum / counter`` and a
+  ``uint32`` count (see ``expectigrad_np.reference``); ``load_state_dict``
+  converts a state dict saved by the original optimizer (``sum``, float
+  ``counter``).
+- The state lives in the kernels' flat buffers: ``opt.state`` stays empty,
+  and ``state_dict()`` returns copies (``step``, ``mean_sq``, ``count``,
+  ``momentum`` per parameter).
+
+Importing this module imports torch; ``import expectigrad_np`` does not.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _validation as V
+from .optimizer import Expectigrad as _Core
+
+__all__ = ["Expectigrad"]
+
+_DTYPES = (torch.float32, torch.float64)
+# Group keys the kernels read (others, such as a scheduler's ``initial_lr``,
+# stay torch's business).
+_KEYS = ("beta", "eps", "weight_decay", "maximize")
+
+
+def _check_hyper(group):
+    """The original's checks and messages for lr, beta and eps; ours for the
+    rest."""
+    lr, beta, eps = group["lr"], group["beta"], group["eps"]
+    if isinstance(lr, torch.Tensor):
+        raise TypeError("lr must be a Python float, not a tensor")
+    if not lr > 0.0:
+        raise ValueError(f"lr must be greater than 0 but got {lr}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0,1) but got {beta}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be greater than 0 but got {eps}")
+    for key in ("lr", "beta", "eps", "weight_decay", "sparse_counter", "maximize"):
+        V.check_group_value(key, group[key])
+
+
+def _check_param(p, where):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{where} is a {type(p).__name__}; Expectigrad optimizes "
+                        "torch tensors (model.parameters())")
+    if p.is_complex() or p.dtype not in _DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; the Expectigrad kernels take "
+                        "torch.float32 or torch.float64 parameters. Keep float32 "
+                        "parameters and use torch.autocast for lower-precision compute")
+    if p.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"{where} is on device {p.device}; CPU and CUDA tensors are "
+                        "supported")
+    if p.is_sparse:
+        raise TypeError(f"{where} is a sparse tensor; parameters must be dense")
+
+
+class Expectigrad(torch.optim.Optimizer):
+    r"""Expectigrad (Daley & Amato, 2020) for PyTorch, on fused kernels.
+
+    Per element of each parameter, on that parameter's ``t``-th step::
+
+        s <- s + g**2;  n <- n + sign(g**2)   (or n = t without the sparse counter)
+        m <- beta * m + (1 - beta) * g / (eps + sqrt(s / n))      0/0 := 0
+        x <- x * (1 - lr * weight_decay) - lr / (1 - beta**t) * m
+
+    Parameters
+    ----------
+    params : iterable of tensors or of dicts
+        Parameters (float32 or float64, CPU or CUDA) or param groups.
+    lr : float > 0, default 1e-3
+    beta : float in [0, 1), default 0.9
+        Outer-momentum decay; 0: no momentum and no bias correction.
+    eps : float > 0, default 1e-8
+    sparse_counter : bool, default True
+        Count only nonzero gradients (True) or every step (False).
+    weight_decay : float >= 0, default 0
+        Decoupled weight decay (AdamW's), with the step's ``lr``.
+    maximize : bool, default False
+        Maximise the objective (the gradient's sign is flipped).
+
+    A parameter whose ``.grad`` is None is skipped and its step count does
+    not advance.  Raises ``ValueError`` with the original's messages for a
+    bad ``lr``, ``beta`` or ``eps``, and ``TypeError`` for parameters of
+    another dtype or device.
+    """
+
+    def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
+                 weight_decay=0.0, maximize=False):
+        defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
+                        weight_decay=weight_decay, maximize=maximize)
+        _check_hyper(defaults)
+        self._core = None
+        super().__init__(params, defaults)
+
+    # --- groups ------------------------------------------------------------------
+
+    def add_param_group(self, param_group):
+        """torch's ``add_param_group``, with the hyperparameters and the
+        parameters' dtype and device checked first; the kernels' state of
+        the existing parameters is kept."""
+        saved = self._export_state() if getattr(self, "_core", None) is not None else None
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyper(group)
+            for i, p in enumerate(group["params"]):
+                _check_param(p, f"param group {len(self.param_groups) - 1} param {i}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        if saved is not None:
+            self._core = None
+            self._pending_state = saved           # moved into the next core
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _build(self):
+        """The core optimizer over views of the parameters (rebuilt when the
+        parameters change)."""
+        groups = []
+        for gi, g in enumerate(self.param_groups):
+            views = [_host_view(p, f"param group {gi} param {i}")
+                     for i, p in enumerate(g["params"])]
+            groups.append(dict({k: g[k] for k in _KEYS}, params=views,
+                               sparse_counter=g["sparse_counter"],
+                               lr=_GroupLR(g)))
+        core = _Core(groups)
+        self._core = core
+        self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
+        self._addresses = [p.data_ptr() for p in self._params()]
+        pending = getattr(self, "_pending_state", None)
+        if pending is not None:
+            self._pending_state = None
+            self._import_state(pending)
+        return core
+
+    def _sync(self):
+        """The core, rebuilt if a parameter's storage moved, with the groups'
+        hyperparameters carried over where they changed."""
+        core = self._core
+        params = self._params()
+        if core is None or len(params) != len(self._addresses) or any(
+                p.data_ptr() != a for p, a in zip(params, self._addresses)):
+            if core is not None:
+                self._pending_state = self._export_state()
+            return self._build()
+        for gi, g in enumerate(self.param_groups):
+            now = tuple(g[k] for k in _KEYS)
+            if now != self._synced[gi]:
+                for key, value in zip(_KEYS, now):
+                    core.param_groups[gi][key] = value
+                self._synced[gi] = now
+            if g["sparse_counter"] != core.param_groups[gi]["sparse_counter"]:
+                raise ValueError(f"param group {gi}: sparse_counter cannot change after "
+                                 "the optimizer is built")
+        return core
+
+    # --- stepping ----------------------------------------------------------------
+
+    def step(self, closure=None):
+        """One step over every parameter with a gradient; returns the
+        closure's loss (None without a closure).  No tensor operation runs
+        here (the kernels write through NumPy views), so autograd needs no
+        ``no_grad`` context."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        core = self._sync()
+        grads = []
+        for gi, g in enumerate(self.param_groups):
+            for i, p in enumerate(g["params"]):
+                grad = p.grad
+                if grad is None:
+                    grads.append(None)
+                    continue
+                if grad.is_sparse:
+                    raise TypeError(f"param group {gi} param {i} has a sparse gradient; "
+                                    "Expectigrad's PyTorch front end takes dense "
+                                    "gradients (use nn.Embedding(sparse=False))")
+                grads.append(grad.numpy() if grad.device.type == "cpu" else grad.detach())
+        core.step(grads)
+        return loss
+
+    # --- state -------------------------------------------------------------------
+
+    def _export_state(self):
+        """Per-parameter state from the kernels' buffers, as copies:
+        ``{index: {"step", "mean_sq", ["count"], ["momentum"]}}``."""
+        core = self._core if self._core is not None else self._sync()
+        out = {}
+        params = self._params()
+        for i, entry in core.state_dict()["state"].items():
+            p = params[i]
+            out[i] = {"step": torch.tensor(float(entry["step"]), dtype=torch.float32)}
+            for key in ("mean_sq", "count", "momentum"):
+                if key in entry:
+                    a = np.asarray(entry[key])
+                    if key == "count":
+                        a = a.astype(np.int64)
+                    out[i][key] = torch.from_numpy(np.array(a)).to(p.device)
+        return out
+
+    def state_dict(self):
+        """torch's format: ``{"state": {index: {"step", "mean_sq", "count",
+        "momentum"}}, "param_groups": [...]}``, state tensors copied from the
+        kernels' buffers (``count`` as int64)."""
+        sd = super().state_dict()
+        sd["state"] = self._export_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load ``state_dict()`` output, or a state dict of the original
+        optimizer (``sum`` and a float ``counter``, converted to the running
+        mean and a count).  Tensors are copied, never shared.  Everything is
+        checked before anything changes."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):
+            raise ValueError("not an optimizer state dict: it needs 'state' and "
+                             "'param_groups'")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} param groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        new_groups = []
+        for gi, (saved, g) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(g["params"]):
+                raise ValueError(f"param group {gi} has {len(saved.get('params', ()))} "
+                                 f"parameters in the state dict, {len(g['params'])} here")
+            merged = dict(g)
+            merged.update({k: v for k, v in saved.items() if k != "params"})
+            for key in ("weight_decay", "maximize", "sparse_counter"):
+                merged.setdefault(key, self.defaults[key])
+            _check_hyper(merged)
+            if merged["sparse_counter"] != g["sparse_counter"]:
+                raise ValueError(f"param group {gi}: sparse_counter differs from the "
+                                 "optimizer's")
+            new_groups.append(merged)
+        params = self._params()
+        converted = {}
+        for i, p in enumerate(params):
+            entry = state.get(i)
+            if entry is None:
+                continue
+            converted[i] = _converted(entry, p, f"state dict entry {i}",
+                                      new_groups, self._group_index(i))
+        core = self._sync()
+        core_sd = core.state_dict()
+        for i, entry in converted.items():
+            core_sd["state"][i] = entry
+        core_sd["param_groups"] = [
+            {"params": g["params"], **{k: ng[k] for k in ("beta", "eps", "weight_decay",
+                                                          "maximize")}}
+            for g, ng in zip(core_sd["param_groups"], new_groups)]
+        core.load_state_dict(core_sd)
+        for g, merged in zip(self.param_groups, new_groups):
+            params_of = g["params"]
+            g.clear()
+            g.update(merged)
+            g["params"] = params_of
+        self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
+
+    def _import_state(self, state):
+        """Load ``_export_state`` output for the parameters that have one."""
+        core = self._core
+        core_sd = core.state_dict()
+        for i, entry in state.items():
+            core_sd["state"][i] = {k: (int(v) if k == "step" else v.cpu().numpy())
+                                   for k, v in entry.items()}
+        core_sd["param_groups"] = [{"params": g["params"]} for g in core_sd["param_groups"]]
+        core.load_state_dict(core_sd)
+
+    def _group_index(self, i):
+        start = 0
+        for gi, g in enumerate(self.param_groups):
+            if i < start + len(g["params"]):
+                return gi
+            start += len(g["params"])
+        raise IndexError(i)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_core", None)
+
+
+class _GroupLR:
+    """The core's lr for one group: whatever ``group["lr"]`` holds now (the
+    schedulers of ``torch.optim.lr_scheduler`` write it)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, step):
+        lr = self.group["lr"]
+        return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
+def _host_view(p, where):
+    """What the core updates in place: a NumPy view of a CPU tensor's
+    memory, the tensor itself on CUDA (``__cuda_array_interface__``)."""
+    _check_param(p, where)
+    t = p.detach()
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+def _as_numpy(value, where):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _converted(entry, p, where, groups, gi):
+    """A torch-format entry (ours, or the original's ``sum``/``counter``) as
+    the core's ``{"step", "mean_sq", ["count"], ["momentum"]}``; the core's
+    ``load_state_dict`` checks shapes, ranges and dtypes."""
+    if not isinstance(entry, dict) or "step" not in entry:
+        raise ValueError(f"{where} must be a dict with 'step'")
+    step = entry["step"]
+    step = float(step.item() if isinstance(step, torch.Tensor) else step)
+    if not (math.isfinite(step) and step >= 0 and step == int(step)):
+        raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {step!r}")
+    t = int(step)
+    out = {"step": t}
+    dtype = {torch.float32: np.float32, torch.float64: np.float64}[p.dtype]
+    if "mean_sq" in entry:                                     # ours
+        out["mean_sq"] = _as_numpy(entry["mean_sq"], where)
+        if "count" in entry:
+            count = _as_numpy(entry["count"], where)
+            if count.dtype.kind == "f":
+                if np.any(count != np.floor(count)) or not np.all(np.isfinite(count)):
+                    raise ValueError(f"{where}: 'count' holds non-integers")
+                count = count.astype(np.int64)
+            out["count"] = count
+    elif "sum" in entry:                                       # the original's
+        s = _as_numpy(entry["sum"], where).astype(np.float64)
+        if "counter" in entry:
+            n = _as_numpy(entry["counter"], where).astype(np.float64)
+            if np.any(n != np.floor(n)) or np.any(n < 0):
+                raise ValueError(f"{where}: 'counter' must hold whole numbers >= 0")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["mean_sq"] = np.where(n > 0, s / np.maximum(n, 1), 0.0).astype(dtype)
+            out["count"] = n.astype(np.int64)     # whole: the core checks the range
+        else:
+            out["mean_sq"] = (s / t if t > 0 else np.zeros_like(s)).astype(dtype)
+            if groups[gi]["sparse_counter"]:
+                # The original counted every step for this array: n = t.
+                out["count"] = np.full(s.shape, t, np.int64)
+    else:
+        raise ValueError(f"{where} holds neither 'mean_sq' (this optimizer) nor 'sum' "
+                         "(the original expectigrad optimizer)")
+    if "momentum" in entry:
+        out["momentum"] = _as_numpy(entry["momentum"], where)
+    return out

@@ -1,0 +1,362 @@
+"""The PyTorch front end against the original project's optimizer
+(tests/torch_original.py, transcribed from its source): the same numbers in
+float64, torch's conventions (groups, closures, schedulers, GradScaler,
+state dicts), and clear errors for what it does not take."""
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed "
+                            "(pip install 'expectigrad_np[torch]')")
+
+from torch_original import OriginalExpectigrad  # noqa: E402
+
+from expectigrad_np.pytorch import Expectigrad  # noqa: E402
+
+
+def _params(seed=0, dtype=torch.float64, shapes=((4, 3), (3,), (2, 2, 2))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _grads(ps, rng, none_p=0.0, zero_p=0.3):
+    out = []
+    for p in ps:
+        if rng.random() < none_p:
+            out.append(None)
+            continue
+        a = rng.standard_normal(tuple(p.shape)) * (rng.random(tuple(p.shape)) >= zero_p)
+        out.append(torch.tensor(a, dtype=p.dtype))
+    return out
+
+
+def _run_both(hyper, steps=30, none_p=0.2, seed=0, groups=None):
+    a, b = _params(seed), _params(seed)
+    oa = Expectigrad(a if groups is None else groups(a), **hyper)
+    ob = OriginalExpectigrad(b if groups is None else groups(b), **hyper)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        gs = _grads(a, rng, none_p)
+        for pa, pb, g in zip(a, b, gs):
+            pa.grad = None if g is None else g.clone()
+            pb.grad = None if g is None else g.clone()
+        oa.step()
+        ob.step()
+    return a, b, oa, ob
+
+
+def _assert_close(a, b, rtol=1e-10):
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.detach().numpy(), y.detach().numpy(), rtol=rtol,
+                                   atol=1e-14)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("sparse_counter", [True, False])
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_the_original_trajectory_in_float64(beta, sparse_counter, eps):
+    """Exact zeros, None gradients (skipped, step not advanced), all paths."""
+    a, b, _, _ = _run_both(dict(lr=0.05, beta=beta, eps=eps, sparse_counter=sparse_counter))
+    _assert_close(a, b)
+
+
+def test_param_groups_with_their_own_lr_and_eps():
+    groups = lambda ps: [{"params": ps[:1], "lr": 0.1, "eps": 1e-4},  # noqa: E731
+                         {"params": ps[1:]}]
+    a, b, _, _ = _run_both(dict(lr=0.02), groups=groups)
+    _assert_close(a, b)
+
+
+def test_per_group_beta_and_counter_are_honoured_unlike_the_original():
+    """The documented difference: the original takes momentum and counter from
+    the constructor for every group; here each group's own values count,
+    as a separate optimizer per group would."""
+    a = _params(1)
+    b = _params(1)
+    opt = Expectigrad([{"params": a[:1], "beta": 0.0, "sparse_counter": False},
+                       {"params": a[1:]}], lr=0.05, beta=0.9)
+    ob1 = OriginalExpectigrad(b[:1], lr=0.05, beta=0.0, sparse_counter=False)
+    ob2 = OriginalExpectigrad(b[1:], lr=0.05, beta=0.9)
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        for pa, pb, g in zip(a, b, _grads(a, rng)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt.step()
+        ob1.step()
+        ob2.step()
+    _assert_close(a, b)
+
+
+def test_closure_loss_and_zero_grad():
+    p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = Expectigrad([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() == 5.0
+    assert p.grad is not None
+    opt.zero_grad()
+    assert p.grad is None
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=0.0), "lr must be greater than 0 but got 0.0"),
+    (dict(lr=-1.0), "lr must be greater than 0 but got -1.0"),
+    (dict(beta=1.0), r"beta must be in \[0,1\) but got 1.0"),
+    (dict(beta=-0.1), r"beta must be in \[0,1\) but got -0.1"),
+    (dict(eps=0.0), "eps must be greater than 0 but got 0.0"),
+])
+def test_the_original_messages(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Expectigrad(_params(), **kwargs)
+    opt = Expectigrad(_params()[:1])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group(dict({"params": _params()[1:]}, **kwargs))
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64,
+                                   torch.int64])
+def test_unsupported_dtypes_say_what_is_supported(dtype):
+    p = torch.zeros(3, dtype=dtype)
+    with pytest.raises(TypeError, match="torch.float32 or torch.float64"):
+        Expectigrad([p])
+
+
+def test_sparse_gradients_get_a_clear_error_and_change_nothing():
+    emb = torch.nn.Embedding(10, 3, sparse=True).double()
+    opt = Expectigrad(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match="sparse gradient"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
+
+
+def test_add_param_group_keeps_the_state_of_existing_parameters():
+    a, b = _params(2), _params(2)
+    oa = Expectigrad(a[:2], lr=0.05)
+    ob = OriginalExpectigrad(b[:2], lr=0.05)
+    rng = np.random.default_rng(2)
+    for step in range(12):
+        if step == 5:
+            oa.add_param_group({"params": a[2:], "lr": 0.02})
+            ob.add_param_group({"params": b[2:], "lr": 0.02})
+        n = 2 if step < 5 else 3
+        for pa, pb, g in zip(a[:n], b[:n], _grads(a[:n], rng)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    _assert_close(a, b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5),
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1 + e)),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.1, total_steps=40,
+                                                  cycle_momentum=False),
+    lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+], ids=["step", "lambda", "cosine", "onecycle", "exponential"])
+def test_lr_schedulers(make):
+    a, b = _params(3), _params(3)
+    oa, ob = Expectigrad(a, lr=0.05), OriginalExpectigrad(b, lr=0.05)
+    sa, sb = make(oa), make(ob)
+    rng = np.random.default_rng(3)
+    for _ in range(25):
+        for pa, pb, g in zip(a, b, _grads(a, rng)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+    assert oa.param_groups[0]["lr"] == ob.param_groups[0]["lr"]
+    _assert_close(a, b)
+
+
+def test_grad_scaler_skips_steps_with_inf():
+    p = torch.ones(4, requires_grad=True)
+    opt = Expectigrad([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    scaler.scale((p * 3).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    moved = p.detach().clone()
+    assert not torch.equal(moved, torch.ones(4))
+    opt.zero_grad()
+    scaler.scale((p * torch.tensor([1.0, float("inf"), 1.0, 1.0])).sum()).backward()
+    scaler.step(opt)                                  # skipped: inf found
+    scaler.update()
+    assert torch.equal(p.detach(), moved)
+    assert int(opt.state_dict()["state"][0]["step"]) == 1
+
+
+def test_state_dict_round_trip_resumes_bit_identically_and_copies():
+    a, _, oa, _ = _run_both(dict(lr=0.05), steps=7, none_p=0.0)
+    sd = oa.state_dict()
+    assert set(sd["state"][0]) == {"step", "mean_sq", "count", "momentum"}
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ob = Expectigrad(b, lr=0.05)
+    ob.load_state_dict(sd)
+    for entry in sd["state"].values():                # the loaded state is a copy
+        for key in ("mean_sq", "momentum"):
+            entry[key].fill_(1e6)
+    rng = np.random.default_rng(9)
+    for _ in range(5):
+        for pa, pb, g in zip(a, b, _grads(a, rng)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_state_dict_survives_torch_save(tmp_path):
+    a, _, oa, _ = _run_both(dict(lr=0.05), steps=3, none_p=0.0)
+    torch.save(oa.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt")
+    ob = Expectigrad([p.detach().clone().requires_grad_() for p in a], lr=0.05)
+    ob.load_state_dict(sd)
+    for k, entry in ob.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, oa.state_dict()["state"][k][key])
+
+
+@pytest.mark.parametrize("sparse_counter", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_switching_from_the_original_mid_training(sparse_counter, beta):
+    """Load the original optimizer's state dict (sum, float counter) and
+    continue: the trajectory stays the original's to 1e-10."""
+    hyper = dict(lr=0.05, beta=beta, sparse_counter=sparse_counter)
+    a, b = _params(4), _params(4)
+    oa, ob = OriginalExpectigrad(a, **hyper), OriginalExpectigrad(b, **hyper)
+    rng = np.random.default_rng(4)
+
+    def step_both(first, second):
+        for pa, pb, g in zip(a, b, _grads(a, rng)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        first.step()
+        second.step()
+
+    for _ in range(6):
+        step_both(oa, ob)
+    ours = Expectigrad(a, **hyper)
+    ours.load_state_dict(copy.deepcopy(oa.state_dict()))
+    for _ in range(10):
+        step_both(ours, ob)
+    _assert_close(a, b)
+
+
+def test_a_bad_state_dict_changes_nothing():
+    a, _, oa, _ = _run_both(dict(lr=0.05), steps=3, none_p=0.0)
+    before = oa.state_dict()
+    bad = copy.deepcopy(before)
+    bad["state"][1]["mean_sq"] = torch.full((5,), 1.0, dtype=torch.float64)   # wrong shape
+    with pytest.raises(ValueError):
+        oa.load_state_dict(bad)
+    bad = copy.deepcopy(before)
+    bad["state"][0]["mean_sq"][0, 0] = -1.0
+    with pytest.raises(ValueError):
+        oa.load_state_dict(bad)
+    after = oa.state_dict()
+    for k in before["state"]:
+        for key in before["state"][k]:
+            assert torch.equal(before["state"][k][key], after["state"][k][key])
+
+
+def test_float32_tensors_are_updated_in_place_by_the_cpu_kernels():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    ref = copy.deepcopy(model).double()
+    opt = Expectigrad(model.parameters(), lr=0.01)
+    oref = OriginalExpectigrad(ref.parameters(), lr=0.01)
+    x = torch.randn(32, 6)
+    for _ in range(20):
+        for m, o, xx in ((model, opt, x), (ref, oref, x.double())):
+            o.zero_grad()
+            m(xx).square().mean().backward()
+            o.step()
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert opt._core.backend == "cpu"
+    for p, q in zip(model.parameters(), ref.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_non_contiguous_parameters():
+    base_a = torch.randn(4, 3, dtype=torch.float64)
+    base_b = base_a.clone()
+    a = [base_a.t().requires_grad_()]
+    b = [base_b.t().requires_grad_()]
+    assert not a[0].is_contiguous()
+    oa, ob = Expectigrad(a, lr=0.1), OriginalExpectigrad(b, lr=0.1)
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        g = torch.tensor(rng.standard_normal((3, 4)))
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    _assert_close(a, b)
+
+
+def test_weight_decay_and_maximize():
+    """maximize equals the original on negated gradients; weight decay is
+    AdamW's decoupled decay with the scheduled lr."""
+    a, b = _params(6), _params(6)
+    oa = Expectigrad(a, lr=0.05, maximize=True)
+    ob = OriginalExpectigrad(b, lr=0.05)
+    rng = np.random.default_rng(6)
+    for _ in range(8):
+        for pa, pb, g in zip(a, b, _grads(a, rng)):
+            pa.grad, pb.grad = g.clone(), -g
+        oa.step()
+        ob.step()
+    _assert_close(a, b)
+    p = torch.full((3,), 2.0, dtype=torch.float64, requires_grad=True)
+    opt = Expectigrad([p], lr=0.1, weight_decay=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    want = 2.0
+    for _ in range(4):
+        p.grad = torch.zeros(3, dtype=torch.float64)
+        want *= 1 - opt.param_groups[0]["lr"] * 0.5
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-15)
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = ("import sys, numpy as np, expectigrad_np as eg\n"
+            "eg.Expectigrad(np.zeros(3)).step(np.ones(3))\n"
+            "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_transcription_is_the_original_where_it_is_installed():
+    """The fallback oracle agrees with the original package bit for bit."""
+    import torch_original
+    if torch_original.OriginalExpectigrad is torch_original.Transcription:
+        pytest.skip("the original expectigrad package is not installed")
+    for hyper in (dict(lr=0.05), dict(lr=0.05, beta=0.0, sparse_counter=False)):
+        a, b = _params(7), _params(7)
+        oa = torch_original.Transcription(a, **hyper)
+        ob = torch_original.OriginalExpectigrad(b, **hyper)
+        rng = np.random.default_rng(7)
+        for _ in range(10):
+            for pa, pb, g in zip(a, b, _grads(a, rng, none_p=0.2)):
+                pa.grad, pb.grad = g, None if g is None else g.clone()
+            oa.step()
+            ob.step()
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
