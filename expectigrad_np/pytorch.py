@@ -35,6 +35,7 @@ import math
 
 import numpy as np
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 from . import _validation as V
 from .optimizer import Expectigrad as _Core
@@ -114,6 +115,7 @@ class Expectigrad(torch.optim.Optimizer):
                         weight_decay=weight_decay, maximize=maximize)
         _check_hyper(defaults)
         self._core = None
+        self._order = []
         super().__init__(params, defaults)
 
     # --- groups ------------------------------------------------------------------
@@ -152,7 +154,8 @@ class Expectigrad(torch.optim.Optimizer):
         core = _Core(groups)
         self._core = core
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
-        self._addresses = [p.data_ptr() for p in self._params()]
+        self._order = [(p, p.device.type == "cpu") for p in self._params()]
+        self._addresses = [p.data_ptr() for p, _ in self._order]
         pending = getattr(self, "_pending_state", None)
         if pending is not None:
             self._pending_state = None
@@ -163,9 +166,14 @@ class Expectigrad(torch.optim.Optimizer):
         """The core, rebuilt if a parameter's storage moved, with the groups'
         hyperparameters carried over where they changed."""
         core = self._core
-        params = self._params()
-        if core is None or len(params) != len(self._addresses) or any(
-                p.data_ptr() != a for p, a in zip(params, self._addresses)):
+        moved = core is None or sum(len(g["params"]) for g in self.param_groups) != len(
+            self._order)
+        if not moved:
+            for (p, _), address in zip(self._order, self._addresses):
+                if p.data_ptr() != address:
+                    moved = True
+                    break
+        if moved:
             if core is not None:
                 self._pending_state = self._export_state()
             return self._build()
@@ -184,28 +192,47 @@ class Expectigrad(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """One step over every parameter with a gradient; returns the
-        closure's loss (None without a closure).  No tensor operation runs
-        here (the kernels write through NumPy views), so autograd needs no
-        ``no_grad`` context."""
+        closure's loss (None without a closure).
+
+        torch's step hooks and profiler label apply as to any optimizer;
+        when none is registered and the profiler is off, the step skips
+        torch's wrapper (``record_function`` alone costs several µs, more
+        than the kernels on small models).
+        """
+        if _hooks_active(self):
+            return _HOOKED_STEP(self, closure)
+        return self._step(closure)
+
+    step.hooked = True              # torch's __init__ must not wrap it again
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         core = self._sync()
         grads = []
-        for gi, g in enumerate(self.param_groups):
-            for i, p in enumerate(g["params"]):
-                grad = p.grad
-                if grad is None:
-                    grads.append(None)
-                    continue
-                if grad.is_sparse:
-                    raise TypeError(f"param group {gi} param {i} has a sparse gradient; "
-                                    "Expectigrad's PyTorch front end takes dense "
-                                    "gradients (use nn.Embedding(sparse=False))")
-                grads.append(grad.numpy() if grad.device.type == "cpu" else grad.detach())
+        for p, on_cpu in self._order:
+            grad = p.grad
+            if grad is None:
+                grads.append(None)
+            elif grad.is_sparse:
+                raise TypeError(f"{self._where(p)} has a sparse gradient; Expectigrad's "
+                                "PyTorch front end takes dense gradients (use "
+                                "nn.Embedding(sparse=False))")
+            else:
+                # No tensor operation runs here (the kernels write through
+                # NumPy views), so autograd needs no no_grad context.
+                grads.append(grad.numpy() if on_cpu else grad.detach())
         core.step(grads)
         return loss
+
+    def _where(self, p):
+        for gi, g in enumerate(self.param_groups):
+            for i, q in enumerate(g["params"]):
+                if q is p:
+                    return f"param group {gi} param {i}"
+        return "a parameter"
 
     # --- state -------------------------------------------------------------------
 
@@ -303,9 +330,38 @@ class Expectigrad(torch.optim.Optimizer):
             start += len(g["params"])
         raise IndexError(i)
 
+    def __getstate__(self):
+        """Pickling and ``copy.deepcopy``: the kernels' state travels as
+        tensors and moves into the copy's own buffers on its first use."""
+        state = super().__getstate__()
+        pending = getattr(self, "_pending_state", None)
+        state["_pending_state"] = self._export_state() if self._core is not None else pending
+        return state
+
     def __setstate__(self, state):
+        pending = state.pop("_pending_state", None)
         super().__setstate__(state)
-        self.__dict__.setdefault("_core", None)
+        self._core = None
+        self._order = []
+        self._addresses = []
+        self._pending_state = pending
+
+
+Expectigrad._step.__name__ = "step"               # the profiler's label
+_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(Expectigrad._step)
+_GLOBAL_PRE = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+_GLOBAL_POST = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+
+
+def _hooks_active(opt):
+    """Whether torch's step wrapper has work to do: a step hook (global or
+    the optimizer's) or a running profiler.  True where this torch keeps
+    them elsewhere."""
+    if _GLOBAL_PRE is None or _GLOBAL_POST is None:
+        return True
+    return bool(_GLOBAL_PRE or _GLOBAL_POST or opt._optimizer_step_pre_hooks
+                or opt._optimizer_step_post_hooks
+                or getattr(torch.autograd.profiler, "_is_profiler_enabled", True))
 
 
 class _GroupLR:

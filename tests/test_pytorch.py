@@ -360,3 +360,41 @@ def test_the_transcription_is_the_original_where_it_is_installed():
             ob.step()
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+def test_deepcopy_and_pickle_continue_identically():
+    import pickle
+    a, _, oa, _ = _run_both(dict(lr=0.05), steps=4, none_p=0.0)
+    twin = copy.deepcopy(oa)
+    b = [p for g in twin.param_groups for p in g["params"]]
+    restored = pickle.loads(pickle.dumps(oa))
+    c = [p for g in restored.param_groups for p in g["params"]]
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        for pa, pb, pc, g in zip(a, b, c, _grads(a, rng)):
+            pa.grad, pb.grad, pc.grad = g.clone(), g.clone(), g.clone()
+        oa.step()
+        twin.step()
+        restored.step()
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+        assert x.data_ptr() != y.data_ptr()
+
+
+def test_step_hooks_and_the_profiler_still_apply():
+    p = torch.ones(3, requires_grad=True)
+    opt = Expectigrad([p], lr=0.1)
+    calls = []
+    h1 = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    h2 = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == ["pre", "post"]
+    h1.remove()
+    h2.remove()
+    opt.step()
+    assert calls == ["pre", "post"]
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert any("Optimizer.step#Expectigrad.step" in e.name for e in prof.events())
+    assert int(opt.state_dict()["state"][0]["step"]) == 3
