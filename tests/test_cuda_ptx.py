@@ -104,3 +104,21 @@ def test_clipping_keeps_nan_like_the_cpu(dtype):
 
     text, _ = cuda.compile_ptx(builtin_clip, f"void({np.dtype(dtype).name}[::1])", cc=(9, 0))
     assert pattern.search(text)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_last_block_fences_after_winning_the_ticket(dtype):
+    """Release (a fence before the ticket's atomic increment) and acquire (a
+    fence after it, before the last block reads the other blocks' partial
+    sums), in the stats kernel."""
+    text = ptx(dtype, (9, 0))
+    stats = text[text.index(".entry"):text.index(".entry", text.index(".entry") + 1)]
+    lines = [line.strip() for line in stats.splitlines()]
+    ticket = [i for i, line in enumerate(lines) if line.startswith("atom.global.inc.u32")]
+    fences = [i for i, line in enumerate(lines) if re.match(r"(membar\.gl|fence\.)", line)]
+    assert len(ticket) == 1
+    assert any(i < ticket[0] for i in fences)
+    assert any(i > ticket[0] for i in fences)
+    loads = [i for i, line in enumerate(lines) if line.startswith("ld.global")]
+    after = [i for i in fences if i > ticket[0]][0]
+    assert any(i > after for i in loads)        # the partials are read after it

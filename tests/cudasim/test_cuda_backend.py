@@ -3,7 +3,7 @@ refused steps, skipped arrays, device-array handling and input errors."""
 import numba
 import numpy as np
 import pytest
-from devarrays import InterfaceArray, to_device, to_host, views
+from devarrays import InterfaceArray, simulator_only, to_device, to_host, views
 from numba import cuda
 
 import expectigrad_np as eg
@@ -262,3 +262,47 @@ def test_benchmark_runs():
     assert out["size"] == 50 and out["arrays"] == 3 and out["dtype"] == "float32"
     assert out["step_s"] > 0 and out["step_gbps"] > 0 and out["copy_gbps"] > 0
     assert eg.cuda.step_bytes(10, np.float32, beta=0.0, sparse_counter=False) == 10 * 4 * 5
+
+
+# --- misaligned device memory, and the stream --------------------------------------
+
+class _Misaligned(InterfaceArray):
+    """An interface whose data address is one byte past an aligned buffer, as
+    a byte-offset view of a device allocation would be."""
+
+    @property
+    def __cuda_array_interface__(self):
+        cai = dict(super().__cuda_array_interface__)
+        cai["data"] = (cai["data"][0] + 1, cai["data"][1])
+        return cai
+
+
+@simulator_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_device_arrays_are_refused_and_change_nothing(dtype):
+    """On hardware a misaligned load is CUDA_ERROR_MISALIGNED_ADDRESS (the
+    context dies); the simulator would step it, so the check must refuse."""
+    buf = np.zeros(9 * np.dtype(dtype).itemsize, np.uint8)
+    with pytest.raises(ValueError, match="not a multiple of its itemsize"):
+        eg.Expectigrad(_Misaligned(buf[:-np.dtype(dtype).itemsize].view(dtype)), lr=0.1)
+    xs = to_device([np.ones(8, dtype)])
+    opt = eg.Expectigrad(xs, lr=0.1)
+    opt.step(to_device([np.ones(8, dtype)]))
+    before = snapshot(opt, xs)
+    with pytest.raises(ValueError, match="not a multiple of its itemsize"):
+        opt.step([_Misaligned(buf[:-np.dtype(dtype).itemsize].view(dtype))])
+    assert_same(before, snapshot(opt, xs))
+    assert opt.step_count == 1
+
+
+def test_steps_run_on_the_legacy_default_stream(monkeypatch):
+    """Not cuda.default_stream(), which becomes the per-thread stream under
+    CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1."""
+    legacy = cuda.legacy_default_stream()
+    monkeypatch.setattr(cuda, "legacy_default_stream", lambda: legacy)
+    monkeypatch.setattr(cuda, "default_stream",
+                        lambda: pytest.fail("cuda.default_stream() was used"))
+    xs = to_device([np.ones(4)])
+    opt = eg.Expectigrad(xs, lr=0.1)
+    opt.step(to_device([np.ones(4)]))
+    assert opt._buckets[0].stream is legacy

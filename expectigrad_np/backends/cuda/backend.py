@@ -91,7 +91,16 @@ def describe(x, where="the array"):
     shape = tuple(int(d) for d in cai["shape"])
     dtype = np.dtype(cai["typestr"])
     address, readonly = cai["data"]
-    return (int(address or 0), shape, dtype,
+    address = int(address or 0)
+    if address % dtype.itemsize and int(np.prod(shape)):
+        # A misaligned 4- or 8-byte load is CUDA_ERROR_MISALIGNED_ADDRESS on
+        # the device: sticky, it ends the CUDA context.
+        raise ValueError(
+            f"{where} starts at device address {address:#x}, which is not a multiple "
+            f"of its itemsize {dtype.itemsize}: the kernels' loads would fault. Pass "
+            "an aligned array (a copy, e.g. cupy.ascontiguousarray(a.copy()) or "
+            "tensor.clone()); nothing was changed")
+    return (address, shape, dtype,
             _c_contiguous(shape, cai.get("strides"), dtype.itemsize),
             bool(readonly), cai.get("stream"))
 
@@ -175,7 +184,9 @@ class CudaBucket(Bucket):
         super().__init__(dtype, slots, params, names, sparse, momentum)
         n = len(self.params)
         self.kernels = KC.kernels(self.dtype)
-        self.stream = cuda.default_stream()
+        # The legacy default stream, named explicitly: cuda.default_stream()
+        # is the per-thread stream under CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1.
+        self.stream = cuda.legacy_default_stream()
         self.chunk, seg, lo, hi, first, big = KC.make_layout(
             self.sizes, KC.CHUNK if chunk is None else chunk)
         self.n_chunks = int(seg.size)
