@@ -122,3 +122,92 @@ def test_the_last_block_fences_after_winning_the_ticket(dtype):
     loads = [i for i, line in enumerate(lines) if line.startswith("ld.global")]
     after = [i for i in fences if i > ticket[0]][0]
     assert any(i > after for i in loads)        # the partials are read after it
+
+
+_modules = {}
+
+
+def module(dtype, name):
+    key = np.dtype(dtype).str
+    if key not in _modules:
+        from expectigrad_np.backends.cuda import kernels as KC
+        _modules[key] = KC.ptx_modules(dtype, (9, 0))
+    return _modules[key][name]
+
+
+def memory_runs(text):
+    """The global loads (L) and stores (S) of a PTX module in program order,
+    as runs: [("L", 3), ("S", 2), ...]."""
+    ops = re.findall(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global\b", text, re.M)
+    runs = []
+    for op in ops:
+        kind = op[0].upper()
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, runs[-1][1] + 1)
+        else:
+            runs.append((kind, 1))
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_update_loads_every_operand_before_it_stores(dtype):
+    """The loads of an element's operands (g, x, mean, count, momentum) are not
+    interleaved with its stores: each loop variant loads at least g, x and
+    the mean before its first store, and no lone load sits between two
+    stores (a load waiting on the store before it)."""
+    assert _ordered(memory_runs(module(dtype, "update_kernel")))
+
+
+def _ordered(runs):
+    whole = any(k == "L" and c >= 3 and nk == "S" and nc >= 3
+                for (k, c), (nk, nc) in zip(runs, runs[1:]))
+    lone = any(a[0] == "S" and b == ("L", 1) and c[0] == "S"
+               for a, b, c in zip(runs, runs[1:], runs[2:]))
+    return whole and not lone
+
+
+def test_the_ordering_check_can_fail():
+    """A body that loads and stores each operand in turn fails the check."""
+    interleaved = ("ld.global.f32 %f1, [%rd1];\nst.global.f32 [%rd1], %f2;\n" * 4)
+    assert not _ordered(memory_runs(interleaved))
+    grouped = "ld.global.f32 %f1, [%rd1];\n" * 4 + "st.global.f32 [%rd1], %f2;\n" * 4
+    assert _ordered(memory_runs(grouped))
+
+
+def _ptxas():
+    import glob
+    import shutil
+    import site
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    for root in roots:
+        for path in glob.glob(os.path.join(root, "nvidia", "cuda_nvcc", "bin", "ptxas")):
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["stats_kernel", "update_kernel"])
+def test_ptxas_reports_no_spills(dtype, name, tmp_path, capsys):
+    """``ptxas -v`` for sm_90: no spill stores or loads, no stack frame; the
+    register count is printed (``pytest -s``) for the record."""
+    import subprocess
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas not found (it comes with the cuda extra's "
+                    "nvidia-cuda-nvcc wheel)")
+    src = tmp_path / f"{name}.ptx"
+    src.write_text(module(dtype, name))
+    out = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = out.stdout + out.stderr
+    assert "0 bytes spill stores, 0 bytes spill loads" in info, info
+    assert "0 bytes stack frame" in info, info
+    registers = int(re.search(r"Used (\d+) registers", info).group(1))
+    assert 0 < registers <= 255
+    with capsys.disabled():
+        print(f"\n{name} {np.dtype(dtype).name} sm_90: {registers} registers, no spills")

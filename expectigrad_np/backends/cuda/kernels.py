@@ -62,7 +62,7 @@ from ..layout import COEF_FIELDS, FLAG_FIELDS, SATURATION, make_chunks
 
 __all__ = [
     "CHUNK", "KERNEL_NAMES", "SIMULATOR", "TABLE_FIELDS", "THREADS",
-    "kernels", "make_layout", "ptx", "signatures", "zero_kernel",
+    "kernels", "make_layout", "ptx", "ptx_modules", "signatures", "zero_kernel",
 ]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)      # NUMBA_ENABLE_CUDASIM=1
@@ -427,21 +427,27 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
         base = offsets[k]
         for i in range(chunk_lo[c] + tid, chunk_hi[c], stride):
             j = base + i
+            # Every operand is loaded before anything is stored: the raw-address
+            # loads and stores may alias the state arrays as far as the compiler
+            # knows, so it keeps source order, and a store between two loads
+            # would make each load wait for the one before.
             gi = _load(ga, i, v)
+            xi = _load(xa, i, v)
+            vj = v[j]
+            nj = n[j] if sparse else np.uint32(0)
+            mj = m[j] if momentum else zero
             gi = -clipvalue if -clipvalue > gi else gi      # max(gi, -clipvalue)
             gi = clipvalue if clipvalue < gi else gi        # min(gi, clipvalue)
             gi = gi * s                                     # then the norm factor
             gi = sat if gi > sat else (-sat if gi < -sat else gi)   # saturate
             g2 = gi * gi
+            counted = g2 != zero
             if sparse:
-                counted = g2 != zero
-                cnt = n[j] + np.uint32(counted and n[j] != _COUNT_MAX)
-                n[j] = cnt
-                w = one / dt(cnt) if counted else zero
+                nj = nj + np.uint32(counted and nj != _COUNT_MAX)
+                w = one / dt(nj) if counted else zero
             else:
                 w = inv_t
             # v + (g**2 - v) * w, in float32 rounded stochastically:
-            vj = v[j]
             d = (g2 - vj) * w
             if _is_float32(vj):                             # compile-time
                 # reference.dither_offset: an odd integer from the signed
@@ -454,12 +460,16 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
                 pow2 = _bits_float(_float_bits(side) & 0x7F800000, v)
                 d = d + dt(odd) * (pow2 * dt(2.0 ** -48))
             vj = vj + d
-            v[j] = vj
             u = gi / (eps + dt(math.sqrt(vj)))
             if momentum:
-                u = beta * m[j] + omb * u
+                u = beta * mj + omb * u
+            # ... and stored after.
+            v[j] = vj
+            if sparse:
+                n[j] = nj
+            if momentum:
                 m[j] = u
-            _store(xa, i, v, _load(xa, i, v) * decay - step * u)
+            _store(xa, i, v, xi * decay - step * u)
 
 
 def _zero(a):
@@ -507,17 +517,24 @@ def kernels(dtype):
 zero_kernel = cuda.jit(cache=True)(_zero)
 
 
-def ptx(dtype, cc=(9, 0)):
-    """The PTX of every kernel a step launches for ``dtype`` (float32 or
-    float64), compiled through NVVM for compute capability ``cc``; one
-    ``.entry`` per kernel, in launch order (``KERNEL_NAMES``).  Needs the
-    ``cuda`` extra (numba-cuda with NVVM); no GPU is needed."""
+def ptx_modules(dtype, cc=(9, 0)):
+    """``{kernel name: PTX module}`` for every kernel a step launches for
+    ``dtype`` (float32 or float64), compiled through NVVM for compute
+    capability ``cc``, in launch order (``KERNEL_NAMES``): each a module of
+    its own, as ``ptxas`` takes them.  Needs the ``cuda`` extra (numba-cuda
+    with NVVM); no GPU is needed."""
     if SIMULATOR:
         raise RuntimeError("PTX cannot be compiled in numba's CUDA simulator "
                            "(NUMBA_ENABLE_CUDASIM is set)")
     sigs = signatures(dtype)
-    return "\n".join(cuda.compile_ptx(_PYFUNCS[name], sigs[name], cc=tuple(cc))[0]
-                     for name in KERNEL_NAMES)
+    return {name: cuda.compile_ptx(_PYFUNCS[name], sigs[name], cc=tuple(cc))[0]
+            for name in KERNEL_NAMES}
+
+
+def ptx(dtype, cc=(9, 0)):
+    """The PTX of every kernel a step launches for ``dtype``, one ``.entry``
+    per kernel in launch order (``ptx_modules`` joined)."""
+    return "\n".join(ptx_modules(dtype, cc).values())
 
 
 def make_layout(sizes, chunk=CHUNK):
