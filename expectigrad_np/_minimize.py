@@ -173,6 +173,8 @@ class _Objective:
 
     @staticmethod
     def _scalar(f):
+        if type(f) is float or type(f) is np.float64:       # the common case, cheaply
+            return float(f)
         if isinstance(f, (str, bytes)) or np.asarray(f).dtype.kind not in "fiub":
             raise ValueError("the objective must return a real scalar, got "
                              f"{type(f).__name__} {f!r:.40}")
@@ -183,6 +185,8 @@ class _Objective:
                              f"{type(f).__name__} {np.shape(f)}") from None
 
     def _grad(self, g):
+        if type(g) is np.ndarray and g.shape == self.shape and g.dtype.kind == "f":
+            return g                                        # the common case, cheaply
         g = np.asarray(g)
         if g.shape != self.shape:
             if g.size == math.prod(self.shape) and g.ndim <= 1 and len(self.shape) <= 1:
@@ -383,17 +387,25 @@ def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
     return res
 
 
-def _gradient_norm(g, norm, x=None, box=None):
-    """``(finite, norm)`` of the gradient; the max-abs pass finds NaN/inf.
+def _gradient_norm(g, norm, x=None, box=None, largest=None):
+    """``(finite, norm)`` of the gradient; its largest and smallest elements
+    (two reductions, no temporary) find NaN/inf.  ``largest``: the largest
+    finite value of ``x``'s dtype, if the caller has it.
 
     With bounds, the norm is that of the projected gradient: components that
     push against an active bound (``x == lb`` and ``g > 0``, or ``x == ub``
     and ``g < 0``) count as zero, as in L-BFGS-B.
     """
-    gmax = float(np.max(np.abs(g))) if g is not None else math.nan
+    if g is None or g.size == 0:
+        gmax = math.nan if g is None else 0.0
+    else:
+        hi, lo = float(g.max()), float(g.min())     # NaN propagates through both
+        gmax = max(hi, -lo) if hi == hi and lo == lo else math.nan
     if not math.isfinite(gmax):
         return False, gmax
-    if x is not None and gmax > float(np.finfo(x.dtype).max):
+    if largest is None and x is not None:
+        largest = float(np.finfo(x.dtype).max)
+    if largest is not None and gmax > largest:
         return False, math.inf      # finite here, but not in x's dtype (float32 x0)
     if box is not None:
         g = np.where(((x <= box[0]) & (g > 0)) | ((x >= box[1]) & (g < 0)), 0, g)
@@ -401,6 +413,13 @@ def _gradient_norm(g, norm, x=None, box=None):
     if norm == np.inf:
         return True, gmax
     return True, float(np.linalg.norm(g.ravel(), ord=norm))
+
+
+def _all_finite(x):
+    """Whether every element of ``x`` is finite: its sum is (one reduction, no
+    temporary), or, where that sum overflows, the elementwise check."""
+    total = float(x.sum())
+    return math.isfinite(total) or bool(np.all(np.isfinite(x)))
 
 
 def _step(opt, g, x, box):
@@ -418,11 +437,12 @@ def _run_deterministic(s, bar):
     x, opt, objective, cb = s["x"], s["opt"], s["objective"], s["cb"]
     maxiter, gtol, norm, box = s["maxiter"], s["gtol"], s["norm"], s["box"]
     x_good = x.copy()
+    largest = float(np.finfo(x.dtype).max)
     f, g = objective(x)
     nit = 0
     ok, gnorm = math.isfinite(f), math.nan
     if ok:
-        ok, gnorm = _gradient_norm(g, norm, x, box)
+        ok, gnorm = _gradient_norm(g, norm, x, box, largest)
     if not ok:
         return dict(x=x, fun=f, jac=g, nit=0, status=NONFINITE, success=False,
                     message=_nonfinite_message("at x0"))
@@ -441,8 +461,8 @@ def _run_deterministic(s, bar):
         f_new, g_new = objective(x)
         ok = math.isfinite(f_new)
         if ok:
-            ok, gnorm_new = _gradient_norm(g_new, norm, x, box)
-        if not ok or not np.all(np.isfinite(x)):
+            ok, gnorm_new = _gradient_norm(g_new, norm, x, box, largest)
+        if not ok or not _all_finite(x):
             np.copyto(x, x_good)
             nit -= 1
             status, msg = NONFINITE, _nonfinite_message(f"after step {nit + 1}")

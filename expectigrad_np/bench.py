@@ -339,6 +339,28 @@ def bench_small_lists(repeat):
     return rows
 
 
+def bench_minimize(repeat, dim=10, iterations=2000):
+    """An iteration of ``minimize`` on ``dim``-D Rosenbrock (scipy's ``rosen``
+    and ``rosen_der``) against one ``rosen`` + ``rosen_der`` pair."""
+    from scipy.optimize import rosen, rosen_der
+
+    from ._minimize import minimize
+    x0 = np.full(dim, -1.0)
+    x = x0.copy()
+
+    def pairs():
+        for _ in range(iterations):
+            rosen(x)
+            rosen_der(x)
+
+    def run():
+        minimize(rosen, x0, jac=rosen_der, maxiter=iterations, gtol=0.0)
+
+    (t_min, t_pair), (_, r) = time_interleaved([run, pairs], max(repeat, 5))
+    return dict(dim=dim, iteration_us=t_min / iterations * 1e6,
+                fun_jac_us=t_pair / iterations * 1e6, ratio=1.0 / r)
+
+
 # Parameter lists shaped like real models (float32), for the rows against
 # torch.optim.Adam(fused=True) and the original PyTorch optimizer.
 def _transformer_like(layers=8, d=256, ff=1024, vocab=10_000):
@@ -635,6 +657,7 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         result["uniform"] = bench_uniform(repeat)
         result["small"] = bench_small(repeat)
         result["small_lists"] = bench_small_lists(repeat)
+        result["minimize"] = bench_minimize(repeat)
         if torch:
             result["model_shapes"] = bench_model_shapes(repeat)
             result["pytorch"] = bench_pytorch(repeat)
@@ -693,6 +716,11 @@ def format_table(result):
     for row in result.get("small_lists", ()):
         lines.append(f"step() on {row['case']} (float64): {row['step_us']:.2f} µs, "
                      f"reference {row['reference_us']:.1f} µs ({row['speedup']:.1f}x faster)")
+    if "minimize" in result:
+        m = result["minimize"]
+        lines.append(f"minimize on {m['dim']}-D Rosenbrock: {m['iteration_us']:.1f} µs an "
+                     f"iteration, rosen + rosen_der {m['fun_jac_us']:.1f} µs "
+                     f"({m['ratio']:.2f}x)")
     for row in result.get("model_shapes", ()):
         lines.append(f"step() on {row['case']} ({row['elements']:,} float32 in "
                      f"{row['arrays']} arrays): {row['step_us']:,.0f} µs, torch Adam fused "
