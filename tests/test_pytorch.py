@@ -33,6 +33,12 @@ def _grads(ps, rng, none_p=0.0, zero_p=0.3):
     return out
 
 
+def _feed(a, b, rng):
+    """The same new gradients (with exact zeros) on both parameter lists."""
+    for pa, pb, g in zip(a, b, _grads(a, rng)):
+        pa.grad, pb.grad = g.clone(), g.clone()
+
+
 def _run_both(hyper, steps=30, none_p=0.2, seed=0, groups=None):
     a, b = _params(seed), _params(seed)
     oa = Expectigrad(a if groups is None else groups(a), **hyper)
@@ -82,8 +88,7 @@ def test_per_group_beta_and_counter_are_honoured_unlike_the_original():
     ob2 = OriginalExpectigrad(b[1:], lr=0.05, beta=0.9)
     rng = np.random.default_rng(1)
     for _ in range(10):
-        for pa, pb, g in zip(a, b, _grads(a, rng)):
-            pa.grad, pb.grad = g.clone(), g.clone()
+        _feed(a, b, rng)
         opt.step()
         ob1.step()
         ob2.step()
@@ -173,8 +178,7 @@ def test_lr_schedulers(make):
     sa, sb = make(oa), make(ob)
     rng = np.random.default_rng(3)
     for _ in range(25):
-        for pa, pb, g in zip(a, b, _grads(a, rng)):
-            pa.grad, pb.grad = g.clone(), g.clone()
+        _feed(a, b, rng)
         oa.step()
         ob.step()
         sa.step()
@@ -212,8 +216,7 @@ def test_state_dict_round_trip_resumes_bit_identically_and_copies():
             entry[key].fill_(1e6)
     rng = np.random.default_rng(9)
     for _ in range(5):
-        for pa, pb, g in zip(a, b, _grads(a, rng)):
-            pa.grad, pb.grad = g.clone(), g.clone()
+        _feed(a, b, rng)
         oa.step()
         ob.step()
     for x, y in zip(a, b):
@@ -242,8 +245,7 @@ def test_switching_from_the_original_mid_training(sparse_counter, beta):
     rng = np.random.default_rng(4)
 
     def step_both(first, second):
-        for pa, pb, g in zip(a, b, _grads(a, rng)):
-            pa.grad, pb.grad = g.clone(), g.clone()
+        _feed(a, b, rng)
         first.step()
         second.step()
 

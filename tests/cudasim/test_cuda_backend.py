@@ -306,3 +306,50 @@ def test_steps_run_on_the_legacy_default_stream(monkeypatch):
     opt = eg.Expectigrad(xs, lr=0.1)
     opt.step(to_device([np.ones(4)]))
     assert opt._buckets[0].stream is legacy
+
+
+def test_torch_gradients_are_waited_for_on_torchs_current_stream(monkeypatch):
+    """torch tensors export version 2 of the array interface, with no stream:
+    the step waits on torch's current stream for them (a stub torch module
+    here; the same calls on real torch CUDA tensors) and records its own
+    stream's use of them with the caching allocator."""
+    import sys
+    import types
+
+    class Tensor(InterfaceArray):
+        device = "cuda:0"
+
+        def __init__(self, host):
+            super().__init__(host, stream=None)
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream)
+
+        @property
+        def __cuda_array_interface__(self):
+            cai = dict(super().__cuda_array_interface__)
+            cai.pop("stream")
+            cai["version"] = 2
+            return cai
+
+    side = types.SimpleNamespace(cuda_stream=0x7F00)
+    fake = types.ModuleType("torch")
+    fake.Tensor = Tensor
+    fake.cuda = types.SimpleNamespace(current_stream=lambda device: side,
+                                      default_stream=lambda device: "torch default",
+                                      ExternalStream=lambda handle, device: ("ext", handle))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    waited = []
+    monkeypatch.setattr(_cuda_bucket.CudaBucket, "_wait_for",
+                        lambda self, stream: waited.append(stream))
+    xs = to_device([np.zeros(4)])
+    opt = eg.Expectigrad(xs, lr=0.1)
+    g = Tensor(np.ones(4))
+    opt.step([g])
+    assert waited == [0x7F00]
+    assert len(g.recorded) == 1
+    np.testing.assert_allclose(to_host(xs)[0], -0.1)
+    side.cuda_stream = 0                       # torch on the legacy default stream
+    opt.step([Tensor(np.ones(4))])
+    assert waited == [0x7F00]                  # no wait needed

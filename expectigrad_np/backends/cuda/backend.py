@@ -28,6 +28,7 @@ for on the device (an event), without blocking the host.
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import numpy as np
 from numba import cuda
@@ -55,6 +56,18 @@ def is_device_array(x):
         return True
     return (KC.SIMULATOR and getattr(x, "__cuda_ndarray__", False) is True
             and not isinstance(x, np.ndarray))
+
+
+def _torch_stream(g):
+    """The stream a torch CUDA tensor was produced on: torch's current
+    stream on its device (``cuda_stream`` handle).  torch exports version 2
+    of the array interface, which names no stream, so a gradient made under
+    ``with torch.cuda.stream(s):`` would otherwise not be waited for.  None
+    for anything that is not a torch tensor (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(g, torch.Tensor):
+        return None
+    return int(torch.cuda.current_stream(g.device).cuda_stream)
 
 
 def _c_strides(shape, itemsize):
@@ -183,6 +196,7 @@ class CudaBucket(Bucket):
     def __init__(self, dtype, slots, params, names, sparse, momentum, chunk=None):
         super().__init__(dtype, slots, params, names, sparse, momentum)
         n = len(self.params)
+        self._torch_grads = []
         self.kernels = KC.kernels(self.dtype)
         # The legacy default stream, named explicitly: cuda.default_stream()
         # is the per-thread stream under CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1.
@@ -274,6 +288,7 @@ class CudaBucket(Bucket):
         shape and dtype, C-contiguous) and record their addresses."""
         addresses = []
         waits = []
+        torch_grads = []
         for k, g in enumerate(grads):
             if g is None:
                 addresses.append(0)
@@ -295,13 +310,33 @@ class CudaBucket(Bucket):
                 raise ValueError(f"{where} is not C-contiguous; make it contiguous "
                                  "on the device first")
             addresses.append(address)
+            if stream is None:
+                stream = _torch_stream(g)
+                if stream is not None:
+                    torch_grads.append(g)
             if stream not in _LEGACY_STREAMS:
                 waits.append(stream)
         self.addr[:, 1] = addresses
-        self.grads = list(grads)           # keep them alive while kernels run
+        # Kept alive until the next step's kernels are queued behind ours.
+        self.grads = list(grads)
+        self._torch_grads = torch_grads
         self._pending = True
         for stream in waits:
             self._wait_for(stream)
+
+    def _record_torch_use(self):
+        """Tell torch's caching allocator that our stream reads the torch
+        gradients (``Tensor.record_stream``): their memory is not reused
+        until the kernels queued so far have run, even when the training
+        loop drops its references before then."""
+        if not self._torch_grads:
+            return
+        torch = sys.modules["torch"]
+        handle = int(self.stream.handle.value or 0) if hasattr(self.stream, "handle") else 0
+        for g in self._torch_grads:
+            ours = (torch.cuda.default_stream(g.device) if handle in _LEGACY_STREAMS
+                    else torch.cuda.ExternalStream(handle, device=g.device))
+            g.record_stream(ours)
 
     def _wait_for(self, stream):
         """Order our stream after work queued on a foreign stream, on the device."""
@@ -365,6 +400,7 @@ class CudaBucket(Bucket):
                 self.d_table, self.d_addr, self.d_offsets, self.d_seg, self.d_lo,
                 self.d_hi, self.mean_sq, self.count, self.momentum, self.d_scale,
                 self.d_result, use_stats)
+            self._record_torch_use()
         if not (check or not update):
             return -1, 0.0
         self.d_result.copy_to_host(self.h_result, stream=self.stream)
