@@ -1,0 +1,205 @@
+"""Expectigrad as a Keras 3 optimizer, written with ``keras.ops``.
+
+A drop-in for the original project's ``expectigrad.tensorflow2.Expectigrad``
+(built on Keras 2 internals that Keras 3 no longer has)::
+
+    from expectigrad_np.tensorflow2 import Expectigrad  # was: from expectigrad.tensorflow2 ...
+    model.compile(optimizer=Expectigrad(learning_rate=1e-3), loss=...)
+
+It runs on every Keras backend (TensorFlow, JAX, PyTorch).  The update is
+``reference.py``'s, per variable and in the variable's dtype::
+
+    g  = clip(g, -G, G)             G: the largest magnitude whose square is finite
+    n <- n + [g**2 != 0]            (sparse counter; w = 1/n or 0)    or w = 1/t
+    v <- v + (g**2 - v) * w         running mean of g**2 (= s / n)
+    u  = g / (eps + sqrt(v))        0/0 := 0
+    m <- beta * m + (1 - beta) * u ;  x <- x - lr / (1 - beta**t) * m     (beta > 0)
+    x <- x - lr * u                                                      (beta = 0)
+
+``t`` counts the steps in which that variable received a gradient, as in
+``expectigrad_np.Expectigrad`` and the original PyTorch optimizer.  (The
+original TF optimizers count the optimizer's global iterations instead.)
+In float32 the mean is rounded to nearest here, where the NumPy kernels
+round it stochastically: the two agree to float32 rounding over a run.
+
+Clipping follows the original project's order: by value, then each
+gradient's norm, then the global norm (Keras itself allows only one of
+the three).  ``weight_decay`` is Keras's decoupled decay.
+
+Importing this module imports keras; ``import expectigrad_np`` does not.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from .backends.layout import SATURATION
+
+__all__ = ["Expectigrad"]
+
+
+def _positive_or_none(name, value):
+    if value is not None and not (isinstance(value, (int, float)) and value > 0
+                                  and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+    return None if value is None else float(value)
+
+
+@keras.saving.register_keras_serializable(package="expectigrad_np")
+class Expectigrad(keras.optimizers.Optimizer):
+    """Expectigrad (Daley & Amato, 2020) for Keras 3.
+
+    Parameters
+    ----------
+    learning_rate : float, ``LearningRateSchedule`` or callable, default 1e-3
+    beta : float in [0, 1), default 0.9
+        Outer-momentum decay; 0: no momentum and no bias correction.
+    epsilon : float > 0, default 1e-8
+    sparse_counter : bool, default True
+        Count only nonzero gradients (True) or every step (False).
+    name : str, default "Expectigrad"
+    clipvalue, clipnorm, global_clipnorm : float > 0 or None
+        Applied in this order (the original project's), any combination.
+    weight_decay, use_ema, ema_momentum, ema_overwrite_frequency,
+    loss_scale_factor, gradient_accumulation_steps
+        As for every Keras optimizer.
+    decay : float, optional
+        The original's inverse-time decay: ``lr / (1 + decay * iterations)``
+        (a ``keras.optimizers.schedules.InverseTimeDecay``).
+    lr : float, optional
+        Deprecated alias of ``learning_rate`` (a ``DeprecationWarning``).
+    """
+
+    def __init__(self, learning_rate=0.001, beta=0.9, epsilon=1e-8, sparse_counter=True,
+                 name="Expectigrad", clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 weight_decay=None, use_ema=False, ema_momentum=0.99,
+                 ema_overwrite_frequency=None, loss_scale_factor=None,
+                 gradient_accumulation_steps=None, decay=None, lr=None, **kwargs):
+        if lr is not None:
+            warnings.warn("`lr` is deprecated, use `learning_rate`", DeprecationWarning,
+                          stacklevel=2)
+            learning_rate = lr
+        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+            if not (learning_rate > 0 and math.isfinite(learning_rate)):
+                raise ValueError(f"learning_rate must be greater than 0 but got "
+                                 f"{learning_rate}")
+        if decay:
+            if not isinstance(learning_rate, (int, float)):
+                raise ValueError("decay needs a constant learning_rate; give a "
+                                 "LearningRateSchedule instead")
+            learning_rate = keras.optimizers.schedules.InverseTimeDecay(
+                float(learning_rate), decay_steps=1, decay_rate=float(decay))
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0,1) but got {beta}")
+        if not epsilon > 0.0:
+            raise ValueError(f"epsilon must be greater than 0 but got {epsilon}")
+        if not isinstance(sparse_counter, (bool, np.bool_)):
+            raise TypeError(f"sparse_counter must be True or False, got {sparse_counter!r}")
+        clips = {k: _positive_or_none(k, v) for k, v in
+                 (("clipvalue", clipvalue), ("clipnorm", clipnorm),
+                  ("global_clipnorm", global_clipnorm))}
+        super().__init__(learning_rate=learning_rate, name=name, weight_decay=weight_decay,
+                         use_ema=use_ema, ema_momentum=ema_momentum,
+                         ema_overwrite_frequency=ema_overwrite_frequency,
+                         loss_scale_factor=loss_scale_factor,
+                         gradient_accumulation_steps=gradient_accumulation_steps, **kwargs)
+        # Keras accepts one clipping option; ours are applied together, in order.
+        self.clipvalue = clips["clipvalue"]
+        self.clipnorm = clips["clipnorm"]
+        self.global_clipnorm = clips["global_clipnorm"]
+        self.beta = float(beta)
+        self.epsilon = float(epsilon)
+        self.sparse_counter = bool(sparse_counter)
+
+    def build(self, var_list):
+        """Per variable: ``mean_sq``, ``count`` (sparse counter), ``momentum``
+        (beta > 0) and its step count ``t``."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._mean_sq, self._count, self._momentum, self._steps = [], [], [], []
+        for v in var_list:
+            self._mean_sq.append(self.add_variable_from_reference(v, "mean_sq"))
+            self._count.append(
+                self.add_variable(v.shape, dtype="int32", name=_name(v, "count"))
+                if self.sparse_counter else None)
+            self._momentum.append(self.add_variable_from_reference(v, "momentum")
+                                  if self.beta > 0 else None)
+            self._steps.append(self.add_variable((), dtype="int32", name=_name(v, "step")))
+
+    def _clip_gradients(self, grads):
+        """By value, then each gradient's norm, then the global norm: the
+        factor ``min(1, clipnorm / ||g||)`` as in ``expectigrad_np``.
+        (Written with ``where``: ``ops.maximum`` and ``ops.minimum`` can
+        return floatx rather than the gradients' float64.)"""
+        if self.clipvalue:
+            v = self.clipvalue
+            grads = [None if g is None else ops.clip(g, -v, v) for g in grads]
+        if self.clipnorm:
+            grads = [None if g is None else g * _factor(ops.sqrt(ops.sum(ops.square(g))),
+                                                        self.clipnorm)
+                     for g in grads]
+        if self.global_clipnorm:
+            present = [g for g in grads if g is not None]
+            wide = ("float64" if any(keras.backend.standardize_dtype(g.dtype) == "float64"
+                                     for g in present) else "float32")
+            total = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, wide))) for g in present))
+            factor = _factor(total, self.global_clipnorm)
+            grads = [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
+        return grads
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One Expectigrad step of ``variable`` (see the module docstring)."""
+        dtype = variable.dtype
+        i = self._get_variable_index(variable)
+        lr = ops.cast(learning_rate, dtype)
+        sat = float(SATURATION[np.dtype(dtype)])
+        g = ops.clip(ops.cast(gradient, dtype), -sat, sat)
+        g2 = ops.square(g)
+        step = self._steps[i]
+        self.assign_add(step, 1)
+        t = ops.cast(step, dtype)
+        zero = ops.zeros_like(g2)
+        if self.sparse_counter:
+            counted = ops.not_equal(g2, zero)
+            count = self._count[i]
+            self.assign_add(count, ops.cast(counted, "int32"))
+            n = ops.cast(count, dtype)
+            # (ops.maximum can return floatx rather than float64: no maximum here.)
+            n_safe = ops.where(counted, n, ops.ones_like(n))     # counted: n >= 1
+            weight = ops.where(counted, 1.0 / n_safe, zero)
+        else:
+            weight = 1.0 / t
+        mean_sq = self._mean_sq[i]
+        self.assign_add(mean_sq, (g2 - mean_sq) * weight)
+        u = g / (ops.cast(self.epsilon, dtype) + ops.sqrt(mean_sq))
+        if self.beta > 0:
+            beta = ops.cast(self.beta, dtype)
+            m = self._momentum[i]
+            self.assign(m, beta * m + (1.0 - beta) * u)
+            corrected = lr / (1.0 - ops.power(beta, t))
+            self.assign_sub(variable, corrected * m)
+        else:
+            self.assign_sub(variable, lr * u)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(beta=self.beta, epsilon=self.epsilon,
+                      sparse_counter=self.sparse_counter)
+        return config
+
+
+def _factor(norm, limit):
+    """``limit / norm`` where the norm exceeds ``limit``, else 1 (NaN: 1)."""
+    limit = ops.cast(limit, norm.dtype)
+    over = ops.greater(norm, limit)
+    return ops.where(over, limit / ops.where(over, norm, limit), ops.ones_like(norm))
+
+
+def _name(variable, what):
+    base = getattr(variable, "path", None) or str(variable.name)
+    return f"{base.replace('/', '_').replace(':', '_')}_{what}"

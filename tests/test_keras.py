@@ -1,0 +1,162 @@
+"""The Keras 3 front end (``expectigrad_np.tensorflow2``) on the torch
+backend: the same updates as ``eg.Expectigrad`` on the same gradients,
+``model.fit``, config and saving round trips, the original's options."""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras", reason="keras is not installed "
+                            "(pip install 'expectigrad_np[keras]')")
+if keras.backend.backend() == "tensorflow":       # pragma: no cover - other CI setups
+    pytest.importorskip("tensorflow")
+
+import expectigrad_np as eg  # noqa: E402
+from expectigrad_np.tensorflow2 import Expectigrad  # noqa: E402
+
+SHAPES = [(4, 3), (3,), (2, 2)]
+
+
+def _apply_both(hyper, ours, steps=12, dtype="float32", seed=0, none_p=0.15):
+    """Steps keras.Variables with the Keras optimizer and NumPy copies with
+    ``eg.Expectigrad`` (``ours``: its keyword arguments) on the same
+    gradients; returns both lists of parameters."""
+    # Keras keeps the learning rate in floatx: float64 runs need floatx float64.
+    floatx = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        return _apply(hyper, ours, steps, dtype, seed, none_p)
+    finally:
+        keras.config.set_floatx(floatx)
+
+
+def _apply(hyper, ours, steps, dtype, seed, none_p):
+    rng = np.random.default_rng(seed)
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    kv = [keras.Variable(a.copy(), dtype=dtype) for a in init]
+    xs = [a.copy() for a in init]
+    opt = Expectigrad(**hyper)
+    opt.build(kv)
+    core = eg.Expectigrad(xs, backend="numpy", **ours)
+    for _ in range(steps):
+        grads = [rng.standard_normal(s).astype(dtype) * (rng.random(s) > 0.3) for s in SHAPES]
+        for k in range(len(SHAPES)):
+            if rng.random() < none_p:
+                grads[k] = None
+        if all(g is None for g in grads):
+            continue
+        pairs = [(keras.ops.convert_to_tensor(g), v) for g, v in zip(grads, kv)
+                 if g is not None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.apply([p[0] for p in pairs], [p[1] for p in pairs])
+        core.step(grads)
+    return [keras.ops.convert_to_numpy(v) for v in kv], xs, opt
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_the_same_updates_as_the_numpy_optimizer(beta, sparse, dtype, rtol):
+    a, b, _ = _apply_both(dict(learning_rate=0.05, beta=beta, sparse_counter=sparse),
+                          dict(lr=0.05, beta=beta, sparse_counter=sparse), dtype=dtype)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_clipping_in_the_original_order_weight_decay_and_schedules():
+    schedule = keras.optimizers.schedules.InverseTimeDecay(0.1, decay_steps=1, decay_rate=0.5)
+    a, b, _ = _apply_both(
+        dict(learning_rate=schedule, clipvalue=0.8, clipnorm=1.0, global_clipnorm=1.5),
+        dict(lr=lambda step: 0.1 / (1 + 0.5 * step), clipvalue=0.8, clipnorm=1.0,
+             global_clipnorm=1.5), dtype="float64", none_p=0.0)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-12)
+    a, b, _ = _apply_both(dict(learning_rate=0.05, weight_decay=0.2),
+                          dict(lr=0.05, weight_decay=0.2), dtype="float64", none_p=0.0)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-12)
+
+
+def test_per_variable_step_counts_skip_missing_gradients():
+    _, _, opt = _apply_both(dict(learning_rate=0.05), dict(lr=0.05), none_p=0.4, seed=3)
+    steps = [int(keras.ops.convert_to_numpy(s)) for s in opt._steps]
+    assert len(set(steps)) > 1 and max(steps) <= int(opt.iterations.numpy())
+
+
+def test_model_fit_trains():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((256, 8)).astype("float32")
+    y = (X @ rng.standard_normal(8) > 0).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=Expectigrad(learning_rate=0.01), loss="binary_crossentropy",
+                  metrics=["accuracy"])
+    hist = model.fit(X, y, epochs=8, batch_size=32, verbose=0)
+    assert hist.history["loss"][-1] < 0.6 * hist.history["loss"][0]
+    assert hist.history["accuracy"][-1] > 0.85
+
+
+def test_config_round_trip_and_model_save(tmp_path):
+    opt = Expectigrad(learning_rate=0.02, beta=0.5, epsilon=1e-6, sparse_counter=False,
+                      clipvalue=1.0, clipnorm=2.0, global_clipnorm=3.0, weight_decay=0.01)
+    config = opt.get_config()
+    again = Expectigrad.from_config(config)
+    assert again.get_config() == config
+    assert (again.beta, again.epsilon, again.sparse_counter) == (0.5, 1e-6, False)
+    assert (again.clipvalue, again.clipnorm, again.global_clipnorm) == (1.0, 2.0, 3.0)
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((64, 4)).astype("float32")
+    y = rng.standard_normal((64, 1)).astype("float32")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=Expectigrad(learning_rate=0.01), loss="mse")
+    model.fit(X, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, Expectigrad)
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    model.fit(X, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    loaded.fit(X, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_original_options_lr_alias_and_decay():
+    with pytest.warns(DeprecationWarning, match="lr"):
+        opt = Expectigrad(lr=0.3)
+    assert float(opt.learning_rate) == pytest.approx(0.3)
+    opt = Expectigrad(learning_rate=0.1, decay=0.5)
+    assert isinstance(opt._learning_rate, keras.optimizers.schedules.InverseTimeDecay)
+    for kwargs, match in ((dict(learning_rate=0.0), "learning_rate must be greater than 0"),
+                          (dict(beta=1.0), r"beta must be in \[0,1\)"),
+                          (dict(epsilon=0.0), "epsilon must be greater than 0"),
+                          (dict(clipnorm=-1.0), "clipnorm must be")):
+        with pytest.raises(ValueError, match=match):
+            Expectigrad(**kwargs)
+
+
+def test_a_gradient_whose_square_overflows_moves_by_lr():
+    v = keras.Variable(np.zeros(2, "float32"))
+    opt = Expectigrad(learning_rate=0.1, beta=0.0)
+    opt.apply([keras.ops.convert_to_tensor(np.array([1e30, -1e30], "float32"))], [v])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(v), [-0.1, 0.1], rtol=1e-6)
+
+
+def test_importing_the_package_does_not_import_keras():
+    code = ("import sys, numpy as np, expectigrad_np as eg\n"
+            "eg.Expectigrad(np.zeros(3)).step(np.ones(3))\n"
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
