@@ -77,3 +77,13 @@ def test_pytorch_digits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out
     assert os.path.exists(tmp_path / "pytorch_digits.png") == has("matplotlib")
+
+
+@pytest.mark.skipif(not has("keras"), reason="keras is not installed "
+                    "(pip install 'expectigrad_np[keras]')")
+def test_keras_digits(capsys):
+    results = load("keras_digits").main(["--epochs", "3"])
+    assert set(results) == {"Expectigrad", "Adam"}
+    for r in results.values():
+        assert r["losses"][-1] < r["losses"][0] and r["accuracy"] > 0.5
+    assert "test accuracy" in capsys.readouterr().out
