@@ -21,8 +21,11 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .optimizer import Expectigrad
 
@@ -231,12 +234,17 @@ def _progress_bar(progress, total):
     return tqdm(total=total, desc="minimize", unit="step")
 
 
-def minimize(fun, x0, args=(), *, jac=None, bounds=None, callback=None,
-             lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, clipvalue=None,
-             clipnorm=None, global_clipnorm=None, backend="auto",
-             maxiter=None, gtol=None, norm=np.inf, tol=None,
-             data=None, epochs=None, progress=False, disp=False,
-             hess=None, hessp=None, constraints=()):
+def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
+             jac: Callable[..., Any] | bool | str | None = None,
+             bounds: Any = None, callback: Callable[..., Any] | None = None,
+             lr: float | Callable[[int], float] = 1e-3, beta: float = 0.9,
+             eps: float = 1e-8, sparse_counter: bool = True,
+             clipvalue: float | None = None, clipnorm: float | None = None,
+             global_clipnorm: float | None = None, backend: str = "auto",
+             maxiter: int | None = None, gtol: float | None = None, norm: float = np.inf,
+             tol: float | None = None, data: Any = None, epochs: int | None = None,
+             progress: bool = False, disp: bool = False,
+             hess: Any = None, hessp: Any = None, constraints: Any = ()) -> Any:
     r"""Minimise a scalar function with Expectigrad.
 
     Deterministic mode (``data=None``) minimises ``fun(x, *args)``: each

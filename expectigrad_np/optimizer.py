@@ -9,8 +9,10 @@ which calls its kernels.  The math is in ``reference.py``.
 from __future__ import annotations
 
 import numbers
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,6 +27,12 @@ _NONE_ID = id(None)
 __all__ = ["Expectigrad", "ParamGroup"]
 
 _BACKENDS = ("auto", "cpu", "numpy", "cuda")
+
+# Public annotations: a parameter is a float32/float64 ndarray (or a device
+# array); gradients follow the structure of the parameters.
+Schedule = Callable[[int], float]
+Gradients = np.ndarray | Sequence[Any] | None
+PathLike = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 
 def _locked(method):
@@ -121,9 +129,13 @@ class Expectigrad:
     >>> opt.step([np.ones((3, 2), np.float32), np.ones(2, np.float32)])
     """
 
-    def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
-                 weight_decay=0.0, maximize=False, clipvalue=None, clipnorm=None,
-                 global_clipnorm=None, check_finite=True, backend="auto"):
+    def __init__(self, params: np.ndarray | Sequence[np.ndarray] | Sequence[Mapping[str, Any]],
+                 lr: float | Schedule = 1e-3, beta: float = 0.9, eps: float = 1e-8,
+                 sparse_counter: bool = True, *, weight_decay: float = 0.0,
+                 maximize: bool = False, clipvalue: float | None = None,
+                 clipnorm: float | None = None, global_clipnorm: float | None = None,
+                 check_finite: bool = True,
+                 backend: Literal["auto", "cpu", "numpy", "cuda"] = "auto") -> None:
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                         weight_decay=weight_decay, maximize=maximize,
                         clipvalue=clipvalue, clipnorm=clipnorm)
@@ -157,31 +169,31 @@ class Expectigrad:
         self._refresh()
 
     @property
-    def step_count(self):
+    def step_count(self) -> int:
         """Steps taken (``step()`` calls that changed anything)."""
         return int(self._step_counter[0])
 
     @step_count.setter
-    def step_count(self, value):
+    def step_count(self, value: int) -> None:
         self._step_counter[0] = value
 
     @property
-    def global_clipnorm(self):
+    def global_clipnorm(self) -> float | None:
         """Joint L2-norm threshold over all gradients (None: off)."""
         return self._global_clipnorm
 
     @global_clipnorm.setter
-    def global_clipnorm(self, value):
+    def global_clipnorm(self, value: float | None) -> None:
         self._global_clipnorm = V.check_positive_or_none("global_clipnorm", value)
         self._mark_dirty()              # the single-array fast path reads it once
 
     @property
-    def check_finite(self):
+    def check_finite(self) -> bool:
         """Refuse gradients holding NaN or infinity (True) or skip the check."""
         return self._check_finite
 
     @check_finite.setter
-    def check_finite(self, value):
+    def check_finite(self, value: bool) -> None:
         self._check_finite = V.check_bool("check_finite", value)
         self._mark_dirty()              # the single-array fast path reads it once
 
@@ -445,7 +457,7 @@ class Expectigrad:
                              f"group), got {len(grads)}")
         return grads
 
-    def step(self, grads):
+    def step(self, grads: Gradients) -> None:
         """Apply one Expectigrad step; parameters change in place.
 
         ``grads`` has the structure of ``params``: a bare array when the
@@ -556,12 +568,12 @@ class Expectigrad:
     # --- state --------------------------------------------------------------
 
     @property
-    def params(self):
+    def params(self) -> list[np.ndarray]:
         """All parameter arrays, group by group."""
         return list(self._params)
 
     @_locked
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Optimizer state as plain NumPy arrays and numbers (copies).
 
         ``{"step": int, "state": {i: {"step", "mean_sq", ["count"],
@@ -590,7 +602,7 @@ class Expectigrad:
         return {"step": self.step_count, "state": state, "param_groups": groups}
 
     @_locked
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load ``state_dict()`` output; everything is checked before anything
         changes, and a mismatch raises ``ValueError`` naming what differs."""
         try:
@@ -664,7 +676,7 @@ class Expectigrad:
         self.step_count = int(step)
         self._mark_dirty()          # a loaded momentum buffer changes the flags
 
-    def save(self, path, *, params=True):
+    def save(self, path: PathLike, *, params: bool = True) -> None:
         """Write a checkpoint to ``path`` atomically: parameters (unless
         ``params=False``), state, step counts and hyperparameters in a
         versioned ``.npz`` (see ``expectigrad_np.checkpoint``)."""
@@ -672,7 +684,7 @@ class Expectigrad:
         save(self, path, params=params)
 
     @_locked
-    def load(self, path):
+    def load(self, path: PathLike) -> None:
         """Restore a checkpoint written by ``save``; a truncated, corrupt or
         mismatched file raises ``ValueError`` naming it, with nothing changed."""
         from .checkpoint import load
