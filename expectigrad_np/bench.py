@@ -398,7 +398,10 @@ def _torch_adam_on(shapes):
 def bench_model_shapes(repeat):
     """``step()`` on NumPy float32 arrays shaped like real models against
     torch's fused Adam on the same shapes: bytes per second (ours 36 B, Adam
-    28 B per element) and time."""
+    28 B per element) and time.  Twice: with the table's gradients (an exact
+    zero in every seventh element, so the sparse counter divides per
+    element) and with dense gradients (no exact zeros, as a dense layer's
+    usually are: the division-free uniform loop)."""
     rows = []
     for name, shapes in MODEL_SHAPES.items():
         adam = _torch_adam_on(shapes)
@@ -407,13 +410,16 @@ def bench_model_shapes(repeat):
         n = sum(int(np.prod(s)) for s in shapes)
         xs = [np.zeros(s, np.float32) for s in shapes]
         gs = [_gradient(int(np.prod(s)), "float32").reshape(s) for s in shapes]
+        dense = [np.where(g == 0, np.float32(1e-3), g) for g in gs]
         opt = Expectigrad(xs, lr=1e-3)
-        (t_ours, t_adam), (_, r) = time_interleaved([lambda: opt.step(gs), adam],
-                                                    max(repeat, 3))
+        opt_dense = Expectigrad([x.copy() for x in xs], lr=1e-3)
+        (t_ours, t_dense, t_adam), (_, _, r) = time_interleaved(
+            [lambda: opt.step(gs), lambda: opt_dense.step(dense), adam], max(repeat, 3))
         rows.append(dict(case=name, arrays=len(shapes), elements=n, step_us=t_ours * 1e6,
-                         torch_adam_us=t_adam * 1e6, time_vs_adam=1.0 / r,
-                         bytes_per_s_vs_adam=(36 / 28) * r))
-        del xs, gs, opt, adam
+                         dense_step_us=t_dense * 1e6, torch_adam_us=t_adam * 1e6,
+                         time_vs_adam=1.0 / r, bytes_per_s_vs_adam=(36 / 28) * r,
+                         dense_bytes_per_s_vs_adam=(36 / 28) * t_adam / t_dense))
+        del xs, gs, dense, opt, opt_dense, adam
         gc.collect()
     return rows
 
@@ -725,7 +731,9 @@ def format_table(result):
         lines.append(f"step() on {row['case']} ({row['elements']:,} float32 in "
                      f"{row['arrays']} arrays): {row['step_us']:,.0f} µs, torch Adam fused "
                      f"{row['torch_adam_us']:,.0f} µs; bytes/s {row['bytes_per_s_vs_adam']:.2f}x"
-                     f" Adam's, time {row['time_vs_adam']:.2f}x")
+                     f" Adam's, time {row['time_vs_adam']:.2f}x; dense gradients "
+                     f"{row['dense_step_us']:,.0f} µs, bytes/s "
+                     f"{row['dense_bytes_per_s_vs_adam']:.2f}x Adam's")
     for row in result.get("pytorch", ()):
         orig = ("" if "speedup_vs_original" not in row else
                 f", original {row['original_us']:,.1f} µs ({row['speedup_vs_original']:.1f}x "
