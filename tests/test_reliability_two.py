@@ -482,3 +482,23 @@ def test_a_gradient_aliasing_a_parameter_of_another_dtype_is_read_as_it_was(back
 
     for a, b in zip(run(True), run(False)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [{"clipnorm": 1.0}, {"global_clipnorm": 1.0},
+                                  {"clipnorm": 2.0, "global_clipnorm": 1.0}])
+@pytest.mark.parametrize("several", [False, True])
+def test_a_norm_beyond_the_float64_range_still_clips_the_step(backend, clip, several):
+    """float64 gradients near 1.8e308, whose norm itself overflows: the norms
+    are computed in units of 2**512, so the step is clipped, not lost."""
+    big = np.finfo(np.float64).max
+    g = np.array([big, big / 2, -big, big / 4])
+    x = np.zeros(4)
+    params = [x, np.zeros(2)] if several else [x]
+    grads = [g, np.array([1.0, -1.0])] if several else [g]
+    opt = eg.Expectigrad(params, lr=0.1, backend=backend, **clip)
+    opt.step(grads)
+    st = opt.state_dict()["state"][0]
+    assert list(st["count"]) == [1, 1, 1, 1] and st["step"] == 1
+    np.testing.assert_allclose(x, [-0.1, -0.1, 0.1, -0.1], rtol=1e-6)
+    assert np.all(np.isfinite(st["mean_sq"])) and np.all(st["mean_sq"] > 0)

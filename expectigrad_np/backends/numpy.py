@@ -15,9 +15,14 @@ from .base import Bucket
 __all__ = ["NumpyBucket"]
 
 
+# Norms on the overflow path are kept in units of 2**512 (``NORM_UNIT``, as
+# the cpu backend's), so that a norm beyond the float64 range stays finite.
+NORM_UNIT = 2.0 ** -512
+
+
 def _scaled_norm(a, other_sumsq=0.0):
-    """``sqrt(sum(a**2) + other_sumsq)`` in float64, scaled by the largest
-    element so that no square overflows."""
+    """``sqrt(sum(a**2) + other_sumsq)`` in float64, computed scaled by the
+    largest element so that no square overflows."""
     a = np.abs(np.asarray(a, dtype=np.float64))
     big = float(a.max()) if a.size else 0.0
     if big == 0.0:
@@ -62,17 +67,24 @@ class NumpyBucket(Bucket):
             total = sum(sq * s * s for sq, s in zip(sumsq, scale))
             g_scale = L.clip_scale(total + other_sumsq, global_clipnorm)
             return [s * g_scale for s in scale], total
-        # A squared norm overflowed: the same clipping from scaled norms.
+        # A squared norm overflowed: the same clipping from scaled norms, in
+        # NORM_UNIT.
         scale, clipped = [], []
         for k, (g, sq) in enumerate(zip(self.grads, sumsq)):
-            norm = np.sqrt(sq) if sq < np.inf else _scaled_norm(
-                clip_value(g, self.coef[k, L.CLIPVALUE]))
-            clipnorm = float(self.coef[k, L.CLIPNORM])
+            if sq < np.inf:
+                norm = np.sqrt(sq) * NORM_UNIT
+            else:
+                a = np.abs(clip_value(g, self.coef[k, L.CLIPVALUE]).astype(np.float64))
+                norm = _scaled_norm(a * NORM_UNIT)
+            clipnorm = float(self.coef[k, L.CLIPNORM]) * NORM_UNIT
             scale.append(clipnorm / norm if norm > clipnorm else 1.0)
             clipped.append(norm * scale[-1])
-        joint = _scaled_norm(np.array(clipped), other_sumsq)
-        g_scale = global_clipnorm / joint if joint > global_clipnorm else 1.0
-        return [s * g_scale for s in scale], joint * joint
+        joint = _scaled_norm(np.array(clipped), other_sumsq * NORM_UNIT * NORM_UNIT)
+        limit = global_clipnorm * NORM_UNIT
+        g_scale = limit / joint if joint > limit else 1.0
+        with np.errstate(over="ignore"):                  # inf beyond float64
+            total = float(np.square(np.float64(joint / NORM_UNIT)))
+        return [s * g_scale for s in scale], total
 
     def step(self, check, global_clipnorm, other_sumsq, update=True):
         bad, sumsq = self._stats(check)

@@ -62,6 +62,7 @@ from .loops import (
     _has_loop,
     _joint_norm,
     _scale,
+    NORM_UNIT,
     _scaled_norm,
     _update_span,
     loop_globals,
@@ -108,12 +109,13 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
             scale = _scale(sumsq, c[CLIPNORM])
             scale *= _scale(sumsq * scale * scale, global_clipnorm)
         elif ANY_CLIP and needs_norm:   # overflowed: see _segments_body
-            norm = _scaled_norm(g, c[CLIPVALUE])
-            clipnorm = np.float64(c[CLIPNORM])
+            norm = _scaled_norm(g, c[CLIPVALUE])              # in NORM_UNIT
+            clipnorm = np.float64(c[CLIPNORM]) * NORM_UNIT
             scale = clipnorm / norm if norm > clipnorm else 1.0
             norm *= scale
-            scale *= global_clipnorm / norm if norm > global_clipnorm else 1.0
-            sumsq = norm * norm
+            limit = global_clipnorm * NORM_UNIT
+            scale *= limit / norm if norm > limit else 1.0
+            sumsq = (norm / NORM_UNIT) ** 2                    # inf beyond float64
     scale = x.dtype.type(scale)
     if not _has_loop(f, scale != 1 or c[CLIPVALUE] < np.inf):
         return NO_LOOP, sumsq
@@ -216,20 +218,22 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
         else:
             # A squared norm overflowed (float64 gradients beyond 1e154): the
             # same clipping from norms scaled by their largest element, so
-            # the step is clipped, not lost.
+            # the step is clipped, not lost; the norms in NORM_UNIT, so that
+            # none overflows even beyond 1.8e308.
             for k in range(n_arrays):
                 if flags[k, ACTIVE] and sumsq[k] == np.inf:
                     size = offsets[k + 1] - offsets[k]
                     norm = _scaled_norm(carray(_pointer_like(g_addr[k], v), size),
                                         coef[k, CLIPVALUE])
                 else:
-                    norm = np.sqrt(sumsq[k])
-                clipnorm = np.float64(coef[k, CLIPNORM])
+                    norm = np.sqrt(sumsq[k]) * NORM_UNIT
+                clipnorm = np.float64(coef[k, CLIPNORM]) * NORM_UNIT
                 scale[k] = clipnorm / norm if norm > clipnorm else 1.0
                 sumsq[k] = norm * scale[k]          # now the clipped norm
-            joint = _joint_norm(sumsq[:n_arrays], other_sumsq)
-            total = joint * joint
-            g_scale = global_clipnorm / joint if joint > global_clipnorm else 1.0
+            joint = _joint_norm(sumsq[:n_arrays], other_sumsq * NORM_UNIT * NORM_UNIT)
+            total = (joint / NORM_UNIT) ** 2        # inf beyond float64: for the others
+            limit = global_clipnorm * NORM_UNIT
+            g_scale = limit / joint if joint > limit else 1.0
         if global_clipnorm < np.inf:
             for k in range(n_arrays):
                 scale[k] *= g_scale

@@ -367,11 +367,17 @@ def _first_pass_unclipped(g, norm):
     return _span_nonfinite(g)
 
 
+# Norms on the overflow path are kept in units of NORM_UNIT**-1 (times
+# 2**-512, exact), so that even a norm beyond the float64 range (float64
+# gradients near 1.8e308) stays finite.
+NORM_UNIT = 2.0 ** -512
+
+
 @njit(**_OPTS)
 def _scaled_norm(g, clipvalue):
-    """The L2 norm of ``clip(g, -clipvalue, clipvalue)`` in float64, scaled
-    by its largest element so that no square overflows (the rare path of a
-    squared norm beyond the float64 range)."""
+    """The L2 norm of ``clip(g, -clipvalue, clipvalue)`` in float64, times
+    ``NORM_UNIT``, computed scaled by its largest element so that no square
+    overflows (the rare path of a squared norm beyond the float64 range)."""
     big = 0.0
     for i in range(g.size):
         big = max(big, abs(np.float64(min(max(g[i], -clipvalue), clipvalue))))
@@ -381,7 +387,7 @@ def _scaled_norm(g, clipvalue):
     for i in range(g.size):
         r = np.float64(min(max(g[i], -clipvalue), clipvalue)) / big
         acc += r * r
-    return big * np.sqrt(acc)
+    return (big * NORM_UNIT) * np.sqrt(acc)
 
 
 @njit(**_OPTS)
