@@ -57,12 +57,12 @@ from .locate import is_writeable, located_address, sequence_item
 from .loops import (
     ALL_LOOPS,
     ANY_CLIP,
+    NORM_UNIT,
     _first_pass,
     _first_pass_unclipped,
     _has_loop,
     _joint_norm,
     _scale,
-    NORM_UNIT,
     _scaled_norm,
     _update_span,
     loop_globals,
