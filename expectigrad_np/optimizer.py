@@ -343,12 +343,13 @@ class Expectigrad:
         """Set up the compiled route of ``step`` for a one-dtype optimizer;
         None where the backend offers none (``CpuBucket.step_path``).
 
-        Every coefficient but ``step_size`` and ``1/t`` is fixed until a
+        Every coefficient but ``step_size``, ``1/t`` and ``decay`` is fixed until a
         param group changes, so it is written here once; the backend's entry
         point does the rest in one call: it locates the gradients in the
         sequence passed to ``step``, computes the coefficients from the
-        float64 ``lr`` and ``beta`` rows and the step counts (``self._t``,
-        incremented in place), checks, clips and updates.
+        float64 ``lr`` row, the ``hyper`` table (beta, weight decay, step
+        sign) and the step counts (``self._t``, incremented in place),
+        checks, clips and updates.
         """
         if len(self._buckets) != 1:
             return None
@@ -374,7 +375,7 @@ class Expectigrad:
             return None
         entry, ctx_address, lock = path
         members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
-        # lr (rewritten by the schedules each step), beta and scalars are the
+        # lr (rewritten by the schedules each step), hyper and scalars are the
         # rows the kernel reads through the context row.
         return entry, ctx_address, lock, lr, hyper, scalars, schedules, members
 
