@@ -1,0 +1,52 @@
+"""The MPI front end (``expectigrad_np.mpi``) under ``mpiexec``: every rank
+ends every step with the bits of one process stepping the mean gradient;
+refusals are collective; a checkpoint from P ranks loads with other counts
+and in one process.  The checks run in tests/mpi_worker.py."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'expectigrad_np[mpi]')")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mpiexec():
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_data_parallel_steps_match_one_process_on_the_mean(ranks, tmp_path):
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    result = subprocess.run([mpiexec, "-n", str(ranks), sys.executable,
+                             str(ROOT / "tests" / "mpi_worker.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(result.stdout.split("OK")[1:]) and all(
+        f"OK {r}" in result.stdout for r in range(ranks))
+
+
+def test_sharded_state_is_refused_until_it_exists():
+    import numpy as np
+
+    from expectigrad_np.mpi import Expectigrad
+    with pytest.raises(NotImplementedError, match="shard_state"):
+        Expectigrad([np.zeros(3)], shard_state=True)
+
+
+def test_importing_the_package_does_not_import_mpi4py():
+    code = ("import sys, numpy as np, expectigrad_np as eg\n"
+            "eg.Expectigrad(np.zeros(3)).step(np.ones(3))\n"
+            "assert 'mpi4py' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
