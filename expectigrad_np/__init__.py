@@ -6,18 +6,21 @@ Numba kernels.
     >>> opt = eg.Expectigrad([W], lr=1e-3)
     >>> opt.step([np.ones_like(W)])          # W changes in place
 
-``minimize`` is the same optimizer behind a ``scipy.optimize.minimize``-style
-call (scipy is imported on first use).  ``reference`` holds the algorithm
-in plain NumPy; ``schedules`` the learning-rate schedules; ``cuda`` the GPU
-backend's ``ptx`` and ``benchmark``
-(importing it does not import numba.cuda).
+``RowSparse(indices, values)`` is a gradient that touches some rows of a
+parameter (``scipy.sparse`` matrices work too): a step costs what it
+touches and equals the dense step.  ``minimize`` is the same optimizer
+behind a ``scipy.optimize.minimize``-style call (scipy is imported on first
+use).  ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
+learning-rate schedules; ``cuda`` the GPU backend's ``ptx`` and
+``benchmark`` (importing it does not import numba.cuda).
 """
 from . import cuda, reference, schedules
 from .optimizer import Expectigrad
 from .param_groups import ParamGroup
+from .sparse import RowSparse
 
 __version__ = "0.1.0"
-__all__ = ["Expectigrad", "ParamGroup", "cuda", "minimize", "reference", "schedules",
+__all__ = ["Expectigrad", "ParamGroup", "RowSparse", "cuda", "minimize", "reference", "schedules",
            "__version__"]
 
 

@@ -424,6 +424,54 @@ def bench_model_shapes(repeat):
     return rows
 
 
+def bench_sparse(repeat, rows=1_000_000, width=32, touched=512, pool=4096):
+    """Row-sparse steps (``RowSparse``) on a ``rows x width`` float32 table
+    with ``touched`` random rows per step, against the dense step of the
+    same table on the densified gradient (beta=0.9): beta=0, beta=0.9 with
+    ``lazy=True``, and beta=0.9 eager (which visits every row whose
+    momentum has not yet decayed to zero).  The steps cycle through
+    ``pool`` random index sets, so a row's lag between touches is as long as
+    fresh random indices would give it."""
+    from .sparse import RowSparse
+    rng = np.random.default_rng(0)
+    index_sets = [rng.integers(0, rows, touched) for _ in range(pool)]
+    values = rng.standard_normal((touched, width)).astype(np.float32)
+    grads = [RowSparse(i, values) for i in index_sets]
+    dense = np.zeros((rows, width), np.float32)
+    dense[index_sets[0]] = values
+
+    def table():
+        return rng.standard_normal((rows, width), dtype=np.float32) * np.float32(0.1)
+
+    def stepper(**kw):
+        opt = Expectigrad([table()], lr=1e-3, **kw)
+        # One dense step first: every page of the state is written once, as
+        # in a run that has gone on for a while (not first-touch page faults).
+        opt.step([np.zeros((rows, width), np.float32)])
+        count = iter(range(1 << 62))
+        return lambda: opt.step([grads[next(count) % pool]])
+
+    dense_opt = Expectigrad([table()], lr=1e-3, beta=0.9)
+    fns = [lambda: dense_opt.step([dense]), stepper(beta=0.0),
+           stepper(beta=0.9, lazy=True), stepper(beta=0.9)]
+    times, ratios = time_interleaved(fns, max(repeat, 3))
+    result = dict(rows=rows, width=width, touched=touched, dense_us=times[0] * 1e6)
+    for name, t in zip(("beta0", "lazy", "eager"), times[1:]):
+        result[f"{name}_us"] = t * 1e6
+        result[f"{name}_speedup"] = times[0] / t
+    del fns, dense, dense_opt
+    gc.collect()
+    return result
+
+
+def _format_sparse(r):
+    return (f"row-sparse step, {r['touched']} of {r['rows']:,} x {r['width']} float32 rows: "
+            f"beta=0 {r['beta0_us']:,.0f} µs ({r['beta0_speedup']:.0f}x faster than the "
+            f"dense step, {r['dense_us']:,.0f} µs); beta=0.9 lazy {r['lazy_us']:,.0f} µs "
+            f"({r['lazy_speedup']:.0f}x); beta=0.9 eager {r['eager_us']:,.0f} µs "
+            f"({r['eager_speedup']:.1f}x)")
+
+
 def bench_pytorch(repeat):
     """The PyTorch front end (``expectigrad_np.pytorch.Expectigrad``) on CPU
     float32 tensors against the original project's PyTorch optimizer (when
@@ -664,6 +712,7 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         result["small"] = bench_small(repeat)
         result["small_lists"] = bench_small_lists(repeat)
         result["minimize"] = bench_minimize(repeat)
+        result["sparse"] = bench_sparse(repeat)
         if torch:
             result["model_shapes"] = bench_model_shapes(repeat)
             result["pytorch"] = bench_pytorch(repeat)
@@ -727,6 +776,8 @@ def format_table(result):
         lines.append(f"minimize on {m['dim']}-D Rosenbrock: {m['iteration_us']:.1f} µs an "
                      f"iteration, rosen + rosen_der {m['fun_jac_us']:.1f} µs "
                      f"({m['ratio']:.2f}x)")
+    if "sparse" in result:
+        lines.append(_format_sparse(result["sparse"]))
     for row in result.get("model_shapes", ()):
         lines.append(f"step() on {row['case']} ({row['elements']:,} float32 in "
                      f"{row['arrays']} arrays): {row['step_us']:,.0f} µs, torch Adam fused "
@@ -796,6 +847,9 @@ def add_arguments(parser):
                         help="only the cold-cache row: the first steps in a fresh "
                              "process with an empty NUMBA_CACHE_DIR, against compiling "
                              "a plain @njit loop of the same update")
+    parser.add_argument("--sparse", action="store_true",
+                        help="only the row-sparse row: 512 of 1,000,000 x 32 float32 "
+                             "rows per step, against the dense step")
     parser.add_argument("--parallel", action="store_true",
                         help="also time the serial against the parallel kernel from "
                              "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
@@ -813,6 +867,10 @@ def main(argv=None):
             raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
     if args.repeat < 1 or any(n < 1 for n in args.sizes):
         raise SystemExit("bench: --repeat and every size must be >= 1")
+    if args.sparse:
+        row = bench_sparse(args.repeat)
+        print(json.dumps({"sparse": row}, indent=1) if args.json else _format_sparse(row))
+        return 0
     if args.cold:
         row = bench_cold()
         if args.json:

@@ -20,7 +20,9 @@ from . import _validation as V
 from ._atomic import interrupts_deferred
 from .backends import bucket_class
 from .backends import layout as L
+from .lazy import MAX_WINDOW, History
 from .param_groups import Changes, ParamGroup
+from .sparse import as_rows, is_row_sparse
 
 _NONE_ID = id(None)
 
@@ -115,6 +117,15 @@ class Expectigrad:
     check_finite : bool, default True
         Refuse a step whose gradients hold NaN or infinity with
         ``FloatingPointError``, before anything changes.
+    lazy : bool, default False
+        Row-sparse gradients (``RowSparse``, ``scipy.sparse``) update only
+        the rows they name; every other row of that array lags, and is
+        brought up to date exactly, in closed form, when next touched, by a
+        dense gradient, by ``sync()``, ``state_dict()`` or ``save()``
+        (``lazy.py``).  False: each row-sparse step visits every row whose
+        update is not exactly zero (rows with momentum left, or every row
+        with weight decay or the dense counter), so parameters are always
+        current.
     backend : {"auto", "cpu", "numpy", "cuda"}
         ``"cpu"``: fused Numba kernels; ``"numpy"``: the pure NumPy
         reference; ``"cuda"``: Numba CUDA kernels on device arrays (numba,
@@ -134,7 +145,7 @@ class Expectigrad:
                  sparse_counter: bool = True, *, weight_decay: float = 0.0,
                  maximize: bool = False, clipvalue: float | None = None,
                  clipnorm: float | None = None, global_clipnorm: float | None = None,
-                 check_finite: bool = True,
+                 check_finite: bool = True, lazy: bool = False,
                  backend: Literal["auto", "cpu", "numpy", "cuda"] = "auto") -> None:
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                         weight_decay=weight_decay, maximize=maximize,
@@ -142,6 +153,7 @@ class Expectigrad:
         defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
         self.global_clipnorm = global_clipnorm      # validated by the setters
         self.check_finite = check_finite
+        self.lazy = V.check_bool("lazy", lazy)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.defaults = defaults
@@ -166,6 +178,13 @@ class Expectigrad:
         self._buckets = self._make_buckets()
         self._ranges = None        # host_ranges of each bucket (several dtypes)
         self._last_scheduled = {}  # group -> (schedule's last value, checked value)
+        # Row-sparse bookkeeping (sparse.py, lazy.py): per array, where it
+        # lies (bucket, index), the rows whose momentum may be nonzero (eager)
+        # with the step count they were found at, and the lazy history.
+        self._where = {int(i): (b, k) for b in self._buckets for k, i in enumerate(b.slots)}
+        self._live = {i: (np.zeros(0, np.int64), 0) for i in range(len(self._params))}
+        self._histories = {}
+        self._lagging = False       # some lazy history is pending
         self._refresh()
 
     @property
@@ -305,7 +324,9 @@ class Expectigrad:
         self._changes.dirty = True
 
     def _refresh(self):
-        """Recompute the per-array hyperparameters after a group changed."""
+        """Recompute the per-array hyperparameters after a group changed
+        (lagging rows of an array whose beta or counter changed are first
+        brought up to date under the old ones)."""
         groups = self.param_groups
         per = lambda key, fill=None: np.array(  # noqa: E731
             [fill if (v := groups[gi][key]) is None else v for gi in self._group_of],
@@ -315,6 +336,9 @@ class Expectigrad:
         self._clipvalue = per("clipvalue", np.inf)
         self._clipnorm = per("clipnorm", np.inf)
         self._sparse = np.array([groups[gi]["sparse_counter"] for gi in self._group_of])
+        for i, hist in self.__dict__.get("_histories", {}).items():
+            if hist.pending and not hist.holds(self._beta[i], self._sparse[i]):
+                self._sync_array(i)        # the buckets' flags are still the old ones
         self._last_scheduled = {}          # checked against the old hyperparameters
         self._weight_decay = per("weight_decay")
         self._maximize = np.array([groups[gi]["maximize"] for gi in self._group_of],
@@ -476,7 +500,7 @@ class Expectigrad:
                 self._refresh()
             fast = self._fast
             lr_now = None
-            if fast is not None:
+            if fast is not None and not self._lagging:
                 # The compiled route, written out here: it is most of the
                 # time of a small step (see _step_fast for what it reads).
                 entry, ctx_address, lock, _, _, _, schedules, _ = fast
@@ -507,6 +531,10 @@ class Expectigrad:
         lies: gradients staged or cast here, several dtypes, the numpy and
         cuda backends.  Checks every bucket before changing any."""
         grads = self._flatten_grads(grads)
+        row_sparse = [i for i, g in enumerate(grads) if is_row_sparse(g)]
+        if row_sparse:
+            return self._step_rows(grads, row_sparse, lr_now)
+        synced = self._sync_for_dense(grads)
         # Object addresses of the gradients: None is one object, so this gives
         # the active arrays, and the buckets locate the rest from it.
         ids = np.fromiter(map(id, grads), np.int64, len(grads))
@@ -559,6 +587,287 @@ class Expectigrad:
             self._raise_nonfinite(b, bad)
         self._t[...] = t_new        # in place: the fast path holds this array
         self.step_count += 1
+        for i in synced:
+            self._histories[i].reset(int(t_new[i]))
+
+    # --- row-sparse steps -----------------------------------------------------
+
+    def _step_rows(self, grads, row_sparse, lr_now):
+        """A step with row-sparse gradients (``sparse.py``): the dense step of
+        their densified gradients, visiting only rows that can change.
+
+        Everything is checked first (gradients, finiteness, norms); then the
+        dense arrays step as usual, with the row-sparse ones' squared norms
+        in the joint norm, and each row-sparse array steps its rows."""
+        names = self._names
+        if self.backend == "cuda":
+            raise TypeError(f"the gradient of {names[row_sparse[0]]} is row-sparse, which "
+                            "the cuda backend does not take; pass a dense device array")
+        rows_of = {}
+        dense = list(grads)
+        for i in row_sparse:
+            p = self._params[i]
+            if not p.flags.writeable:
+                raise ValueError(f"{names[i]} has been made read-only; parameters are "
+                                 "updated in place (set x.flags.writeable = True, or pass "
+                                 "None as its gradient); nothing was changed")
+            rows, vals = as_rows(grads[i], p, names[i])
+            dense[i] = None
+            if self.check_finite and not np.isfinite(vals).all():
+                raise FloatingPointError(f"the gradient of {names[i]} holds NaN or "
+                                         "infinity; the step was refused and nothing was "
+                                         "changed")
+            rows_of[i] = (rows, vals)
+        if any(not self._params[i].flags.c_contiguous for i in rows_of):
+            return self._step_densified(grads, rows_of)
+        # Squared norms of the row-sparse gradients, as the dense step takes
+        # them: value-clipped first.
+        gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
+        sumsq, scale = {}, {}
+        for i, (_, vals) in rows_of.items():
+            # The thresholds in the array's dtype, as the kernels hold them.
+            with np.errstate(over="ignore"):
+                clipvalue, clipnorm = (float(vals.dtype.type(v)) for v in
+                                       (self._clipvalue[i], self._clipnorm[i]))
+            if clipnorm == np.inf and gclip == np.inf:
+                sumsq[i], scale[i] = 0.0, 1.0      # no norm needed
+                continue
+            clipped = vals if clipvalue == np.inf else np.clip(vals, -clipvalue, clipvalue)
+            with np.errstate(over="ignore"):
+                sumsq[i] = float(np.sum(np.square(clipped, dtype=np.float64)))
+            scale[i] = L.clip_scale(sumsq[i], clipnorm)
+        if not all(sq < np.inf for sq in sumsq.values()):
+            return self._step_densified(grads, rows_of)     # the overflow-safe norms
+        rows_total = sum(sq * scale[i] ** 2 for i, sq in sumsq.items())
+
+        synced = self._sync_for_dense(dense)
+        ids = np.fromiter(map(id, dense), np.int64, len(dense))
+        active_dense = ids != _NONE_ID
+        active = active_dense.copy()
+        active[row_sparse] = True
+        for i in np.flatnonzero(active_dense).tolist():
+            p = self._params[i]
+            if isinstance(p, np.ndarray) and not p.flags.writeable:
+                raise ValueError(f"{names[i]} has been made read-only; parameters "
+                                 "are updated in place (set x.flags.writeable = True, or "
+                                 "pass None as its gradient); nothing was changed")
+        for b in self._buckets:
+            b.load_gradients([dense[i] for i in b.slots], ids[b.slots])
+        if len(self._buckets) > 1:
+            if self._ranges is None:
+                self._ranges = [b.host_ranges() for b in self._buckets]
+            for b in self._buckets:
+                mine = [dense[i] for i in b.slots]
+                for other, (lo, hi) in zip(self._buckets, self._ranges):
+                    if other is not b:
+                        b.stage_overlapping(mine, lo, hi)
+        lr = self._lr_per_array() if lr_now is None else lr_now
+        t_new = self._t + active
+        if self.lazy:
+            for i in rows_of:
+                if lr[i] * self._weight_decay[i] >= 1.0:
+                    raise ValueError(
+                        f"{names[i]}: lazy=True needs lr * weight_decay < 1 (got "
+                        f"{lr[i] * self._weight_decay[i]:g}); nothing was changed")
+        for b in self._buckets:
+            s = b.slots
+            b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
+                               self._clipvalue[s], self._clipnorm[s], active_dense[s],
+                               self._sparse[s], self._momentum[s],
+                               static_key=self._hyper_key,
+                               weight_decay=self._weight_decay[s], maximize=self._maximize[s])
+        dense_sumsq = [0.0] * len(self._buckets)
+        stepping = [bool(active_dense[b.slots].any()) for b in self._buckets]
+        for j, b in enumerate(self._buckets):
+            if stepping[j] and (self.check_finite or gclip < np.inf):
+                bad, dense_sumsq[j] = b.step(self.check_finite, gclip, 0.0, update=False)
+                self._raise_nonfinite(b, bad)
+        if not all(sq < np.inf for sq in dense_sumsq):
+            return self._step_densified(grads, rows_of)
+        g_scale = L.clip_scale(sum(dense_sumsq) + rows_total, gclip)
+        # Everything checked: now write.
+        for j, b in enumerate(self._buckets):
+            if stepping[j]:
+                others = sum(sq for i, sq in enumerate(dense_sumsq) if i != j) + rows_total
+                b.step(False, gclip, others)
+        for i, (rows, vals) in rows_of.items():
+            self._step_array_rows(i, rows, vals, scale[i] * g_scale, int(t_new[i]))
+        self._t[...] = t_new
+        self.step_count += 1
+        for i in synced:
+            self._histories[i].reset(int(t_new[i]))
+
+    def _step_densified(self, grads, rows_of):
+        """The step with each row-sparse gradient made dense: for parameters
+        that are not C-contiguous, and norms beyond the float64 range."""
+        dense = list(grads)
+        for i, (rows, vals) in rows_of.items():
+            p = self._params[i]
+            g = np.zeros(p.shape, p.dtype)
+            g.reshape(p.shape[0], -1)[rows] = vals
+            dense[i] = g
+        return self._step_general(dense)
+
+    def _step_array_rows(self, i, rows, vals, scale, t_new):
+        """Step array ``i``'s rows: lazily (catch the touched rows up, step
+        them, record the step) or eagerly (every row that can change)."""
+        b, k = self._where[i]
+        nrows = b.shapes[k][0]
+        if self.lazy:
+            hist = self._histories.get(i)
+            if hist is None:
+                hist = self._histories[i] = History(nrows, t_new - 1, self._beta[i],
+                                                    self._sparse[i], b.dtype)
+            elif not hist.pending:          # dense steps or a new beta since the last sync
+                hist.reset(t_new - 1, self._beta[i], self._sparse[i])
+            b.update_rows(k, rows, np.arange(rows.size), vals, scale,
+                          self._lazy_coefficients(i, rows, t_new - 1))
+            hist.record(b.coef[k, L.STEP], b.coef[k, L.DECAY], b.window_sum)
+            hist.last[rows] = t_new
+            self._lagging = True
+        else:
+            f = b.flags[k]
+            everything = b.coef[k, L.DECAY] != 1 or not f[L.SPARSE]
+            live = None
+            if f[L.MOMENTUM] and not everything:
+                known = self._live.get(i)
+                if known is None or known[1] != t_new - 1:
+                    everything = True       # other steps since: any row may have momentum
+                else:
+                    live = known[0]
+            if everything or (live is not None and 4 * live.size > nrows):
+                visit = np.arange(nrows)        # cheaper than merging the sets
+            elif live is not None and live.size:
+                visit = np.union1d(rows, live)
+            else:
+                visit = rows
+            if visit is rows:
+                sel = np.arange(rows.size)
+            else:
+                sel = np.full(visit.size, -1, np.int64)
+                sel[np.searchsorted(visit, rows)] = np.arange(rows.size)
+            nonzero = b.update_rows(k, visit, sel, vals, scale)
+            if nonzero is not None:
+                self._live[i] = (visit[nonzero], t_new)
+        b.flags[k, L.UNIFORM] = 0           # untouched rows kept their counts
+
+    def _lazy_coefficients(self, i, rows, T):
+        """``(B, C, D, R)`` bringing rows ``rows`` of lazy array ``i`` up to
+        date after step ``T`` (``lazy.py``); None when none of them lags."""
+        hist = self._histories[i]
+        t0 = np.maximum(hist.last[rows], hist.base)
+        lag = T - t0
+        if not (lag > 0).any():
+            return None
+        b, _ = self._where[i]
+        B, C, D = (np.empty(rows.size) for _ in range(3))
+        # Lags within the last ``recent`` steps: one backward pass over them
+        # gives every such lag's coefficients (O(recent) a step, O(1) a row).
+        n = hist.n
+        recent = min(n, hist.window or MAX_WINDOW)
+        near = lag <= recent
+        if near.any():
+            Bt, Ct, Dt = (np.empty(recent + 1) for _ in range(3))
+            b.all_coefficients(T, T - recent, hist.s[n - recent:n], hist.d[n - recent:n],
+                               hist.beta, Bt, Ct, Dt)
+            at = recent - lag[near]
+            B[near], C[near], D[near] = Bt[at], Ct[at], Dt[at]
+        if not near.all():
+            far = ~near
+            Bf, Cf, Df = (np.empty(int(far.sum())) for _ in range(3))
+            b.row_coefficients(t0[far], T, hist.base, hist.s, hist.d, hist.cumlog,
+                               hist.beta, hist.stop_bound(), hist.decayed, hist.cwin,
+                               hist.window, hist.beta_window, Bf, Cf, Df)
+            B[far], C[far], D[far] = Bf, Cf, Df
+        return B, C, D, t0 / T
+
+    def _catch_up(self, i, rows, T):
+        """Bring rows ``rows`` of lazy array ``i`` up to date after step ``T``."""
+        coefficients = self._lazy_coefficients(i, rows, T)
+        if coefficients is not None:
+            b, k = self._where[i]
+            b.catch_up_rows(k, rows, *coefficients)
+
+    def _sync_array(self, i):
+        hist = self._histories[i]
+        if not hist.pending:
+            return
+        b, k = self._where[i]
+        T = int(self._t[i])
+        n = T - hist.base
+        B, C, D = (np.empty(n + 1) for _ in range(3))
+        b.all_coefficients(T, hist.base, hist.s, hist.d, hist.beta, B, C, D)
+        t0 = np.maximum(hist.last, hist.base)
+        rows = np.flatnonzero(t0 < T)
+        at = t0[rows] - hist.base
+        b.catch_up_rows(k, rows, B[at], C[at], D[at], t0[rows] / T)
+        hist.reset(T)
+
+    def _sync_all(self):
+        for i in self._histories:
+            self._sync_array(i)
+        self._lagging = False
+
+    def _sync_for_dense(self, grads):
+        """Sync the lazy arrays that take a dense gradient this step; their
+        indices (their histories restart after the step)."""
+        if not self._histories:
+            return []
+        synced = [i for i in self._histories if grads[i] is not None]
+        with interrupts_deferred():
+            for i in synced:
+                self._sync_array(i)
+        self._lagging = any(h.pending for h in self._histories.values())
+        return synced
+
+    @_locked
+    def sync(self, param: int | np.ndarray | None = None, rows: Any = None) -> None:
+        """Bring lagging rows of ``lazy=True`` parameters up to date (a no-op
+        for rows that do not lag, and without ``lazy``).
+
+        With no arguments, every row of every parameter: afterwards each
+        holds exactly what dense steps would have given it (to rounding).
+        ``param`` (the array, or its index in ``params``) limits it to one
+        parameter, and ``rows`` (integer indices) to those of its rows, at
+        a cost proportional to their number: read the rows a computation
+        needs, e.g. an embedding's rows of the next batch, with
+        ``opt.sync(E, batch_rows)`` before using them.  Raises
+        ``ValueError``/``TypeError`` for a parameter or rows it does not
+        have."""
+        with interrupts_deferred():
+            if param is None:
+                if rows is not None:
+                    raise ValueError("sync(rows=...) needs the parameter they belong to")
+                self._sync_all()
+                return
+            i = self._index_of(param)
+            hist = self._histories.get(i)
+            if rows is None:
+                if hist is not None:
+                    self._sync_array(i)
+                self._lagging = any(h.pending for h in self._histories.values())
+                return
+            p = self._params[i]
+            if p.ndim == 0:
+                raise ValueError(f"{self._names[i]} is 0-d: it has no rows")
+            from .sparse import _indices
+            rows = np.unique(_indices(rows, p.shape[0], f"sync rows of {self._names[i]}"))
+            if hist is not None and hist.pending:
+                T = int(self._t[i])
+                self._catch_up(i, rows, T)
+                hist.last[rows] = T
+
+    def _index_of(self, param):
+        if isinstance(param, (int, np.integer)) and not isinstance(param, bool):
+            if not 0 <= param < len(self._params):
+                raise ValueError(f"parameter index {param} out of range: the optimizer "
+                                 f"has {len(self._params)} parameters")
+            return int(param)
+        for i, p in enumerate(self._params):
+            if p is param:
+                return i
+        raise ValueError("sync(param=...) takes one of the optimizer's parameter arrays "
+                         "(the same object) or its index in opt.params")
 
     def _raise_nonfinite(self, bucket, bad):
         if bad >= 0:
@@ -584,6 +893,7 @@ class Expectigrad:
         """
         if self._dirty:
             self._refresh()
+        self.sync()
         state = {}
         for b in self._buckets:
             for k, i in enumerate(b.slots):
@@ -675,6 +985,7 @@ class Expectigrad:
                 self._t[i] = t
                 b.write_state(k, arrays, t)
         self.step_count = int(step)
+        self._live, self._histories, self._lagging = {}, {}, False
         self._mark_dirty()          # a loaded momentum buffer changes the flags
 
     def save(self, path: PathLike, *, params: bool = True) -> None:
@@ -682,6 +993,7 @@ class Expectigrad:
         ``params=False``), state, step counts and hyperparameters in a
         versioned ``.npz`` (see ``expectigrad_np.checkpoint``)."""
         from .checkpoint import save
+        self.sync()
         save(self, path, params=params)
 
     @_locked

@@ -64,6 +64,27 @@ def _check_hyper(group):
         V.check_group_value(key, group[key])
 
 
+def _row_sparse(grad, p, where):
+    """A torch sparse COO gradient as ``RowSparse`` over ``p``'s rows (CPU):
+    indices along the first sparse dimension; values gathered into rows."""
+    from .sparse import RowSparse
+    if grad.device.type != "cpu":
+        raise TypeError(f"{where} has a sparse CUDA gradient; sparse gradients are taken "
+                        "on the CPU (pass a dense gradient on the device)")
+    if grad.dtype != p.dtype or tuple(grad.shape) != tuple(p.shape):
+        raise TypeError(f"{where} has a sparse gradient of dtype {grad.dtype} and shape "
+                        f"{tuple(grad.shape)}; the parameter has {p.dtype} {tuple(p.shape)}")
+    k = grad.sparse_dim()
+    indices = grad._indices().numpy()
+    values = grad._values().detach().numpy()
+    if k == 1:                                    # nn.Embedding: whole rows
+        return RowSparse(indices[0], values)
+    rows, inverse = np.unique(indices[0], return_inverse=True)
+    dense_rows = np.zeros((rows.size,) + tuple(p.shape[1:]), values.dtype)
+    np.add.at(dense_rows, (inverse.reshape(-1),) + tuple(indices[1:k]), values)
+    return RowSparse(rows, dense_rows)
+
+
 def _check_param(p, where):
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} is a {type(p).__name__}; Expectigrad optimizes "
@@ -103,17 +124,27 @@ class Expectigrad(torch.optim.Optimizer):
     maximize : bool, default False
         Maximise the objective (the gradient's sign is flipped).
 
+    lazy : bool, default False
+        Sparse gradients (``nn.Embedding(sparse=True)``) update only their
+        rows; the others lag until touched or ``sync()`` (see
+        ``expectigrad_np.Expectigrad``).  Without it a sparse step visits
+        every row whose update is not zero.
+
     A parameter whose ``.grad`` is None is skipped and its step count does
-    not advance.  Raises ``ValueError`` with the original's messages for a
-    bad ``lr``, ``beta`` or ``eps``, and ``TypeError`` for parameters of
-    another dtype or device.
+    not advance.  Sparse COO gradients (CPU) step exactly as their dense
+    form would, at the cost of the rows they touch.  Raises ``ValueError``
+    with the original's messages for a bad ``lr``, ``beta`` or ``eps``, and
+    ``TypeError`` for parameters of another dtype or device.
     """
 
     def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
-                 weight_decay=0.0, maximize=False):
+                 weight_decay=0.0, maximize=False, lazy=False):
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                         weight_decay=weight_decay, maximize=maximize)
         _check_hyper(defaults)
+        if not isinstance(lazy, bool):
+            raise TypeError(f"lazy must be a bool, got {lazy!r}")
+        self._lazy = lazy
         self._core = None
         self._order = []
         super().__init__(params, defaults)
@@ -151,7 +182,7 @@ class Expectigrad(torch.optim.Optimizer):
             groups.append(dict({k: g[k] for k in _KEYS}, params=views,
                                sparse_counter=g["sparse_counter"],
                                lr=_GroupLR(g)))
-        core = _Core(groups)
+        core = _Core(groups, lazy=getattr(self, "_lazy", False))
         self._core = core
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
         self._order = [(p, p.device.type == "cpu") for p in self._params()]
@@ -217,15 +248,27 @@ class Expectigrad(torch.optim.Optimizer):
             if grad is None:
                 grads.append(None)
             elif grad.is_sparse:
-                raise TypeError(f"{self._where(p)} has a sparse gradient; Expectigrad's "
-                                "PyTorch front end takes dense gradients (use "
-                                "nn.Embedding(sparse=False))")
+                grads.append(_row_sparse(grad, p, self._where(p)))
             else:
                 # No tensor operation runs here (the kernels write through
                 # NumPy views), so autograd needs no no_grad context.
                 grads.append(grad.numpy() if on_cpu else grad.detach())
         core.step(grads)
         return loss
+
+    def sync(self, param=None, rows=None):
+        """Bring lagging rows of a ``lazy=True`` optimizer up to date: all of
+        them, those of one parameter, or rows ``rows`` (an index tensor or
+        array) of one parameter (``expectigrad_np.Expectigrad.sync``)."""
+        core = self._sync()
+        index = None
+        if param is not None:
+            index = next((i for i, (q, _) in enumerate(self._order) if q is param), None)
+            if index is None:
+                raise ValueError("sync(param=...) takes one of the optimizer's parameters")
+        if isinstance(rows, torch.Tensor):
+            rows = rows.detach().cpu().numpy()
+        core.sync(index, rows)
 
     def _where(self, p):
         for gi, g in enumerate(self.param_groups):

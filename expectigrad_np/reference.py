@@ -90,7 +90,7 @@ def power_of_two_in(a):
 _BELOW = np.float32(1.0 - 2.0 ** -24)
 
 
-def dither_offset(a, t):
+def dither_offset(a, t, index=None):
     """The offset ``add_stochastically_rounded`` adds: ``dither(index, t)``
     times the spacing of float32 numbers next to ``a`` (``a >= 0``) on the
     dither's side.
@@ -101,14 +101,18 @@ def dither_offset(a, t):
     product is computed as ``(dither * 2**25) * (power_of_two * 2**-48)``:
     an odd integer times a power of two, exact down to ``a`` about 2**-78
     and underflowing gradually below, the same way on every backend.
+    ``index``: the elements' indices in their array (default: ``a`` is the
+    whole array), for a step on some rows of it.
     """
     a = np.asarray(a, dtype=np.float32)
-    d = dither(np.arange(a.size).reshape(a.shape), t)
+    if index is None:                   # element i of a whole array: index i
+        index = np.arange(a.size).reshape(a.shape)
+    d = dither(index, t)
     side = np.where(d < 0, a * _BELOW, a)
     return (d * np.float32(2.0 ** 25)) * (power_of_two_in(side) * np.float32(2.0 ** -48))
 
 
-def add_stochastically_rounded(a, b, t):
+def add_stochastically_rounded(a, b, t, index=None):
     """``a + b`` in float32 (``a >= 0``), rounded stochastically: a dither of
     up to half a spacing added before rounding to nearest,
 
@@ -131,7 +135,7 @@ def add_stochastically_rounded(a, b, t):
     a = np.asarray(a, dtype=np.float32)
     b = np.asarray(b, dtype=np.float32)
     with np.errstate(over="ignore", under="ignore"):
-        return a + (b + dither_offset(a, t))
+        return a + (b + dither_offset(a, t, index))
 
 
 def saturate(g):
@@ -169,7 +173,7 @@ def clip_gradient(g, scale=1.0, clipvalue=np.inf):
 
 
 def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
-                       sparse_counter=True, weight_decay=0.0, maximize=False):
+                       sparse_counter=True, weight_decay=0.0, maximize=False, index=None):
     """One Expectigrad step on one array, in place.
 
     With ``maximize`` the gradient's sign is flipped first; with
@@ -205,6 +209,10 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         weight_decay`` (computed in float64, rounded to ``x``'s dtype).
     maximize : bool
         Ascend instead: the gradient's sign is flipped.
+    index : int array like ``x``, or None
+        The elements' indices in their parameter array, when ``x`` holds
+        some rows of it (they seed the float32 rounding); None: ``x`` is the
+        whole array.
     """
     dt = x.dtype.type
     one, zero = dt(1), dt(0)
@@ -219,7 +227,7 @@ def expectigrad_update(x, g, mean_sq, count, momentum, *, t, lr, beta, eps,
         weight = dt(1.0 / t)                                   # n = t
     increment = (g2 - mean_sq) * weight                         # s / n
     if x.dtype == np.float32:
-        mean_sq[...] = add_stochastically_rounded(mean_sq, increment, t)
+        mean_sq[...] = add_stochastically_rounded(mean_sq, increment, t, index)
     else:
         mean_sq += increment
     u = g / (dt(eps) + np.sqrt(mean_sq))                       # 0/0 := 0

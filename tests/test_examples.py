@@ -87,3 +87,14 @@ def test_keras_digits(capsys):
     for r in results.values():
         assert r["losses"][-1] < r["losses"][0] and r["accuracy"] > 0.5
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_sparse_logistic_regression(capsys):
+    results = load("sparse_logistic_regression").main(
+        ["--steps", "60", "--features", str(2**14)])
+    dense, eager, lazy = (results[k] for k in ("dense gradients", "row-sparse, eager",
+                                               "row-sparse, lazy"))
+    assert np.array_equal(dense[0], eager[0])
+    np.testing.assert_allclose(lazy[0], dense[0], atol=1e-3 * np.abs(dense[0]).max())
+    assert dense[2] > 0.5 and abs(lazy[2] - dense[2]) < 0.05
+    assert "identical to the dense run's: True" in capsys.readouterr().out

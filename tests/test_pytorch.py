@@ -137,14 +137,56 @@ def test_unsupported_dtypes_say_what_is_supported(dtype):
         Expectigrad([p])
 
 
-def test_sparse_gradients_get_a_clear_error_and_change_nothing():
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_embedding_gradients_step_as_their_dense_form(lazy, dtype):
+    """nn.Embedding(sparse=True) against the same table with dense gradients."""
+    torch.manual_seed(0)
+    sparse_emb = torch.nn.Embedding(50, 4, sparse=True).to(dtype)
+    dense_emb = torch.nn.Embedding(50, 4).to(dtype)
+    dense_emb.weight.data.copy_(sparse_emb.weight.data)
+    opt_s = Expectigrad(sparse_emb.parameters(), lr=0.05, lazy=lazy)
+    opt_d = Expectigrad(dense_emb.parameters(), lr=0.05)
+    for _ in range(20):
+        idx = torch.randint(0, 50, (7,))         # duplicates likely
+        if lazy:
+            opt_s.sync(sparse_emb.weight, idx)   # the rows this batch reads
+        for emb, opt in ((sparse_emb, opt_s), (dense_emb, opt_d)):
+            opt.zero_grad()
+            (emb(idx) ** 2).sum().backward()
+            opt.step()
+    assert sparse_emb.weight.grad.is_sparse
+    opt_s.sync()
+    if lazy:
+        torch.testing.assert_close(sparse_emb.weight, dense_emb.weight,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    else:
+        assert torch.equal(sparse_emb.weight, dense_emb.weight)
+
+
+def test_a_sparse_coo_gradient_over_two_dimensions_steps_as_its_dense_form():
+    a = torch.zeros(6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(6, 5, dtype=torch.float64, requires_grad=True)
+    opt_a, opt_b = Expectigrad([a], lr=0.1), Expectigrad([b], lr=0.1)
+    g = torch.sparse_coo_tensor([[0, 3, 3, 5], [1, 2, 2, 4]], [1.0, -2.0, 0.5, 3.0],
+                                (6, 5), dtype=torch.float64, check_invariants=True)
+    for _ in range(3):
+        a.grad, b.grad = g, g.to_dense()
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)
+
+
+def test_a_non_finite_sparse_gradient_is_refused_and_changes_nothing():
     emb = torch.nn.Embedding(10, 3, sparse=True).double()
     opt = Expectigrad(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
+    (emb(torch.tensor([1, 2])) * float("nan")).sum().backward()
     before = emb.weight.detach().clone()
-    with pytest.raises(TypeError, match="sparse gradient"):
+    with pytest.raises(FloatingPointError, match="NaN or infinity"):
         opt.step()
     assert torch.equal(emb.weight.detach(), before)
+    assert opt.state_dict()["state"] == {} or all(
+        float(s["step"]) == 0 for s in opt.state_dict()["state"].values())
 
 
 def test_add_param_group_keeps_the_state_of_existing_parameters():

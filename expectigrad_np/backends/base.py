@@ -21,6 +21,7 @@ import abc
 
 import numpy as np
 
+from .. import lazy as _lazy
 from .._validation import byte_bounds as _byte_bounds
 from . import layout as L
 
@@ -191,3 +192,43 @@ class Bucket(abc.ABC):
         index of the first non-finite gradient or -1 (``bad >= 0`` means
         nothing was written), and the bucket's squared norm after per-array
         clipping where a norm is needed."""
+
+    # --- row-sparse steps (``sparse.py``, ``lazy.py``) ---------------------------
+
+    def rows_shape(self, k):
+        """``(rows, row size)`` of array ``k``: its shape seen as 2-D."""
+        shape = self.shapes[k]
+        nrows = shape[0]
+        return nrows, (self.sizes[k] // nrows if nrows else int(np.prod(shape[1:])))
+
+    def update_rows(self, k, rows, sel, values, scale, catch=None):
+        """The step of array ``k`` on rows ``rows`` (sorted, unique) alone:
+        row ``rows[i]`` takes gradient row ``values[sel[i]]`` (``sel[i] <
+        0``: a zero gradient), value-clipped and then times ``scale``, with
+        the coefficient and flag rows ``set_coefficients`` wrote.  Each
+        visited element gets exactly what the dense step gives it.
+        ``catch``: ``(B, C, D, R)`` per row, the lazy coefficients that bring
+        each row up to date first (``catch_up_rows``).
+
+        Returns, per visited row, whether its momentum is now nonzero
+        somewhere (None when the bucket keeps no momentum)."""
+        raise NotImplementedError
+
+    row_coefficients = staticmethod(_lazy.row_coefficients)
+    window_sum = staticmethod(_lazy.window_sum)
+    all_coefficients = staticmethod(_lazy.all_coefficients)
+
+    def catch_up_rows(self, k, rows, B, C, D, R):
+        """Bring rows ``rows`` of array ``k`` up to date with the lazy
+        coefficients (``lazy.apply_coefficients``)."""
+        nrows, rowsize = self.rows_shape(k)
+        _lazy.numpy_apply(self.params[k].reshape(-1), self.flat_segment("momentum", k),
+                          self.flat_segment("mean_sq", k), rows, rowsize, B, C, D, R,
+                          bool(self.flags[k, L.MOMENTUM]), not self.flags[k, L.SPARSE])
+
+    def flat_segment(self, name, k):
+        """Array ``k``'s piece of the flat buffer ``name`` (1-D; an empty
+        array when the bucket does not store ``name``)."""
+        if name not in self.stored:
+            return np.zeros(0, L.COUNT_DTYPE if name == "count" else self.dtype)
+        return getattr(self, name)[self.offsets[k]:self.offsets[k + 1]]

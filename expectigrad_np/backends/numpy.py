@@ -107,3 +107,33 @@ class NumpyBucket(Bucket):
                 eps=float(h["eps"][k]), sparse_counter=bool(f[L.SPARSE]),
                 weight_decay=float(h["weight_decay"][k]), maximize=bool(h["maximize"][k]))
         return -1, total
+
+    def update_rows(self, k, rows, sel, values, scale, catch=None):
+        if catch is not None:
+            self.catch_up_rows(k, rows, *catch)
+        nrows, rowsize = self.rows_shape(k)
+        c, f, h = self.coef[k], self.flags[k], self.hyper
+        g = np.zeros((rows.size, rowsize), self.dtype)
+        has = sel >= 0
+        g[has] = values[sel[has]]
+        x2 = self.params[k].reshape(nrows, rowsize)
+        v2 = self.flat_segment("mean_sq", k).reshape(nrows, rowsize)
+        sparse, momentum = bool(f[L.SPARSE]), bool(f[L.MOMENTUM])
+        xs, vs = x2[rows], v2[rows]
+        ns = self.flat_segment("count", k).reshape(nrows, rowsize)[rows] if sparse else None
+        ms = self.flat_segment("momentum", k).reshape(nrows, rowsize)[rows] if momentum \
+            else None
+        index = rows[:, None] * rowsize + np.arange(rowsize)
+        expectigrad_update(
+            xs, clip_gradient(g, scale, c[L.CLIPVALUE]), vs, ns, ms,
+            t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
+            eps=float(h["eps"][k]), sparse_counter=sparse,
+            weight_decay=float(h["weight_decay"][k]), maximize=bool(h["maximize"][k]),
+            index=index)
+        x2[rows], v2[rows] = xs, vs
+        if sparse:
+            self.flat_segment("count", k).reshape(nrows, rowsize)[rows] = ns
+        if not momentum:
+            return None
+        self.flat_segment("momentum", k).reshape(nrows, rowsize)[rows] = ms
+        return (ms != 0).any(axis=1)

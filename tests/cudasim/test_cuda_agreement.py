@@ -61,7 +61,12 @@ def assert_agree(gpu, ref, xs_gpu, xs_ref):
     for a, b in zip(xs_gpu, xs_ref):
         assert a.dtype == b.dtype
         rtol = tol(a.dtype)
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-3)
+        # An element that a step brought near zero keeps the absolute
+        # rounding error of the larger numbers it came from (a float32
+        # norm's relative 1e-7 times lr = 1 here): absolute slack in the
+        # array's own scale.
+        scale = float(np.max(np.abs(b), initial=0.0))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1.0) * 1e-2)
     sa, sb = gpu.state_dict()["state"], ref.state_dict()["state"]
     assert sa.keys() == sb.keys()
     for i in sa:

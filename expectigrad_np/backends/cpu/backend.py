@@ -37,6 +37,10 @@ _PARALLEL_LOCK = threading.Lock()
 
 _NDARRAY = id(np.ndarray)
 
+# Elements of zero gradient a row-sparse step hands the update loop at once
+# for consecutive rows without a gradient (eager steps with momentum left).
+ZERO_SPAN = 1 << 14
+
 
 def _address(a):
     """The data address of ``a`` (0 when empty: never read), without a
@@ -349,3 +353,55 @@ class CpuBucket(Bucket):
                 self.x_addr, self.g_addr, self.offsets, seg, lo, hi,
                 self.mean_sq, self.count, self.momentum, self.coef, self.flags,
                 check, global_clipnorm, other_sumsq, update)
+
+    # --- row-sparse steps (``rows.py``) -------------------------------------------
+
+    def update_rows(self, k, rows, sel, values, scale, catch=None):
+        from . import rows as R
+        nrows, rowsize = self.rows_shape(k)
+        if rowsize == 0 or rows.size == 0:
+            return np.zeros(rows.size, np.bool_) if self.flags[k, L.MOMENTUM] else None
+        f = self.flags[k].copy()
+        f[L.UNIFORM] = 0                    # counts of other rows differ
+        live = np.zeros(rows.size, np.bool_)
+        none = np.zeros(0)
+        B, C, D, Rc = catch if catch is not None else (none,) * 4
+        R.rows_step(self.params[k].reshape(-1), self.flat_segment("mean_sq", k),
+                    self.flat_segment("count", k), self.flat_segment("momentum", k),
+                    rows, sel, values, rowsize, self.coef[k], f, self.dtype.type(scale),
+                    self._zero_rows(rowsize), live, catch is not None, B, C, D, Rc,
+                    bool(f[L.MOMENTUM]), not f[L.SPARSE])
+        return live if f[L.MOMENTUM] else None
+
+    def _zero_rows(self, rowsize):
+        """A zeroed buffer of whole rows, at least ``ZERO_SPAN`` elements:
+        the gradient of runs of rows stepped without one (held, never
+        written)."""
+        size = max(rowsize, ZERO_SPAN // rowsize * rowsize if rowsize else 0)
+        zero = getattr(self, "_zero", None)
+        if zero is None or zero.size < size:
+            zero = self._zero = np.zeros(size, self.dtype)
+        return zero
+
+    @staticmethod
+    def row_coefficients(*args):
+        from . import rows as R
+        R.row_coefficients(*args)
+
+    @staticmethod
+    def window_sum(*args):
+        from . import rows as R
+        return R.window_sum(*args)
+
+    @staticmethod
+    def all_coefficients(*args):
+        from . import rows as R
+        R.all_coefficients(*args)
+
+    def catch_up_rows(self, k, rows, B, C, D, R):
+        from . import rows as _rows
+        nrows, rowsize = self.rows_shape(k)
+        _rows.apply_coefficients(
+            self.params[k].reshape(-1), self.flat_segment("momentum", k),
+            self.flat_segment("mean_sq", k), rows, rowsize, B, C, D, R,
+            bool(self.flags[k, L.MOMENTUM]), not self.flags[k, L.SPARSE])

@@ -1,0 +1,172 @@
+"""Row-sparse gradients: ``RowSparse`` and the conversions ``step()`` applies.
+
+A row-sparse gradient of a parameter ``x`` (``x.ndim >= 1``) names some rows
+of ``x`` (indices along axis 0) and gives their values; every other row is
+zero.  It stands for the dense gradient ``densify(g, x)``::
+
+    dense = zeros_like(x);  np.add.at(dense, indices, values)
+
+(duplicate indices summed, in the order given).  ``step()`` gives exactly
+the result of stepping that dense gradient (see ``optimizer.Expectigrad``
+for what it visits and ``lazy.py`` for ``lazy=True``), reading and writing
+only the rows that can change.
+
+Also accepted for 2-D parameters: ``scipy.sparse`` arrays and matrices
+(CSR, CSC, COO and the other formats), read as their nonzero rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["RowSparse", "as_rows", "densify", "is_row_sparse"]
+
+
+class RowSparse:
+    """A row-sparse gradient: rows ``indices`` of the parameter hold
+    ``values``; every other row is zero.
+
+    Parameters
+    ----------
+    indices : 1-D array of integers
+        Row indices in ``[0, x.shape[0])``; duplicates are summed.
+    values : array of shape ``(len(indices),) + x.shape[1:]``
+        The rows' gradients (real; cast to the parameter's dtype).
+
+    The arrays are read at ``step()`` and never written; ``step()`` checks
+    them against the parameter and raises ``TypeError``/``ValueError``
+    saying what is wrong, with nothing changed.
+
+    Example
+    -------
+    >>> E = np.zeros((1000, 16), np.float32)
+    >>> opt = Expectigrad([E], lr=1e-2, beta=0.0)
+    >>> opt.step([RowSparse([3, 7, 3], np.ones((3, 16), np.float32))])
+    """
+
+    __slots__ = ("indices", "values")
+
+    def __init__(self, indices, values):
+        self.indices = indices
+        self.values = values
+
+    def todense(self, param):
+        """The dense gradient this stands for, shaped like ``param``."""
+        rows, vals = as_rows(self, param, "the gradient")
+        return _scatter(rows, vals, param)
+
+    def __repr__(self):
+        n = np.shape(self.indices)
+        return f"RowSparse(indices: {n[0] if n else '?'} rows, values: {np.shape(self.values)})"
+
+
+def is_row_sparse(g):
+    """``g`` is a row-sparse gradient: a ``RowSparse`` or a ``scipy.sparse``
+    array or matrix (checked without importing scipy)."""
+    if isinstance(g, RowSparse):
+        return True
+    module = type(g).__module__
+    return module.startswith("scipy.sparse") and hasattr(g, "tocsr")
+
+
+def _indices(raw, nrows, where):
+    try:
+        idx = np.asarray(raw)
+    except Exception as exc:  # noqa: BLE001 - reported with context
+        raise TypeError(f"{where}: indices could not be read as an array: {exc}") from None
+    if idx.dtype.kind not in "iu" or idx.dtype == np.bool_:
+        raise TypeError(f"{where}: indices must be integers, got dtype {idx.dtype}")
+    if idx.ndim != 1:
+        raise ValueError(f"{where}: indices must be 1-D, got shape {idx.shape}")
+    if idx.size:
+        lo, hi = idx.min(), idx.max()
+        if lo < 0:
+            raise ValueError(f"{where}: index {int(lo)} is negative; row indices must be "
+                             f"in [0, {nrows})")
+        if hi >= nrows:
+            raise ValueError(f"{where}: index {int(hi)} is out of range for a parameter "
+                             f"with {nrows} rows (indices must be in [0, {nrows}))")
+    return idx.astype(np.int64, copy=False)
+
+
+def _values(raw, n, x, where):
+    from ._validation import _REAL_KINDS
+    try:
+        vals = np.asarray(raw)
+    except Exception as exc:  # noqa: BLE001 - reported with context
+        raise TypeError(f"{where}: values could not be read as an array: {exc}") from None
+    if vals.dtype.kind not in _REAL_KINDS:
+        raise TypeError(f"{where}: values have dtype {vals.dtype}; gradients must be "
+                        "real numbers (float or integer)")
+    want = (n,) + tuple(x.shape[1:])
+    if vals.shape != want:
+        raise ValueError(f"{where}: values have shape {vals.shape}, expected {want} "
+                         "(one row of the parameter per index)")
+    return vals
+
+
+def _sum_duplicates(idx, vals, dtype, rowsize):
+    """Sorted unique rows and their summed values (a new C-contiguous
+    ``(len(rows), rowsize)`` array of ``dtype``).  Duplicates are summed in
+    the order given (a stable sort, then one running sum per row), as
+    ``np.add.at`` sums them into a dense gradient."""
+    vals = vals.reshape(len(idx), rowsize)
+    order = np.argsort(idx, kind="stable")
+    rows = idx[order]
+    out = vals[order].astype(dtype, copy=False)       # a new array either way
+    if rows.size > 1:
+        starts = np.flatnonzero(rows[1:] != rows[:-1]) + 1
+        if starts.size < rows.size - 1:                # duplicates
+            starts = np.concatenate([[0], starts])
+            with np.errstate(over="ignore"):        # inf: refused by the finite check
+                out = np.add.reduceat(out, starts, axis=0)
+            rows = rows[starts]
+    return rows, np.ascontiguousarray(out)
+
+
+def as_rows(g, x, where):
+    """``(rows, values)``: the sorted, unique rows of row-sparse ``g`` and
+    their summed values, as a C-contiguous ``(len(rows), row size)`` array
+    of ``x``'s dtype (a new array: never a view of the caller's memory).
+    Raises ``TypeError``/``ValueError`` naming ``where``."""
+    where = f"the row-sparse gradient of {where}"
+    if x.ndim == 0:
+        raise ValueError(f"{where}: a 0-d parameter has no rows; pass a dense gradient")
+    nrows = int(x.shape[0])
+    rowsize = int(np.prod(x.shape[1:], dtype=np.int64))
+    if isinstance(g, RowSparse):
+        idx = _indices(g.indices, nrows, where)
+        vals = _values(g.values, idx.size, x, where)
+        return _sum_duplicates(idx, vals, x.dtype, rowsize)
+    # scipy.sparse
+    if x.ndim != 2:
+        raise ValueError(f"{where}: a scipy.sparse gradient needs a 2-D parameter, "
+                         f"this one has shape {x.shape}; use RowSparse")
+    if tuple(g.shape) != tuple(x.shape):
+        raise ValueError(f"{where}: has shape {tuple(g.shape)}, but the parameter has "
+                         f"shape {x.shape}")
+    if g.dtype.kind not in "fiu" or g.dtype == np.bool_:
+        raise TypeError(f"{where}: has dtype {g.dtype}; gradients must be real numbers")
+    csr = g.tocsr(copy=True)
+    csr.sum_duplicates()
+    counts = np.diff(csr.indptr)
+    rows = np.flatnonzero(counts).astype(np.int64)
+    out = np.zeros((rows.size, rowsize), dtype=x.dtype)
+    if rows.size:
+        # Every stored entry lies in a row with a count: entry j is in row
+        # number sub_rows[j] of ``rows``.
+        sub_rows = np.repeat(np.arange(rows.size), counts[rows])
+        out[sub_rows, csr.indices] = csr.data.astype(x.dtype)
+    return rows, out
+
+
+def _scatter(rows, vals, x):
+    dense = np.zeros(x.shape, dtype=x.dtype)
+    if rows.size:
+        dense.reshape(x.shape[0], -1)[rows] = vals
+    return dense
+
+
+def densify(g, x, where="the parameter"):
+    """The dense gradient a row-sparse ``g`` stands for, shaped like ``x``."""
+    rows, vals = as_rows(g, x, where)
+    return _scatter(rows, vals, x)
