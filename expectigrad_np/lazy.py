@@ -53,8 +53,8 @@ import math
 
 import numpy as np
 
-__all__ = ["MAX_WINDOW", "TOL", "History", "all_coefficients", "apply_row", "numpy_apply",
-           "row_coefficients", "window_length", "window_sum"]
+__all__ = ["MAX_WINDOW", "TOL", "History", "all_coefficients", "apply_row", "coefficients",
+           "numpy_apply", "row_coefficients", "window_length", "window_sum"]
 
 # The forward sum stops when what it leaves out is provably below this
 # fraction of what it has (relative rounding of float64 is 2**-53).
@@ -210,6 +210,68 @@ def row_coefficients(t0, T, base, s, d, cumlog, beta, stop, decayed, cwin, windo
             D[r] = 1.0
         C[r] = c
         B[r] = beta ** lag
+
+
+def coefficients(rows, last, base, T, s, d, cumlog, beta, stop, decayed, cwin, window,
+                 beta_window, B, C, D, R):
+    """``B``, ``C``, ``D`` and ``R`` (``t0 / T``, the dense counter's mean
+    factor) bringing rows ``rows`` of a lazy array up to date after step
+    ``T``; their ``t0`` is ``max(last[row], base)``.  Returns whether some
+    row lags.
+
+    Lags within the last ``recent`` steps (the window, or ``MAX_WINDOW``
+    without one) read a table that one backward pass over those steps
+    fills (``all_coefficients``' recurrence: O(recent) a step, O(1) a row);
+    longer lags take ``row_coefficients``' route, one row at a time.  Plain
+    loops, compiled by the cpu backend."""
+    n = T - base
+    recent = min(n, window if window > 0 else MAX_WINDOW)
+    Bt = np.empty(recent + 1)
+    Ct = np.empty(recent + 1)
+    Dt = np.empty(recent + 1)
+    # The backward pass over the last ``recent`` entries: lag L at entry
+    # recent - L.
+    c = 0.0
+    q = 1.0
+    Bt[recent] = 1.0
+    Ct[recent] = 0.0
+    Dt[recent] = 1.0
+    pw = 1.0
+    for i in range(recent - 1, -1, -1):
+        e = n - recent + i
+        c = beta * (s[e] * q + c)
+        q = d[e] * q
+        pw *= beta
+        Ct[i] = c
+        Dt[i] = q
+        Bt[i] = pw
+    lagging = False
+    one = np.empty(1, np.int64)
+    b1 = np.empty(1)
+    c1 = np.empty(1)
+    d1 = np.empty(1)
+    for r in range(rows.size):
+        t0 = max(last[rows[r]], base)
+        lag = T - t0
+        R[r] = t0 / T if T > 0 else 1.0
+        if lag <= 0:
+            B[r] = 1.0
+            C[r] = 0.0
+            D[r] = 1.0
+            continue
+        lagging = True
+        if lag <= recent:
+            B[r] = Bt[recent - lag]
+            C[r] = Ct[recent - lag]
+            D[r] = Dt[recent - lag]
+        else:
+            one[0] = t0
+            row_coefficients(one, T, base, s, d, cumlog, beta, stop, decayed, cwin, window,
+                             beta_window, b1, c1, d1)
+            B[r] = b1[0]
+            C[r] = c1[0]
+            D[r] = d1[0]
+    return lagging
 
 
 def all_coefficients(T, base, s, d, beta, B, C, D):

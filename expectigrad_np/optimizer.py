@@ -20,7 +20,7 @@ from . import _validation as V
 from ._atomic import interrupts_deferred
 from .backends import bucket_class
 from .backends import layout as L
-from .lazy import MAX_WINDOW, History
+from .lazy import History
 from .param_groups import Changes, ParamGroup
 from .sparse import as_rows, is_row_sparse
 
@@ -63,6 +63,13 @@ def _has_numba():
         return importlib.util.find_spec("numba") is not None
     except ValueError:              # numba in sys.modules as None (blocked)
         return False
+
+
+def _in_dtype(value, dtype):
+    """A float64 threshold as ``dtype`` holds it (inf beyond its range)."""
+    if value > float(np.finfo(dtype).max):
+        return np.inf
+    return float(dtype.type(value))
 
 
 def _on_device(x):
@@ -626,9 +633,8 @@ class Expectigrad:
         sumsq, scale = {}, {}
         for i, (_, vals) in rows_of.items():
             # The thresholds in the array's dtype, as the kernels hold them.
-            with np.errstate(over="ignore"):
-                clipvalue, clipnorm = (float(vals.dtype.type(v)) for v in
-                                       (self._clipvalue[i], self._clipnorm[i]))
+            clipvalue, clipnorm = (_in_dtype(v, vals.dtype)
+                                   for v in (self._clipvalue[i], self._clipnorm[i]))
             if clipnorm == np.inf and gclip == np.inf:
                 sumsq[i], scale[i] = 0.0, 1.0      # no norm needed
                 continue
@@ -651,15 +657,17 @@ class Expectigrad:
                 raise ValueError(f"{names[i]} has been made read-only; parameters "
                                  "are updated in place (set x.flags.writeable = True, or "
                                  "pass None as its gradient); nothing was changed")
-        for b in self._buckets:
-            b.load_gradients([dense[i] for i in b.slots], ids[b.slots])
-        if len(self._buckets) > 1:
+        stepping = [bool(active_dense[b.slots].any()) for b in self._buckets]
+        for b, dense_here in zip(self._buckets, stepping):
+            if dense_here:
+                b.load_gradients([dense[i] for i in b.slots], ids[b.slots])
+        if len(self._buckets) > 1 and any(stepping):
             if self._ranges is None:
                 self._ranges = [b.host_ranges() for b in self._buckets]
             for b in self._buckets:
                 mine = [dense[i] for i in b.slots]
                 for other, (lo, hi) in zip(self._buckets, self._ranges):
-                    if other is not b:
+                    if other is not b and stepping[self._buckets.index(b)]:
                         b.stage_overlapping(mine, lo, hi)
         lr = self._lr_per_array() if lr_now is None else lr_now
         t_new = self._t + active
@@ -677,7 +685,6 @@ class Expectigrad:
                                static_key=self._hyper_key,
                                weight_decay=self._weight_decay[s], maximize=self._maximize[s])
         dense_sumsq = [0.0] * len(self._buckets)
-        stepping = [bool(active_dense[b.slots].any()) for b in self._buckets]
         for j, b in enumerate(self._buckets):
             if stepping[j] and (self.check_finite or gclip < np.inf):
                 bad, dense_sumsq[j] = b.step(self.check_finite, gclip, 0.0, update=False)
@@ -753,33 +760,16 @@ class Expectigrad:
 
     def _lazy_coefficients(self, i, rows, T):
         """``(B, C, D, R)`` bringing rows ``rows`` of lazy array ``i`` up to
-        date after step ``T`` (``lazy.py``); None when none of them lags."""
+        date after step ``T`` (``lazy.coefficients``); None when none of
+        them lags."""
         hist = self._histories[i]
-        t0 = np.maximum(hist.last[rows], hist.base)
-        lag = T - t0
-        if not (lag > 0).any():
-            return None
         b, _ = self._where[i]
-        B, C, D = (np.empty(rows.size) for _ in range(3))
-        # Lags within the last ``recent`` steps: one backward pass over them
-        # gives every such lag's coefficients (O(recent) a step, O(1) a row).
-        n = hist.n
-        recent = min(n, hist.window or MAX_WINDOW)
-        near = lag <= recent
-        if near.any():
-            Bt, Ct, Dt = (np.empty(recent + 1) for _ in range(3))
-            b.all_coefficients(T, T - recent, hist.s[n - recent:n], hist.d[n - recent:n],
-                               hist.beta, Bt, Ct, Dt)
-            at = recent - lag[near]
-            B[near], C[near], D[near] = Bt[at], Ct[at], Dt[at]
-        if not near.all():
-            far = ~near
-            Bf, Cf, Df = (np.empty(int(far.sum())) for _ in range(3))
-            b.row_coefficients(t0[far], T, hist.base, hist.s, hist.d, hist.cumlog,
-                               hist.beta, hist.stop_bound(), hist.decayed, hist.cwin,
-                               hist.window, hist.beta_window, Bf, Cf, Df)
-            B[far], C[far], D[far] = Bf, Cf, Df
-        return B, C, D, t0 / T
+        B, C, D, R = (np.empty(rows.size) for _ in range(4))
+        if not b.coefficients(rows, hist.last, hist.base, T, hist.s, hist.d, hist.cumlog,
+                              hist.beta, hist.stop_bound(), hist.decayed, hist.cwin,
+                              hist.window, hist.beta_window, B, C, D, R):
+            return None
+        return B, C, D, R
 
     def _catch_up(self, i, rows, T):
         """Bring rows ``rows`` of lazy array ``i`` up to date after step ``T``."""
@@ -814,9 +804,10 @@ class Expectigrad:
         if not self._histories:
             return []
         synced = [i for i in self._histories if grads[i] is not None]
-        with interrupts_deferred():
-            for i in synced:
-                self._sync_array(i)
+        if synced:
+            with interrupts_deferred():
+                for i in synced:
+                    self._sync_array(i)
         self._lagging = any(h.pending for h in self._histories.values())
         return synced
 

@@ -156,25 +156,29 @@ def test_property_sparse_equals_dense(seed, beta, counter, backend, nrows, rowsh
     compare_state(opt_s, opt_d, 0)
 
 
-def forget_decay(real):
-    """A closed form that forgets the decay product D."""
+def forget_decay(real, out=-1):
+    """A closed form that forgets the decay product D (argument ``out``)."""
     def wrong(*args):
-        real(*args)
-        args[-1][:] = 1.0
-    return staticmethod(wrong)
+        result = real(*args)
+        args[out][:] = 1.0
+        return result
+    return wrong
 
 
-@pytest.mark.parametrize("name", ["row_coefficients", "all_coefficients"])
+@pytest.mark.parametrize("name", ["coefficients", "row_coefficients", "all_coefficients"])
 def test_the_lazy_comparison_fails_on_a_wrong_closed_form(monkeypatch, name):
-    """Either closed form without the decay is caught: the backward one
-    (recent lags, sync) by the ordinary run, the forward one (lags beyond
-    the window) by the long-lag run."""
-    monkeypatch.setattr(NumpyBucket, name, forget_decay(getattr(lazy_mod, name)))
-    if name == "all_coefficients":
+    """Each closed form without the decay is caught: the table of recent lags
+    (``coefficients``) and the sync (``all_coefficients``) by the ordinary
+    run, the forward one (lags beyond the window) by the long-lag run."""
+    if name == "row_coefficients":      # called by lazy.coefficients, a module global
+        monkeypatch.setattr(lazy_mod, name, forget_decay(lazy_mod.row_coefficients))
+        opt_s, ps, opt_d, pd = long_lags("numpy")
+    else:
+        out = -2 if name == "coefficients" else -1          # D before R
+        monkeypatch.setattr(NumpyBucket, name,
+                            staticmethod(forget_decay(getattr(lazy_mod, name), out)))
         opt_s, ps, opt_d, pd = run("numpy", np.float64, dict(beta=0.9, weight_decay=0.1),
                                    lazy=True)
-    else:
-        opt_s, ps, opt_d, pd = long_lags("numpy")
     opt_s.sync()
     with pytest.raises(AssertionError):
         assert_params(ps, pd, TOL[np.float64])

@@ -214,6 +214,7 @@ class Bucket(abc.ABC):
         somewhere (None when the bucket keeps no momentum)."""
         raise NotImplementedError
 
+    coefficients = staticmethod(_lazy.coefficients)
     row_coefficients = staticmethod(_lazy.row_coefficients)
     window_sum = staticmethod(_lazy.window_sum)
     all_coefficients = staticmethod(_lazy.all_coefficients)

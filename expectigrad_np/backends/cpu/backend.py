@@ -389,6 +389,11 @@ class CpuBucket(Bucket):
         R.row_coefficients(*args)
 
     @staticmethod
+    def coefficients(*args):
+        from . import rows as R
+        return R.coefficients(*args)
+
+    @staticmethod
     def window_sum(*args):
         from . import rows as R
         return R.window_sum(*args)

@@ -13,14 +13,15 @@ from ... import lazy as _lazy
 from .intrinsics import _prefetch_lines
 from .jit import OPTS as _OPTS
 from .jit import kernel as _kernel
+from .jit import twin as _twin
 from .loops import _update_span
 
 # Rows are scattered: each one's lines miss the cache.  The loop prefetches
 # the rows this many visits ahead (``bench --sparse`` measures the step).
-AHEAD_ROWS = 8
+AHEAD_ROWS = 16
 
-__all__ = ["all_coefficients", "apply_coefficients", "row_coefficients", "rows_step",
-           "window_sum"]
+__all__ = ["all_coefficients", "apply_coefficients", "coefficients", "row_coefficients",
+           "rows_step", "window_sum"]
 
 
 _apply_row = njit(inline="always", **_OPTS)(_lazy.apply_row)
@@ -85,5 +86,8 @@ def apply_coefficients(x, m, v, rows, rowsize, B, C, D, R, momentum, dense_count
 
 
 row_coefficients = _kernel(_lazy.row_coefficients)
+# ``lazy.coefficients`` calls ``row_coefficients``: its twin calls the compiled one.
+coefficients = _kernel(_twin(_lazy.coefficients, "coefficients",
+                             row_coefficients=njit(**_OPTS)(_lazy.row_coefficients)))
 window_sum = _kernel(_lazy.window_sum)
 all_coefficients = _kernel(_lazy.all_coefficients)
