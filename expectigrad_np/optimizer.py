@@ -607,14 +607,11 @@ class Expectigrad:
         dense arrays step as usual, with the row-sparse ones' squared norms
         in the joint norm, and each row-sparse array steps its rows."""
         names = self._names
-        if self.backend == "cuda":
-            raise TypeError(f"the gradient of {names[row_sparse[0]]} is row-sparse, which "
-                            "the cuda backend does not take; pass a dense device array")
         rows_of = {}
         dense = list(grads)
         for i in row_sparse:
             p = self._params[i]
-            if not p.flags.writeable:
+            if isinstance(p, np.ndarray) and not p.flags.writeable:
                 raise ValueError(f"{names[i]} has been made read-only; parameters are "
                                  "updated in place (set x.flags.writeable = True, or pass "
                                  "None as its gradient); nothing was changed")
@@ -625,7 +622,8 @@ class Expectigrad:
                                          "infinity; the step was refused and nothing was "
                                          "changed")
             rows_of[i] = (rows, vals)
-        if any(not self._params[i].flags.c_contiguous for i in rows_of):
+        if any(isinstance(self._params[i], np.ndarray) and not self._params[i].flags.c_contiguous
+               for i in rows_of):
             return self._step_densified(grads, rows_of)
         # Squared norms of the row-sparse gradients, as the dense step takes
         # them: value-clipped first.
@@ -712,6 +710,9 @@ class Expectigrad:
             p = self._params[i]
             g = np.zeros(p.shape, p.dtype)
             g.reshape(p.shape[0], -1)[rows] = vals
+            if not isinstance(p, np.ndarray):           # a device parameter
+                from numba import cuda
+                g = cuda.to_device(g)
             dense[i] = g
         return self._step_general(dense)
 

@@ -68,9 +68,19 @@ def is_row_sparse(g):
     return module.startswith("scipy.sparse") and hasattr(g, "tocsr")
 
 
+def _host(a):
+    """``a`` as a host array; a device array (``__cuda_array_interface__``:
+    numba, CuPy, PyTorch CUDA) is copied to the host (the row-sparse step
+    reads indices and values there: sums duplicates, takes norms)."""
+    if not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__"):
+        from numba import cuda
+        return cuda.as_cuda_array(a).copy_to_host()
+    return np.asarray(a)
+
+
 def _indices(raw, nrows, where):
     try:
-        idx = np.asarray(raw)
+        idx = _host(raw)
     except Exception as exc:  # noqa: BLE001 - reported with context
         raise TypeError(f"{where}: indices could not be read as an array: {exc}") from None
     if idx.dtype.kind not in "iu" or idx.dtype == np.bool_:
@@ -91,7 +101,7 @@ def _indices(raw, nrows, where):
 def _values(raw, n, x, where):
     from ._validation import _REAL_KINDS
     try:
-        vals = np.asarray(raw)
+        vals = _host(raw)
     except Exception as exc:  # noqa: BLE001 - reported with context
         raise TypeError(f"{where}: values could not be read as an array: {exc}") from None
     if vals.dtype.kind not in _REAL_KINDS:

@@ -211,3 +211,31 @@ def test_ptxas_reports_no_spills(dtype, name, tmp_path, capsys):
     assert 0 < registers <= 255
     with capsys.disabled():
         print(f"\n{name} {np.dtype(dtype).name} sm_90: {registers} registers, no spills")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_lazy_catch_up_kernel_compiles_without_spills(dtype, tmp_path):
+    """The row-sparse catch-up (``lazy.apply_row`` as a device function):
+    one entry; float32 rows computed in float64 and rounded once per store
+    (``cvt.rn.f32.f64``); ``ptxas -v`` for sm_90 reports no spills."""
+    import subprocess
+
+    from numba import cuda
+
+    from expectigrad_np.backends.cuda import kernels as KC
+    text = KC.catch_up_ptx(dtype, (9, 0))
+    assert entries(text) and len(entries(text)) == 1
+    live = cuda.compile_ptx(KC._live_rows, KC._live_signature(dtype), cc=(9, 0))[0]
+    assert len(entries(live)) == 1
+    if dtype == np.float32:
+        assert re.search(r"cvt\.rn\.f32\.f64", text)
+        assert re.search(r"st\.global\.f32", text)
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas not found")
+    src = tmp_path / "catch_up.ptx"
+    src.write_text(text)
+    out = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0 bytes spill stores, 0 bytes spill loads" in out.stdout + out.stderr

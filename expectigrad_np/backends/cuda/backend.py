@@ -40,6 +40,10 @@ from . import kernels as KC
 __all__ = ["CudaBucket", "as_device_parameter", "check_device_parameters",
            "is_device_array"]
 
+# Zero-gradient elements an eager row-sparse step hands one array entry at
+# most (consecutive rows with momentum left).
+ZERO_SPAN = 1 << 14
+
 # Pinned staging buffers for the per-step table; a buffer is reused only
 # once its copy has run (at most RING steps of lead for the host).
 RING = 4
@@ -225,10 +229,10 @@ class CudaBucket(Bucket):
             sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
             self.blocks = int(sms) * KC.BLOCKS_PER_SM
 
-        # Per-step table: [parameter address, gradient address, step t (n, 3)
-        # int64 | coefficients (n, 10) dtype], one byte buffer so that one
-        # copy uploads it.
-        self._addr_bytes = 24 * n
+        # Per-step table: [parameter address, gradient address, step t, index
+        # of element 0 (n, 4) int64 | coefficients (n, 11) dtype], one byte
+        # buffer so that one copy uploads it.
+        self._addr_bytes = 8 * len(KC.ADDR_FIELDS) * n
         nbytes = self._addr_bytes + n * len(KC.TABLE_FIELDS) * self.dtype.itemsize
         self._nbytes = max(nbytes, 16)
         self.d_buffer = cuda.device_array(self._nbytes, np.uint8)
@@ -236,7 +240,7 @@ class CudaBucket(Bucket):
         self._ring = [cuda.pinned_array(self._nbytes, np.uint8) for _ in range(RING)]
         self._events = [None] * RING
         self._slot = 0
-        self.addr = np.zeros((n, 3), np.int64)
+        self.addr = np.zeros((n, len(KC.ADDR_FIELDS)), np.int64)
         self.addr[:, 0] = [describe(p)[0] for p in self.params]
         self._pending = True
         self.grads = [None] * n
@@ -248,7 +252,7 @@ class CudaBucket(Bucket):
 
     def _split(self, buffer, n):
         a = self._addr_bytes
-        addr = buffer[:a].view(np.int64).reshape(n, 3) if n else None
+        addr = buffer[:a].view(np.int64).reshape(n, len(KC.ADDR_FIELDS)) if n else None
         table = buffer[a:a + n * len(KC.TABLE_FIELDS) * self.dtype.itemsize]
         return addr, table.view(self.dtype).reshape(n, len(KC.TABLE_FIELDS))
 
@@ -418,3 +422,104 @@ class CudaBucket(Bucket):
         scl = KC.NORM_SCALE[self.dtype]
         with np.errstate(over="ignore"):      # beyond the dtype: that bucket clips to 0
             return dt(0), dt(sumsq * scl * scl)
+
+    # --- row-sparse steps ---------------------------------------------------------
+    # The touched rows (and, eagerly, runs of rows with momentum left) are
+    # stepped by ``update_kernel`` itself, each row an array of its own:
+    # its parameter address, state offset and index of element 0 point into
+    # the parameter, its gradient address into the rows' values (or a zeroed
+    # buffer).  The indices and values come to the host (as_rows), which
+    # sums duplicates and takes norms; only the touched rows travel back.
+
+    def update_rows(self, k, rows, sel, values, scale, catch=None):
+        nrows, rowsize = self.rows_shape(k)
+        if rowsize == 0 or rows.size == 0:
+            return None
+        if catch is not None:
+            self.catch_up_rows(k, rows, *catch)
+        item = self.dtype.itemsize
+        # Pieces: each row with a gradient alone; consecutive rows without
+        # one together, up to ZERO_SPAN elements.
+        most = max(1, ZERO_SPAN // rowsize)
+        n = rows.size
+        alone = sel >= 0
+        start = np.ones(n, bool)
+        start[1:] = alone[1:] | alone[:-1] | (rows[1:] != rows[:-1] + 1)
+        run = np.cumsum(start) - 1
+        first_of_run = np.flatnonzero(start)
+        start |= (np.arange(n) - first_of_run[run]) % most == 0
+        first = np.flatnonzero(start)
+        count = np.diff(np.append(first, n))
+        r0 = rows[first]
+        d_values = cuda.to_device(np.ascontiguousarray(values), stream=self.stream)
+        zero = self._zero_span(most * rowsize)
+        addr = np.empty((first.size, len(KC.ADDR_FIELDS)), np.int64)
+        addr[:, 0] = self.addr[k, 0] + r0 * rowsize * item
+        g_at = describe(d_values)[0] if values.size else 0
+        addr[:, 1] = np.where(sel[first] >= 0, g_at + sel[first] * rowsize * item,
+                              describe(zero)[0])
+        addr[:, 2] = self.hyper["t"][k]
+        addr[:, 3] = r0 * rowsize
+        table = np.empty((first.size, len(KC.TABLE_FIELDS)), self.dtype)
+        table[:, :len(KC.COEF_FIELDS)] = self.coef[k]
+        table[:, len(KC.COEF_FIELDS):] = self.flags[k, :len(KC.TABLE_FLAGS)]
+        table[:, KC.ACTIVE] = 1
+        offsets = self.offsets[k] + r0 * rowsize
+        _, seg, lo, hi, _, _ = KC.make_layout(count * rowsize, KC.CHUNK)
+        dev = lambda a: cuda.to_device(np.ascontiguousarray(a), stream=self.stream)  # noqa: E731
+        args = (dev(table), dev(addr), dev(offsets), dev(seg), dev(lo), dev(hi))
+        scales = dev(np.full(first.size, scale, self.dtype))
+        result = dev(np.array([-1, 0, 0], self.dtype))
+        grid = min(int(seg.size), self.blocks)
+        self.kernels["update_kernel"][grid, KC.THREADS, self.stream](
+            *args, self.mean_sq, self.count, self.momentum, scales, result, True)
+        # Held until the next row-sparse step: the launch reads them.
+        self._rows_keep = (d_values, args, scales, result)
+        if not self.flags[k, L.MOMENTUM]:
+            return None
+        # Which visited rows keep momentum: a byte a row read back (eager
+        # steps visit them again, and no other row).
+        a, b = self.offsets[k], self.offsets[k + 1]
+        d_rows = cuda.to_device(rows, stream=self.stream)
+        d_live = cuda.device_array(rows.size, np.uint8, stream=self.stream)
+        blocks = min(self.blocks, (rows.size + KC.THREADS - 1) // KC.THREADS)
+        KC.live_kernel(self.dtype)[blocks, KC.THREADS, self.stream](
+            self.momentum[a:b], d_rows, rowsize, d_live)
+        live = d_live.copy_to_host(stream=self.stream)
+        self.stream.synchronize()
+        return live.astype(bool)
+
+    def _zero_span(self, size):
+        zero = getattr(self, "_d_zero", None)
+        if zero is None or zero.size < size:
+            zero = self._d_zero = _zeros(size, self.dtype)
+        return zero
+
+    @staticmethod
+    def coefficients(*args):
+        from ..cpu import rows as R  # the host computes them, compiled
+        return R.coefficients(*args)
+
+    @staticmethod
+    def window_sum(*args):
+        from ..cpu import rows as R
+        return R.window_sum(*args)
+
+    @staticmethod
+    def all_coefficients(*args):
+        from ..cpu import rows as R
+        R.all_coefficients(*args)
+
+    def catch_up_rows(self, k, rows, B, C, D, R):
+        nrows, rowsize = self.rows_shape(k)
+        if rows.size == 0 or rowsize == 0:
+            return
+        a, b = self.offsets[k], self.offsets[k + 1]
+        m = self.momentum[a:b] if self.has_momentum else self.momentum
+        dev = lambda x: cuda.to_device(np.ascontiguousarray(x), stream=self.stream)  # noqa: E731
+        args = (dev(rows), rowsize, dev(B), dev(C), dev(D), dev(R))
+        blocks = min(self.blocks, (rows.size + KC.THREADS - 1) // KC.THREADS)
+        KC.catch_up_kernel(self.dtype)[blocks, KC.THREADS, self.stream](
+            self.params[k].reshape(-1), m, self.mean_sq[a:b], *args,
+            bool(self.flags[k, L.MOMENTUM]), not self.flags[k, L.SPARSE])
+        self._catch_keep = args

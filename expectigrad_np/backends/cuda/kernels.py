@@ -58,11 +58,14 @@ import numpy as np
 from numba import config, cuda, types
 from numba.cuda.extending import intrinsic
 
+from ... import lazy as _lazy
 from ..layout import COEF_FIELDS, FLAG_FIELDS, SATURATION, make_chunks
 
 __all__ = [
-    "CHUNK", "KERNEL_NAMES", "SIMULATOR", "TABLE_FIELDS", "THREADS",
-    "kernels", "make_layout", "ptx", "ptx_modules", "signatures", "zero_kernel",
+    "ADDR_FIELDS", "CHUNK", "KERNEL_NAMES", "SIMULATOR", "TABLE_FIELDS", "THREADS",
+    "catch_up_kernel", "catch_up_ptx", "kernels", "live_kernel", "make_layout", "ptx",
+    "ptx_modules",
+    "signatures", "zero_kernel",
 ]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)      # NUMBA_ENABLE_CUDASIM=1
@@ -70,6 +73,12 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)      # NUMBA_ENABLE_CUDASIM=1
 # The kernels one step launches per dtype, in launch order: the stats pass
 # (only with check_finite or norm clipping) and the fused update.
 KERNEL_NAMES = ("stats_kernel", "update_kernel")
+
+# The int64 address table, per array: its parameter's and gradient's
+# addresses, its step number ``t`` (exactly: it seeds the float32 rounding)
+# and the index of its element 0 within its parameter (0, except for the
+# rows a row-sparse step updates: each row is an array of its own).
+ADDR_FIELDS = ("x", "g", "t", "index")
 
 # The flags travel as 0/1 in the coefficient dtype; the step number ``t`` (the
 # last flag) travels exactly, as int64, in the address table.
@@ -387,8 +396,9 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
     """The fused update of every element of every active array.
 
     ``v``, ``n``, ``m``: flat ``mean_sq``, ``count`` and ``momentum``; array
-    ``k`` owns ``offsets[k]:offsets[k+1]``; ``addr[k]`` holds its parameter
-    and gradient addresses and its step number ``t``.  With ``use_stats``
+    ``k``'s state starts at ``offsets[k]``; ``addr[k]`` holds its parameter
+    and gradient addresses, its step number ``t`` and the index of its
+    element 0 in its parameter (``ADDR_FIELDS``).  With ``use_stats``
     the clipping factors come from ``scale`` and nothing is written when
     ``result[BAD] >= 0``; without, the factor is 1.
 
@@ -424,6 +434,7 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
         xa = addr[k, 0]
         ga = addr[k, 1]
         t = np.uint64(addr[k, 2])
+        first = np.uint64(addr[k, 3])
         base = offsets[k]
         for i in range(chunk_lo[c] + tid, chunk_hi[c], stride):
             j = base + i
@@ -453,7 +464,7 @@ def update_kernel(table, addr, offsets, chunk_seg, chunk_lo, chunk_hi, v, n, m,
                 # reference.dither_offset: an odd integer from the signed
                 # top 25 bits of the Weyl hash, times the spacing next to
                 # vj on its side (a power of two over 2**23, made 2**-25 smaller)
-                h = (np.uint64(i) * _WEYL_INDEX + t * _WEYL_STEP) & _MASK32
+                h = ((np.uint64(i) + first) * _WEYL_INDEX + t * _WEYL_STEP) & _MASK32
                 hs = np.int64(h) - (np.int64(h >> np.uint64(31)) << np.int64(32))
                 odd = (hs >> np.int64(7)) | np.int64(1)
                 side = vj * below if hs < 0 else vj
@@ -477,6 +488,76 @@ def _zero(a):
     zero = a.dtype.type(0)
     for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
         a[i] = zero
+
+
+# --- lazy row-sparse steps ---------------------------------------------------------
+
+_apply_row = cuda.jit(device=True, inline="always")(_lazy.apply_row)
+
+
+def _catch_up(x, m, v, rows, rowsize, B, C, D, R, momentum, dense_counter):
+    """Bring rows ``rows`` of the flat arrays ``x``, ``m``, ``v`` up to date
+    with their lazy coefficients: ``lazy.apply_row``, a thread a row."""
+    for r in range(cuda.grid(1), rows.size, cuda.gridsize(1)):
+        _apply_row(x, m, v, rows[r] * rowsize, rowsize, B[r], C[r], D[r], R[r], momentum,
+                   dense_counter)
+
+
+def _live_rows(m, rows, rowsize, live):
+    """``live[r]``: row ``rows[r]`` of the flat momentum ``m`` is nonzero
+    somewhere (a thread a row)."""
+    for r in range(cuda.grid(1), rows.size, cuda.gridsize(1)):
+        a = rows[r] * rowsize
+        found = np.uint8(0)
+        for e in range(a, a + rowsize):
+            if m[e] != m.dtype.type(0):
+                found = np.uint8(1)
+                break
+        live[r] = found
+
+
+def _live_signature(dtype):
+    f = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}[
+        np.dtype(dtype)]
+    return (f[::1], types.int64[::1], types.int64, types.uint8[::1])
+
+
+_live_compiled = {}
+
+
+def live_kernel(dtype):
+    """The compiled ``_live_rows`` for ``dtype``."""
+    dtype = np.dtype(dtype)
+    if dtype not in _live_compiled:
+        _live_compiled[dtype] = cuda.jit(_live_signature(dtype), cache=True)(_live_rows)
+    return _live_compiled[dtype]
+
+
+def _catch_up_signature(dtype):
+    f = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}[
+        np.dtype(dtype)]
+    vec, f64 = f[::1], types.float64[::1]
+    return (vec, vec, vec, types.int64[::1], types.int64, f64, f64, f64, f64,
+            types.boolean, types.boolean)
+
+
+_catch_up_compiled = {}
+
+
+def catch_up_kernel(dtype):
+    """The compiled ``_catch_up`` for ``dtype``."""
+    dtype = np.dtype(dtype)
+    if dtype not in _catch_up_compiled:
+        _catch_up_compiled[dtype] = cuda.jit(_catch_up_signature(dtype), cache=True)(_catch_up)
+    return _catch_up_compiled[dtype]
+
+
+def catch_up_ptx(dtype, cc=(9, 0)):
+    """PTX of the catch-up kernel (no GPU needed; not in the simulator)."""
+    if SIMULATOR:
+        raise RuntimeError("PTX cannot be compiled in numba's CUDA simulator "
+                           "(NUMBA_ENABLE_CUDASIM is set)")
+    return cuda.compile_ptx(_catch_up, _catch_up_signature(dtype), cc=tuple(cc))[0]
 
 
 _PYFUNCS = {"stats_kernel": stats_kernel, "update_kernel": update_kernel}
