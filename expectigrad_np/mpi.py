@@ -10,9 +10,20 @@ Gradients are reduced per dtype, as one flat buffer (in chunks of ``chunk``
 elements), not per array.  The reduction is deterministic: each chunk is
 gathered from every rank and summed in rank order, then divided by the
 number of ranks, so every rank gets the same bits whatever the arrival
-order, and those are the bits one process gets stepping that mean.  Every
-rank keeps the whole optimizer state (``shard_state=False``); sharded state
-is not implemented yet.
+order, and those are the bits one process gets stepping that mean.
+
+``shard_state=True`` (the default; ZeRO stage 1): the flat parameter space
+of each dtype is cut into P contiguous shards, and each rank keeps the
+optimizer state of its shard only (about 1/P of it).  A step sends each
+rank the gradients of its shard from every rank (one ``Alltoallv`` per
+dtype: a reduce-scatter summed in rank order, so deterministic), checks and
+clips collectively (norms summed over the ranks in rank order), updates the
+shard, and all-gathers the parameters (one ``Allgatherv`` per dtype).
+Without clipping, every rank ends with the bits one process gets stepping
+the mean, float32 rounding included (a shard's elements keep their indices
+in their parameter); with norm clipping, to rounding (the norms are summed
+in another order).  ``shard_state=False``: every rank keeps the whole state
+and steps everything.
 
 Collective refusals: a rank whose gradients are malformed, or ranks that
 disagree on which gradients are ``None``, make every rank raise the same
@@ -28,27 +39,56 @@ Importing this module imports mpi4py; ``import expectigrad_np`` does not.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from mpi4py import MPI
 
 from . import _validation as V
+from .backends import layout as L
 from .optimizer import Expectigrad as _Core
+from .param_groups import Changes, ParamGroup
 
-__all__ = ["Expectigrad"]
+__all__ = ["Expectigrad", "ShardedExpectigrad"]
+
+
+def _agree(comm, error, what):
+    """Raise on every rank if any rank failed ``what``."""
+    report = None if error is None else (type(error).__name__, str(error))
+    reports = comm.allgather(report)
+    for rank, r in enumerate(reports):
+        if r is not None:
+            if error is not None and rank == comm.rank:
+                raise error
+            kind = {"TypeError": TypeError, "FloatingPointError": FloatingPointError}.get(
+                r[0], ValueError)
+            raise kind(f"rank {rank} failed {what}: {r[1]}")
+
+
+def _same_nones(comm, local):
+    present = [g is not None for g in local]
+    patterns = comm.allgather(present)
+    if any(p != patterns[0] for p in patterns):
+        raise ValueError("the ranks disagree on which gradients are None (rank "
+                         f"{next(r for r, p in enumerate(patterns) if p != patterns[0])}"
+                         " differs from rank 0); pass None for the same parameters on "
+                         "every rank")
 
 
 class Expectigrad(_Core):
     """``expectigrad_np.Expectigrad`` stepping the mean gradient over the ranks
     of ``comm`` (default ``MPI.COMM_WORLD``).  Same constructor, plus ``comm``,
-    ``shard_state`` (only False for now) and ``chunk`` (elements per
-    collective)."""
+    ``shard_state`` and ``chunk`` (elements per collective, replicated
+    state).  With ``shard_state=True`` (the default) the object is a
+    ``ShardedExpectigrad``."""
 
-    def __init__(self, params, *args, comm=None, shard_state=False, chunk=1 << 20,
+    def __new__(cls, params=None, *args, shard_state=True, **kwargs):
+        if shard_state and cls is Expectigrad:
+            return ShardedExpectigrad(params, *args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, params, *args, comm=None, shard_state=True, chunk=1 << 20,
                  **kwargs):
-        if shard_state:
-            raise NotImplementedError(
-                "shard_state=True (each rank holding 1/P of the optimizer state) is not "
-                "implemented yet; pass shard_state=False: every rank keeps the whole state")
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.chunk = int(chunk)
         error = None
@@ -63,15 +103,7 @@ class Expectigrad(_Core):
                              "differ); every rank must build the same optimizer")
 
     def _agree(self, error, what):
-        """Raise on every rank if any rank failed ``what``."""
-        report = None if error is None else (type(error).__name__, str(error))
-        reports = self.comm.allgather(report)
-        for rank, r in enumerate(reports):
-            if r is not None:
-                if error is not None and rank == self.comm.rank:
-                    raise error
-                kind = TypeError if r[0] == "TypeError" else ValueError
-                raise kind(f"rank {rank} failed {what}: {r[1]}")
+        _agree(self.comm, error, what)
 
     def step(self, grads):
         """Average ``grads`` over the ranks, then step (every rank the same)."""
@@ -81,13 +113,7 @@ class Expectigrad(_Core):
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(error, "reading its gradients")
-        present = [g is not None for g in local]
-        patterns = self.comm.allgather(present)
-        if any(p != patterns[0] for p in patterns):
-            raise ValueError("the ranks disagree on which gradients are None (rank "
-                             f"{next(r for r, p in enumerate(patterns) if p != patterns[0])}"
-                             " differs from rank 0); pass None for the same parameters on "
-                             "every rank")
+        _same_nones(self.comm, local)
         super().step(self._mean(local))
 
     def _local_gradients(self, grads):
@@ -143,3 +169,510 @@ class Expectigrad(_Core):
         except (OSError, TypeError, ValueError) as exc:
             error = exc
         self._agree(error, "loading the checkpoint")
+
+
+_CLIP_KEYS = ("clipvalue", "clipnorm")
+
+
+def _parse_groups(params):
+    """Param groups as ``[(params, overrides)]``, like ``eg.Expectigrad``."""
+    if isinstance(params, np.ndarray):
+        params = [params]
+    if isinstance(params, dict):
+        raise TypeError("params must be an array, a sequence of arrays or a sequence of "
+                        "dicts; got a single dict (wrap it in a list)")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError("params must be an array, a sequence of arrays or a sequence of "
+                        f"dicts, got {type(params).__name__}") from None
+    if not items:
+        raise ValueError("params is empty: give at least one array to optimise")
+    if not all(isinstance(item, dict) for item in items):
+        items = [{"params": items}]
+    groups = []
+    for gi, item in enumerate(items):
+        if not isinstance(item, dict) or "params" not in item:
+            raise ValueError(f"param group {gi}: missing the 'params' key")
+        plist = item["params"]
+        plist = [plist] if isinstance(plist, np.ndarray) else list(plist)
+        if not plist:
+            raise ValueError(f"param group {gi}: 'params' is empty")
+        for pi, p in enumerate(plist):
+            where = f"param group {gi} param {pi}"
+            V.check_parameter(p, where)
+            if not p.flags.c_contiguous:
+                raise ValueError(f"{where} is not C-contiguous; with shard_state=True each "
+                                 "rank updates a flat slice of it in place: pass a "
+                                 "contiguous array, or shard_state=False")
+        groups.append((plist, {k: v for k, v in item.items() if k != "params"}))
+    return groups
+
+
+class ShardedExpectigrad:
+    """Data-parallel Expectigrad with sharded optimizer state (ZeRO stage 1):
+    ``expectigrad_np.mpi.Expectigrad(..., shard_state=True)``.
+
+    Same constructor and hyperparameters as ``expectigrad_np.Expectigrad``
+    (host NumPy arrays, C-contiguous), plus ``comm``.  ``step(local_grads)``
+    on every rank steps the mean over the ranks; every rank ends with the
+    same parameters.  Rank ``r`` keeps the state of its shard of each
+    dtype's flat parameter space (``shard``), in an ``Expectigrad`` over
+    views of those slices (``core``); ``state_dict``/``load_state_dict``,
+    ``save``/``load`` are collective and speak the single-process format.
+    ``clipvalue``/``clipnorm`` of a group are read from ``param_groups``
+    each step (the core clips nothing: norms are taken over the ranks).
+    """
+
+    def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
+                 weight_decay=0.0, maximize=False, clipvalue=None, clipnorm=None,
+                 global_clipnorm=None, check_finite=True, backend="auto", comm=None,
+                 chunk=None):
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self._lock = threading.RLock()
+        self._changes = Changes()
+        error = None
+        try:
+            self._build(params, dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
+                                     weight_decay=weight_decay, maximize=maximize,
+                                     clipvalue=clipvalue, clipnorm=clipnorm),
+                        global_clipnorm, check_finite, backend)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        _agree(self.comm, error, "constructing the optimizer")
+        layout = [(tuple(p.shape), p.dtype.str) for p in self._params]
+        if any(other != layout for other in self.comm.allgather(layout)):
+            raise ValueError("the ranks were given different parameters (shapes or dtypes "
+                             "differ); every rank must build the same optimizer")
+
+    # --- construction -------------------------------------------------------------
+
+    def _build(self, params, defaults, global_clipnorm, check_finite, backend):
+        defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
+        self.global_clipnorm = V.check_positive_or_none("global_clipnorm", global_clipnorm)
+        self.check_finite = V.check_bool("check_finite", check_finite)
+        parsed = _parse_groups(params)
+        self._params = [p for plist, _ in parsed for p in plist]
+        self._names = [f"param group {gi} param {pi}" for gi, (plist, _) in enumerate(parsed)
+                       for pi in range(len(plist))]
+        self._group_of = np.repeat(np.arange(len(parsed)), [len(pl) for pl, _ in parsed])
+        V.check_no_overlap(self._params, self._names)
+        groups = []
+        for gi, (plist, overrides) in enumerate(parsed):
+            g = dict(defaults)
+            g.update({k: V.check_group_value(k, v, f"param group {gi}: ")
+                      for k, v in overrides.items()})
+            g["params"] = plist
+            groups.append(g)
+        self.param_groups = tuple(ParamGroup(g, f"param group {gi}: ", self._changes)
+                                  for gi, g in enumerate(groups))
+        self._t = np.zeros(len(self._params), np.int64)
+        self.step_count = 0
+        # The flat layout of each dtype and this rank's shard of it.
+        size, rank = self.comm.size, self.comm.rank
+        self._buckets = {}
+        for dt in sorted({p.dtype.str for p in self._params}):
+            idx = [i for i, p in enumerate(self._params) if p.dtype.str == dt]
+            sizes = np.array([self._params[i].size for i in idx], np.int64)
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            total = int(offsets[-1])
+            bounds = np.array([total * r // size for r in range(size + 1)], np.int64)
+            self._buckets[dt] = (idx, offsets, bounds)
+        # Pieces: (param index, first element, end element), one per parameter
+        # meeting this rank's shard; the core steps views of them.
+        self._pieces = []
+        for dt, (idx, offsets, bounds) in self._buckets.items():
+            lo, hi = bounds[rank], bounds[rank + 1]
+            for j, i in enumerate(idx):
+                a, b = max(lo, offsets[j]), min(hi, offsets[j + 1])
+                if b > a:
+                    self._pieces.append((i, int(a - offsets[j]), int(b - offsets[j])))
+        self._pieces.sort()
+        inner, order = [], []
+        for gi, g in enumerate(groups):
+            views = [(i, a, b) for (i, a, b) in self._pieces if self._group_of[i] == gi]
+            if not views:          # every group exists on every rank: an empty view
+                first = int(np.flatnonzero(self._group_of == gi)[0])
+                views = [(first, 0, 0)]
+            order.extend(views)
+            hyper = {k: v for k, v in g.items() if k not in _CLIP_KEYS and k != "params"}
+            inner.append(dict(hyper, params=[self._params[i].reshape(-1)[a:b]
+                                             for i, a, b in views]))
+        self._order = order                      # the core's arrays, in its order
+        self.core = _Core(inner, check_finite=False, backend=backend)
+        for j, (i, a, b) in enumerate(order):    # each piece rounds as its parameter
+            bucket, k = self.core._where[j]
+            bucket.flags[k, L.FIRST] = a
+        self._synced = [self._hyper(g) for g in self.param_groups]
+        self._changes.dirty = False
+        self._sparse = np.array([self.param_groups[g]["sparse_counter"]
+                                 for g in self._group_of])
+
+    @staticmethod
+    def _hyper(g):
+        return {k: v for k, v in g.items() if k not in _CLIP_KEYS and k != "params"}
+
+    def _sync_hyper(self):
+        """Hand changed hyperparameters (other than clipping) to the core."""
+        if not self._changes.dirty:
+            return
+        for gi, g in enumerate(self.param_groups):
+            now = self._hyper(g)
+            if now != self._synced[gi]:
+                for key, value in now.items():
+                    if self.core.param_groups[gi][key] != value:
+                        self.core.param_groups[gi][key] = value
+                self._synced[gi] = now
+        self._changes.dirty = False
+
+    # --- what the class offers like Expectigrad --------------------------------
+
+    @property
+    def params(self):
+        """All parameter arrays, group by group."""
+        return list(self._params)
+
+    @property
+    def shard(self):
+        """This rank's slices: ``[(param index, first, end)]`` of the
+        parameters' flat elements."""
+        return list(self._pieces)
+
+    def state_nbytes(self):
+        """Bytes of optimizer state this rank holds."""
+        return sum(getattr(b, name).nbytes for b in self.core._buckets
+                   for name in b.stored)
+
+    @property
+    def _momentum(self):
+        return np.array([self.param_groups[g]["beta"] > 0 for g in self._group_of])
+
+    _dirty = False
+
+    def _refresh(self):
+        self._sync_hyper()
+
+    # --- stepping ----------------------------------------------------------------
+
+    def step(self, grads):
+        """Step the mean of every rank's ``grads`` (collective)."""
+        with self._lock:
+            error, local = None, None
+            try:
+                local = self._local_gradients(grads)
+                self._sync_hyper()
+            except (TypeError, ValueError) as exc:
+                error = exc
+            _agree(self.comm, error, "reading its gradients")
+            _same_nones(self.comm, local)
+            active = np.array([g is not None for g in local])
+            if not active.any():
+                return
+            shard = self._reduce_scatter(local)
+            pieces = self._piece_gradients(shard, active)
+            self._check_and_clip(pieces)
+            self.core.step([None if g is None else g for g in pieces])
+            self._all_gather()
+            self._t += active
+            self.step_count += 1
+
+    def _local_gradients(self, grads):
+        if len(self._params) == 1 and isinstance(grads, np.ndarray):
+            grads = [grads]
+        if isinstance(grads, (np.ndarray, dict)) or grads is None:
+            raise TypeError("step() takes a sequence of gradients, one per parameter "
+                            f"({len(self._params)}), got {type(grads).__name__}")
+        grads = list(grads)
+        if len(grads) == len(self.param_groups) and len(grads) != len(self._params) and all(
+                isinstance(g, (list, tuple)) for g in grads):
+            grads = [g for group in grads for g in group]
+        if len(grads) != len(self._params):
+            raise ValueError(f"expected {len(self._params)} gradients, one per parameter, "
+                             f"got {len(grads)}")
+        return [None if g is None else np.ascontiguousarray(
+            V.as_gradient(g, p, name), dtype=p.dtype)
+            for g, p, name in zip(grads, self._params, self._names)]
+
+    def _reduce_scatter(self, local):
+        """``{dtype: this rank's shard of the mean gradient}``: every rank
+        sends each rank that rank's shard (``Alltoallv``); the P pieces are
+        summed in rank order and divided by P (the replicated class's bits)."""
+        size, rank = self.comm.size, self.comm.rank
+        out = {}
+        for dt, (idx, offsets, bounds) in self._buckets.items():
+            flat = np.zeros(int(offsets[-1]), np.dtype(dt))
+            for j, i in enumerate(idx):
+                if local[i] is not None:
+                    flat[offsets[j]:offsets[j + 1]] = local[i].reshape(-1)
+            counts = np.diff(bounds)
+            mine = int(counts[rank])
+            rows = np.empty((size, mine), flat.dtype)
+            self.comm.Alltoallv([flat, (counts, bounds[:-1])],
+                                [rows, ([mine] * size, [mine * r for r in range(size)])])
+            acc = rows[0].copy()
+            for r in range(1, size):                 # rank order: deterministic
+                acc += rows[r]
+            acc /= flat.dtype.type(size)
+            out[dt] = (acc, int(bounds[rank]))
+        return out
+
+    def _piece_gradients(self, shard, active):
+        """The mean gradient of each of the core's arrays (None where the
+        parameter has none this step)."""
+        pieces = []
+        for i, a, b in self._order:
+            if not active[i]:
+                pieces.append(None)
+                continue
+            p = self._params[i]
+            idx, offsets, _ = self._buckets[p.dtype.str]
+            acc, lo = shard[p.dtype.str]
+            start = int(offsets[idx.index(i)]) + a - lo
+            pieces.append(acc[start:start + (b - a)])
+        return pieces
+
+    def _check_and_clip(self, pieces):
+        """Refuse non-finite gradients and clip, deciding over every rank
+        (squared norms per parameter summed in rank order): the pieces are
+        clipped in place as the kernels would (value, then the per-array and
+        global factors, in the parameter's dtype)."""
+        n = len(self._params)
+        first_bad = n
+        sumsq = np.zeros(n)
+        groups = self.param_groups
+        needs_norm = self.global_clipnorm is not None or any(
+            g["clipnorm"] is not None for g in groups)
+        for (i, _, _), g in zip(self._order, pieces):
+            if g is None or g.size == 0:
+                continue
+            if self.check_finite and not np.isfinite(g).all():
+                first_bad = min(first_bad, i)
+            clipvalue = groups[self._group_of[i]]["clipvalue"]
+            if clipvalue is not None:
+                np.clip(g, -_in(clipvalue, g.dtype), _in(clipvalue, g.dtype), out=g)
+            if needs_norm:
+                with np.errstate(over="ignore"):     # inf: summed again in units
+                    sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
+        bad = min(self.comm.allgather(first_bad))
+        if bad < n:
+            raise FloatingPointError(f"the gradient of {self._names[bad]} (the mean over the "
+                                     "ranks) holds NaN or infinity; the step was refused "
+                                     "and nothing was changed")
+        if not needs_norm:
+            return
+        total_sq = self._sum_over_ranks(sumsq)
+        units = np.zeros(n, bool)
+        if not np.isfinite(total_sq).all():
+            # Squares beyond float64 (float64 gradients near 1e154 and above):
+            # those parameters' sums again, in units of 2**-600.
+            units = ~np.isfinite(total_sq)
+            again = np.zeros(n)
+            for (i, _, _), g in zip(self._order, pieces):
+                if g is not None and units[i]:
+                    again[i] += float(np.sum(np.square(g * _UNIT)))
+            total_sq[units] = self._sum_over_ranks(again)[units]
+        scale = np.ones(n)
+        norms = np.zeros(n)
+        for i, p in enumerate(self._params):
+            norm = float(np.sqrt(total_sq[i])) / (_UNIT if units[i] else 1.0)
+            clipnorm = groups[self._group_of[i]]["clipnorm"]
+            if clipnorm is not None and norm > _in(clipnorm, p.dtype):
+                scale[i] = _in(clipnorm, p.dtype) / norm
+            norms[i] = norm * scale[i]
+        if self.global_clipnorm is not None:
+            big = norms.max(initial=0.0)
+            joint = big * np.sqrt(np.sum((norms / big) ** 2)) if big > 0 else 0.0
+            if joint > self.global_clipnorm:
+                scale *= self.global_clipnorm / joint
+        for (i, _, _), g in zip(self._order, pieces):
+            if g is not None and scale[i] != 1.0:
+                g *= g.dtype.type(scale[i])
+
+    def _sum_over_ranks(self, values):
+        parts = self.comm.allgather(values)
+        total = parts[0].copy()
+        for part in parts[1:]:                       # rank order: deterministic
+            total += part
+        return total
+
+    def _all_gather(self):
+        """Every rank's updated shard to every rank (``Allgatherv`` per
+        dtype), copied into the parameters."""
+        rank = self.comm.rank
+        for dt, (idx, offsets, bounds) in self._buckets.items():
+            counts = np.diff(bounds)
+            mine = np.empty(int(counts[rank]), np.dtype(dt))
+            lo = int(bounds[rank])
+            for j, i in enumerate(idx):
+                a, b = max(lo, offsets[j]), min(lo + mine.size, offsets[j + 1])
+                if b > a:
+                    mine[a - lo:b - lo] = self._params[i].reshape(-1)[a - offsets[j]:
+                                                                      b - offsets[j]]
+            flat = np.empty(int(offsets[-1]), np.dtype(dt))
+            self.comm.Allgatherv(mine, [flat, (counts, bounds[:-1])])
+            for j, i in enumerate(idx):
+                self._params[i].reshape(-1)[...] = flat[offsets[j]:offsets[j + 1]]
+
+    # --- state ---------------------------------------------------------------------
+
+    def state_dict(self):
+        """The whole state in ``expectigrad_np.Expectigrad``'s format, on
+        every rank (collective: the shards are all-gathered)."""
+        with self._lock:
+            self._sync_hyper()
+            core = self.core.state_dict()["state"]
+            mine = [(i, a, b, core[j]) for j, (i, a, b) in enumerate(self._order) if b > a]
+            state = {}
+            for i, p in enumerate(self._params):
+                entry = {"step": int(self._t[i]), "mean_sq": np.zeros(p.shape, p.dtype)}
+                if self._sparse[i]:
+                    entry["count"] = np.zeros(p.shape, np.uint32)
+                state[i] = entry
+            for part in self.comm.allgather(mine):
+                for i, a, b, piece in part:
+                    for key, value in piece.items():
+                        if key == "step":
+                            continue
+                        if key not in state[i]:
+                            state[i][key] = np.zeros(self._params[i].shape, value.dtype)
+                        state[i][key].reshape(-1)[a:b] = value
+            for i in state:                          # momentum where any rank has it
+                if "momentum" not in state[i] and self._momentum[i] and self._t[i] > 0:
+                    state[i]["momentum"] = np.zeros(self._params[i].shape,
+                                                    self._params[i].dtype)
+            groups, start = [], 0
+            for g in self.param_groups:
+                d = {k: v for k, v in g.items() if k != "params"}
+                d["params"] = list(range(start, start + len(g["params"])))
+                groups.append(d)
+                start += len(g["params"])
+            return {"step": self.step_count, "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load a whole state dict (any rank count's, or one process's):
+        each rank keeps its shard.  Checked before anything changes; every
+        rank raises if any rank refused it."""
+        error = None
+        try:
+            with self._lock:
+                self._load_local(state_dict)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        _agree(self.comm, error, "loading the state dict")
+
+    def _load_local(self, state_dict):
+        try:
+            step, state, groups = (state_dict["step"], state_dict["state"],
+                                   state_dict["param_groups"])
+        except (KeyError, TypeError):
+            raise ValueError("not an Expectigrad state dict: it needs 'step', 'state' "
+                             "and 'param_groups'") from None
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} param groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        entries = []
+        for i, p in enumerate(self._params):
+            entry = state.get(i, state.get(str(i))) if hasattr(state, "get") else None
+            if entry is None:
+                raise ValueError(f"state dict entry {i} ({self._names[i]}) is missing")
+            for key, value in entry.items():
+                if key != "step" and np.shape(value) != p.shape:
+                    raise ValueError(f"state dict entry {i} ({self._names[i]}) '{key}' has "
+                                     f"shape {np.shape(value)}, the parameter has {p.shape}")
+            entries.append(entry)
+        pieces = {}
+        for j, (i, a, b) in enumerate(self._order):
+            e = entries[i]
+            pieces[j] = {k: (v if k == "step" else np.asarray(v).reshape(-1)[a:b])
+                         for k, v in e.items()}
+        inner_groups = []
+        for gi, g in enumerate(groups):
+            members = [j for j, (i, _, _) in enumerate(self._order) if self._group_of[i] == gi]
+            inner_groups.append(dict({k: v for k, v in g.items()
+                                      if k not in _CLIP_KEYS and k != "params"},
+                                     params=members))
+        clips = [{k: V.check_group_value(k, g.get(k), f"state dict param group {gi}: ")
+                  for k in _CLIP_KEYS if k in g} for gi, g in enumerate(groups)]
+        self.core.load_state_dict({"step": step, "state": pieces,
+                                   "param_groups": inner_groups})
+        # Checked by the core: now the rest.
+        for gi, g in enumerate(groups):
+            for key, value in g.items():
+                if key not in ("params", "sparse_counter") and key not in _CLIP_KEYS:
+                    self.param_groups[gi]._load(key, self.core.param_groups[gi][key])
+            for key, value in clips[gi].items():
+                self.param_groups[gi]._load(key, value)
+        self._synced = [self._hyper(g) for g in self.param_groups]
+        self._changes.dirty = False
+        self._t[...] = [int(e["step"]) for e in entries]
+        self.step_count = int(step)
+
+    def save(self, path, *, params=True):
+        """Write the whole state as one single-process checkpoint from rank 0
+        (collective); every rank raises if the write failed."""
+        from .checkpoint import save
+        sd = self.state_dict()
+        error = None
+        if self.comm.rank == 0:
+            try:
+                save(_Snapshot(self, sd), path, params=params)
+            except (OSError, TypeError, ValueError) as exc:
+                error = exc
+        _agree(self.comm, error, "writing the checkpoint")
+
+    def load(self, path):
+        """Read a checkpoint (any rank count's, or one process's) on every
+        rank; every rank raises if any refused it."""
+        from .checkpoint import load
+        error = None
+        try:
+            with self._lock:
+                load(_Loading(self), path)
+        except (OSError, TypeError, ValueError) as exc:
+            error = exc
+        _agree(self.comm, error, "loading the checkpoint")
+
+    def __repr__(self):
+        return (f"ShardedExpectigrad(ranks={self.comm.size}, rank={self.comm.rank}, "
+                f"params={len(self._params)}, shard elements="
+                f"{sum(b - a for _, a, b in self._pieces)})")
+
+
+class _Snapshot:
+    """What ``checkpoint.save`` reads, from a state dict already gathered."""
+
+    def __init__(self, opt, sd):
+        self._sd, self.params, self.param_groups = sd, opt.params, opt.param_groups
+        self.global_clipnorm = opt.global_clipnorm
+        self._lock = opt._lock
+
+    def state_dict(self):
+        return self._sd
+
+
+class _Loading:
+    """What ``checkpoint.load`` reads and calls, for one rank's shard."""
+
+    _dirty = False
+
+    def __init__(self, opt):
+        self._opt = opt
+        self.params, self.param_groups = opt.params, opt.param_groups
+        self.global_clipnorm, self._names = opt.global_clipnorm, opt._names
+        self._sparse, self._momentum = opt._sparse, opt._momentum
+
+    def _refresh(self):
+        pass
+
+    def load_state_dict(self, sd):
+        self._opt._load_local(sd)
+
+
+def _in(value, dtype):
+    """A threshold as ``dtype`` holds it, back in float64 (inf beyond its range)."""
+    value = float(value)
+    return np.inf if value > float(np.finfo(dtype).max) else float(np.dtype(dtype).type(value))
+
+
+# Squares that overflow float64 are summed again in units of 2**-600.
+_UNIT = 2.0 ** -600

@@ -1,5 +1,6 @@
 """Run under ``mpiexec -n P`` by tests/test_mpi.py: data-parallel steps against
-one process stepping the mean gradient, collective refusals, checkpoints.
+one process stepping the mean gradient, collective refusals, checkpoints,
+with replicated state (``replicated``) or sharded (``sharded``).
 Prints ``OK <rank>`` at the end; any failed check raises."""
 import sys
 
@@ -12,6 +13,7 @@ from expectigrad_np.mpi import Expectigrad
 comm = MPI.COMM_WORLD
 rank, size = comm.rank, comm.size
 tmp = sys.argv[1]
+SHARDED = sys.argv[2] == "sharded"
 SHAPES = [((5, 3), np.float64), ((7,), np.float32), ((2, 2), np.float64)]
 HYPER = dict(lr=0.05, global_clipnorm=3.0, weight_decay=0.01)
 
@@ -49,17 +51,57 @@ def gather_equal(arrays):
     assert all(b == blobs[0] for b in blobs), "ranks differ"
 
 
+def same(a, b, clipped, sharded=None):
+    """Bit for bit; with norm clipping under sharded state, to rounding
+    (the norms are summed over the ranks in another order)."""
+    if clipped and (SHARDED if sharded is None else sharded):
+        np.testing.assert_allclose(a, b, rtol=1e-12 if a.dtype == np.float64 else 2e-6,
+                                   atol=0)
+    else:
+        assert np.array_equal(a, b), (a, b)
+
+
+def build(xs, **hyper):
+    return Expectigrad([{"params": xs[:2]}, {"params": xs[2:], "lr": 0.1}], chunk=8,
+                       shard_state=SHARDED, **hyper)
+
+
+# Without clipping: every rank has the bits of one process, float32 too.
+plain = dict(lr=0.05, weight_decay=0.01, beta=0.9)
 xs = params()
-groups = [{"params": xs[:2]}, {"params": xs[2:], "lr": 0.1}]
-opt = Expectigrad(groups, chunk=8, **HYPER)             # small chunks: several per bucket
+opt = build(xs, **plain)
 ref_xs = params()
-ref = eg.Expectigrad([{"params": ref_xs[:2]}, {"params": ref_xs[2:], "lr": 0.1}], **HYPER)
+ref = eg.Expectigrad([{"params": ref_xs[:2]}, {"params": ref_xs[2:], "lr": 0.1}], **plain)
 for step in range(6):
     opt.step(grads(step, rank))
     ref.step(mean(step))
     gather_equal(xs)
     for a, b in zip(xs, ref_xs):
-        assert np.array_equal(a, b), (step, a, b)
+        same(a, b, False)
+if SHARDED:
+    assert type(opt).__name__ == "ShardedExpectigrad"
+    full = sum(x.nbytes * 2 + x.size * 4 for x in xs)     # mean_sq + momentum + count
+    shares = comm.allgather(opt.state_nbytes())
+    assert sum(shares) <= full + 64 * size and max(shares) <= full / size + 64 * len(xs), (
+        shares, full)
+    sd, rsd = opt.state_dict(), ref.state_dict()
+    for i in rsd["state"]:
+        for key, value in rsd["state"][i].items():
+            assert np.array_equal(sd["state"][i][key], value), (i, key)
+
+# With clipping (norms, global norm, value), groups, None gradients.
+xs = params()
+opt = build(xs, clipvalue=2.0, clipnorm=4.0, **HYPER)
+ref_xs = params()
+ref = eg.Expectigrad([{"params": ref_xs[:2]}, {"params": ref_xs[2:], "lr": 0.1}],
+                     clipvalue=2.0, clipnorm=4.0, **HYPER)
+for step in range(6):
+    opt.step(grads(step, rank))
+    ref.step(mean(step))
+    gather_equal(xs)
+    for a, b in zip(xs, ref_xs):
+        same(a, b, True)
+HYPER = dict(HYPER, clipvalue=2.0, clipnorm=4.0)
 
 # A NaN on one rank: every rank refuses, nothing changes anywhere.
 before = [x.copy() for x in xs]
@@ -101,7 +143,8 @@ path = f"{tmp}/mpi.npz"
 opt.save(path)
 comm.Barrier()
 twin_xs = [np.zeros(s, d) for s, d in SHAPES]
-twin = Expectigrad([{"params": twin_xs[:2]}, {"params": twin_xs[2:], "lr": 0.1}], **HYPER)
+twin = Expectigrad([{"params": twin_xs[:2]}, {"params": twin_xs[2:], "lr": 0.1}],
+                   shard_state=not SHARDED, **HYPER)      # the other kind of state
 twin.load(path)
 single_xs = [np.zeros(s, d) for s, d in SHAPES]
 single = eg.Expectigrad([{"params": single_xs[:2]}, {"params": single_xs[2:], "lr": 0.1}],
@@ -112,6 +155,21 @@ for step in range(20, 23):
     twin.step(grads(step, rank))
     single.step(mean(step))
 for a, b, c in zip(xs, twin_xs, single_xs):
-    assert np.array_equal(a, b) and np.array_equal(a, c)
+    same(a, b, True, sharded=True)          # one of the two is sharded
+    same(a, c, True)
 gather_equal(xs)
+
+# A checkpoint of one process continues under P ranks (sharded or not).
+single.save(f"{tmp}/single.npz") if rank == 0 else None
+comm.Barrier()
+resumed_xs = [np.zeros(s, d) for s, d in SHAPES]
+resumed = Expectigrad([{"params": resumed_xs[:2]}, {"params": resumed_xs[2:], "lr": 0.1}],
+                      shard_state=SHARDED, **HYPER)
+resumed.load(f"{tmp}/single.npz")
+for step in range(30, 33):
+    resumed.step(grads(step, rank))
+    single.step(mean(step))
+for a, c in zip(resumed_xs, single_xs):
+    same(a, c, True)
+gather_equal(resumed_xs)
 print(f"OK {rank}", flush=True)

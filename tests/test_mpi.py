@@ -20,27 +20,20 @@ def _mpiexec():
     return str(here) if here.exists() else shutil.which("mpiexec")
 
 
+@pytest.mark.parametrize("state", ["sharded", "replicated"])
 @pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_data_parallel_steps_match_one_process_on_the_mean(ranks, tmp_path):
+def test_data_parallel_steps_match_one_process_on_the_mean(ranks, state, tmp_path):
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec (pip install mpich)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     result = subprocess.run([mpiexec, "-n", str(ranks), sys.executable,
-                             str(ROOT / "tests" / "mpi_worker.py"), str(tmp_path)],
+                             str(ROOT / "tests" / "mpi_worker.py"), str(tmp_path), state],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(result.stdout.split("OK")[1:]) and all(
         f"OK {r}" in result.stdout for r in range(ranks))
-
-
-def test_sharded_state_is_refused_until_it_exists():
-    import numpy as np
-
-    from expectigrad_np.mpi import Expectigrad
-    with pytest.raises(NotImplementedError, match="shard_state"):
-        Expectigrad([np.zeros(3)], shard_state=True)
 
 
 def test_importing_the_package_does_not_import_mpi4py():

@@ -13,10 +13,14 @@ coefficient rows (one per array, in the bucket's dtype)
     (``signs``), so it costs the loops nothing and gives the bits of
     negating the gradient.
 flag rows (int64)
-    ``FLAG_FIELDS = [active, sparse, momentum, t, uniform]``: ``t`` is the
-    array's step number counting this step (it seeds the stochastic
+    ``FLAG_FIELDS = [active, sparse, momentum, t, uniform, first]``: ``t`` is
+    the array's step number counting this step (it seeds the stochastic
     rounding), ``uniform`` is set while every count of the array equals
-    ``t - 1`` (the CPU kernels' uniform loop; they clear it).
+    ``t - 1`` (the CPU kernels' uniform loop; they clear it), ``first`` is
+    the index of the array's element 0 in the parameter it is part of (0,
+    except for the shards of ``mpi``'s sharded state: the rounding hashes
+    an element's index in its parameter, so a shard rounds as the whole
+    parameter would).
 
 Work is split into chunks (``make_chunks``) that never cross an array, so
 one parallel loop or one GPU launch covers 200 small arrays as well as one
@@ -39,8 +43,8 @@ STEP, BETA, OMB, EPS, INV_T, CLIPVALUE, CLIPNORM, DECAY = range(len(COEF_FIELDS)
 # the lr row) to compute step_size and decay: beta, weight_decay and the
 # sign of step_size (``signs``).
 HYPER_FIELDS = ("beta", "weight_decay", "step_sign")
-FLAG_FIELDS = ("active", "sparse", "momentum", "t", "uniform")
-ACTIVE, SPARSE, MOMENTUM, T, UNIFORM = range(len(FLAG_FIELDS))
+FLAG_FIELDS = ("active", "sparse", "momentum", "t", "uniform", "first")
+ACTIVE, SPARSE, MOMENTUM, T, UNIFORM, FIRST = range(len(FLAG_FIELDS))
 UNIFORM_MAX_T = 0xFFFFFFFF           # counts saturate beyond: no longer uniform
 
 STATE_FIELDS = ("mean_sq", "count", "momentum")

@@ -105,7 +105,9 @@ class NumpyBucket(Bucket):
                 self.segment("momentum", k) if f[L.MOMENTUM] else None,
                 t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),
                 eps=float(h["eps"][k]), sparse_counter=bool(f[L.SPARSE]),
-                weight_decay=float(h["weight_decay"][k]), maximize=bool(h["maximize"][k]))
+                weight_decay=float(h["weight_decay"][k]), maximize=bool(h["maximize"][k]),
+                index=None if not f[L.FIRST] else
+                f[L.FIRST] + np.arange(self.sizes[k]).reshape(self.shapes[k]))
         return -1, total
 
     def update_rows(self, k, rows, sel, values, scale, catch=None):
@@ -123,7 +125,7 @@ class NumpyBucket(Bucket):
         ns = self.flat_segment("count", k).reshape(nrows, rowsize)[rows] if sparse else None
         ms = self.flat_segment("momentum", k).reshape(nrows, rowsize)[rows] if momentum \
             else None
-        index = rows[:, None] * rowsize + np.arange(rowsize)
+        index = f[L.FIRST] + rows[:, None] * rowsize + np.arange(rowsize)
         expectigrad_update(
             xs, clip_gradient(g, scale, c[L.CLIPVALUE]), vs, ns, ms,
             t=int(h["t"][k]), lr=float(h["lr"][k]), beta=float(h["beta"][k]),

@@ -19,6 +19,7 @@ from ..layout import (
     CLIPVALUE,
     DECAY,
     EPS,
+    FIRST,
     INV_T,
     MOMENTUM,
     OMB,
@@ -232,7 +233,9 @@ def _has_loop(f, clipping):
 
 @njit(**_OPTS)
 def _update_span(x, g, v, n, m, c, f, scale, i0):
-    """Update one contiguous span, elements ``i0:i0 + x.size`` of its array,
+    """Update one contiguous span, elements ``i0:i0 + x.size`` of its array
+    (``i0 + f[FIRST]`` of the parameter the array is part of: the hash of
+    the rounding),
     with the loop its flags call for (the caller has made sure, with
     ``_has_loop``, that this compiled span holds it).
 
@@ -242,7 +245,7 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
     for a span whose counts are uniform.
     """
     t = f[T]
-    h = _weyl(i0, t)
+    h = _weyl(i0 + f[FIRST], t)
     sparse = f[SPARSE] != 0
     momentum = f[MOMENTUM] != 0
     uniform = f[UNIFORM] != 0 and t <= UNIFORM_MAX_T

@@ -354,6 +354,7 @@ class CudaBucket(Bucket):
         super().set_coefficients(lr, beta, eps, t, clipvalue, clipnorm, active,
                                  sparse, momentum, static_key, weight_decay, maximize)
         self.addr[:, 2] = self.hyper["t"]          # hashed by the mean's rounding
+        self.addr[:, 3] = self.flags[:, L.FIRST]   # and each element's index
         self._pending = True
 
     def _upload(self):
@@ -459,7 +460,7 @@ class CudaBucket(Bucket):
         addr[:, 1] = np.where(sel[first] >= 0, g_at + sel[first] * rowsize * item,
                               describe(zero)[0])
         addr[:, 2] = self.hyper["t"][k]
-        addr[:, 3] = r0 * rowsize
+        addr[:, 3] = self.flags[k, L.FIRST] + r0 * rowsize
         table = np.empty((first.size, len(KC.TABLE_FIELDS)), self.dtype)
         table[:, :len(KC.COEF_FIELDS)] = self.coef[k]
         table[:, len(KC.COEF_FIELDS):] = self.flags[k, :len(KC.TABLE_FLAGS)]
