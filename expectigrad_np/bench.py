@@ -472,6 +472,96 @@ def _format_sparse(r):
             f"({r['eager_speedup']:.1f}x)")
 
 
+MPI_SHAPES = [(1000, 1000), (1000,), (1000, 1000), (1000,)]      # 2M float32 elements
+
+
+def bench_mpi(repeat, ranks=3):
+    """``expectigrad_np.mpi`` under ``mpiexec -n ranks`` (``_mpi_worker``),
+    one kernel thread a rank: the sharded step against the same collectives
+    alone and against one process stepping its shard, and the state each
+    rank holds.  None without mpi4py or mpiexec."""
+    import importlib.util
+    import shutil
+    import subprocess
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = here if os.path.exists(here) else shutil.which("mpiexec")
+    if mpiexec is None:
+        return None
+    # One kernel thread per rank: ranks are the parallelism (numba's threads
+    # of several ranks on the same cores would contend).
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    out = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, "-c",
+                          f"from expectigrad_np.bench import _mpi_worker; _mpi_worker({repeat})"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench --mpi failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mpi_worker(repeat):
+    from mpi4py import MPI
+
+    from .mpi import Expectigrad as MpiExpectigrad
+    comm = MPI.COMM_WORLD
+    rng = np.random.default_rng(comm.rank)
+    params = [np.zeros(s, np.float32) for s in MPI_SHAPES]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in MPI_SHAPES]
+    sharded = MpiExpectigrad([p.copy() for p in params], lr=1e-3)
+    replicated = MpiExpectigrad([p.copy() for p in params], lr=1e-3, shard_state=False)
+    # The same collectives alone, on buffers of the same sizes.
+    _, offsets, bounds = next(iter(sharded._buckets.values()))
+    counts = np.diff(bounds)
+    flat = np.zeros(int(offsets[-1]), np.float32)
+    rows = np.empty((comm.size, int(counts[comm.rank])), np.float32)
+    mine = np.empty(int(counts[comm.rank]), np.float32)
+
+    def collectives():
+        comm.Alltoallv([flat, (counts, bounds[:-1])],
+                       [rows, ([rows.shape[1]] * comm.size,
+                               [rows.shape[1] * r for r in range(comm.size)])])
+        comm.Allgatherv(mine, [flat, (counts, bounds[:-1])])
+
+    pieces = [g.reshape(-1)[a:b] for g, (i, a, b) in
+              zip([grads[i] for i, _, _ in sharded._order], sharded._order)]
+
+    def timed(fn, k=5):
+        out = []
+        for _ in range(max(repeat, 3)):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            out.append((time.perf_counter() - t0) / k)
+        return float(np.median(out))
+
+    t_step = timed(lambda: sharded.step(grads))
+    t_comm = timed(collectives)
+    t_shard = timed(lambda: sharded.core.step(pieces))
+    t_replicated = timed(lambda: replicated.step(grads))
+    full = sum(getattr(b, name).nbytes for b in replicated._buckets for name in b.stored)
+    row = dict(ranks=comm.size, elements=int(offsets[-1]), step_us=t_step * 1e6,
+               collectives_us=t_comm * 1e6, shard_step_us=t_shard * 1e6,
+               replicated_step_us=t_replicated * 1e6,
+               overhead_vs_shard_step=(t_step - t_comm) / t_shard,
+               state_bytes=sharded.state_nbytes(), replicated_state_bytes=full)
+    rows_all = comm.gather(row)
+    if comm.rank == 0:
+        worst = max(rows_all, key=lambda r: r["overhead_vs_shard_step"])
+        worst["state_fraction"] = max(r["state_bytes"] for r in rows_all) / full
+        print(json.dumps(worst))
+
+
+def _format_mpi(r):
+    return (f"mpi, {r['ranks']} ranks, {r['elements']:,} float32 elements: sharded step "
+            f"{r['step_us']:,.0f} µs, its collectives alone {r['collectives_us']:,.0f} µs, one "
+            f"process stepping its shard {r['shard_step_us']:,.0f} µs: overhead "
+            f"{r['overhead_vs_shard_step']:.2f}x the shard step; replicated step "
+            f"{r['replicated_step_us']:,.0f} µs; state per rank {r['state_fraction']:.2f} of "
+            "the replicated state (the worst rank)")
+
+
 def bench_pytorch(repeat):
     """The PyTorch front end (``expectigrad_np.pytorch.Expectigrad``) on CPU
     float32 tensors against the original project's PyTorch optimizer (when
@@ -847,6 +937,9 @@ def add_arguments(parser):
                         help="only the cold-cache row: the first steps in a fresh "
                              "process with an empty NUMBA_CACHE_DIR, against compiling "
                              "a plain @njit loop of the same update")
+    parser.add_argument("--mpi", action="store_true",
+                        help="only the MPI row: the sharded step under mpiexec -n 3 "
+                             "(needs mpi4py and an MPI)")
     parser.add_argument("--sparse", action="store_true",
                         help="only the row-sparse row: 512 of 1,000,000 x 32 float32 "
                              "rows per step, against the dense step")
@@ -867,6 +960,13 @@ def main(argv=None):
             raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
     if args.repeat < 1 or any(n < 1 for n in args.sizes):
         raise SystemExit("bench: --repeat and every size must be >= 1")
+    if args.mpi:
+        row = bench_mpi(args.repeat)
+        if row is None:
+            raise SystemExit("bench --mpi: mpi4py or mpiexec is missing "
+                             "(pip install 'expectigrad_np[mpi]')")
+        print(json.dumps({"mpi": row}, indent=1) if args.json else _format_mpi(row))
+        return 0
     if args.sparse:
         row = bench_sparse(args.repeat)
         print(json.dumps({"sparse": row}, indent=1) if args.json else _format_sparse(row))

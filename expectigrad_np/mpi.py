@@ -65,9 +65,25 @@ def _agree(comm, error, what):
             raise kind(f"rank {rank} failed {what}: {r[1]}")
 
 
+def _agree_on_gradients(comm, error, local):
+    """``_agree`` and ``_same_nones`` in one collective."""
+    report = None if error is None else (type(error).__name__, str(error))
+    present = None if local is None else [g is not None for g in local]
+    gathered = comm.allgather((report, present))
+    for rank, (r, _) in enumerate(gathered):
+        if r is not None:
+            if error is not None and rank == comm.rank:
+                raise error
+            kind = TypeError if r[0] == "TypeError" else ValueError
+            raise kind(f"rank {rank} failed reading its gradients: {r[1]}")
+    _check_nones([p for _, p in gathered])
+
+
 def _same_nones(comm, local):
-    present = [g is not None for g in local]
-    patterns = comm.allgather(present)
+    _check_nones(comm.allgather([g is not None for g in local]))
+
+
+def _check_nones(patterns):
     if any(p != patterns[0] for p in patterns):
         raise ValueError("the ranks disagree on which gradients are None (rank "
                          f"{next(r for r, p in enumerate(patterns) if p != patterns[0])}"
@@ -363,8 +379,7 @@ class ShardedExpectigrad:
                 self._sync_hyper()
             except (TypeError, ValueError) as exc:
                 error = exc
-            _agree(self.comm, error, "reading its gradients")
-            _same_nones(self.comm, local)
+            _agree_on_gradients(self.comm, error, local)
             active = np.array([g is not None for g in local])
             if not active.any():
                 return
@@ -453,14 +468,19 @@ class ShardedExpectigrad:
             if needs_norm:
                 with np.errstate(over="ignore"):     # inf: summed again in units
                     sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
-        bad = min(self.comm.allgather(first_bad))
+        if not (self.check_finite or needs_norm):
+            return
+        gathered = self.comm.allgather((first_bad, sumsq))     # one collective for both
+        bad = min(b for b, _ in gathered)
         if bad < n:
             raise FloatingPointError(f"the gradient of {self._names[bad]} (the mean over the "
                                      "ranks) holds NaN or infinity; the step was refused "
                                      "and nothing was changed")
         if not needs_norm:
             return
-        total_sq = self._sum_over_ranks(sumsq)
+        total_sq = gathered[0][1].copy()
+        for _, part in gathered[1:]:                 # rank order: deterministic
+            total_sq += part
         units = np.zeros(n, bool)
         if not np.isfinite(total_sq).all():
             # Squares beyond float64 (float64 gradients near 1e154 and above):
