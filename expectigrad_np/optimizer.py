@@ -548,12 +548,7 @@ class Expectigrad:
         active = ids != _NONE_ID
         if not active.any():
             return
-        for i in np.flatnonzero(active).tolist():
-            p = self._params[i]
-            if isinstance(p, np.ndarray) and not p.flags.writeable:
-                raise ValueError(f"{self._names[i]} has been made read-only; parameters "
-                                 "are updated in place (set x.flags.writeable = True, or "
-                                 "pass None as its gradient); nothing was changed")
+        self._check_writeable(np.flatnonzero(active).tolist())
         single = len(self._buckets) == 1           # then its slots are 0..n-1
         for b in self._buckets:
             b.load_gradients(grads if single else [grads[i] for i in b.slots],
@@ -609,12 +604,9 @@ class Expectigrad:
         names = self._names
         rows_of = {}
         dense = list(grads)
+        self._check_writeable(row_sparse)
         for i in row_sparse:
             p = self._params[i]
-            if isinstance(p, np.ndarray) and not p.flags.writeable:
-                raise ValueError(f"{names[i]} has been made read-only; parameters are "
-                                 "updated in place (set x.flags.writeable = True, or pass "
-                                 "None as its gradient); nothing was changed")
             rows, vals = as_rows(grads[i], p, names[i])
             dense[i] = None
             if self.check_finite and not np.isfinite(vals).all():
@@ -649,12 +641,7 @@ class Expectigrad:
         active_dense = ids != _NONE_ID
         active = active_dense.copy()
         active[row_sparse] = True
-        for i in np.flatnonzero(active_dense).tolist():
-            p = self._params[i]
-            if isinstance(p, np.ndarray) and not p.flags.writeable:
-                raise ValueError(f"{names[i]} has been made read-only; parameters "
-                                 "are updated in place (set x.flags.writeable = True, or "
-                                 "pass None as its gradient); nothing was changed")
+        self._check_writeable(np.flatnonzero(active_dense).tolist())
         stepping = [bool(active_dense[b.slots].any()) for b in self._buckets]
         for b, dense_here in zip(self._buckets, stepping):
             if dense_here:
@@ -860,6 +847,14 @@ class Expectigrad:
                 return i
         raise ValueError("sync(param=...) takes one of the optimizer's parameter arrays "
                          "(the same object) or its index in opt.params")
+
+    def _check_writeable(self, indices):
+        for i in indices:
+            p = self._params[i]
+            if isinstance(p, np.ndarray) and not p.flags.writeable:
+                raise ValueError(f"{self._names[i]} has been made read-only; parameters "
+                                 "are updated in place (set x.flags.writeable = True, or "
+                                 "pass None as its gradient); nothing was changed")
 
     def _raise_nonfinite(self, bucket, bad):
         if bad >= 0:

@@ -43,3 +43,20 @@ def test_importing_the_package_does_not_import_mpi4py():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_mpi_example_runs_under_mpiexec_with_three_ranks():
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    result = subprocess.run([mpiexec, "-n", "3", sys.executable,
+                             str(ROOT / "examples" / "mpi_logistic_regression.py"),
+                             "--steps", "60"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "3 ranks" in result.stdout
+    assert "stepping the mean: 0.0e+00" in result.stdout
+    accuracy = float(result.stdout.split("test accuracy ")[1].split(";")[0])
+    assert accuracy > 0.8

@@ -18,6 +18,7 @@ from .. import layout as L
 from ..base import Bucket
 from . import kernels as K
 from . import locate as _locate
+from .closed_forms import CompiledRows
 from .loops import ALL_LOOPS, loops_for
 
 __all__ = ["PARALLEL_MIN_SIZE", "CpuBucket"]
@@ -48,7 +49,7 @@ def _address(a):
     return a.__array_interface__["data"][0] if a.size else 0
 
 
-class CpuBucket(Bucket):
+class CpuBucket(CompiledRows, Bucket):
     """Steps all arrays of the bucket with one call of a fused kernel.
 
     Parameters that are not C-contiguous are stepped through a contiguous
@@ -382,26 +383,6 @@ class CpuBucket(Bucket):
         if zero is None or zero.size < size:
             zero = self._zero = np.zeros(size, self.dtype)
         return zero
-
-    @staticmethod
-    def row_coefficients(*args):
-        from . import rows as R
-        R.row_coefficients(*args)
-
-    @staticmethod
-    def coefficients(*args):
-        from . import rows as R
-        return R.coefficients(*args)
-
-    @staticmethod
-    def window_sum(*args):
-        from . import rows as R
-        return R.window_sum(*args)
-
-    @staticmethod
-    def all_coefficients(*args):
-        from . import rows as R
-        R.all_coefficients(*args)
 
     def catch_up_rows(self, k, rows, B, C, D, R):
         from . import rows as _rows

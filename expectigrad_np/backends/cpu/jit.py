@@ -40,3 +40,4 @@ def twin(func, name, **overrides):
                                 func.__defaults__, func.__closure__)
     copy.__qualname__ = name
     return copy
+

@@ -35,6 +35,7 @@ from numba import cuda
 
 from .. import layout as L
 from ..base import Bucket
+from ..cpu.closed_forms import CompiledRows
 from . import kernels as KC
 
 __all__ = ["CudaBucket", "as_device_parameter", "check_device_parameters",
@@ -187,7 +188,7 @@ def _fill_zero(a):
         KC.zero_kernel[min(1024, (a.size + 255) // 256), 256](a)
 
 
-class CudaBucket(Bucket):
+class CudaBucket(CompiledRows, Bucket):
     """Flat state of one dtype on the device; one update launch per step.
 
     ``mean_sq``, ``count`` (if any array uses the sparse counter) and
@@ -495,21 +496,6 @@ class CudaBucket(Bucket):
         if zero is None or zero.size < size:
             zero = self._d_zero = _zeros(size, self.dtype)
         return zero
-
-    @staticmethod
-    def coefficients(*args):
-        from ..cpu import rows as R  # the host computes them, compiled
-        return R.coefficients(*args)
-
-    @staticmethod
-    def window_sum(*args):
-        from ..cpu import rows as R
-        return R.window_sum(*args)
-
-    @staticmethod
-    def all_coefficients(*args):
-        from ..cpu import rows as R
-        R.all_coefficients(*args)
 
     def catch_up_rows(self, k, rows, B, C, D, R):
         nrows, rowsize = self.rows_shape(k)

@@ -516,40 +516,40 @@ def _live_rows(m, rows, rowsize, live):
         live[r] = found
 
 
-def _live_signature(dtype):
-    f = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}[
+def _float(dtype):
+    return {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}[
         np.dtype(dtype)]
-    return (f[::1], types.int64[::1], types.int64, types.uint8[::1])
 
 
-_live_compiled = {}
-
-
-def live_kernel(dtype):
-    """The compiled ``_live_rows`` for ``dtype``."""
-    dtype = np.dtype(dtype)
-    if dtype not in _live_compiled:
-        _live_compiled[dtype] = cuda.jit(_live_signature(dtype), cache=True)(_live_rows)
-    return _live_compiled[dtype]
+def _live_signature(dtype):
+    return (_float(dtype)[::1], types.int64[::1], types.int64, types.uint8[::1])
 
 
 def _catch_up_signature(dtype):
-    f = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}[
-        np.dtype(dtype)]
-    vec, f64 = f[::1], types.float64[::1]
+    vec, f64 = _float(dtype)[::1], types.float64[::1]
     return (vec, vec, vec, types.int64[::1], types.int64, f64, f64, f64, f64,
             types.boolean, types.boolean)
 
 
-_catch_up_compiled = {}
+_row_kernels = {}
+
+
+def _row_kernel(pyfunc, signature, dtype):
+    """``pyfunc`` compiled for ``signature(dtype)``, once."""
+    key = (pyfunc.__name__, np.dtype(dtype))
+    if key not in _row_kernels:
+        _row_kernels[key] = cuda.jit(signature(dtype), cache=True)(pyfunc)
+    return _row_kernels[key]
+
+
+def live_kernel(dtype):
+    """The compiled ``_live_rows`` for ``dtype``."""
+    return _row_kernel(_live_rows, _live_signature, dtype)
 
 
 def catch_up_kernel(dtype):
     """The compiled ``_catch_up`` for ``dtype``."""
-    dtype = np.dtype(dtype)
-    if dtype not in _catch_up_compiled:
-        _catch_up_compiled[dtype] = cuda.jit(_catch_up_signature(dtype), cache=True)(_catch_up)
-    return _catch_up_compiled[dtype]
+    return _row_kernel(_catch_up, _catch_up_signature, dtype)
 
 
 def catch_up_ptx(dtype, cc=(9, 0)):
