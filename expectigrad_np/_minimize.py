@@ -243,7 +243,7 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
              global_clipnorm: float | None = None, backend: str = "auto",
              maxiter: int | None = None, gtol: float | None = None, norm: float = np.inf,
              tol: float | None = None, data: Any = None, epochs: int | None = None,
-             progress: bool = False, disp: bool = False,
+             progress: bool = False, disp: bool = False, comm: Any = None,
              hess: Any = None, hessp: Any = None, constraints: Any = ()) -> Any:
     r"""Minimise a scalar function with Expectigrad.
 
@@ -307,6 +307,15 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
         Show a tqdm progress bar with the current loss (needs tqdm).
     disp : bool
         Print the final message.
+    comm : mpi4py communicator, optional
+        Data parallel over MPI ranks: call ``minimize`` on every rank of
+        ``comm`` with the same ``x0`` and options, each with its own ``data``
+        (its shard) or its own ``fun``.  Every objective and gradient is
+        replaced by its mean over the ranks (gathered and summed in rank
+        order, so deterministic), so every rank takes the same steps and
+        returns the same ``OptimizeResult``.  An epoch ends when the first
+        rank's minibatches do (the others' remaining ones are not used); an
+        exception in ``fun`` on one rank is raised on every rank.
     hess, hessp
         Unused (Expectigrad is first-order); giving one warns, as scipy's
         first-order methods do.
@@ -365,6 +374,8 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
     if box is not None:
         np.clip(x, box[0], box[1], out=x)
     objective = _Objective(fun, jac, args, x, box)
+    if comm is not None:
+        objective = _MeanOverRanks(objective, comm)
     cb = _wrap_callback(callback)
     opt = Expectigrad(x, lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                       clipvalue=clipvalue, clipnorm=clipnorm,
@@ -373,6 +384,8 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
     if stochastic:
         run = _run_stochastic
         epoch_source = _epoch_source(data, epochs)
+        if comm is not None:
+            epoch_source = _together(epoch_source, comm)
     else:
         run, epoch_source = _run_deterministic, None
     state = dict(x=x, box=box, opt=opt, objective=objective, cb=cb, maxiter=maxiter,
@@ -393,6 +406,64 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
     if disp:
         print(res.message)
     return res
+
+
+class _MeanOverRanks:
+    """An objective whose ``(f, g)`` is the mean over the ranks of ``comm``:
+    gathered from every rank and summed in rank order (every rank gets the
+    same bits).  A rank whose ``fun`` raised makes every rank raise."""
+
+    def __init__(self, objective, comm):
+        self.objective, self.comm = objective, comm
+
+    @property
+    def nfev(self):
+        return self.objective.nfev
+
+    @property
+    def njev(self):
+        return self.objective.njev
+
+    def __call__(self, x, extra=()):
+        try:
+            mine = self.objective(x, extra)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            mine = exc
+        parts = self.comm.allgather(mine)
+        for rank, part in enumerate(parts):
+            if isinstance(part, BaseException):
+                if part is mine:
+                    raise mine
+                raise RuntimeError(f"the objective raised on rank {rank}: "
+                                   f"{type(part).__name__}: {part}")
+        f = parts[0][0]
+        g = np.array(parts[0][1], copy=True)
+        for fr, gr in parts[1:]:                     # rank order: deterministic
+            f += fr
+            g += gr
+        size = len(parts)
+        return f / size, g / g.dtype.type(size)
+
+
+def _together(source, comm):
+    """``source`` with every rank's epoch and minibatches in step: a rank
+    gets a minibatch only when every rank has one."""
+    def batches(it):
+        while True:
+            try:
+                batch, ok = next(it), True
+            except StopIteration:
+                batch, ok = None, False
+            if not all(comm.allgather(ok)):
+                return
+            yield batch
+
+    def together(epoch):
+        it = source(epoch)
+        if not all(comm.allgather(it is not None)):
+            return None
+        return batches(iter(it))
+    return together
 
 
 def _gradient_norm(g, norm, x=None, box=None, largest=None):

@@ -172,4 +172,56 @@ for step in range(30, 33):
 for a, c in zip(resumed_xs, single_xs):
     same(a, c, True)
 gather_equal(resumed_xs)
+
+# minimize(..., comm=): each rank minimises over its own shard of the data;
+# every rank returns the same result, that of one process minimising the
+# mean over the ranks (the same sums, in rank order).
+rng = np.random.default_rng(7)
+A = rng.standard_normal((12 * size, 4))
+b = A @ np.array([1.0, -2.0, 0.5, 3.0]) + 0.1 * rng.standard_normal(12 * size)
+
+
+def least_squares(w, batch):
+    X, y = batch
+    r = X @ w - y
+    return 0.5 * float(r @ r) / len(y), X.T @ r / len(y)
+
+
+def shard(r):
+    rows = np.arange(r, 12 * size, size)
+    return [(A[rows[i:i + 4]], b[rows[i:i + 4]]) for i in range(0, 12, 4)]
+
+
+def mean_over_ranks(w, k):
+    parts = [least_squares(w, shard(r)[k]) for r in range(size)]
+    f, g = parts[0][0], parts[0][1].copy()
+    for fr, gr in parts[1:]:
+        f += fr
+        g += gr
+    return f / size, g / size
+
+
+for stochastic in (True, False):
+    if stochastic:
+        res = eg.minimize(least_squares, np.zeros(4), jac=True, data=shard(rank), epochs=5,
+                          lr=0.05, comm=comm)
+        ref_res = eg.minimize(mean_over_ranks, np.zeros(4), jac=True, data=[0, 1, 2],
+                              epochs=5, lr=0.05)
+    else:
+        full = (A[rank::size], b[rank::size])
+        res = eg.minimize(lambda w: least_squares(w, full), np.zeros(4), jac=True,
+                          maxiter=40, lr=0.05, comm=comm)
+        parts = [(A[r::size], b[r::size]) for r in range(size)]
+
+        def full_mean(w):
+            vals = [least_squares(w, p) for p in parts]
+            f, g = vals[0][0], vals[0][1].copy()
+            for fr, gr in vals[1:]:
+                f += fr
+                g += gr
+            return f / size, g / size
+        ref_res = eg.minimize(full_mean, np.zeros(4), jac=True, maxiter=40, lr=0.05)
+    gather_equal([res.x, np.array([res.fun, res.nit, res.status], float)])
+    assert np.array_equal(res.x, ref_res.x), (res.x, ref_res.x)
+    assert res.fun == ref_res.fun and res.nit == ref_res.nit and res.status == ref_res.status
 print(f"OK {rank}", flush=True)
