@@ -25,6 +25,11 @@ in their parameter); with norm clipping, to rounding (the norms are summed
 in another order).  ``shard_state=False``: every rank keeps the whole state
 and steps everything.
 
+Row-sparse gradients: with replicated state, where every rank passes one
+for a parameter, the rows of all ranks are gathered and summed in rank
+order and their mean stepped row-sparse; where only some do, and with
+sharded state, they are made dense.
+
 Collective refusals: a rank whose gradients are malformed, or ranks that
 disagree on which gradients are ``None``, make every rank raise the same
 ``ValueError``/``TypeError`` before anything changes (no rank is left
@@ -48,6 +53,7 @@ from . import _validation as V
 from .backends import layout as L
 from .optimizer import Expectigrad as _Core
 from .param_groups import Changes, ParamGroup
+from .sparse import RowSparse, _sum_duplicates, as_rows, densify, is_row_sparse
 
 __all__ = ["Expectigrad", "ShardedExpectigrad"]
 
@@ -130,23 +136,47 @@ class Expectigrad(_Core):
             error = exc
         self._agree(error, "reading its gradients")
         _same_nones(self.comm, local)
+        local = self._sparse_mean(local)
         super().step(self._mean(local))
 
     def _local_gradients(self, grads):
         """One contiguous array of its parameter's dtype (or None) per
-        parameter, checked as the core checks them."""
+        parameter, checked as the core checks them; a row-sparse gradient
+        as ``_Rows`` (its rows and summed values)."""
         flat = self._flatten_grads(grads)
-        return [None if g is None else np.ascontiguousarray(
-            V.as_gradient(g, p, name), dtype=p.dtype)
-            for g, p, name in zip(flat, self._params, self._names)]
+        return [None if g is None else _Rows(*as_rows(g, p, name)) if is_row_sparse(g)
+                else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
+                for g, p, name in zip(flat, self._params, self._names)]
+
+    def _sparse_mean(self, local):
+        """Row-sparse gradients where every rank has one: their mean as one
+        ``RowSparse`` (every rank's rows in rank order, duplicates summed in
+        that order, over P: the dense mean's bits); where only some ranks
+        have one, theirs made dense (the dense mean then)."""
+        kinds = self.comm.allgather([isinstance(g, _Rows) for g in local])
+        out = list(local)
+        for i, g in enumerate(local):
+            p = self._params[i]
+            if all(k[i] for k in kinds):             # the same decision on every rank
+                parts = self.comm.allgather((g.rows, g.values))
+                rows, values = _sum_duplicates(
+                    np.concatenate([r for r, _ in parts]),
+                    np.concatenate([v for _, v in parts]), p.dtype, parts[0][1].shape[1])
+                values /= values.dtype.type(self.comm.size)
+                out[i] = RowSparse(rows, values.reshape((rows.size,) + p.shape[1:]))
+            elif isinstance(g, _Rows):
+                out[i] = np.zeros(p.shape, p.dtype)
+                out[i].reshape(p.shape[0], -1)[g.rows] = g.values
+        return out
 
     def _mean(self, local):
         """The mean over the ranks, per dtype: one flat buffer, gathered in
         chunks and summed in rank order."""
         size = self.comm.size
         out = list(local)
-        for dtype in sorted({g.dtype.str for g in local if g is not None}):
-            idx = [i for i, g in enumerate(local) if g is not None and g.dtype.str == dtype]
+        dense = [g if isinstance(g, np.ndarray) else None for g in local]
+        for dtype in sorted({g.dtype.str for g in dense if g is not None}):
+            idx = [i for i, g in enumerate(dense) if g is not None and g.dtype.str == dtype]
             flat = np.concatenate([local[i].reshape(-1) for i in idx])
             total = np.empty_like(flat)
             for lo in range(0, flat.size, self.chunk):
@@ -188,6 +218,15 @@ class Expectigrad(_Core):
 
 
 _CLIP_KEYS = ("clipvalue", "clipnorm")
+
+
+class _Rows:
+    """A rank's row-sparse gradient: sorted unique rows, summed values."""
+
+    __slots__ = ("rows", "values")
+
+    def __init__(self, rows, values):
+        self.rows, self.values = rows, values
 
 
 def _parse_groups(params):
@@ -404,9 +443,10 @@ class ShardedExpectigrad:
         if len(grads) != len(self._params):
             raise ValueError(f"expected {len(self._params)} gradients, one per parameter, "
                              f"got {len(grads)}")
-        return [None if g is None else np.ascontiguousarray(
-            V.as_gradient(g, p, name), dtype=p.dtype)
-            for g, p, name in zip(grads, self._params, self._names)]
+        # A row-sparse gradient is made dense: the shards are flat slices.
+        return [None if g is None else densify(g, p, name) if is_row_sparse(g)
+                else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
+                for g, p, name in zip(grads, self._params, self._names)]
 
     def _reduce_scatter(self, local):
         """``{dtype: this rank's shard of the mean gradient}``: every rank

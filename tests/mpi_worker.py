@@ -225,3 +225,26 @@ for stochastic in (True, False):
     assert np.array_equal(res.x, ref_res.x), (res.x, ref_res.x)
     assert res.fun == ref_res.fun and res.nit == ref_res.nit and res.status == ref_res.status
 print(f"OK {rank}", flush=True)
+
+# Row-sparse gradients: every rank its own rows (replicated: their mean stays
+# row-sparse; sharded: made dense), against one process stepping the dense mean.
+for dtype in (np.float64, np.float32):
+    E, E_ref = np.ones((9, 2), dtype), np.ones((9, 2), dtype)
+    opt = Expectigrad([E], lr=0.05, shard_state=SHARDED)
+    ref = eg.Expectigrad([E_ref], lr=0.05)
+    for step in range(5):
+        def rows_of(r):
+            g = np.random.default_rng(50 * step + r)
+            idx = g.integers(0, 9, 3)
+            return eg.RowSparse(idx, g.standard_normal((3, 2)).astype(dtype))
+        dense = [rows_of(r).todense(E_ref) for r in range(size)]
+        acc = dense[0].copy()
+        for d in dense[1:]:
+            acc += d
+        # one rank passes its gradient dense in the last step: the mean is then dense
+        mine = rows_of(rank)
+        opt.step([mine.todense(E) if step == 4 and rank == 0 else mine])
+        ref.step([acc / dtype(size)])
+        gather_equal([E])
+        assert np.array_equal(E, E_ref), (dtype, step, E, E_ref)
+print(f"row-sparse OK {rank}", flush=True)
