@@ -284,6 +284,11 @@ class ShardedExpectigrad:
                  global_clipnorm=None, check_finite=True, backend="auto", comm=None,
                  chunk=None):
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                  or chunk < 1):
+            raise ValueError(f"chunk must be a positive int (elements a collective), "
+                             f"got {chunk!r}")
+        self.chunk = chunk
         self._lock = threading.RLock()
         self._changes = Changes()
         error = None
@@ -333,6 +338,16 @@ class ShardedExpectigrad:
             total = int(offsets[-1])
             bounds = np.array([total * r // size for r in range(size + 1)], np.int64)
             self._buckets[dt] = (idx, offsets, bounds)
+        # Buffers of a step, allocated once per dtype: the flat gradients (and
+        # gathered parameters), a chunk of every rank's shard, and the mean.
+        chunk = 1 << 20 if self.chunk is None else self.chunk
+        self._scratch = {}
+        for dt, (idx, offsets, bounds) in self._buckets.items():
+            widest = int(np.max(np.diff(bounds)))
+            c = max(1, min(chunk, widest))
+            self._scratch[dt] = (np.zeros(int(offsets[-1]), np.dtype(dt)),
+                                 np.empty((size, c), np.dtype(dt)),
+                                 np.empty(int(bounds[rank + 1] - bounds[rank]), np.dtype(dt)))
         # Pieces: (param index, first element, end element), one per parameter
         # meeting this rank's shard; the core steps views of them.
         self._pieces = []
@@ -449,26 +464,33 @@ class ShardedExpectigrad:
                 for g, p, name in zip(grads, self._params, self._names)]
 
     def _reduce_scatter(self, local):
-        """``{dtype: this rank's shard of the mean gradient}``: every rank
-        sends each rank that rank's shard (``Alltoallv``); the P pieces are
-        summed in rank order and divided by P (the replicated class's bits)."""
+        """``{dtype: (this rank's shard of the mean gradient, its start)}``:
+        every rank sends each rank that rank's shard (``Alltoallv``, in
+        chunks of ``chunk`` elements a shard); the P pieces are summed in
+        rank order and divided by P (the replicated class's bits).  Into
+        buffers allocated once (``_scratch``)."""
         size, rank = self.comm.size, self.comm.rank
         out = {}
         for dt, (idx, offsets, bounds) in self._buckets.items():
-            flat = np.zeros(int(offsets[-1]), np.dtype(dt))
+            flat, rows, mean = self._scratch[dt]
             for j, i in enumerate(idx):
-                if local[i] is not None:
+                if local[i] is not None:             # None: the same on every rank, unused
                     flat[offsets[j]:offsets[j + 1]] = local[i].reshape(-1)
-            counts = np.diff(bounds)
-            mine = int(counts[rank])
-            rows = np.empty((size, mine), flat.dtype)
-            self.comm.Alltoallv([flat, (counts, bounds[:-1])],
-                                [rows, ([mine] * size, [mine * r for r in range(size)])])
-            acc = rows[0].copy()
-            for r in range(1, size):                 # rank order: deterministic
-                acc += rows[r]
-            acc /= flat.dtype.type(size)
-            out[dt] = (acc, int(bounds[rank]))
+            c = rows.shape[1]
+            starts = bounds[:-1]
+            ends = bounds[1:]
+            for k in range(-(-int(np.max(ends - starts)) // c)):
+                lo = np.minimum(starts + k * c, ends)
+                counts = np.minimum(lo + c, ends) - lo
+                m = int(counts[rank])
+                self.comm.Alltoallv([flat, (counts, lo)],
+                                    [rows, ([m] * size, [c * r for r in range(size)])])
+                acc = mean[k * c:k * c + m]
+                acc[...] = rows[0, :m]
+                for r in range(1, size):             # rank order: deterministic
+                    acc += rows[r, :m]
+            mean /= mean.dtype.type(size)
+            out[dt] = (mean, int(bounds[rank]))
         return out
 
     def _piece_gradients(self, shard, active):
@@ -557,19 +579,16 @@ class ShardedExpectigrad:
 
     def _all_gather(self):
         """Every rank's updated shard to every rank (``Allgatherv`` per
-        dtype), copied into the parameters."""
+        dtype, in place in the flat buffer), copied into the parameters."""
         rank = self.comm.rank
         for dt, (idx, offsets, bounds) in self._buckets.items():
-            counts = np.diff(bounds)
-            mine = np.empty(int(counts[rank]), np.dtype(dt))
-            lo = int(bounds[rank])
+            flat = self._scratch[dt][0]
+            lo, hi = int(bounds[rank]), int(bounds[rank + 1])
             for j, i in enumerate(idx):
-                a, b = max(lo, offsets[j]), min(lo + mine.size, offsets[j + 1])
+                a, b = max(lo, offsets[j]), min(hi, offsets[j + 1])
                 if b > a:
-                    mine[a - lo:b - lo] = self._params[i].reshape(-1)[a - offsets[j]:
-                                                                      b - offsets[j]]
-            flat = np.empty(int(offsets[-1]), np.dtype(dt))
-            self.comm.Allgatherv(mine, [flat, (counts, bounds[:-1])])
+                    flat[a:b] = self._params[i].reshape(-1)[a - offsets[j]:b - offsets[j]]
+            self.comm.Allgatherv(MPI.IN_PLACE, [flat, (np.diff(bounds), bounds[:-1])])
             for j, i in enumerate(idx):
                 self._params[i].reshape(-1)[...] = flat[offsets[j]:offsets[j + 1]]
 
