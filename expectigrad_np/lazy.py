@@ -67,7 +67,7 @@ class History:
     ``base`` is the array's step count at that sync; entry ``i`` belongs to
     step ``base + 1 + i``.  ``last[r]`` is the step after which row ``r``
     was last brought up to date (``>= base``).  ``cumlog[i]`` is the sum of
-    ``log d`` over the first ``i`` entries.
+    ``log d`` over the first ``i`` entries, as a double-double ``(hi, lo)``.
     """
 
     def __init__(self, nrows, t, beta, sparse_counter, dtype):
@@ -92,7 +92,7 @@ class History:
         self.n = 0
         self.s = np.zeros(16, np.float64)
         self.d = np.zeros(16, np.float64)
-        self.cumlog = np.zeros(17, np.float64)
+        self.cumlog = np.zeros((17, 2), np.float64)
         self.cwin = np.full(16, np.nan)
         self.s_max = 0.0
         self.d_min = 1.0
@@ -114,11 +114,19 @@ class History:
             grow = lambda a, extra=0, fill=0.0: np.concatenate(  # noqa: E731
                 [a, np.full(a.size - extra, fill, a.dtype)])
             self.s, self.d = grow(self.s), grow(self.d)
-            self.cumlog = grow(self.cumlog, 1)
+            self.cumlog = np.concatenate([self.cumlog, np.zeros((self.s.size // 2, 2))])
             self.cwin = grow(self.cwin, fill=np.nan)
         self.s[self.n] = s
         self.d[self.n] = d
-        self.cumlog[self.n + 1] = self.cumlog[self.n] + (math.log(d) if d != 1.0 else 0.0)
+        # The prefix sum of log d as a double-double (hi, lo), so that the
+        # sum over a lag keeps float64 accuracy however long the history:
+        # TwoSum gives hi + x exactly as the rounded sum plus its error.
+        hi, lo = self.cumlog[self.n]
+        x = math.log(d) if d != 1.0 else 0.0
+        total = hi + x
+        back = total - hi
+        error = (hi - (total - back)) + (x - back)
+        self.cumlog[self.n + 1] = total, lo + error
         self.s_max = max(self.s_max, abs(s))
         self.d_min = min(self.d_min, d)
         self.decayed = self.decayed or d != 1.0
@@ -202,10 +210,11 @@ def row_coefficients(t0, T, base, s, d, cumlog, beta, stop, decayed, cwin, windo
                 j += 1
                 if p == 0.0 or (stop >= 0.0 and stop * p <= TOL * abs(c)):
                     break
-        if decayed:
+        if decayed:          # sums of log d from the double-double prefix sums
             if j < lag:
-                c *= math.exp(cumlog[end] - cumlog[i0 + j])
-            D[r] = math.exp(cumlog[end] - cumlog[i0])
+                a = i0 + j
+                c *= math.exp((cumlog[end, 0] - cumlog[a, 0]) + (cumlog[end, 1] - cumlog[a, 1]))
+            D[r] = math.exp((cumlog[end, 0] - cumlog[i0, 0]) + (cumlog[end, 1] - cumlog[i0, 1]))
         else:
             D[r] = 1.0
         C[r] = c
@@ -314,6 +323,8 @@ def apply_row(x, m, v, a, rowsize, B, C, D, R, momentum, dense_counter):
 
 def numpy_apply(x, m, v, rows, rowsize, B, C, D, R, momentum, dense_counter, block=4096):
     """``apply_row`` for rows ``rows`` in NumPy, ``block`` rows at a time."""
+    if rows.size == 0 or rowsize == 0:
+        return
     dt = x.dtype
     x2, v2 = x.reshape(-1, rowsize), v.reshape(-1, rowsize)
     m2 = m.reshape(-1, rowsize) if momentum else None

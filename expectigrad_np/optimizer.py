@@ -770,6 +770,7 @@ class Expectigrad:
         hist = self._histories[i]
         if not hist.pending:
             return
+        self._check_writeable([i])
         b, k = self._where[i]
         T = int(self._t[i])
         n = T - hist.base
@@ -792,6 +793,7 @@ class Expectigrad:
         if not self._histories:
             return []
         synced = [i for i in self._histories if grads[i] is not None]
+        self._check_writeable(synced)           # before the catch-up writes
         if synced:
             with interrupts_deferred():
                 for i in synced:
@@ -832,6 +834,7 @@ class Expectigrad:
             from .sparse import _indices
             rows = np.unique(_indices(rows, p.shape[0], f"sync rows of {self._names[i]}"))
             if hist is not None and hist.pending:
+                self._check_writeable([i])
                 T = int(self._t[i])
                 self._catch_up(i, rows, T)
                 hist.last[rows] = T
@@ -902,7 +905,10 @@ class Expectigrad:
     @_locked
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load ``state_dict()`` output; everything is checked before anything
-        changes, and a mismatch raises ``ValueError`` naming what differs."""
+        changes, and a mismatch raises ``ValueError`` naming what differs.
+        Lagging rows of lazy parameters are brought up to date first (the
+        parameters are not part of the state)."""
+        self.sync()
         try:
             step = state_dict["step"]
             state = state_dict["state"]

@@ -4,9 +4,9 @@ A row-sparse gradient of a parameter ``x`` (``x.ndim >= 1``) names some rows
 of ``x`` (indices along axis 0) and gives their values; every other row is
 zero.  It stands for the dense gradient ``densify(g, x)``::
 
-    dense = zeros_like(x);  np.add.at(dense, indices, values)
+    dense = zeros_like(x);  dense[unique rows] = their summed values
 
-(duplicate indices summed, in the order given).  ``step()`` gives exactly
+(duplicate indices summed, ``_sum_duplicates``).  ``step()`` gives exactly
 the result of stepping that dense gradient (see ``optimizer.Expectigrad``
 for what it visits and ``lazy.py`` for ``lazy=True``), reading and writing
 only the rows that can change.
@@ -83,6 +83,8 @@ def _indices(raw, nrows, where):
         idx = _host(raw)
     except Exception as exc:  # noqa: BLE001 - reported with context
         raise TypeError(f"{where}: indices could not be read as an array: {exc}") from None
+    if idx.size == 0 and idx.dtype.kind == "f":
+        idx = idx.astype(np.int64)              # [] reads as float64: no index at all
     if idx.dtype.kind not in "iu" or idx.dtype == np.bool_:
         raise TypeError(f"{where}: indices must be integers, got dtype {idx.dtype}")
     if idx.ndim != 1:
@@ -116,9 +118,10 @@ def _values(raw, n, x, where):
 
 def _sum_duplicates(idx, vals, dtype, rowsize):
     """Sorted unique rows and their summed values (a new C-contiguous
-    ``(len(rows), rowsize)`` array of ``dtype``).  Duplicates are summed in
-    the order given (a stable sort, then one running sum per row), as
-    ``np.add.at`` sums them into a dense gradient."""
+    ``(len(rows), rowsize)`` array of ``dtype``).  Duplicates are summed by
+    ``np.add.reduceat`` after a stable sort (``todense`` sums them the same
+    way, so a step equals the dense step of ``todense``; ``np.add.at`` may
+    round a sum of three or more differently)."""
     vals = vals.reshape(len(idx), rowsize)
     order = np.argsort(idx, kind="stable")
     rows = idx[order]

@@ -492,3 +492,64 @@ def test_a_wrong_window_sum_is_caught(monkeypatch):
     opt_s.sync()
     with pytest.raises(AssertionError):
         assert_params(ps, pd, 1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_steps_that_clip_by_norm_agree_to_rounding(backend):
+    """With clipping that clips (thresholds far below the norms), the norm of
+    the nonzero rows is summed in another order than the dense step's:
+    agreement to rounding, not bit for bit."""
+    opt_s, ps, opt_d, pd = run(backend, np.float64,
+                               dict(beta=0.9, clipnorm=0.05, global_clipnorm=0.03), lazy=False)
+    assert_params(ps, pd, 1e-12)
+    compare_state(opt_s, opt_d, 1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_syncs_lagging_rows_first(backend):
+    """The parameters are not part of the state: loading keeps the lagging
+    rows' pending updates."""
+    opt_s, ps, opt_d, pd = run(backend, np.float64, dict(beta=0.9), lazy=True, steps=12)
+    sd = opt_d.state_dict()
+    opt_s.load_state_dict(sd)
+    opt_d.load_state_dict(sd)
+    assert_params(ps, pd, 1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_read_only_lagging_parameter_gets_the_clear_error(backend):
+    E = np.zeros((6, 2))
+    opt = eg.Expectigrad([E], beta=0.9, lazy=True, backend=backend)
+    opt.step([eg.RowSparse([1], np.ones((1, 2)))])
+    opt.step([eg.RowSparse([2], np.ones((1, 2)))])         # row 1 lags
+    E.flags.writeable = False
+    for call in (lambda: opt.step([np.ones((6, 2))]), opt.sync, lambda: opt.sync(E, [1])):
+        with pytest.raises(ValueError, match="read-only"):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lazy_parameters_without_columns_and_empty_index_lists(backend):
+    opt = eg.Expectigrad([np.zeros((4, 0)), np.zeros((5, 2))], lazy=True, backend=backend)
+    for _ in range(3):
+        opt.step([eg.RowSparse([1, 2], np.zeros((2, 0))), eg.RowSparse([], np.zeros((0, 2)))])
+    opt.sync()
+    opt.sync(1, [])
+    assert opt.state_dict()["state"][1]["step"] == 3
+
+
+def test_a_long_history_keeps_the_decay_exact():
+    """20,000 steps since the last full sync with lr * weight_decay = 0.1: a
+    row caught up over a lag beyond the window stays within 1e-12 (prefix
+    sums of log d kept as double-doubles)."""
+    x, y = np.ones((3, 2)), np.ones((3, 2))
+    kw = dict(lr=0.1, beta=0.0, weight_decay=1.0)
+    lazy, dense = eg.Expectigrad([x], lazy=True, **kw), eg.Expectigrad([y], **kw)
+    n, lag = 20_000, 200
+    for step in range(n):
+        rows = [0, 1] if step == n - lag else [1]
+        g = eg.RowSparse(rows, np.full((len(rows), 2), 0.5))
+        lazy.step([g])
+        dense.step([g.todense(y)])
+    lazy.sync(x, [0])
+    np.testing.assert_allclose(x[0], y[0], rtol=1e-12)
