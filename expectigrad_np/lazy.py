@@ -221,12 +221,12 @@ def row_coefficients(t0, T, base, s, d, cumlog, beta, stop, decayed, cwin, windo
         B[r] = beta ** lag
 
 
-def coefficients(rows, last, base, T, s, d, cumlog, beta, stop, decayed, cwin, window,
+def coefficients(last, base, T, s, d, cumlog, beta, stop, decayed, cwin, window,
                  beta_window, B, C, D, R):
     """``B``, ``C``, ``D`` and ``R`` (``t0 / T``, the dense counter's mean
-    factor) bringing rows ``rows`` of a lazy array up to date after step
-    ``T``; their ``t0`` is ``max(last[row], base)``.  Returns whether some
-    row lags.
+    factor) bringing rows up to date after step ``T``, given each row's
+    ``last`` step (their ``t0`` is ``max(last, base)``).  Returns whether
+    some row lags.
 
     Lags within the last ``recent`` steps (the window, or ``MAX_WINDOW``
     without one) read a table that one backward pass over those steps
@@ -259,8 +259,8 @@ def coefficients(rows, last, base, T, s, d, cumlog, beta, stop, decayed, cwin, w
     b1 = np.empty(1)
     c1 = np.empty(1)
     d1 = np.empty(1)
-    for r in range(rows.size):
-        t0 = max(last[rows[r]], base)
+    for r in range(last.size):
+        t0 = max(last[r], base)
         lag = T - t0
         R[r] = t0 / T if T > 0 else 1.0
         if lag <= 0:

@@ -753,7 +753,9 @@ class Expectigrad:
         hist = self._histories[i]
         b, _ = self._where[i]
         B, C, D, R = (np.empty(rows.size) for _ in range(4))
-        if not b.coefficients(rows, hist.last, hist.base, T, hist.s, hist.d, hist.cumlog,
+        # The rows' last steps gathered by NumPy first: scattered loads that
+        # a tight loop overlaps (the table of a large array misses the cache).
+        if not b.coefficients(hist.last[rows], hist.base, T, hist.s, hist.d, hist.cumlog,
                               hist.beta, hist.stop_bound(), hist.decayed, hist.cwin,
                               hist.window, hist.beta_window, B, C, D, R):
             return None
