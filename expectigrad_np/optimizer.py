@@ -554,25 +554,10 @@ class Expectigrad:
             b.load_gradients(grads if single else [grads[i] for i in b.slots],
                              ids if single else ids[b.slots])
         if not single:
-            # A gradient may be (a view of) another dtype's parameter, which
-            # that bucket's step writes first: read a copy.
-            if self._ranges is None:
-                self._ranges = [b.host_ranges() for b in self._buckets]
-            ranges = self._ranges
-            for b in self._buckets:
-                mine = [grads[i] for i in b.slots]
-                for other, (lo, hi) in zip(self._buckets, ranges):
-                    if other is not b:
-                        b.stage_overlapping(mine, lo, hi)
+            self._stage_across_buckets(grads, [True] * len(self._buckets))
         lr = self._lr_per_array() if lr_now is None else lr_now
         t_new = self._t + active
-        for b in self._buckets:
-            s = slice(None) if single else b.slots     # a view, not a gathered copy
-            b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
-                               self._clipvalue[s], self._clipnorm[s], active[s],
-                               self._sparse[s], self._momentum[s],
-                               static_key=self._hyper_key,
-                               weight_decay=self._weight_decay[s], maximize=self._maximize[s])
+        self._set_coefficients(lr, t_new, active)
         gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
         sumsq = [0.0] * len(self._buckets)
         if len(self._buckets) > 1 and (self.check_finite or gclip < np.inf):
@@ -591,6 +576,31 @@ class Expectigrad:
         self.step_count += 1
         for i in synced:
             self._histories[i].reset(int(t_new[i]))
+
+    def _stage_across_buckets(self, grads, loaded):
+        """A gradient may be (a view of) another dtype's parameter, which that
+        bucket's step writes first: each bucket that ``loaded`` its gradients
+        reads a copy of those."""
+        if self._ranges is None:
+            self._ranges = [b.host_ranges() for b in self._buckets]
+        for b, here in zip(self._buckets, loaded):
+            if not here:
+                continue
+            mine = [grads[i] for i in b.slots]
+            for other, (lo, hi) in zip(self._buckets, self._ranges):
+                if other is not b:
+                    b.stage_overlapping(mine, lo, hi)
+
+    def _set_coefficients(self, lr, t_new, active):
+        """Every bucket's coefficient and flag rows for this step."""
+        single = len(self._buckets) == 1           # then its slots are 0..n-1
+        for b in self._buckets:
+            s = slice(None) if single else b.slots     # a view, not a gathered copy
+            b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
+                               self._clipvalue[s], self._clipnorm[s], active[s],
+                               self._sparse[s], self._momentum[s],
+                               static_key=self._hyper_key,
+                               weight_decay=self._weight_decay[s], maximize=self._maximize[s])
 
     # --- row-sparse steps -----------------------------------------------------
 
@@ -647,13 +657,7 @@ class Expectigrad:
             if dense_here:
                 b.load_gradients([dense[i] for i in b.slots], ids[b.slots])
         if len(self._buckets) > 1 and any(stepping):
-            if self._ranges is None:
-                self._ranges = [b.host_ranges() for b in self._buckets]
-            for b in self._buckets:
-                mine = [dense[i] for i in b.slots]
-                for other, (lo, hi) in zip(self._buckets, self._ranges):
-                    if other is not b and stepping[self._buckets.index(b)]:
-                        b.stage_overlapping(mine, lo, hi)
+            self._stage_across_buckets(dense, stepping)
         lr = self._lr_per_array() if lr_now is None else lr_now
         t_new = self._t + active
         if self.lazy:
@@ -662,13 +666,7 @@ class Expectigrad:
                     raise ValueError(
                         f"{names[i]}: lazy=True needs lr * weight_decay < 1 (got "
                         f"{lr[i] * self._weight_decay[i]:g}); nothing was changed")
-        for b in self._buckets:
-            s = b.slots
-            b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
-                               self._clipvalue[s], self._clipnorm[s], active_dense[s],
-                               self._sparse[s], self._momentum[s],
-                               static_key=self._hyper_key,
-                               weight_decay=self._weight_decay[s], maximize=self._maximize[s])
+        self._set_coefficients(lr, t_new, active_dense)
         dense_sumsq = [0.0] * len(self._buckets)
         for j, b in enumerate(self._buckets):
             if stepping[j] and (self.check_finite or gclip < np.inf):

@@ -62,6 +62,8 @@ class RowSparse:
 def is_row_sparse(g):
     """``g`` is a row-sparse gradient: a ``RowSparse`` or a ``scipy.sparse``
     array or matrix (checked without importing scipy)."""
+    if g is None or type(g) is np.ndarray:     # the common case, at once
+        return False
     if isinstance(g, RowSparse):
         return True
     module = type(g).__module__
