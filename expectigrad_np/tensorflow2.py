@@ -22,6 +22,12 @@ original TF optimizers count the optimizer's global iterations instead.)
 In float32 the mean is rounded to nearest here, where the NumPy kernels
 round it stochastically: the two agree to float32 rounding over a run.
 
+Sparse gradients (``tf.IndexedSlices``, an ``Embedding``'s gradient on the
+TensorFlow backend, where the original raises) step as their dense form,
+duplicate rows summed: the core's row-sparse semantics with ``lazy=False``.
+A row without a gradient is not counted and keeps moving by its momentum,
+so a step costs what a dense one does.
+
 Clipping follows the original project's order: by value, then each
 gradient's norm, then the global norm (Keras itself allows only one of
 the three).  ``weight_decay`` is Keras's decoupled decay.
@@ -136,6 +142,7 @@ class Expectigrad(keras.optimizers.Optimizer):
         factor ``min(1, clipnorm / ||g||)`` as in ``expectigrad_np``.
         (Written with ``where``: ``ops.maximum`` and ``ops.minimum`` can
         return floatx rather than the gradients' float64.)"""
+        grads = [_dense(g) for g in grads]
         if self.clipvalue:
             v = self.clipvalue
             grads = [None if g is None else ops.clip(g, -v, v) for g in grads]
@@ -154,11 +161,11 @@ class Expectigrad(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """One Expectigrad step of ``variable`` (see the module docstring)."""
-        dtype = variable.dtype
+        dtype = keras.backend.standardize_dtype(variable.dtype)
         i = self._get_variable_index(variable)
         lr = ops.cast(learning_rate, dtype)
         sat = float(SATURATION[np.dtype(dtype)])
-        g = ops.clip(ops.cast(gradient, dtype), -sat, sat)
+        g = ops.clip(ops.cast(_dense(gradient), dtype), -sat, sat)
         g2 = ops.square(g)
         step = self._steps[i]
         self.assign_add(step, 1)
@@ -176,9 +183,9 @@ class Expectigrad(keras.optimizers.Optimizer):
             weight = 1.0 / t
         mean_sq = self._mean_sq[i]
         self.assign_add(mean_sq, (g2 - mean_sq) * weight)
-        u = g / (ops.cast(self.epsilon, dtype) + ops.sqrt(mean_sq))
+        u = g / (_const(self.epsilon, dtype) + ops.sqrt(mean_sq))
         if self.beta > 0:
-            beta = ops.cast(self.beta, dtype)
+            beta = _const(self.beta, dtype)
             m = self._momentum[i]
             self.assign(m, beta * m + (1.0 - beta) * u)
             corrected = lr / (1.0 - ops.power(beta, t))
@@ -195,9 +202,30 @@ class Expectigrad(keras.optimizers.Optimizer):
 
 def _factor(norm, limit):
     """``limit / norm`` where the norm exceeds ``limit``, else 1 (NaN: 1)."""
-    limit = ops.cast(limit, norm.dtype)
+    limit = _const(limit, norm.dtype)
     over = ops.greater(norm, limit)
     return ops.where(over, limit / ops.where(over, norm, limit), ops.ones_like(norm))
+
+
+def _dense(gradient):
+    """A ``tf.IndexedSlices`` gradient (an ``Embedding``'s, on the TensorFlow
+    backend) as the dense tensor it stands for, duplicate rows summed: the
+    core's row-sparse semantics (rows without a gradient are not counted,
+    their momentum still moves them).  Other gradients pass through."""
+    if gradient is None or keras.backend.backend() != "tensorflow":
+        return gradient
+    import tensorflow as tf  # the backend: already imported
+
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def _const(value, dtype):
+    """A Python float as a tensor of ``dtype``.  (``ops.cast`` of a float
+    goes through float32 on the TensorFlow backend: 0.9 would become
+    0.89999998 in float64.)"""
+    return ops.convert_to_tensor(value, dtype=keras.backend.standardize_dtype(dtype))
 
 
 def _name(variable, what):
