@@ -9,12 +9,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m expectigrad_np",
         description="Expectigrad on NumPy arrays with fused Numba kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     sub.add_parser("demo", help="the Reddi et al. counterexample and a small model",
                    add_help=True)
     sub.add_parser("bench", help="time the fused step (see 'bench --help')",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.print_help()
+        return 0
     if args.command == "demo":
         if rest:
             parser.error(f"demo takes no options, got {' '.join(rest)}")

@@ -36,9 +36,12 @@ ratio alike.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
+import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -395,7 +398,7 @@ def _torch_adam_on(shapes):
     return torch.optim.Adam(ps, lr=1e-3, fused=True).step
 
 
-def bench_model_shapes(repeat):
+def bench_model_shapes(repeat, cap=None):
     """``step()`` on NumPy float32 arrays shaped like real models against
     torch's fused Adam on the same shapes: bytes per second (ours 36 B, Adam
     28 B per element) and time.  Twice: with the table's gradients (an exact
@@ -404,6 +407,8 @@ def bench_model_shapes(repeat):
     usually are: the division-free uniform loop)."""
     rows = []
     for name, shapes in MODEL_SHAPES.items():
+        if cap is not None and sum(int(np.prod(s)) for s in shapes) > cap:
+            continue
         adam = _torch_adam_on(shapes)
         if adam is None:
             return rows
@@ -466,13 +471,10 @@ def bench_sparse(repeat, rows=1_000_000, width=32, touched=512, pool=4096):
 
 def _format_sparse(r):
     return (f"row-sparse step, {r['touched']} of {r['rows']:,} x {r['width']} float32 rows: "
-            f"beta=0 {r['beta0_us']:,.0f} µs ({r['beta0_speedup']:.0f}x faster than the "
+            f"beta=0 {r['beta0_us']:,.0f} µs ({_fmt(r['beta0_speedup'], 2)}x as fast as the "
             f"dense step, {r['dense_us']:,.0f} µs); beta=0.9 lazy {r['lazy_us']:,.0f} µs "
-            f"({r['lazy_speedup']:.0f}x); beta=0.9 eager {r['eager_us']:,.0f} µs "
-            f"({r['eager_speedup']:.1f}x)")
-
-
-MPI_SHAPES = [(1000, 1000), (1000,), (1000, 1000), (1000,)]      # 2M float32 elements
+            f"({_fmt(r['lazy_speedup'], 2)}x); beta=0.9 eager {r['eager_us']:,.0f} µs "
+            f"({_fmt(r['eager_speedup'], 2)}x)")
 
 
 def bench_mpi(repeat, ranks=3):
@@ -562,7 +564,7 @@ def _format_mpi(r):
             "the replicated state (the worst rank)")
 
 
-def bench_pytorch(repeat):
+def bench_pytorch(repeat, cap=None):
     """The PyTorch front end (``expectigrad_np.pytorch.Expectigrad``) on CPU
     float32 tensors against the original project's PyTorch optimizer (when
     the ``expectigrad`` package is installed) and torch's fused Adam: one
@@ -605,6 +607,8 @@ def bench_pytorch(repeat):
             steps[label] = make(ps).step
         names = list(steps)
         n = sum(p.numel() for p in params_of(case))
+        if cap is not None and n > cap:
+            continue
         times, ratios = time_interleaved([steps[k] for k in names], max(repeat, 3))
         row = dict(case=case, elements=n, **{f"{k}_us": t * 1e6 for k, t in zip(names, times)})
         if "original" in steps:
@@ -784,8 +788,10 @@ def _compiled_here():
 def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         reference=True, torch=True, parallel=False):
     """Run the benchmark; returns a JSON-able dict."""
-    result = dict(machine=dict(cpus=os.cpu_count(), python=sys.version.split()[0],
-                               numpy=np.__version__),
+    result = dict(machine=dict(cpu=_cpu_model(), cpus=os.cpu_count(),
+                               system=platform.platform(), python=sys.version.split()[0],
+                               numpy=np.__version__,
+                               date=time.strftime("%Y-%m-%d", time.gmtime())),
                   parallel_min_size=_buckets.PARALLEL_MIN_SIZE, rows=[])
     import numba
     result["machine"]["numba"] = numba.__version__
@@ -794,24 +800,39 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         for n in sizes:
             result["rows"].append(bench_size(int(n), dtype, repeat, reference, torch))
     if extras:
+        # The extras are no larger than the largest size asked for.
         big = max(int(n) for n in sizes)
         checked = [r for r in result["rows"] if r["n"] == big]
         result["check_finite_ratio"] = {r["dtype"]: r["check_ratio"] for r in checked}
-        result["many_small"] = bench_many_small(repeat)
-        result["uniform"] = bench_uniform(repeat)
+        result["many_small"] = bench_many_small(repeat, size=max(1, min(5_000, big // 200)))
+        result["uniform"] = bench_uniform(
+            repeat, sizes=tuple(n for n in (100_000, 1_000_000) if n <= big) or (big,))
         result["small"] = bench_small(repeat)
         result["small_lists"] = bench_small_lists(repeat)
         result["minimize"] = bench_minimize(repeat)
-        result["sparse"] = bench_sparse(repeat)
+        rows = max(1, min(1_000_000, big // 32))
+        result["sparse"] = bench_sparse(repeat, rows=rows, touched=max(1, min(512, rows // 8)))
         if torch:
-            result["model_shapes"] = bench_model_shapes(repeat)
-            result["pytorch"] = bench_pytorch(repeat)
+            result["model_shapes"] = bench_model_shapes(repeat, cap=big)
+            result["pytorch"] = bench_pytorch(repeat, cap=big)
         result["cold"] = bench_cold()
         result["startup"] = bench_startup(repeat)
     if parallel:
         result["parallel"] = bench_parallel(repeat, dtypes=dtypes)
     result["specialisations"] = specialisations()
     return result
+
+
+def _cpu_model():
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _fmt(v, digits=3):
@@ -902,8 +923,11 @@ def format_table(result):
     if spec:
         lines.append("compiled kernels: " + "; ".join(
             f"{k} [{', '.join(v)}]" for k, v in spec.items()))
+    m = result["machine"]
     lines.append(f"(parallel kernels from {result['parallel_min_size']:,} elements; "
-                 f"{result['machine']['threads']} threads)")
+                 f"{m['threads']} threads; {m['cpu']}, {m['cpus']} CPUs, {m['date']})")
+    lines.append("Ratios in parentheses are medians of per-block ratios, not the ratio of "
+                 "the two median times printed beside them (see bench --help).")
     return "\n".join(lines)
 
 
@@ -916,14 +940,16 @@ def _format_cold(c):
 
 def add_arguments(parser):
     """Options of the ``bench`` subcommand."""
-    parser.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")],
-                        default=list(DEFAULT_SIZES),
-                        help="comma-separated array sizes (default 10,1e3,1e5,1e6,1e7)")
+    parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES),
+                        help="comma-separated array sizes, each from 1 to what memory "
+                             "holds (default 10,1e3,1e5,1e6,1e7); the extras use no "
+                             "array larger than the largest")
     parser.add_argument("--dtypes", type=lambda s: s.split(","),
                         default=list(DEFAULT_DTYPES),
                         help="comma-separated dtypes (default float32,float64)")
     parser.add_argument("--repeat", type=int, default=7,
-                        help="timed blocks per measurement; medians are reported")
+                        help="timed blocks per measurement (default 7; some rows "
+                             "take at least 3 or 9); medians are reported")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON instead of a table")
     parser.add_argument("--no-extras", action="store_true",
@@ -948,18 +974,53 @@ def add_arguments(parser):
                              "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
 
 
+def _sizes(text):
+    """``--sizes``: comma-separated sizes, ``1e6`` style allowed, each >= 1."""
+    sizes = []
+    for v in text.split(","):
+        try:
+            f = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+        if not (math.isfinite(f) and f >= 1 and f == int(f)):
+            raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 1")
+        sizes.append(int(f))
+    return sizes
+
+
+def _largest_size():
+    """The largest ``N`` this machine's memory holds for the bench: the
+    step's five arrays, the same-traffic kernel's and the reference's copies,
+    about 20 float64 arrays of ``N`` in all."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):     # not POSIX: no limit known
+        return float("inf")
+    return memory // (20 * 8)
+
+
 def main(argv=None):
     """Entry point of ``python -m expectigrad_np bench [options]``."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m expectigrad_np bench",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m expectigrad_np bench",
+        description="Time the fused Expectigrad step against a same-traffic kernel, the "
+                    "NumPy reference and (with torch) torch.optim.Adam(fused=True).",
+        epilog="Each ratio printed in parentheses is the median of per-block ratios (the "
+               "things compared are timed in turn, block by block), not the ratio of the "
+               "two median times beside it: the two differ when the machine is noisy.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     for d in args.dtypes:
         if d not in DEFAULT_DTYPES:
             raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
-    if args.repeat < 1 or any(n < 1 for n in args.sizes):
-        raise SystemExit("bench: --repeat and every size must be >= 1")
+    if args.repeat < 1:
+        raise SystemExit(f"bench: --repeat must be >= 1, got {args.repeat}")
+    limit = _largest_size()
+    too_big = [n for n in args.sizes if n > limit]
+    if too_big:
+        raise SystemExit(f"bench: --sizes {too_big[0]:.3g} needs more memory than this "
+                         f"machine has (at most {limit:.3g} elements here); give smaller "
+                         f"sizes")
     if args.mpi:
         row = bench_mpi(args.repeat)
         if row is None:

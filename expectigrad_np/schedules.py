@@ -174,6 +174,34 @@ def warmup(schedule: Callable[[int], float] | float, steps: int,
            init: float = 0.0) -> join:
     """Linear warm-up from ``init`` to ``schedule(0)`` over ``steps`` steps,
     then ``schedule`` (started at its own step 0).  ``schedule`` may be a number.
+
+    Parameters
+    ----------
+    schedule : callable ``step -> lr`` or float
+        What follows the warm-up.
+    steps : int >= 1
+        Length of the ramp: step ``k < steps`` has
+        ``init + (schedule(0) - init) * k / steps``.
+    init : float >= 0, default 0
+        The learning rate of the first step.
+
+    Returns
+    -------
+    join
+        The ramp, then ``schedule``.
+
+    Raises
+    ------
+    ValueError
+        ``steps`` not an integer >= 1, or ``init`` negative or not finite.
+
+    Notes
+    -----
+    With the default ``init=0`` the first step has learning rate 0: the
+    parameters do not move on it, though the optimizer's state takes in its
+    gradient (sum of squares, count, momentum), so the gradient is not lost.
+    Give ``init > 0`` (for example ``schedule(0) / steps``) for a first step
+    that moves.
     """
     if not callable(schedule):
         schedule = constant(schedule)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from expectigrad_np import demo
 
@@ -57,3 +58,56 @@ def test_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_bare_command_prints_the_help():
+    proc = run_python("-m", "expectigrad_np")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and "demo" in proc.stdout and "bench" in proc.stdout
+
+
+def test_bench_help_is_plain_text_with_defaults(capsys):
+    from expectigrad_np import bench
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "``" not in out and "default 7" in out and "per-block ratios" in out
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ("1e20", "needs more memory than this machine has"), ("inf", "not a whole number"),
+    ("nan", "not a whole number"), ("0", "not a whole number >= 1"),
+    ("1.5", "not a whole number"), ("10,x", "'x' is not a number")])
+def test_bench_refuses_bad_sizes_with_a_message(sizes, message, capsys):
+    from expectigrad_np import bench
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--sizes", sizes])
+    said = str(exit_.value.code) + capsys.readouterr().err
+    assert exit_.value.code != 0 and message in said, said
+
+
+def test_bench_extras_use_no_array_larger_than_the_sizes(monkeypatch):
+    """Every extra row is sized from the largest of ``--sizes``."""
+    from expectigrad_np import bench
+    seen = {}
+
+    def record(name, sizes_of):
+        def fake(*args, **kwargs):
+            seen[name] = sizes_of(kwargs)
+            return [] if name in ("uniform", "model_shapes", "pytorch") else {}
+        monkeypatch.setattr(bench, f"bench_{name}", fake)
+
+    record("size", lambda kw: [])
+    monkeypatch.setattr(bench, "bench_size", lambda n, dtype, *a: dict(n=n, dtype=dtype,
+                                                                       check_ratio=1.0))
+    record("many_small", lambda kw: [200 * kw["size"]])
+    record("uniform", lambda kw: list(kw["sizes"]))
+    record("sparse", lambda kw: [32 * kw["rows"]])
+    record("model_shapes", lambda kw: [kw["cap"]])
+    record("pytorch", lambda kw: [kw["cap"]])
+    for name in ("small", "small_lists", "minimize", "cold", "startup"):
+        record(name, lambda kw: [])
+    bench.run([10, 1000], ["float32"], 1)
+    assert set(seen) >= {"many_small", "uniform", "sparse", "model_shapes", "pytorch"}
+    assert all(n <= 1000 for sizes in seen.values() for n in sizes), seen
