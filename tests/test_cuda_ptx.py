@@ -213,6 +213,65 @@ def test_ptxas_reports_no_spills(dtype, name, tmp_path, capsys):
         print(f"\n{name} {np.dtype(dtype).name} sm_90: {registers} registers, no spills")
 
 
+def _ptxas_info(ptxas, text, tmp_path, cap=None):
+    """``ptxas -v`` for sm_90 (with ``-maxrregcount cap``, the register
+    limit that ``max_registers=`` or ``launch_bounds=`` would impose):
+    ``(registers, spill store bytes + spill load bytes)``."""
+    import subprocess
+    src = tmp_path / "kernel.ptx"
+    src.write_text(text)
+    args = [ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / "kernel.cubin")]
+    if cap is not None:
+        args += ["-maxrregcount", str(cap)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = out.stdout + out.stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return (int(re.search(r"Used (\d+) registers", info).group(1)),
+            int(spills.group(1)) + int(spills.group(2)))
+
+
+def occupancy(registers, threads=256):
+    """Resident threads over the most an sm_90 SM holds (2048): 64K
+    registers, allocated per warp in units of 256, at most 32 blocks."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(32, 65536 // (per_warp * (threads // 32)), 2048 // threads)
+    return blocks * threads / 2048
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["stats_kernel", "update_kernel"])
+def test_no_register_limit_would_raise_occupancy_without_spills(dtype, name, tmp_path, capsys):
+    """The kernels are compiled without ``max_registers``/``launch_bounds``.
+    This measures the limits (every multiple of 8 below the unlimited
+    count) with ``ptxas -v``: none reaches a higher occupancy at 256
+    threads a block without spilling, so no limit is set.  (The grouped
+    loads keep five operands in flight a thread; at the unlimited
+    occupancy that is 20-30 KB in flight an SM, above what covers the
+    memory latency.)  If a change of the kernels makes a limit pay, this
+    fails and names it."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas not found (it comes with the cuda extra's "
+                    "nvidia-cuda-nvcc wheel)")
+    text = module(dtype, name)
+    free, spills = _ptxas_info(ptxas, text, tmp_path)
+    assert spills == 0
+    rows = [f"{name} {np.dtype(dtype).name} sm_90, 256 threads: unlimited {free} registers, "
+            f"occupancy {occupancy(free):.0%}"]
+    for cap in range(free // 8 * 8, 23, -8):
+        if cap >= free:
+            continue
+        used, spilled = _ptxas_info(ptxas, text, tmp_path, cap)
+        rows.append(f"  max {cap}: {used} registers, {spilled} bytes spilled, occupancy "
+                    f"{occupancy(used):.0%}")
+        assert spilled > 0 or occupancy(used) <= occupancy(free), (
+            f"a limit of {cap} registers raises the occupancy from {occupancy(free):.0%} to "
+            f"{occupancy(used):.0%} without spills: compile {name} with max_registers={cap}")
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_lazy_catch_up_kernel_compiles_without_spills(dtype, tmp_path):
     """The row-sparse catch-up (``lazy.apply_row`` as a device function):
