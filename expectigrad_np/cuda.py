@@ -8,7 +8,7 @@ module adds ``ptx`` (the kernels' PTX, no GPU needed) and ``benchmark``
 """
 from __future__ import annotations
 
-__all__ = ["KERNEL_NAMES", "benchmark", "ptx"]
+__all__ = ["KERNEL_NAMES", "benchmark", "host_cost", "ptx"]
 
 # The kernels one step launches per dtype, in launch order: the stats pass
 # (only with check_finite or norm clipping) and the fused update.  (Kept in
@@ -21,7 +21,26 @@ def ptx(dtype, cc=(9, 0)) -> str:
     on compute capability ``cc``: one ``.entry`` per kernel of
     ``KERNEL_NAMES``.  Compiled through NVVM from the ``cuda`` extra
     (``numba-cuda[cu12]``); no GPU is needed.  Float32 kernels hold no
-    double-precision instruction."""
+    double-precision instruction.
+
+    Parameters
+    ----------
+    dtype : str or numpy dtype
+        ``float32`` or ``float64``.
+    cc : tuple of two ints, default (9, 0)
+        The compute capability to compile for, such as ``(8, 0)`` or
+        ``(9, 0)``.
+
+    Returns
+    -------
+    str
+        The PTX module, one ``.entry`` per kernel.
+
+    Raises
+    ------
+    ImportError
+        Without numba-cuda (``pip install ".[cuda]"``).
+    """
     from .backends.cuda import kernels
     return kernels.ptx(dtype, cc)
 
@@ -49,6 +68,35 @@ def benchmark(size=1 << 26, arrays=1, dtype="float32", steps=50, *, beta=0.9,
     write of a copy of the same number of bytes as the parameters,
     ``copy_to_device`` between two device arrays) and their ratio.
     Under numba's simulator it runs, but the times mean nothing.
+
+    Parameters
+    ----------
+    size : int, default 2**26
+        Elements in all, >= ``arrays``.
+    arrays : int, default 1
+        How many arrays ``size`` is split over (>= 1).
+    dtype : str or numpy dtype, default "float32"
+        ``float32`` or ``float64``.
+    steps : int, default 50
+        Steps timed per repeat (>= 1).
+    beta : float, default 0.9
+        The momentum decay, in [0, 1); 0 keeps no momentum (less traffic).
+    sparse_counter : bool, default True
+        Keep the per-element count of nonzero gradients.
+    check_finite : bool, default False
+        Run the stats pass (one more read of the gradients) on every step.
+    repeats : int, default 3
+        Repeats of the timed steps; the best mean is reported.
+
+    Returns
+    -------
+    dict
+        ``step_s``, ``step_gbps``, ``copy_gbps`` and their ratio.
+
+    Raises
+    ------
+    ImportError
+        Without numba-cuda; numba's CUDA errors without a usable GPU.
     """
     import time
 
@@ -91,3 +139,50 @@ def benchmark(size=1 << 26, arrays=1, dtype="float32", steps=50, *, beta=0.9,
             "step_s": step_s, "step_gbps": step_gbps, "copy_gbps": copy_gbps,
             "fraction_of_copy": step_gbps / copy_gbps,
             "device": str(getattr(cuda.get_current_device(), "name", "simulator"))}
+
+
+def host_cost(arrays=(1, 10, 200), size=16, dtype="float32", steps=300, *,
+              check_finite=False, make=None, repeats=3):
+    """The host side of a step: ``step()`` on ``arrays`` arrays of ``size``
+    elements with every kernel launch replaced by a no-op, so what remains
+    is Python and the small table's copy.  Returns ``{"us": {count: µs a
+    step}, "per_array_us": ..., "fixed_us": ...}`` (a line through the
+    smallest and the largest count).
+
+    ``make(host_array)`` builds the device arrays (default
+    ``numba.cuda.to_device``; any ``__cuda_array_interface__`` object
+    works).  Runs on a GPU or under numba's simulator, whose own device
+    arrays are slower to describe than numba's or CuPy's.
+    """
+    import time
+
+    import numpy as np
+    from numba import cuda
+
+    from .optimizer import Expectigrad
+
+    make = cuda.to_device if make is None else make
+
+    class _NoLaunch:
+        def __getitem__(self, config):
+            return lambda *args: None
+
+    us = {}
+    for count in arrays:
+        xs = [make(np.zeros(size, dtype)) for _ in range(count)]
+        gs = [make(np.ones(size, dtype)) for _ in range(count)]
+        opt = Expectigrad(xs, lr=1e-3, check_finite=check_finite)
+        for bucket in opt._buckets:
+            bucket.kernels = {name: _NoLaunch() for name in bucket.kernels}
+        for _ in range(3):
+            opt.step(gs)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step(gs)
+            best = min(best, (time.perf_counter() - t0) / steps)
+        us[int(count)] = best * 1e6
+    lo, hi = min(us), max(us)
+    per = (us[hi] - us[lo]) / (hi - lo) if hi > lo else 0.0
+    return {"us": us, "per_array_us": per, "fixed_us": us[lo] - per * lo}

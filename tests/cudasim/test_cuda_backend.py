@@ -256,6 +256,21 @@ def test_an_array_refusing_its_interface_is_explained():
         opt.step([RefusingInterface()])
 
 
+def test_host_cost_steps_without_launching_a_kernel(monkeypatch):
+    """``eg.cuda.host_cost`` times the host side only: no kernel runs (the
+    parameters do not move), and each array adds a positive cost."""
+    made = []
+
+    def make(host):
+        made.append(InterfaceArray(host))
+        return made[-1]
+
+    out = eg.cuda.host_cost(arrays=(1, 20), steps=5, repeats=1, make=make)
+    assert set(out["us"]) == {1, 20} and out["per_array_us"] > 0 and out["fixed_us"] > 0
+    unmoved = [a for a in made if np.all(a.values() == 0)]
+    assert len(unmoved) == 21                   # every parameter (1 + 20) still zero
+
+
 def test_benchmark_runs():
     """The GPU benchmark's plumbing (its times mean nothing in the simulator)."""
     out = eg.cuda.benchmark(size=50, arrays=3, steps=1, repeats=1, check_finite=True)

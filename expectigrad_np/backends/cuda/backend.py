@@ -90,24 +90,31 @@ def _c_contiguous(shape, strides, itemsize):
     return all(dim <= 1 or s == w for dim, s, w in zip(shape, strides, want))
 
 
-def describe(x, where="the array"):
+_DTYPES = {np.dtype(t).str: np.dtype(t) for t in (np.float32, np.float64)}
+
+
+def describe(x, where="the array", host_is_none=False):
     """``(address, shape, dtype, c_contiguous, readonly, stream)`` of a device
     array, read from its ``__cuda_array_interface__`` (simulator arrays: from
-    the host array behind them)."""
+    the host array behind them).  With ``host_is_none``, None for an object
+    that is not a device array (``is_device_array`` false)."""
     try:
         cai = getattr(x, "__cuda_array_interface__", None)
     except Exception as exc:  # noqa: BLE001 - e.g. torch refuses tensors requiring grad
         raise TypeError(
             f"{where} does not give its __cuda_array_interface__: {exc} (for PyTorch "
             "parameters pass p.detach() or p.data, for gradients p.grad)") from None
-    if cai is None:                      # a simulator device array
-        a = x._ary
+    if cai is None:
+        if host_is_none and not is_device_array(x):
+            return None
+        a = x._ary                       # a simulator device array
         return (a.ctypes.data, a.shape, a.dtype, a.flags.c_contiguous,
                 not a.flags.writeable, None)
     if cai.get("mask") is not None:
         raise TypeError(f"{where} is a masked device array; masks are not supported")
-    shape = tuple(int(d) for d in cai["shape"])
-    dtype = np.dtype(cai["typestr"])
+    shape = tuple(map(int, cai["shape"]))
+    typestr = cai["typestr"]
+    dtype = _DTYPES.get(typestr) or np.dtype(typestr)
     address, readonly = cai["data"]
     address = int(address or 0)
     if address % dtype.itemsize and int(np.prod(shape)):
@@ -298,12 +305,16 @@ class CudaBucket(CompiledRows, Bucket):
             if g is None:
                 addresses.append(0)
                 continue
+            # One read of the array interface (a dict built by a Python
+            # property of numba's and CuPy's arrays): the check for a host
+            # array comes after it, where the interface is missing.
             where = f"the gradient of {self.names[k]}"
-            if not is_device_array(g):
+            described = describe(g, where, host_is_none=True)
+            if described is None:
                 raise TypeError(
                     f"{where} is a host {type(g).__name__}, but its parameter is on "
                     "the device; pass a device array (numba, CuPy, PyTorch CUDA)")
-            address, shape, dtype, contiguous, _, stream = describe(g, where)
+            address, shape, dtype, contiguous, _, stream = described
             if shape != self.shapes[k]:
                 raise ValueError(f"{where} has shape {shape}, but its parameter "
                                  f"has shape {self.shapes[k]}")
