@@ -800,21 +800,24 @@ def run(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat=7, extras=True,
         for n in sizes:
             result["rows"].append(bench_size(int(n), dtype, repeat, reference, torch))
     if extras:
-        # The extras are no larger than the largest size asked for.
+        # The extras are no larger than the largest size asked for (with the
+        # default sizes they keep their own, some larger than 1e7).
         big = max(int(n) for n in sizes)
+        cap = None if tuple(sizes) == tuple(DEFAULT_SIZES) else big
         checked = [r for r in result["rows"] if r["n"] == big]
         result["check_finite_ratio"] = {r["dtype"]: r["check_ratio"] for r in checked}
-        result["many_small"] = bench_many_small(repeat, size=max(1, min(5_000, big // 200)))
+        limit = big if cap is None else cap
+        result["many_small"] = bench_many_small(repeat, size=max(1, min(5_000, limit // 200)))
         result["uniform"] = bench_uniform(
-            repeat, sizes=tuple(n for n in (100_000, 1_000_000) if n <= big) or (big,))
+            repeat, sizes=tuple(n for n in (100_000, 1_000_000) if n <= limit) or (limit,))
         result["small"] = bench_small(repeat)
         result["small_lists"] = bench_small_lists(repeat)
         result["minimize"] = bench_minimize(repeat)
-        rows = max(1, min(1_000_000, big // 32))
+        rows = 1_000_000 if cap is None else max(1, min(1_000_000, cap // 32))
         result["sparse"] = bench_sparse(repeat, rows=rows, touched=max(1, min(512, rows // 8)))
         if torch:
-            result["model_shapes"] = bench_model_shapes(repeat, cap=big)
-            result["pytorch"] = bench_pytorch(repeat, cap=big)
+            result["model_shapes"] = bench_model_shapes(repeat, cap=cap)
+            result["pytorch"] = bench_pytorch(repeat, cap=cap)
         result["cold"] = bench_cold()
         result["startup"] = bench_startup(repeat)
     if parallel:
@@ -942,8 +945,8 @@ def add_arguments(parser):
     """Options of the ``bench`` subcommand."""
     parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES),
                         help="comma-separated array sizes, each from 1 to what memory "
-                             "holds (default 10,1e3,1e5,1e6,1e7); the extras use no "
-                             "array larger than the largest")
+                             "holds (default 10,1e3,1e5,1e6,1e7); given, the extras use "
+                             "no array larger than the largest")
     parser.add_argument("--dtypes", type=lambda s: s.split(","),
                         default=list(DEFAULT_DTYPES),
                         help="comma-separated dtypes (default float32,float64)")

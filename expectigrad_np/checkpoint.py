@@ -147,6 +147,24 @@ def save(opt, path, *, params=True):
     ``params=True`` also stores the parameter values, so that ``load``
     restores the model along with the optimizer.  The file is written at
     exactly ``path`` (no suffix is added).
+
+    Parameters
+    ----------
+    opt : expectigrad_np.Expectigrad
+        The optimizer; no step runs while its snapshot is taken.
+    path : str, bytes or os.PathLike
+        The file to write.  A symbolic link is written through (the link
+        stays); a path that exists and is not a regular file is refused.
+    params : bool, default True
+        Also store the parameter values.
+
+    Raises
+    ------
+    ValueError
+        ``path`` exists and is not a regular file (a directory, FIFO or
+        device).
+    OSError
+        The file cannot be written; the previous file at ``path`` is intact.
     """
     path = _target(path)
     with opt._lock:             # a consistent snapshot: no step runs meanwhile
@@ -363,6 +381,24 @@ def load(opt, path):
     checkpoint written by ``save``.  Raises ``ValueError`` naming ``path``,
     with nothing changed, when the file is truncated, corrupt, of another
     format version, or does not match ``opt``.
+
+    Parameters
+    ----------
+    opt : expectigrad_np.Expectigrad
+        An optimizer with the layout (groups, shapes, dtypes) and the
+        hyperparameters of the one saved.  Its parameters are written only
+        if the file holds them.
+    path : str, bytes or os.PathLike
+        A file written by ``save``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        The file is truncated, corrupt, of another format version, does not
+        match ``opt``, or a parameter to restore is read-only; nothing
+        changes.
     """
     path = os.fsdecode(os.fspath(path))
     try:

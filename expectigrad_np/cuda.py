@@ -145,14 +145,33 @@ def host_cost(arrays=(1, 10, 200), size=16, dtype="float32", steps=300, *,
               check_finite=False, make=None, repeats=3):
     """The host side of a step: ``step()`` on ``arrays`` arrays of ``size``
     elements with every kernel launch replaced by a no-op, so what remains
-    is Python and the small table's copy.  Returns ``{"us": {count: µs a
-    step}, "per_array_us": ..., "fixed_us": ...}`` (a line through the
-    smallest and the largest count).
+    is Python and the small table's copy.  Runs on a GPU or under numba's
+    simulator, whose own device arrays are slower to describe than numba's
+    or CuPy's.
 
-    ``make(host_array)`` builds the device arrays (default
-    ``numba.cuda.to_device``; any ``__cuda_array_interface__`` object
-    works).  Runs on a GPU or under numba's simulator, whose own device
-    arrays are slower to describe than numba's or CuPy's.
+    Parameters
+    ----------
+    arrays : sequence of int >= 1, default (1, 10, 200)
+        The array counts to time.
+    size : int >= 1, default 16
+        Elements per array.
+    dtype : float32 or float64, default float32
+    steps : int >= 1, default 300
+        Steps per timed block.
+    check_finite : bool, default False
+        Passed to the optimizer (with True the stats pass's read-back runs).
+    make : callable, optional
+        ``make(host_array)`` builds a device array (default
+        ``numba.cuda.to_device``; any ``__cuda_array_interface__`` object
+        works).
+    repeats : int >= 1, default 3
+        Timed blocks; the best is kept.
+
+    Returns
+    -------
+    dict
+        ``{"us": {count: µs a step}, "per_array_us": ..., "fixed_us": ...}``:
+        a line through the smallest and the largest count.
     """
     import time
 

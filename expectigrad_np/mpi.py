@@ -102,7 +102,31 @@ class Expectigrad(_Core):
     of ``comm`` (default ``MPI.COMM_WORLD``).  Same constructor, plus ``comm``,
     ``shard_state`` and ``chunk`` (elements per collective, replicated
     state).  With ``shard_state=True`` (the default) the object is a
-    ``ShardedExpectigrad``."""
+    ``ShardedExpectigrad``.
+
+    Parameters
+    ----------
+    params
+        As for ``expectigrad_np.Expectigrad``; the same on every rank.
+    *args, **kwargs
+        The hyperparameters of ``expectigrad_np.Expectigrad`` (``lr``,
+        ``beta``, ``eps``, ``sparse_counter``, ``weight_decay``,
+        ``maximize``, the clippings, ``check_finite``, ``lazy``,
+        ``backend``), the same on every rank.
+    comm : mpi4py communicator, optional
+        The ranks that share the steps; default ``MPI.COMM_WORLD``.
+    shard_state : bool, default True
+        Shard the optimizer state over the ranks (``ShardedExpectigrad``);
+        False: every rank keeps the whole state.
+    chunk : int, default 2**20
+        Elements per collective when reducing the gradients (replicated
+        state), >= 1.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As ``expectigrad_np.Expectigrad``, on every rank.
+    """
 
     def __new__(cls, params=None, *args, shard_state=True, **kwargs):
         if shard_state and cls is Expectigrad:
@@ -128,7 +152,21 @@ class Expectigrad(_Core):
         _agree(self.comm, error, what)
 
     def step(self, grads):
-        """Average ``grads`` over the ranks, then step (every rank the same)."""
+        """Average ``grads`` over the ranks, then step (every rank the same).
+
+        Parameters
+        ----------
+        grads : sequence
+            This rank's gradients, in the structure of ``params`` (arrays,
+            row-sparse gradients or ``None``); every rank must agree on which
+            are ``None``.
+
+        Raises
+        ------
+        ValueError, TypeError, FloatingPointError
+            On every rank, when any rank's gradients are malformed or (with
+            ``check_finite``) not finite; nothing changes on any rank.
+        """
         error, local = None, None
         try:
             local = self._local_gradients(grads)
@@ -197,7 +235,20 @@ class Expectigrad(_Core):
 
     def save(self, path, *, params=True):
         """Write the checkpoint from rank 0 (every rank holds the same state);
-        every rank raises if the write failed."""
+        every rank raises if the write failed.
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            The file rank 0 writes (the same on every rank).
+        params : bool, default True
+            Also store the parameter values.
+
+        Raises
+        ------
+        OSError, ValueError, TypeError
+            On every rank, when the write failed.
+        """
         error = None
         if self.comm.rank == 0:
             try:
@@ -208,7 +259,19 @@ class Expectigrad(_Core):
 
     def load(self, path):
         """Read the checkpoint on every rank; every rank raises if any
-        refused it (nothing changed on any rank that refused)."""
+        refused it (nothing changed on any rank that refused).
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            A checkpoint every rank can read, written by this class, by the
+            other MPI kind or by ``expectigrad_np.Expectigrad.save``.
+
+        Raises
+        ------
+        OSError, ValueError
+            On every rank, when any rank refused the file; nothing changes.
+        """
         error = None
         try:
             super().load(path)
@@ -277,6 +340,25 @@ class ShardedExpectigrad:
     ``save``/``load`` are collective and speak the single-process format.
     ``clipvalue``/``clipnorm`` of a group are read from ``param_groups``
     each step (the core clips nothing: norms are taken over the ranks).
+
+    Parameters
+    ----------
+    params
+        Arrays or param-group dicts as for ``expectigrad_np.Expectigrad``:
+        host NumPy arrays, C-contiguous, the same shapes on every rank.
+    lr, beta, eps, sparse_counter, weight_decay, maximize
+        As for ``expectigrad_np.Expectigrad`` (the same on every rank).
+    clipvalue, clipnorm, global_clipnorm, check_finite, backend
+        As for ``expectigrad_np.Expectigrad`` (the same on every rank).
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+    chunk : int, optional
+        Elements per piece of the collectives, >= 1; default: the class's.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid parameters or hyperparameters, on every rank.
     """
 
     def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
@@ -425,7 +507,21 @@ class ShardedExpectigrad:
     # --- stepping ----------------------------------------------------------------
 
     def step(self, grads):
-        """Step the mean of every rank's ``grads`` (collective)."""
+        """Step the mean of every rank's ``grads`` (collective).
+
+        Parameters
+        ----------
+        grads : sequence
+            This rank's gradients, in the structure of ``params`` (arrays,
+            row-sparse gradients or ``None``); every rank must agree on which
+            are ``None``.
+
+        Raises
+        ------
+        ValueError, TypeError, FloatingPointError
+            On every rank, when any rank's gradients are malformed or (with
+            ``check_finite``) not finite; nothing changes on any rank.
+        """
         with self._lock:
             error, local = None, None
             try:
@@ -630,7 +726,19 @@ class ShardedExpectigrad:
     def load_state_dict(self, state_dict):
         """Load a whole state dict (any rank count's, or one process's):
         each rank keeps its shard.  Checked before anything changes; every
-        rank raises if any rank refused it."""
+        rank raises if any rank refused it.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            A whole state dict, as ``state_dict()`` (collective) or
+            ``expectigrad_np.Expectigrad.state_dict()`` returns it.
+
+        Raises
+        ------
+        ValueError, TypeError
+            On every rank, when any rank refused it; nothing changes.
+        """
         error = None
         try:
             with self._lock:
@@ -688,7 +796,20 @@ class ShardedExpectigrad:
 
     def save(self, path, *, params=True):
         """Write the whole state as one single-process checkpoint from rank 0
-        (collective); every rank raises if the write failed."""
+        (collective); every rank raises if the write failed.
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            The file rank 0 writes (the same on every rank).
+        params : bool, default True
+            Also store the parameter values.
+
+        Raises
+        ------
+        OSError, ValueError, TypeError
+            On every rank, when the write failed.
+        """
         from .checkpoint import save
         sd = self.state_dict()
         error = None
@@ -701,7 +822,19 @@ class ShardedExpectigrad:
 
     def load(self, path):
         """Read a checkpoint (any rank count's, or one process's) on every
-        rank; every rank raises if any refused it."""
+        rank; every rank raises if any refused it.
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            A checkpoint every rank can read, written by this class, by the
+            other MPI kind or by ``expectigrad_np.Expectigrad.save``.
+
+        Raises
+        ------
+        OSError, ValueError
+            On every rank, when any rank refused the file; nothing changes.
+        """
         from .checkpoint import load
         error = None
         try:

@@ -139,6 +139,14 @@ class Expectigrad:
         CuPy, PyTorch CUDA: anything with ``__cuda_array_interface__``),
         updated in place with the state on the device; ``"auto"`` picks
         ``"cuda"`` for device arrays and ``"cpu"`` for host arrays.
+    stream : CUDA stream or int, optional
+        cuda backend only: the stream the kernels run on, a numba stream, a
+        CuPy stream, a ``torch.cuda.Stream`` or an integer handle.  None
+        (the default): the legacy default stream, which CuPy and PyTorch use
+        unless told otherwise.  Gradients that name another stream in their
+        array interface, and torch gradients made on another torch stream,
+        are waited for on the device.  A stream with a host backend raises
+        ``ValueError``.
 
     Example
     -------
@@ -153,7 +161,8 @@ class Expectigrad:
                  maximize: bool = False, clipvalue: float | None = None,
                  clipnorm: float | None = None, global_clipnorm: float | None = None,
                  check_finite: bool = True, lazy: bool = False,
-                 backend: Literal["auto", "cpu", "numpy", "cuda"] = "auto") -> None:
+                 backend: Literal["auto", "cpu", "numpy", "cuda"] = "auto",
+                 stream: Any = None) -> None:
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                         weight_decay=weight_decay, maximize=maximize,
                         clipvalue=clipvalue, clipnorm=clipnorm)
@@ -175,6 +184,10 @@ class Expectigrad:
         V.check_no_overlap(self._params, self._names)
 
         self.backend = self._resolve_backend(backend)
+        if stream is not None and self.backend != "cuda":
+            raise ValueError(f"stream= is for the cuda backend (device arrays); this "
+                             f"optimizer's backend is {self.backend!r}: leave stream out")
+        self._stream = stream
         self._changes = Changes()
         self.param_groups = tuple(
             ParamGroup(g, f"param group {gi}: ", self._changes)
@@ -291,6 +304,7 @@ class Expectigrad:
 
     def _make_buckets(self):
         cls = bucket_class(self.backend)
+        extra = {"stream": self._stream} if self._stream is not None else {}
         by_dtype = {}
         for i, p in enumerate(self._params):
             by_dtype.setdefault(p.dtype.str, []).append(i)
@@ -301,7 +315,7 @@ class Expectigrad:
                 self._params[slots[0]].dtype, slots,
                 [self._params[i] for i in slots], [self._names[i] for i in slots],
                 sparse=[g["sparse_counter"] for g in groups],
-                momentum=[g["beta"] > 0 for g in groups]))
+                momentum=[g["beta"] > 0 for g in groups], **extra))
         return buckets
 
     def _mark_dirty(self):
@@ -498,9 +512,27 @@ class Expectigrad:
         group).  A ``None`` gradient skips that array for this step: neither
         it nor its state nor its step count changes.
 
-        Raises ``ValueError``/``TypeError`` for malformed gradients and
-        ``FloatingPointError`` (with ``check_finite``) for NaN or infinity;
-        in every case nothing has been modified.
+        Parameters
+        ----------
+        grads : ndarray, sequence or None
+            The gradients, in the structure of ``params``.  Each is a real
+            array of its parameter's shape, a ``RowSparse`` or
+            ``scipy.sparse`` row-sparse gradient, or ``None``; device arrays
+            for the cuda backend.  Another float precision, and integer
+            arrays, are cast to the parameter's dtype (as ``astype`` does:
+            integers beyond 2**24 round in float32); boolean, complex,
+            object and string arrays raise ``TypeError``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Malformed gradients (wrong number, structure, shape or kind,
+            bad row indices), a parameter made read-only; the message names
+            the parameter.
+        FloatingPointError
+            With ``check_finite``: NaN or infinity in a gradient.
+
+        In every case nothing has been modified.
         """
         with self._lock:        # a save() or state_dict() from another thread waits
             if self._changes.dirty:
@@ -812,9 +844,22 @@ class Expectigrad:
         parameter, and ``rows`` (integer indices) to those of its rows, at
         a cost proportional to their number: read the rows a computation
         needs, e.g. an embedding's rows of the next batch, with
-        ``opt.sync(E, batch_rows)`` before using them.  Raises
-        ``ValueError``/``TypeError`` for a parameter or rows it does not
-        have."""
+        ``opt.sync(E, batch_rows)`` before using them.
+
+        Parameters
+        ----------
+        param : ndarray or int, optional
+            One parameter (the array itself, or its index in ``params``);
+            default: every parameter.
+        rows : array_like of int, optional
+            Rows of ``param`` (indices along its first axis, in range);
+            default: every row.  Needs ``param``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            A parameter or rows the optimizer does not have.
+        """
         with interrupts_deferred():
             if param is None:
                 if rows is not None:
@@ -907,7 +952,21 @@ class Expectigrad:
         """Load ``state_dict()`` output; everything is checked before anything
         changes, and a mismatch raises ``ValueError`` naming what differs.
         Lagging rows of lazy parameters are brought up to date first (the
-        parameters are not part of the state)."""
+        parameters are not part of the state).
+
+        Parameters
+        ----------
+        state_dict : mapping
+            As ``state_dict()`` returns it: ``"step"``, ``"state"`` with
+            per-array ``step``, ``mean_sq``, ``count`` and ``momentum``
+            entries, and ``"param_groups"``.  Values are copied, and must fit the parameters'
+            shapes and dtypes (step counts in [0, 2**62), counts below 2**32).
+
+        Raises
+        ------
+        ValueError, TypeError
+            The state does not match the optimizer; nothing changes.
+        """
         self.sync()
         try:
             step = state_dict["step"]
@@ -984,7 +1043,23 @@ class Expectigrad:
     def save(self, path: PathLike, *, params: bool = True) -> None:
         """Write a checkpoint to ``path`` atomically: parameters (unless
         ``params=False``), state, step counts and hyperparameters in a
-        versioned ``.npz`` (see ``expectigrad_np.checkpoint``)."""
+        versioned ``.npz`` (see ``expectigrad_np.checkpoint``).
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            The file to write (exactly this name; no suffix is added).  A
+            save interrupted at any point leaves the previous file intact.
+        params : bool, default True
+            Also store the parameter values.
+
+        Raises
+        ------
+        ValueError
+            ``path`` exists and is not a regular file.
+        OSError
+            The file cannot be written.
+        """
         from .checkpoint import save
         self.sync()
         save(self, path, params=params)
@@ -992,7 +1067,22 @@ class Expectigrad:
     @_locked
     def load(self, path: PathLike) -> None:
         """Restore a checkpoint written by ``save``; a truncated, corrupt or
-        mismatched file raises ``ValueError`` naming it, with nothing changed."""
+        mismatched file raises ``ValueError`` naming it, with nothing changed.
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            A checkpoint written by ``save`` for an optimizer with the same
+            layout (groups, shapes, dtypes) and hyperparameters.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ValueError
+            The file is truncated, corrupt, of another format version or
+            does not match; nothing changes.
+        """
         from .checkpoint import load
         load(self, path)
 

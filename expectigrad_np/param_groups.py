@@ -57,6 +57,28 @@ class ParamGroup(MutableMapping):
     at once and the group keeps its old values.  ``"params"`` and
     ``"sparse_counter"`` are fixed once the optimizer is built; keys cannot
     be removed.
+
+    Groups are made by ``Expectigrad``; users read and change them through
+    ``opt.param_groups``.
+
+    Parameters
+    ----------
+    values : mapping
+        The group's settings, already validated: ``"params"`` (its arrays)
+        and every hyperparameter (``lr``, ``beta``, ``eps``,
+        ``sparse_counter``, ``weight_decay``, ``maximize``, ``clipvalue``,
+        ``clipnorm``).
+    where : str
+        How error messages name the group (``"param group 1: "``).
+    changes : Changes
+        The flag shared with the optimizer, set on every change.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On assignment: an invalid value (a learning rate that is negative,
+        not finite or not a number; ``beta`` outside [0, 1); ...), a change
+        of ``params`` or ``sparse_counter``, or a removal.
     """
 
     def __init__(self, values, where, changes):
@@ -90,7 +112,20 @@ class ParamGroup(MutableMapping):
         self._changes.dirty = True
 
     def update(self, other=(), /, **kwargs):
-        """Set several hyperparameters: all are checked before any changes."""
+        """Set several hyperparameters: all are checked before any changes.
+
+        Parameters
+        ----------
+        other : mapping or iterable of (key, value) pairs, optional
+            Hyperparameters to set.
+        **kwargs
+            More hyperparameters to set.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Any value is invalid; then none changes.
+        """
         items = dict(other, **kwargs)
         checked = self._checked_together(
             {key: self._checked(key, value) for key, value in items.items()})
@@ -108,12 +143,28 @@ class ParamGroup(MutableMapping):
         raise ValueError(f"{self._where}hyperparameters cannot be removed")
 
     def popitem(self):
+        """Refused: hyperparameters cannot be removed (``ValueError``)."""
         raise ValueError(f"{self._where}hyperparameters cannot be removed")
 
     def clear(self):
+        """Refused: hyperparameters cannot be removed (``ValueError``)."""
         raise ValueError(f"{self._where}hyperparameters cannot be removed")
 
     def pop(self, key, *default):
+        """Refused: hyperparameters cannot be removed.
+
+        Parameters
+        ----------
+        key : str
+            Any key.
+        *default
+            Ignored.
+
+        Raises
+        ------
+        ValueError
+            Always.
+        """
         raise ValueError(f"{self._where}hyperparameters cannot be removed")
 
     def __iter__(self):

@@ -154,7 +154,21 @@ class Expectigrad(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         """torch's ``add_param_group``, with the hyperparameters and the
         parameters' dtype and device checked first; the kernels' state of
-        the existing parameters is kept."""
+        the existing parameters is kept.
+
+        Parameters
+        ----------
+        param_group : dict
+            ``{"params": tensors, ...}`` with optional ``lr``, ``beta``,
+            ``eps``, ``sparse_counter``, ``weight_decay``, ``maximize``
+            (the constructor's defaults otherwise).
+
+        Raises
+        ------
+        ValueError, TypeError
+            An invalid hyperparameter, or parameters of an unsupported dtype
+            (float16, bfloat16, complex) or on another device kind.
+        """
         saved = self._export_state() if getattr(self, "_core", None) is not None else None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -229,6 +243,20 @@ class Expectigrad(torch.optim.Optimizer):
         when none is registered and the profiler is off, the step skips
         torch's wrapper (``record_function`` alone costs several µs, more
         than the kernels on small models).
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss; called with
+            gradients enabled before the step.
+
+        Raises
+        ------
+        ValueError, TypeError
+            A gradient the kernels cannot take (such as a sparse gradient on
+            a CUDA tensor); nothing changes.
+        FloatingPointError
+            NaN or infinity in a gradient (``check_finite``); nothing changes.
         """
         if _hooks_active(self):
             return _HOOKED_STEP(self, closure)
@@ -259,7 +287,20 @@ class Expectigrad(torch.optim.Optimizer):
     def sync(self, param=None, rows=None):
         """Bring lagging rows of a ``lazy=True`` optimizer up to date: all of
         them, those of one parameter, or rows ``rows`` (an index tensor or
-        array) of one parameter (``expectigrad_np.Expectigrad.sync``)."""
+        array) of one parameter (``expectigrad_np.Expectigrad.sync``).
+
+        Parameters
+        ----------
+        param : torch.Tensor or int, optional
+            One parameter, or its index; default: every parameter.
+        rows : tensor or array_like of int, optional
+            Rows of ``param`` (indices along its first axis); needs ``param``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            A parameter or rows the optimizer does not have.
+        """
         core = self._sync()
         index = None
         if param is not None:
@@ -308,7 +349,19 @@ class Expectigrad(torch.optim.Optimizer):
         """Load ``state_dict()`` output, or a state dict of the original
         optimizer (``sum`` and a float ``counter``, converted to the running
         mean and a count).  Tensors are copied, never shared.  Everything is
-        checked before anything changes."""
+        checked before anything changes.
+
+        Parameters
+        ----------
+        state_dict : dict
+            ``{"state": ..., "param_groups": ...}`` as torch optimizers save
+            it, from this optimizer or from the original one.
+
+        Raises
+        ------
+        ValueError, TypeError
+            The state dict does not match the parameters; nothing changes.
+        """
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         state = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):

@@ -51,6 +51,20 @@ def step_size(lr: float, beta: float, t: int) -> float:
     """The scalar multiplying the momentum on step ``t`` (1-based).
 
     ``lr / (1 - beta**t)`` with momentum, ``lr`` when ``beta == 0``.
+
+    Parameters
+    ----------
+    lr : float
+        The learning rate of this step, >= 0.
+    beta : float
+        The momentum decay, in [0, 1).
+    t : int
+        The array's step number, counting this step (>= 1).
+
+    Returns
+    -------
+    float
+        The bias-corrected step size.
     """
     if beta == 0.0:
         return float(lr)
@@ -66,6 +80,18 @@ def weyl(index, t):
     practice, so rounding errors cancel over a run, faster than with
     independent random numbers.  Neighbouring elements start at unrelated
     points.  Pure integer arithmetic: the same bits on every backend.
+
+    Parameters
+    ----------
+    index : int or array_like of int
+        The elements' indices in their array (>= 0).
+    t : int
+        The step number (>= 0).
+
+    Returns
+    -------
+    ndarray of uint32
+        The hash, shaped like ``index``.
     """
     h = (np.asarray(index, dtype=np.uint64) * np.uint64(0x85EBCA77)
          + np.uint64(t) * np.uint64(0x9E3779B9)) & _MASK32
@@ -75,14 +101,38 @@ def weyl(index, t):
 def dither(index, t):
     """Offsets in (-1/2, 1/2) from ``weyl(index, t)``: its top 25 bits, read
     as a signed number and made odd, over 2**25.  Odd multiples of 2**-25,
-    symmetric about 0, never reaching +-1/2; a float32 holds each exactly."""
+    symmetric about 0, never reaching +-1/2; a float32 holds each exactly.
+
+    Parameters
+    ----------
+    index : int or array_like of int
+        The elements' indices in their array (>= 0).
+    t : int
+        The step number (>= 0).
+
+    Returns
+    -------
+    ndarray of float32
+        The offsets, shaped like ``index``.
+    """
     odd = (weyl(index, t).view(np.int32) >> np.int32(7)) | np.int32(1)
     return odd.astype(np.float32) * np.float32(2.0 ** -25)
 
 
 def power_of_two_in(a):
     """``2**floor(log2|a|)`` for normal float32 ``a`` (``a`` with its mantissa
-    cleared), 0 for zero and subnormals: the exponent bits alone."""
+    cleared), 0 for zero and subnormals: the exponent bits alone.
+
+    Parameters
+    ----------
+    a : array_like
+        Values, converted to float32 (the sign is kept).
+
+    Returns
+    -------
+    ndarray of float32
+        ``a`` with its mantissa bits cleared.
+    """
     a = np.asarray(a, dtype=np.float32)
     return (a.view(np.int32) & np.int32(0x7F800000)).view(np.float32)
 
@@ -101,8 +151,22 @@ def dither_offset(a, t, index=None):
     product is computed as ``(dither * 2**25) * (power_of_two * 2**-48)``:
     an odd integer times a power of two, exact down to ``a`` about 2**-78
     and underflowing gradually below, the same way on every backend.
-    ``index``: the elements' indices in their array (default: ``a`` is the
-    whole array), for a step on some rows of it.
+
+    Parameters
+    ----------
+    a : array_like
+        The running means, converted to float32; ``a >= 0``.
+    t : int
+        The step number (>= 1).
+    index : array_like of int, optional
+        The elements' indices in their array, shaped like ``a`` (default:
+        ``a`` is the whole array, element ``i`` has index ``i``), for a step
+        on some rows of it.
+
+    Returns
+    -------
+    ndarray of float32
+        The offsets, shaped like ``a``.
     """
     a = np.asarray(a, dtype=np.float32)
     if index is None:                   # element i of a whole array: index i
@@ -131,6 +195,22 @@ def add_stochastically_rounded(a, b, t, index=None):
     rounding cancels them (2e-5 on that stream).  The offset depends only on
     ``a``, the element and the step, so the result is reproducible and the
     same on every backend.
+
+    Parameters
+    ----------
+    a : array_like
+        The running means, converted to float32; ``a >= 0``.
+    b : array_like
+        The increments, converted to float32, broadcastable to ``a``.
+    t : int
+        The step number (>= 1).
+    index : array_like of int, optional
+        The elements' indices in their array (see ``dither_offset``).
+
+    Returns
+    -------
+    ndarray of float32
+        The stochastically rounded sums.
     """
     a = np.asarray(a, dtype=np.float32)
     b = np.asarray(b, dtype=np.float32)
@@ -146,13 +226,37 @@ def saturate(g):
     A finite gradient beyond ``G`` would make ``g**2`` overflow; saturated,
     it enters the mean as ``G**2`` and its step as ``G``, so ``|u| <=
     sqrt(n)`` holds for every finite gradient and the mean stays finite.
-    NaN stays NaN."""
+    NaN stays NaN.
+
+    Parameters
+    ----------
+    g : ndarray of float32 or float64
+        The gradient (not modified).
+
+    Returns
+    -------
+    ndarray
+        The saturated gradient, ``g``'s dtype and shape.
+    """
     sat = g.dtype.type(SATURATION[g.dtype])
     return np.clip(g, -sat, sat)
 
 
 def clip_value(g, clipvalue=np.inf):
-    """``clip(g, -clipvalue, clipvalue)`` as a new array (in ``g``'s dtype)."""
+    """``clip(g, -clipvalue, clipvalue)`` as a new array (in ``g``'s dtype).
+
+    Parameters
+    ----------
+    g : ndarray of float32 or float64
+        The gradient (not modified).
+    clipvalue : float, default inf
+        The bound, > 0; infinity (the default) copies ``g`` unclipped.
+
+    Returns
+    -------
+    ndarray
+        The clipped copy.
+    """
     dt = g.dtype.type
     out = np.array(g, copy=True)
     if np.isfinite(clipvalue):
@@ -166,6 +270,20 @@ def clip_gradient(g, scale=1.0, clipvalue=np.inf):
     The order of the original project: value clipping first, then the
     norm-clipping factor ``scale = min(1, clipnorm / ||clip(g)||)`` times its
     global counterpart (norms of the value-clipped gradients).
+
+    Parameters
+    ----------
+    g : ndarray of float32 or float64
+        The gradient (not modified).
+    scale : float, default 1.0
+        The norm-clipping factor, in (0, 1].
+    clipvalue : float, default inf
+        The value bound, > 0; infinity: no value clipping.
+
+    Returns
+    -------
+    ndarray
+        The clipped gradient, ``g``'s dtype and shape.
     """
     out = clip_value(g, clipvalue)
     out *= g.dtype.type(scale)

@@ -5,19 +5,19 @@ step).  Any callable with that signature can be given as ``lr``; the ones
 here are small frozen dataclasses, so they compare by value, print their
 settings and pickle.
 
-=====================  =====================================================
-``constant(v)``        ``v``
-``inverse_time_decay`` ``lr / (1 + rate * step / steps)`` (the original TF2
-                       optimizer's ``decay`` option is ``rate=decay, steps=1``)
-``exponential_decay``  ``lr * rate ** (step / steps)``
-``cosine_decay``       ``lr * (alpha + (1 - alpha) * (1 + cos(pi * min(step,
-                       steps) / steps)) / 2)``
-``linear``             ``init + (end - init) * min(step, steps) / steps``
-``join``               ``schedules[i](step - boundaries[i-1])`` between
-                       consecutive boundaries
-``warmup``             linear ramp from ``init`` to ``schedule(0)`` over
-                       ``steps``, then ``schedule(step - steps)``
-=====================  =====================================================
+========================  =====================================================
+``constant(v)``           ``v``
+``inverse_time_decay``    ``lr / (1 + rate * step / steps)`` (the original TF2
+                          optimizer's ``decay`` option is ``rate=decay, steps=1``)
+``exponential_decay``     ``lr * rate ** (step / steps)``
+``cosine_decay``          ``lr * (alpha + (1 - alpha) * (1 + cos(pi * min(step,
+                          steps) / steps)) / 2)``
+``linear``                ``init + (end - init) * min(step, steps) / steps``
+``join``                  ``schedules[i](step - boundaries[i-1])`` between
+                          consecutive boundaries
+``warmup``                linear ramp from ``init`` to ``schedule(0)`` over
+                          ``steps``, then ``schedule(step - steps)``
+========================  =====================================================
 
 ``staircase=True`` makes the decays piecewise constant
 (``step // steps`` instead of ``step / steps``).
@@ -58,7 +58,18 @@ def _progress(step, steps, staircase):
 
 @dataclass(frozen=True)
 class constant:
-    """``lr`` at every step."""
+    """``value`` at every step.
+
+    Parameters
+    ----------
+    value : float >= 0
+        The learning rate.
+
+    Raises
+    ------
+    ValueError
+        ``value`` negative or not finite.
+    """
     value: float
 
     def __post_init__(self):
@@ -70,7 +81,25 @@ class constant:
 
 @dataclass(frozen=True)
 class inverse_time_decay:
-    """``lr / (1 + rate * step / steps)``."""
+    """``lr / (1 + rate * step / steps)``.
+
+    Parameters
+    ----------
+    lr : float > 0
+        The learning rate at step 0.
+    rate : float >= 0
+        The decay rate (the original TF2 optimizer's ``decay``, with
+        ``steps=1``).
+    steps : int >= 1, default 1
+        The unit of ``step``.
+    staircase : bool, default False
+        Use ``step // steps`` (piecewise constant) instead of ``step / steps``.
+
+    Raises
+    ------
+    ValueError
+        A value outside its range, or not finite.
+    """
     lr: float
     rate: float
     steps: int = 1
@@ -87,7 +116,24 @@ class inverse_time_decay:
 
 @dataclass(frozen=True)
 class exponential_decay:
-    """``lr * rate ** (step / steps)``."""
+    """``lr * rate ** (step / steps)``.
+
+    Parameters
+    ----------
+    lr : float > 0
+        The learning rate at step 0.
+    rate : float > 0
+        The factor per ``steps`` steps (below 1 to decay).
+    steps : int >= 1, default 1
+        The unit of ``step``.
+    staircase : bool, default False
+        Use ``step // steps`` (piecewise constant) instead of ``step / steps``.
+
+    Raises
+    ------
+    ValueError
+        A value outside its range, or not finite.
+    """
     lr: float
     rate: float
     steps: int = 1
@@ -104,7 +150,23 @@ class exponential_decay:
 
 @dataclass(frozen=True)
 class cosine_decay:
-    """Half a cosine from ``lr`` down to ``alpha * lr`` over ``steps``, then flat."""
+    """Half a cosine from ``lr`` down to ``alpha * lr`` over ``steps``, then flat:
+    ``lr * (alpha + (1 - alpha) * (1 + cos(pi * min(step, steps) / steps)) / 2)``.
+
+    Parameters
+    ----------
+    lr : float > 0
+        The learning rate at step 0.
+    steps : int >= 1
+        The length of the decay.
+    alpha : float in [0, 1], default 0
+        The final learning rate as a fraction of ``lr``.
+
+    Raises
+    ------
+    ValueError
+        A value outside its range, or not finite.
+    """
     lr: float
     steps: int
     alpha: float = 0.0
@@ -124,7 +186,23 @@ class cosine_decay:
 
 @dataclass(frozen=True)
 class linear:
-    """From ``init`` to ``end`` in a straight line over ``steps``, then ``end``."""
+    """From ``init`` to ``end`` in a straight line over ``steps``, then ``end``:
+    ``init + (end - init) * min(step, steps) / steps``.
+
+    Parameters
+    ----------
+    init : float >= 0
+        The learning rate at step 0.
+    end : float >= 0
+        The learning rate from step ``steps`` on.
+    steps : int >= 1
+        The length of the ramp.
+
+    Raises
+    ------
+    ValueError
+        A value outside its range, or not finite.
+    """
     init: float
     end: float
     steps: int
@@ -142,7 +220,22 @@ class linear:
 @dataclass(frozen=True)
 class join:
     """Run ``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]``
-    (restarted at step 0) until ``boundaries[1]``, and so on."""
+    (restarted at step 0) until ``boundaries[1]``, and so on.
+
+    Parameters
+    ----------
+    schedules : sequence of callables ``step -> lr``
+        One more than ``boundaries``.
+    boundaries : sequence of int
+        Increasing steps >= 1 at which the next schedule takes over.
+
+    Raises
+    ------
+    ValueError
+        Counts that do not match, or boundaries not increasing integers >= 1.
+    TypeError
+        A schedule that is not callable.
+    """
     schedules: tuple
     boundaries: tuple
 

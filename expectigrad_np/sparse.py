@@ -50,7 +50,19 @@ class RowSparse:
         self.values = values
 
     def todense(self, param):
-        """The dense gradient this stands for, shaped like ``param``."""
+        """The dense gradient this stands for, shaped like ``param``.
+
+        Parameters
+        ----------
+        param : ndarray of float32 or float64
+            The parameter the gradient is for (with at least one dimension);
+            the result has its shape and dtype, duplicates summed.
+
+        Raises
+        ------
+        TypeError, ValueError
+            The indices or values do not fit ``param``.
+        """
         rows, vals = as_rows(self, param, "the gradient")
         return _scatter(rows, vals, param)
 
@@ -61,7 +73,17 @@ class RowSparse:
 
 def is_row_sparse(g):
     """``g`` is a row-sparse gradient: a ``RowSparse`` or a ``scipy.sparse``
-    array or matrix (checked without importing scipy)."""
+    array or matrix (checked without importing scipy).
+
+    Parameters
+    ----------
+    g : object
+        A gradient as ``step()`` takes it (an array, ``None``, ...).
+
+    Returns
+    -------
+    bool
+    """
     if g is None or type(g) is np.ndarray:     # the common case, at once
         return False
     if isinstance(g, RowSparse):
@@ -142,7 +164,30 @@ def as_rows(g, x, where):
     """``(rows, values)``: the sorted, unique rows of row-sparse ``g`` and
     their summed values, as a C-contiguous ``(len(rows), row size)`` array
     of ``x``'s dtype (a new array: never a view of the caller's memory).
-    Raises ``TypeError``/``ValueError`` naming ``where``."""
+
+    Parameters
+    ----------
+    g : RowSparse or scipy.sparse array or matrix
+        The gradient; a ``scipy.sparse`` one needs a 2-D ``x`` of its shape.
+    x : ndarray
+        The parameter (at least one dimension).
+    where : str
+        How error messages name the parameter.
+
+    Returns
+    -------
+    rows : ndarray of int64
+        The sorted, unique row indices.
+    values : ndarray
+        Shape ``(len(rows), row size)``, ``x``'s dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Indices that are negative, out of range, not integers or not 1-D,
+        values of the wrong shape or kind, or a 0-d ``x``; the message
+        names ``where``.
+    """
     where = f"the row-sparse gradient of {where}"
     if x.ndim == 0:
         raise ValueError(f"{where}: a 0-d parameter has no rows; pass a dense gradient")
@@ -182,6 +227,21 @@ def _scatter(rows, vals, x):
 
 
 def densify(g, x, where="the parameter"):
-    """The dense gradient a row-sparse ``g`` stands for, shaped like ``x``."""
+    """The dense gradient a row-sparse ``g`` stands for, shaped like ``x``.
+
+    Parameters
+    ----------
+    g : RowSparse or scipy.sparse array or matrix
+        The gradient.
+    x : ndarray
+        The parameter; the result has its shape and dtype.
+    where : str, default "the parameter"
+        How error messages name the parameter.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As ``as_rows``.
+    """
     rows, vals = as_rows(g, x, where)
     return _scatter(rows, vals, x)

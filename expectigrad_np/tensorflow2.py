@@ -62,22 +62,34 @@ class Expectigrad(keras.optimizers.Optimizer):
     Parameters
     ----------
     learning_rate : float, ``LearningRateSchedule`` or callable, default 1e-3
+        A float > 0, a Keras schedule or a callable of the iteration.
     beta : float in [0, 1), default 0.9
         Outer-momentum decay; 0: no momentum and no bias correction.
     epsilon : float > 0, default 1e-8
+        Added to the denominator.
     sparse_counter : bool, default True
         Count only nonzero gradients (True) or every step (False).
     name : str, default "Expectigrad"
+        The optimizer's name (its variables' path).
     clipvalue, clipnorm, global_clipnorm : float > 0 or None
         Applied in this order (the original project's), any combination.
-    weight_decay, use_ema, ema_momentum, ema_overwrite_frequency,
-    loss_scale_factor, gradient_accumulation_steps
+    weight_decay, use_ema, ema_momentum, ema_overwrite_frequency : optional
+        As for every Keras optimizer (``weight_decay``: decoupled).
+    loss_scale_factor, gradient_accumulation_steps : optional
         As for every Keras optimizer.
     decay : float, optional
         The original's inverse-time decay: ``lr / (1 + decay * iterations)``
         (a ``keras.optimizers.schedules.InverseTimeDecay``).
     lr : float, optional
         Deprecated alias of ``learning_rate`` (a ``DeprecationWarning``).
+
+    Raises
+    ------
+    ValueError
+        ``learning_rate``, ``epsilon`` or a clipping option not > 0, ``beta``
+        outside [0, 1), or ``decay`` with a schedule.
+    TypeError
+        ``sparse_counter`` not a bool.
     """
 
     def __init__(self, learning_rate=0.001, beta=0.9, epsilon=1e-8, sparse_counter=True,
@@ -122,8 +134,14 @@ class Expectigrad(keras.optimizers.Optimizer):
         self.sparse_counter = bool(sparse_counter)
 
     def build(self, var_list):
-        """Per variable: ``mean_sq``, ``count`` (sparse counter), ``momentum``
-        (beta > 0) and its step count ``t``."""
+        """Create the state of each variable: ``mean_sq``, ``count`` (sparse
+        counter), ``momentum`` (beta > 0) and its step count ``t``.
+
+        Parameters
+        ----------
+        var_list : list of ``keras.Variable``
+            The variables this optimizer will update.
+        """
         if self.built:
             return
         super().build(var_list)
@@ -160,7 +178,18 @@ class Expectigrad(keras.optimizers.Optimizer):
         return grads
 
     def update_step(self, gradient, variable, learning_rate):
-        """One Expectigrad step of ``variable`` (see the module docstring)."""
+        """One Expectigrad step of ``variable`` (see the module docstring).
+
+        Parameters
+        ----------
+        gradient : tensor or ``tf.IndexedSlices``
+            The (clipped) gradient of ``variable``; ``IndexedSlices`` are
+            summed into their dense form.
+        variable : ``keras.Variable``
+            Updated in place.
+        learning_rate : tensor
+            This iteration's learning rate.
+        """
         dtype = keras.backend.standardize_dtype(variable.dtype)
         i = self._get_variable_index(variable)
         lr = ops.cast(learning_rate, dtype)
@@ -194,6 +223,8 @@ class Expectigrad(keras.optimizers.Optimizer):
             self.assign_sub(variable, lr * u)
 
     def get_config(self):
+        """The Keras config: the base optimizer's, plus ``beta``,
+        ``epsilon`` and ``sparse_counter`` (``from_config`` rebuilds it)."""
         config = super().get_config()
         config.update(beta=self.beta, epsilon=self.epsilon,
                       sparse_counter=self.sparse_counter)

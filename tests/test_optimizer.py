@@ -357,3 +357,17 @@ def test_rejected_step_changes_nothing():
         assert after["step"] == before_state["step"]
         for k, v in before_state["state"][0].items():
             np.testing.assert_array_equal(after["state"][0][k], v)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_integer_gradients_are_cast_as_astype_would(backend):
+    """Integer gradients step as their ``astype(param.dtype)`` (documented in
+    ``step``); boolean ones are refused."""
+    g = np.array([3, 0, -2, 1 << 25], np.int64)
+    a, b = np.ones(4, np.float32), np.ones(4, np.float32)
+    eg.Expectigrad(a, lr=0.1, backend=backend).step(g)
+    eg.Expectigrad(b, lr=0.1, backend=backend).step(g.astype(np.float32))
+    np.testing.assert_array_equal(a, b)
+    assert a[1] == 1.0 and a[0] < 1.0 < a[2]
+    with pytest.raises(TypeError, match="has dtype bool"):
+        eg.Expectigrad(np.ones(2), backend=backend).step(np.array([True, False]))

@@ -1,5 +1,7 @@
 """The cuda backend's contract (simulator or GPU): what a step launches and when it waits,
 refused steps, skipped arrays, device-array handling and input errors."""
+import types
+
 import numba
 import numpy as np
 import pytest
@@ -70,8 +72,8 @@ def test_one_update_launch_per_step_for_all_arrays(dtype, hyper, expected):
         opt.step(to_device([np.ones(x.shape, dtype) for x in to_host(xs)]))
     assert [name for name, _ in log.launches] == expected * 2
     sigs = KC.signatures(dtype)
-    for name, types in log.launches:
-        assert types == tuple(sigs[name]), name
+    for name, argtypes in log.launches:
+        assert argtypes == tuple(sigs[name]), name
 
 
 def test_no_synchronisation_without_check_finite(monkeypatch):
@@ -321,6 +323,74 @@ def test_steps_run_on_the_legacy_default_stream(monkeypatch):
     opt = eg.Expectigrad(xs, lr=0.1)
     opt.step(to_device([np.ones(4)]))
     assert opt._buckets[0].stream is legacy
+
+
+def _stub_stream(handle):
+    """A stream as numba gives it (``handle.value``, ``synchronize``); the
+    simulator runs everything in order whatever the stream."""
+    return types.SimpleNamespace(handle=types.SimpleNamespace(value=handle),
+                                 synchronize=lambda: None)
+
+
+def test_stream_argument_runs_the_kernels_there_and_waits_for_other_streams(monkeypatch):
+    """``Expectigrad(..., stream=s)``: every launch and copy on ``s``; a
+    gradient exported on ``s`` (or with no stream) is not waited for, one on
+    any other stream, the legacy default stream included, is."""
+    ours = _stub_stream(0x7F00)
+    waited, launched = [], []
+    monkeypatch.setattr(_cuda_bucket.CudaBucket, "_wait_for",
+                        lambda self, stream: waited.append(stream))
+    w = InterfaceArray(np.zeros(4))
+    opt = eg.Expectigrad(w, lr=0.1, stream=ours)
+    bucket = opt._buckets[0]
+    assert bucket.stream is ours
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, config):
+            launched.append(config[2])
+            return self.kernel[config[0], config[1]]
+
+    bucket.kernels = {k: Recording(v) for k, v in bucket.kernels.items()}
+    for stream in (0x7F00, None):
+        opt.step(InterfaceArray(np.ones(4), stream=stream))
+    assert waited == []
+    for stream in (1, 2, 0x7E00):
+        opt.step(InterfaceArray(np.ones(4), stream=stream))
+    assert waited == [1, 2, 0x7E00]
+    assert launched and all(s is ours for s in launched)
+    assert np.all(w.values() < 0)
+
+
+def test_stream_argument_takes_numba_cupy_torch_streams_and_handles(monkeypatch):
+    made = []
+    legacy, per_thread = _stub_stream(1), _stub_stream(2)
+    monkeypatch.setattr(cuda, "legacy_default_stream", lambda: legacy)
+    monkeypatch.setattr(cuda, "per_thread_default_stream", lambda: per_thread)
+    monkeypatch.setattr(cuda, "external_stream",
+                        lambda handle: made.append(handle) or _stub_stream(handle))
+    as_stream = _cuda_bucket.as_stream
+    numba_stream = _stub_stream(0x5000)
+    assert as_stream(numba_stream) is numba_stream
+    assert as_stream(types.SimpleNamespace(ptr=0x6000)).handle.value == 0x6000       # CuPy
+    assert as_stream(types.SimpleNamespace(cuda_stream=0x7000)).handle.value == 0x7000
+    assert as_stream(np.int64(0x8000)).handle.value == 0x8000
+    assert made == [0x6000, 0x7000, 0x8000]
+    assert as_stream(None) is legacy and as_stream(0) is legacy and as_stream(1) is legacy
+    assert as_stream(2) is per_thread
+    for bad, error in (("s", TypeError), (True, TypeError), (1.5, TypeError),
+                       (-3, ValueError)):
+        with pytest.raises(error, match="stream"):
+            as_stream(bad)
+
+
+def test_stream_argument_is_refused_on_host_backends_and_bad_streams_change_nothing():
+    with pytest.raises(ValueError, match="stream= is for the cuda backend"):
+        eg.Expectigrad(np.zeros(3), stream=0x7F00)
+    with pytest.raises(TypeError, match="stream must be a numba, CuPy or torch"):
+        eg.Expectigrad(InterfaceArray(np.zeros(3)), stream="default")
 
 
 def test_torch_gradients_are_waited_for_on_torchs_current_stream(monkeypatch):

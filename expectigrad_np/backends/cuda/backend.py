@@ -22,8 +22,9 @@ What one ``CudaBucket.step`` does (one bucket = all arrays of one dtype):
    (the refusal must be raised by ``step()``).
 
 Kernels run on the legacy default stream, which CuPy and PyTorch use by
-default; a gradient exported with another stream in its interface is waited
-for on the device (an event), without blocking the host.
+default, or on the stream given as ``Expectigrad(..., stream=)``; a gradient
+exported with another stream in its interface is waited for on the device
+(an event), without blocking the host.
 """
 from __future__ import annotations
 
@@ -73,6 +74,44 @@ def _torch_stream(g):
     if torch is None or not isinstance(g, torch.Tensor):
         return None
     return int(torch.cuda.current_stream(g.device).cuda_stream)
+
+
+def as_stream(stream, where="stream"):
+    """The numba stream kernels run on: the legacy default stream for None
+    (named explicitly: ``cuda.default_stream()`` is the per-thread stream
+    under ``CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1``), a numba stream
+    as it is, and for a CuPy stream (``.ptr``), a torch stream
+    (``.cuda_stream``) or an integer handle, that stream (0 and 1: the
+    legacy default stream, 2: the per-thread default stream)."""
+    if stream is None:
+        return cuda.legacy_default_stream()
+    if hasattr(stream, "synchronize") and hasattr(stream, "handle"):     # numba's
+        return stream
+    handle = stream
+    for attribute in ("cuda_stream", "ptr"):          # torch, CuPy
+        if hasattr(stream, attribute):
+            handle = getattr(stream, attribute)
+            break
+    if isinstance(handle, (bool, np.bool_)) or not isinstance(handle, (int, np.integer)):
+        raise TypeError(f"{where} must be a numba, CuPy or torch CUDA stream or an integer "
+                        f"stream handle, got {type(stream).__name__}")
+    handle = int(handle)
+    if handle < 0:
+        raise ValueError(f"{where} handle must be >= 0, got {handle}")
+    if handle in (0, 1):
+        return cuda.legacy_default_stream()
+    if handle == 2:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
+
+
+def stream_handle(stream):
+    """The integer handle of a numba stream (1 for the legacy default
+    stream, as the array interface writes it)."""
+    value = getattr(getattr(stream, "handle", None), "value", None)
+    if value is None and isinstance(getattr(stream, "handle", None), int):
+        value = stream.handle
+    return 1 if not value else int(value)
 
 
 def _c_strides(shape, itemsize):
@@ -205,14 +244,19 @@ class CudaBucket(CompiledRows, Bucket):
 
     backend = "cuda"
 
-    def __init__(self, dtype, slots, params, names, sparse, momentum, chunk=None):
+    def __init__(self, dtype, slots, params, names, sparse, momentum, chunk=None,
+                 stream=None):
         super().__init__(dtype, slots, params, names, sparse, momentum)
         n = len(self.params)
         self._torch_grads = []
         self.kernels = KC.kernels(self.dtype)
-        # The legacy default stream, named explicitly: cuda.default_stream()
-        # is the per-thread stream under CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1.
-        self.stream = cuda.legacy_default_stream()
+        self.stream = as_stream(stream)
+        self._handle = stream_handle(self.stream)
+        # Interface 'stream' values that need no wait: work on the legacy
+        # default stream (1, or 0 and None from old exporters) or the
+        # per-thread one (2) is ordered before ours when ours is the legacy
+        # stream; on a stream of our own, only that stream's own handle.
+        self._no_wait = ((None, 0, 1, 2) if self._handle == 1 else (None, self._handle))
         self.chunk, seg, lo, hi, first, big = KC.make_layout(
             self.sizes, KC.CHUNK if chunk is None else chunk)
         self.n_chunks = int(seg.size)
@@ -330,7 +374,7 @@ class CudaBucket(CompiledRows, Bucket):
                 stream = _torch_stream(g)
                 if stream is not None:
                     torch_grads.append(g)
-            if stream not in _LEGACY_STREAMS:
+            if stream not in self._no_wait:
                 waits.append(stream)
         self.addr[:, 1] = addresses
         # Kept alive until the next step's kernels are queued behind ours.
@@ -348,7 +392,7 @@ class CudaBucket(CompiledRows, Bucket):
         if not self._torch_grads:
             return
         torch = sys.modules["torch"]
-        handle = int(self.stream.handle.value or 0) if hasattr(self.stream, "handle") else 0
+        handle = self._handle
         for g in self._torch_grads:
             ours = (torch.cuda.default_stream(g.device) if handle in _LEGACY_STREAMS
                     else torch.cuda.ExternalStream(handle, device=g.device))
@@ -357,7 +401,7 @@ class CudaBucket(CompiledRows, Bucket):
     def _wait_for(self, stream):
         """Order our stream after work queued on a foreign stream, on the device."""
         event = _event()
-        event.record(stream=cuda.external_stream(stream))
+        event.record(stream=as_stream(stream))
         event.wait(stream=self.stream)
 
     def set_coefficients(self, lr, beta, eps, t, clipvalue, clipnorm, active,
