@@ -5,8 +5,8 @@
 Runs ``python -m expectigrad_np bench --json`` (and ``bench --mpi --json``
 when mpi4py and mpiexec are installed) and writes its output to
 ``docs/_data/bench.json`` (``bench_mpi.json``).  The bench's JSON records the
-core count, the Python, NumPy and Numba versions and the kernel threads;
-this script adds what it does not know to ``docs/_data/machine.json``: the
+CPU, core count, system, date, Python, NumPy and Numba versions and the
+kernel threads; this script adds what it does not know to ``docs/_data/machine.json``: the
 CPU model, the operating system, the date, the torch version and the load
 average when the run started (the bench is best run on an otherwise idle
 machine).
@@ -19,19 +19,9 @@ import platform
 import subprocess
 import sys
 
+from expectigrad_np.bench import _cpu_model  # noqa: E402 - the bench's own reading
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_model():
-    """The CPU's model name from /proc/cpuinfo (or platform's guess)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def virtual():
@@ -54,7 +44,7 @@ def version(dist):
 def machine():
     """What the bench's own record leaves out."""
     return dict(
-        cpu=cpu_model(), virtual_machine=virtual(), logical_cpus=os.cpu_count(),
+        cpu=_cpu_model(), virtual_machine=virtual(), logical_cpus=os.cpu_count(),
         arch=platform.machine(),
         system=f"{platform.system()} {platform.release()}",
         python=platform.python_version(),
