@@ -52,7 +52,7 @@ from mpi4py import MPI
 from . import _validation as V
 from .backends import layout as L
 from .optimizer import Expectigrad as _Core
-from .param_groups import Changes, ParamGroup
+from .param_groups import Changes, ParamGroup, parse_groups
 from .sparse import RowSparse, _sum_duplicates, as_rows, densify, is_row_sparse
 
 __all__ = ["Expectigrad", "ShardedExpectigrad"]
@@ -292,39 +292,21 @@ class _Rows:
         self.rows, self.values = rows, values
 
 
-def _parse_groups(params):
-    """Param groups as ``[(params, overrides)]``, like ``eg.Expectigrad``."""
-    if isinstance(params, np.ndarray):
-        params = [params]
-    if isinstance(params, dict):
-        raise TypeError("params must be an array, a sequence of arrays or a sequence of "
-                        "dicts; got a single dict (wrap it in a list)")
-    try:
-        items = list(params)
-    except TypeError:
-        raise TypeError("params must be an array, a sequence of arrays or a sequence of "
-                        f"dicts, got {type(params).__name__}") from None
-    if not items:
-        raise ValueError("params is empty: give at least one array to optimise")
-    if not all(isinstance(item, dict) for item in items):
-        items = [{"params": items}]
-    groups = []
-    for gi, item in enumerate(items):
-        if not isinstance(item, dict) or "params" not in item:
-            raise ValueError(f"param group {gi}: missing the 'params' key")
-        plist = item["params"]
-        plist = [plist] if isinstance(plist, np.ndarray) else list(plist)
-        if not plist:
-            raise ValueError(f"param group {gi}: 'params' is empty")
-        for pi, p in enumerate(plist):
-            where = f"param group {gi} param {pi}"
-            V.check_parameter(p, where)
-            if not p.flags.c_contiguous:
-                raise ValueError(f"{where} is not C-contiguous; with shard_state=True each "
-                                 "rank updates a flat slice of it in place: pass a "
-                                 "contiguous array, or shard_state=False")
-        groups.append((plist, {k: v for k, v in item.items() if k != "params"}))
-    return groups
+def _contiguous_parameter(p, where):
+    """A host parameter that each rank can update a flat slice of in place."""
+    V.check_parameter(p, where)
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{where} is not C-contiguous; with shard_state=True each "
+                         "rank updates a flat slice of it in place: pass a "
+                         "contiguous array, or shard_state=False")
+    return p
+
+
+def _parse_groups(params, defaults):
+    """Param groups as ``eg.Expectigrad`` takes them (``parse_groups``), of
+    C-contiguous host arrays."""
+    return parse_groups([params] if isinstance(params, np.ndarray) else params, defaults,
+                        _contiguous_parameter, lambda p: isinstance(p, np.ndarray))
 
 
 class ShardedExpectigrad:
@@ -393,19 +375,12 @@ class ShardedExpectigrad:
         defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
         self.global_clipnorm = V.check_positive_or_none("global_clipnorm", global_clipnorm)
         self.check_finite = V.check_bool("check_finite", check_finite)
-        parsed = _parse_groups(params)
-        self._params = [p for plist, _ in parsed for p in plist]
-        self._names = [f"param group {gi} param {pi}" for gi, (plist, _) in enumerate(parsed)
-                       for pi in range(len(plist))]
-        self._group_of = np.repeat(np.arange(len(parsed)), [len(pl) for pl, _ in parsed])
+        groups = _parse_groups(params, defaults)
+        self._params = [p for g in groups for p in g["params"]]
+        self._names = [f"param group {gi} param {pi}" for gi, g in enumerate(groups)
+                       for pi in range(len(g["params"]))]
+        self._group_of = np.repeat(np.arange(len(groups)), [len(g["params"]) for g in groups])
         V.check_no_overlap(self._params, self._names)
-        groups = []
-        for gi, (plist, overrides) in enumerate(parsed):
-            g = dict(defaults)
-            g.update({k: V.check_group_value(k, v, f"param group {gi}: ")
-                      for k, v in overrides.items()})
-            g["params"] = plist
-            groups.append(g)
         self.param_groups = tuple(ParamGroup(g, f"param group {gi}: ", self._changes)
                                   for gi, g in enumerate(groups))
         self._t = np.zeros(len(self._params), np.int64)

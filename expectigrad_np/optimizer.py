@@ -18,10 +18,11 @@ import numpy as np
 
 from . import _validation as V
 from ._atomic import interrupts_deferred
+from .backends import background as _background
 from .backends import bucket_class
 from .backends import layout as L
 from .lazy import History
-from .param_groups import Changes, ParamGroup
+from .param_groups import Changes, ParamGroup, parse_groups
 from .sparse import as_rows, is_row_sparse
 
 _NONE_ID = id(None)
@@ -239,49 +240,9 @@ class Expectigrad:
     # --- construction -------------------------------------------------------
 
     def _parse_groups(self, params, defaults):
-        if self._bare:
-            params = [params]
-        if isinstance(params, dict):
-            raise TypeError("params must be an array, a sequence of arrays or a "
-                            "sequence of dicts; got a single dict (wrap it in a list)")
-        try:
-            items = list(params)
-        except TypeError:
-            raise TypeError("params must be an array, a sequence of arrays or a "
-                            f"sequence of dicts, got {type(params).__name__}") from None
-        if not items:
-            raise ValueError("params is empty: give at least one array to optimise")
-        as_dicts = [isinstance(item, dict) for item in items]
-        if any(as_dicts) and not all(as_dicts):
-            raise TypeError("params mixes arrays and dicts; give either arrays or "
-                            "param-group dicts")
-        if not any(as_dicts):
-            items = [{"params": items}]
-        groups = []
-        for gi, item in enumerate(items):
-            where = f"param group {gi}: "
-            if "params" not in item:
-                raise ValueError(f"{where}missing the 'params' key")
-            plist = item["params"]
-            if isinstance(plist, np.ndarray) or _on_device(plist):
-                plist = [plist]
-            try:
-                plist = list(plist)
-            except TypeError:
-                raise TypeError(f"{where}'params' must be an array or a sequence of "
-                                f"arrays, got {type(plist).__name__}") from None
-            if not plist:
-                raise ValueError(f"{where}'params' is empty")
-            group = dict(defaults)
-            for key, value in item.items():
-                if key != "params":
-                    group[key] = V.check_group_value(key, value, where)
-            group["params"] = [self._check_param(p, f"param group {gi} param {pi}")
-                               for pi, p in enumerate(plist)]
-            V.check_eps_dtypes(group["eps"], group["params"], where)
-            V.check_step_size_dtypes(group["lr"], group["beta"], group["params"], where)
-            groups.append(group)
-        return groups
+        return parse_groups([params] if self._bare else params, defaults,
+                            self._check_param,
+                            lambda p: isinstance(p, np.ndarray) or _on_device(p))
 
     def _check_param(self, p, where):
         if _on_device(p) and not isinstance(p, np.ndarray):
@@ -396,6 +357,7 @@ class Expectigrad:
         sign) and the step counts (``self._t``, incremented in place),
         checks, clips and updates.
         """
+        self._warming = None
         if len(self._buckets) != 1:
             return None
         b = self._buckets[0]
@@ -414,8 +376,18 @@ class Expectigrad:
         hyper[:, 0] = self._beta
         hyper[:, 1] = self._weight_decay
         hyper[:, 2] = L.signs(self._maximize, self._momentum)[1]
+        # Norm clipping waits for its kernel: the reference sums the squared
+        # norm in another order (the kernels' is vectorised), so its steps
+        # would agree to rounding, not bit for bit.
+        wait = bool(np.isfinite(scalars[0]) or np.isfinite(self._clipnorm).any())
         path = b.step_path(self._t, lr, hyper, scalars, self.check_finite, self._bare, n,
-                           self._step_counter)
+                           self._step_counter, wait=wait)
+        if path == "pending":
+            # Compiling in the background: the reference steps meanwhile,
+            # and the route is asked for again once the worker has finished
+            # a job.
+            self._warming = _background.finished()
+            return None
         if path is None:
             return None
         entry, ctx_address, lock = path
@@ -534,15 +506,22 @@ class Expectigrad:
 
         In every case nothing has been modified.
         """
-        with self._lock:        # a save() or state_dict() from another thread waits
+        # A save() or state_dict() from another thread waits.  acquire and
+        # release rather than ``with``: half the cost, most of a small step's.
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._changes.dirty:
                 self._refresh()
             fast = self._fast
+            if fast is None and self._warming is not None \
+                    and _background.finished() != self._warming:
+                fast = self._fast = self._make_fast()       # compiled since: take it
             lr_now = None
             if fast is not None and not self._lagging:
                 # The compiled route, written out here: it is most of the
                 # time of a small step (see _step_fast for what it reads).
-                entry, ctx_address, lock, _, _, _, schedules, _ = fast
+                entry, ctx_address, kernel_lock, _, _, _, schedules, _ = fast
                 if self._bare or type(grads) is tuple:
                     obj = grads
                 elif type(grads) is list:
@@ -553,10 +532,10 @@ class Expectigrad:
                     if schedules:
                         self._write_scheduled_lr(fast)
                         lr_now = fast[3]    # the general route must not call them again
-                    if lock is None:
+                    if kernel_lock is None:
                         code = entry(id(obj), ctx_address, 0.0)
                     else:
-                        with lock:
+                        with kernel_lock:
                             code = entry(id(obj), ctx_address, 0.0)
                     if code == -1:
                         return          # the kernel advanced every step count
@@ -564,6 +543,8 @@ class Expectigrad:
                         self._raise_nonfinite(self._buckets[0], code)
             with interrupts_deferred():
                 self._step_general(grads, lr_now)
+        finally:
+            lock.release()
 
     def _step_general(self, grads, lr_now=None):
         """The route for everything the compiled one does not read where it
@@ -581,26 +562,31 @@ class Expectigrad:
         if not active.any():
             return
         self._check_writeable(np.flatnonzero(active).tolist())
-        single = len(self._buckets) == 1           # then its slots are 0..n-1
-        for b in self._buckets:
+        buckets = self._buckets
+        if self._warming is not None:
+            # The kernel compiles in the background (a one-bucket optimizer):
+            # the numpy backend's step on the same state, with the same bits.
+            buckets = [b.reference() for b in buckets]
+        single = len(buckets) == 1                 # then its slots are 0..n-1
+        for b in buckets:
             b.load_gradients(grads if single else [grads[i] for i in b.slots],
                              ids if single else ids[b.slots])
         if not single:
             self._stage_across_buckets(grads, [True] * len(self._buckets))
         lr = self._lr_per_array() if lr_now is None else lr_now
         t_new = self._t + active
-        self._set_coefficients(lr, t_new, active)
+        self._set_coefficients(lr, t_new, active, buckets)
         gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
-        sumsq = [0.0] * len(self._buckets)
-        if len(self._buckets) > 1 and (self.check_finite or gclip < np.inf):
+        sumsq = [0.0] * len(buckets)
+        if len(buckets) > 1 and (self.check_finite or gclip < np.inf):
             # Look at every bucket before changing any.  Passing gclip only
             # says whether the squared norms are needed (the kernels skip
             # them otherwise); a first pass applies no scale.
-            for j, b in enumerate(self._buckets):
+            for j, b in enumerate(buckets):
                 bad, sumsq[j] = b.step(self.check_finite, gclip, 0.0, update=False)
                 self._raise_nonfinite(b, bad)
-        check = self.check_finite and len(self._buckets) == 1
-        for j, b in enumerate(self._buckets):
+        check = self.check_finite and len(buckets) == 1
+        for j, b in enumerate(buckets):
             others = sum(sq for i, sq in enumerate(sumsq) if i != j)   # no inf - inf
             bad, _ = b.step(check, gclip, others)
             self._raise_nonfinite(b, bad)
@@ -623,10 +609,11 @@ class Expectigrad:
                 if other is not b:
                     b.stage_overlapping(mine, lo, hi)
 
-    def _set_coefficients(self, lr, t_new, active):
+    def _set_coefficients(self, lr, t_new, active, buckets=None):
         """Every bucket's coefficient and flag rows for this step."""
-        single = len(self._buckets) == 1           # then its slots are 0..n-1
-        for b in self._buckets:
+        buckets = self._buckets if buckets is None else buckets
+        single = len(buckets) == 1                 # then its slots are 0..n-1
+        for b in buckets:
             s = slice(None) if single else b.slots     # a view, not a gathered copy
             b.set_coefficients(lr[s], self._beta[s], self._eps[s], t_new[s],
                                self._clipvalue[s], self._clipnorm[s], active[s],

@@ -17,9 +17,61 @@ from collections.abc import MutableMapping
 
 from . import _validation as V
 
-__all__ = ["Changes", "ParamGroup", "ParamList"]
+__all__ = ["Changes", "ParamGroup", "ParamList", "parse_groups"]
 
 FIXED = ("params", "sparse_counter")
+
+
+def parse_groups(params, defaults, check_param, is_array):
+    """The param groups an optimizer was given, as dicts: ``defaults``
+    updated by each group's own values (validated), and ``"params"``, its
+    arrays as ``check_param(p, where)`` returns them.
+
+    ``params`` is a sequence of arrays (one group) or of dicts with a
+    ``"params"`` key; a group's ``"params"`` may be one array
+    (``is_array``).  Raises ``TypeError``/``ValueError`` naming the group
+    and what is wrong."""
+    if isinstance(params, dict):
+        raise TypeError("params must be an array, a sequence of arrays or a "
+                        "sequence of dicts; got a single dict (wrap it in a list)")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError("params must be an array, a sequence of arrays or a "
+                        f"sequence of dicts, got {type(params).__name__}") from None
+    if not items:
+        raise ValueError("params is empty: give at least one array to optimise")
+    as_dicts = [isinstance(item, dict) for item in items]
+    if any(as_dicts) and not all(as_dicts):
+        raise TypeError("params mixes arrays and dicts; give either arrays or "
+                        "param-group dicts")
+    if not any(as_dicts):
+        items = [{"params": items}]
+    groups = []
+    for gi, item in enumerate(items):
+        where = f"param group {gi}: "
+        if "params" not in item:
+            raise ValueError(f"{where}missing the 'params' key")
+        plist = item["params"]
+        if is_array(plist):
+            plist = [plist]
+        try:
+            plist = list(plist)
+        except TypeError:
+            raise TypeError(f"{where}'params' must be an array or a sequence of "
+                            f"arrays, got {type(plist).__name__}") from None
+        if not plist:
+            raise ValueError(f"{where}'params' is empty")
+        group = dict(defaults)
+        for key, value in item.items():
+            if key != "params":
+                group[key] = V.check_group_value(key, value, where)
+        group["params"] = [check_param(p, f"param group {gi} param {pi}")
+                           for pi, p in enumerate(plist)]
+        V.check_eps_dtypes(group["eps"], group["params"], where)
+        V.check_step_size_dtypes(group["lr"], group["beta"], group["params"], where)
+        groups.append(group)
+    return groups
 
 
 class Changes:

@@ -417,3 +417,22 @@ def test_progress_bar_runs():
         res = eg.minimize(quad, np.zeros(2), jac=quad_grad, lr=0.1, maxiter=30,
                           gtol=0, progress=True)
     assert res.nit == 30
+
+
+@pytest.mark.parametrize("n", [2, 100])        # the list checks and NumPy's reductions
+def test_huge_finite_gradients_are_finite_and_nan_is_not(n):
+    """A gradient whose elements are finite but whose sum overflows is
+    finite; one NaN or infinity anywhere is not (small and large arrays
+    take different checks)."""
+    res = eg.minimize(lambda x: 0.0, np.zeros(n), jac=lambda x: np.full(n, 1e308),
+                      maxiter=1)
+    assert "Maximum number of iterations" in res.message and res.nit == 1
+    assert np.all(np.isfinite(res.x))
+    for bad in (np.nan, np.inf, -np.inf):
+        def jac(x, bad=bad):
+            g = np.full(n, 1e308)
+            g[n // 2] = bad
+            return g
+        res = eg.minimize(lambda x: 0.0, np.zeros(n), jac=jac, maxiter=1)
+        assert res.status != 0 and not res.success and "NaN or infinity" in res.message
+        np.testing.assert_array_equal(res.x, np.zeros(n))

@@ -16,12 +16,16 @@ import numpy as np
 from ..._validation import as_gradient
 from .. import layout as L
 from ..base import Bucket
+from ..numpy import NumpyBucket
 from . import kernels as K
 from . import locate as _locate
 from .closed_forms import CompiledRows
 from .loops import ALL_LOOPS, loops_for
 
-__all__ = ["PARALLEL_MIN_SIZE", "CpuBucket"]
+__all__ = ["PARALLEL_MIN_SIZE", "PENDING", "CpuBucket"]
+
+# What ``step_path`` returns while the entry compiles in the background.
+PENDING = "pending"
 
 # Below this many elements (in one bucket) a step runs serially: a parallel
 # launch costs a few microseconds of thread-pool wake-up, and work is split
@@ -165,7 +169,8 @@ class CpuBucket(CompiledRows, Bucket):
         self._update_ctx()
         return self.ctx
 
-    def step_path(self, steps, lr, hyper, scalars, check, bare, n_items, counter):
+    def step_path(self, steps, lr, hyper, scalars, check, bare, n_items, counter,
+                  wait=True):
         """The compiled whole-step entry: ``(entry, ctx_address, lock)``, or
         None where it does not apply (see ``bind``), or where the kernels
         cannot read NumPy's array and sequence objects
@@ -178,6 +183,9 @@ class CpuBucket(CompiledRows, Bucket):
         nothing written) or another code when the general path must take
         ``grads`` (nothing written).  The caller keeps ``grads`` alive and
         unchanged for the call (a tuple, or a list while holding the GIL).
+        With ``wait`` False, ``PENDING`` where the entry is being compiled
+        in the background (``background.py``): until it is ready, step with
+        ``reference()``.
         """
         if not _locate.layout_ok():
             return None
@@ -186,8 +194,19 @@ class CpuBucket(CompiledRows, Bucket):
             return None
         parallel = self.total >= PARALLEL_MIN_SIZE
         entry = K.bucket_step_entry(self.dtype, hold_gil=self.total <= K.SINGLE_STEP_GIL_MAX,
-                                    parallel=parallel, loops=self._loops(scalars[0]))
+                                    parallel=parallel, loops=self._loops(scalars[0]),
+                                    wait=wait)
+        if entry is None:
+            return PENDING
         return entry, _address(ctx), (_PARALLEL_LOCK if parallel else None)
+
+    def reference(self):
+        """This bucket as a ``NumpyBucket`` on the same state arrays, for the
+        steps taken while its kernel compiles (``background.py``); made anew
+        for each step, so it sees the state buffers as they are."""
+        twin = object.__new__(_ReferenceTwin)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     _loop_masks = None
 
@@ -391,3 +410,18 @@ class CpuBucket(CompiledRows, Bucket):
             self.params[k].reshape(-1), self.flat_segment("momentum", k),
             self.flat_segment("mean_sq", k), rows, rowsize, B, C, D, R,
             bool(self.flags[k, L.MOMENTUM]), not self.flags[k, L.SPARSE])
+
+
+class _ReferenceTwin(NumpyBucket):
+    """The numpy backend's step on a ``CpuBucket``'s own state (shared
+    arrays: ``CpuBucket.reference``).  After the step it records, for the
+    kernels' uniform loop, whether each sparse-counter array's counts all
+    still equal its step count (``layout.UNIFORM``)."""
+
+    def step(self, check, global_clipnorm, other_sumsq, update=True):
+        bad, sumsq = super().step(check, global_clipnorm, other_sumsq, update)
+        if update and bad < 0:
+            f = self.flags
+            for k in np.flatnonzero(f[:, L.UNIFORM] & f[:, L.ACTIVE] & f[:, L.SPARSE]):
+                f[k, L.UNIFORM] = int(np.all(self.flat_segment("count", k) == f[k, L.T]))
+        return bad, sumsq

@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange, types
 
+from .. import background as _background
 from ..layout import (
     ACTIVE,
     CLIPNORM,
@@ -180,7 +181,11 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
     for k in range(n_arrays):
         if coef[k, CLIPNORM] < np.inf:
             needs_norm = True
-    scale[:n_arrays] = 1.0
+    # Plain loops, not slice assignments: in the parallel twin numba makes
+    # each slice assignment a parallel region of its own, compiled as one
+    # more kernel (a second each, cold) and launched for a few elements.
+    for k in range(n_arrays):
+        scale[k] = 1.0
     total = 0.0
     if check or needs_norm:
         for j in prange(n_chunks):
@@ -203,7 +208,8 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             for j in range(n_chunks):
                 if chunk_bad[j]:
                     return chunk_seg[j], total
-        sumsq[:n_arrays] = 0.0
+        for k in range(n_arrays):
+            sumsq[k] = 0.0
         for j in range(n_chunks):
             sumsq[chunk_seg[j]] += chunk_sq[j]
         overflow = False
@@ -420,35 +426,50 @@ def _bucket_step(g_object, ctx_address, zero):
 _segments_inline = njit(inline="always", **_OPTS)(_twin(_segments_body.py_func, "_segments_inline"))
 
 _BUCKET_STEP = {}
+_MADE = {}          # dispatchers made, not yet compiled (``background.ready``)
 
 
-def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS):
+def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=True):
     """``_bucket_step`` compiled for one dtype, holding the GIL or not,
     serial or parallel, with the update loops of mask ``loops``; loaded or
     compiled on first use.  Returns the dispatcher, of one signature
-    ``(int64, int64, dtype)``; ``bucket_step_entry`` gives its entry point."""
+    ``(int64, int64, dtype)``; ``bucket_step_entry`` gives its entry point.
+
+    With ``wait`` False, returns None instead of waiting for a compile: the
+    kernel is then compiled in the background (``backends/background.py``)
+    and a later call returns it."""
     dtype = np.dtype(dtype)
     key = (dtype, hold_gil, parallel, loops)
     kernel = _BUCKET_STEP.get(key)
-    if kernel is None:
+    if kernel is not None:
+        return kernel
+    made = _MADE.get(key)
+    if made is None:
         from numba import from_dtype
-        sig = types.int64(types.int64, types.int64, from_dtype(dtype))
+        sig = (types.int64, types.int64, from_dtype(dtype))
         name = ("_bucket_step" + ("_gil" if hold_gil else "") + ("_par" if parallel else "")
                 + _suffix(loops))
-        kernel = _kernel(_twin(_bucket_step, name, **_variant_globals(loops)),
-                         nogil=not hold_gil, parallel=parallel)
-        kernel.compile(sig)             # as njit([sig]) does: this signature only
-        kernel.disable_compile()
-        _BUCKET_STEP[key] = kernel
+        made = _MADE[key] = (_kernel(_twin(_bucket_step, name, **_variant_globals(loops)),
+                                     nogil=not hold_gil, parallel=parallel), sig)
+    kernel, sig = made
+    recipe = (__name__, "bucket_step", (dtype.name, hold_gil, parallel, loops))
+    if not _background.ready(kernel, sig, recipe, wait=wait):
+        return None
+    kernel.disable_compile()            # as njit([sig]) does: this signature only
+    _BUCKET_STEP[key] = kernel
+    del _MADE[key]
     return kernel
 
 
-def bucket_step_entry(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS):
+def bucket_step_entry(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=True):
     """The compiled entry point of ``bucket_step(...)``: called with two
     Python ints and a float, without numba's dispatch (which would type
     each argument and pick the signature).  Only ints and a float may be
-    passed: they are unboxed as ``int64, int64, dtype``."""
-    kernel = bucket_step(dtype, hold_gil, parallel, loops)
+    passed: they are unboxed as ``int64, int64, dtype``.  None where
+    ``bucket_step`` returns None (``wait`` False, compiling)."""
+    kernel = bucket_step(dtype, hold_gil, parallel, loops, wait)
+    if kernel is None:
+        return None
     return kernel.overloads[kernel.signatures[0]].entry_point
 
 
