@@ -39,9 +39,7 @@ the cache.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -127,6 +125,9 @@ def _poll():
         _running = None
         _ended += 1
     if _running is None and _queue and not _held:
+        # Imported here: a process whose kernels are cached never needs them.
+        import json
+        import subprocess
         recipes = list(_queue)
         del _queue[:]
         env = dict(os.environ, EXPECTIGRAD_NP_COMPILE="wait",
