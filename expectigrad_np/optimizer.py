@@ -390,11 +390,12 @@ class Expectigrad:
             return None
         if path is None:
             return None
-        entry, ctx_address, lock = path
+        entry, ctx_address, lock, holds_gil = path
         members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
         # lr (rewritten by the schedules each step), hyper and scalars are the
         # rows the kernel reads through the context row.
-        return entry, ctx_address, lock, lr, hyper, scalars, schedules, members
+        return (entry, ctx_address, lock, lr, hyper, scalars, schedules, members,
+                holds_gil)
 
     def _write_scheduled_lr(self, fast):
         """Evaluate the schedules into the compiled route's float64 lr row.
@@ -403,8 +404,9 @@ class Expectigrad:
         C-contiguous, aligned ndarray (or None) per parameter, of its dtype
         and shape, or the bare array of a one-array optimizer.  Anything
         else returns a code for the general route, which stages, casts or
-        says what is wrong.  A list is passed as a tuple copy, so that no
-        other thread can change it while the kernel reads it.
+        says what is wrong.  A list is passed as it is to a kernel that holds
+        the GIL, else as a tuple copy, so that no other thread can change it
+        while the kernel reads it.
         """
         lr, schedules, members = fast[3], fast[6], fast[7]
         for (gi, schedule), idx in zip(schedules, members):
@@ -521,11 +523,14 @@ class Expectigrad:
             if fast is not None and not self._lagging:
                 # The compiled route, written out here: it is most of the
                 # time of a small step (see _step_fast for what it reads).
-                entry, ctx_address, kernel_lock, _, _, _, schedules, _ = fast
+                entry, ctx_address, kernel_lock, _, _, _, schedules, _, holds_gil = fast
                 if self._bare or type(grads) is tuple:
                     obj = grads
                 elif type(grads) is list:
-                    obj = tuple(grads)      # no other thread can change it meanwhile
+                    # A kernel that holds the GIL reads the list itself (no
+                    # other thread can change it meanwhile); one that releases
+                    # it reads a tuple copy.
+                    obj = grads if holds_gil else tuple(grads)
                 else:
                     obj = None
                 if obj is not None:

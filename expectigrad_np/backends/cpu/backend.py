@@ -171,9 +171,9 @@ class CpuBucket(CompiledRows, Bucket):
 
     def step_path(self, steps, lr, hyper, scalars, check, bare, n_items, counter,
                   wait=True):
-        """The compiled whole-step entry: ``(entry, ctx_address, lock)``, or
-        None where it does not apply (see ``bind``), or where the kernels
-        cannot read NumPy's array and sequence objects
+        """The compiled whole-step entry: ``(entry, ctx_address, lock,
+        holds_gil)``, or None where it does not apply (see ``bind``), or
+        where the kernels cannot read NumPy's array and sequence objects
         (``locate.layout_ok``).
 
         ``entry(id(grads), ctx_address, 0.0)`` (under ``lock``, when not
@@ -193,12 +193,12 @@ class CpuBucket(CompiledRows, Bucket):
         if ctx is None:
             return None
         parallel = self.total >= PARALLEL_MIN_SIZE
-        entry = K.bucket_step_entry(self.dtype, hold_gil=self.total <= K.SINGLE_STEP_GIL_MAX,
-                                    parallel=parallel, loops=self._loops(scalars[0]),
-                                    wait=wait)
+        hold_gil = self.total <= K.SINGLE_STEP_GIL_MAX
+        entry = K.bucket_step_entry(self.dtype, hold_gil=hold_gil, parallel=parallel,
+                                    loops=self._loops(scalars[0]), wait=wait)
         if entry is None:
             return PENDING
-        return entry, _address(ctx), (_PARALLEL_LOCK if parallel else None)
+        return entry, _address(ctx), (_PARALLEL_LOCK if parallel else None), hold_gil
 
     def reference(self):
         """This bucket as a ``NumpyBucket`` on the same state arrays, for the
