@@ -477,6 +477,9 @@ def _format_sparse(r):
             f"({_fmt(r['eager_speedup'], 2)}x)")
 
 
+MPI_SHAPES = [(1000, 1000), (1000,), (1000, 1000), (1000,)]      # 2M float32 elements
+
+
 def bench_mpi(repeat, ranks=3):
     """``expectigrad_np.mpi`` under ``mpiexec -n ranks`` (``_mpi_worker``),
     one kernel thread a rank: the sharded step against the same collectives

@@ -60,3 +60,17 @@ def test_the_mpi_example_runs_under_mpiexec_with_three_ranks():
     assert "stepping the mean: 0.0e+00" in result.stdout
     accuracy = float(result.stdout.split("test accuracy ")[1].split(";")[0])
     assert accuracy > 0.8
+
+
+def test_bench_mpi_row_runs_under_mpiexec():
+    """``bench --mpi`` end to end with two ranks: a row with every figure the
+    bench prints and the docs render."""
+    if _mpiexec() is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    from expectigrad_np.bench import _format_mpi, bench_mpi
+    row = bench_mpi(1, ranks=2)
+    assert row["ranks"] == 2 and row["elements"] == 2_002_000
+    for key in ("step_us", "collectives_us", "shard_step_us", "replicated_step_us"):
+        assert row[key] > 0, key
+    assert 0.4 <= row["state_fraction"] <= 0.6        # half the state on each of 2 ranks
+    assert "2 ranks" in _format_mpi(row)
