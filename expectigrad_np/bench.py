@@ -213,8 +213,8 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
     for a in (tv, tn, tm):
         a[...] = 1
     kernel = _traffic_kernel(n)
-    fns = [lambda: unchecked.step(g), lambda: checked.step(g),
-           lambda: kernel(tx, tg, tv, tn, tm)]
+    fns = [lambda: unchecked.step(g), lambda: checked.step(g),  # noqa: F821 - deleted after the timing
+           lambda: kernel(tx, tg, tv, tn, tm)]  # noqa: F821 - deleted after the timing
     adam = _torch_adam(n, dtype) if torch else None
     if adam is not None:
         fns.append(adam)
@@ -242,7 +242,7 @@ def bench_size(n, dtype, repeat, reference=True, torch=True):
         # The reference is slow at large N: fewer blocks there.
         reps = repeat if n <= 100_000 else max(1, min(repeat, 3))
         (t_ours, t_ref), (_, r_ref) = time_interleaved(
-            [lambda: checked.step(g), ref], reps)
+            [lambda: checked.step(g), ref], reps)  # noqa: F821 - deleted after the timing
         row["reference_us"] = t_ref * 1e6
         row["vs_reference"] = r_ref
         del xr, ref
@@ -419,7 +419,7 @@ def bench_model_shapes(repeat, cap=None):
         opt = Expectigrad(xs, lr=1e-3)
         opt_dense = Expectigrad([x.copy() for x in xs], lr=1e-3)
         (t_ours, t_dense, t_adam), (_, _, r) = time_interleaved(
-            [lambda: opt.step(gs), lambda: opt_dense.step(dense), adam], max(repeat, 3))
+            [lambda: opt.step(gs), lambda: opt_dense.step(dense), adam], max(repeat, 3))  # noqa: F821 - deleted after the timing
         rows.append(dict(case=name, arrays=len(shapes), elements=n, step_us=t_ours * 1e6,
                          dense_step_us=t_dense * 1e6, torch_adam_us=t_adam * 1e6,
                          time_vs_adam=1.0 / r, bytes_per_s_vs_adam=(36 / 28) * r,
@@ -457,7 +457,7 @@ def bench_sparse(repeat, rows=1_000_000, width=32, touched=512, pool=4096):
         return lambda: opt.step([grads[next(count) % pool]])
 
     dense_opt = Expectigrad([table()], lr=1e-3, beta=0.9)
-    fns = [lambda: dense_opt.step([dense]), stepper(beta=0.0),
+    fns = [lambda: dense_opt.step([dense]), stepper(beta=0.0),  # noqa: F821 - deleted after the timing
            stepper(beta=0.9, lazy=True), stepper(beta=0.9)]
     times, ratios = time_interleaved(fns, max(repeat, 3))
     result = dict(rows=rows, width=width, touched=touched, dense_us=times[0] * 1e6)
