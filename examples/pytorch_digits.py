@@ -18,6 +18,10 @@ import torch
 
 from expectigrad_np.pytorch import Expectigrad
 
+# This example times its steps: compile the kernels before the first step rather
+# than take the first steps on the NumPy reference while they compile.
+os.environ.setdefault("EXPECTIGRAD_NP_COMPILE", "wait")
+
 
 def load(seed=0):
     try:

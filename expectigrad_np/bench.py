@@ -1042,6 +1042,10 @@ def main(argv=None):
                "two median times beside it: the two differ when the machine is noisy.")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    # Time the kernels, not the reference steps taken while a kernel compiles
+    # in the background (backends/background.py): compile before timing.  The
+    # cold-cache row sets its own mode in its own processes.
+    os.environ["EXPECTIGRAD_NP_COMPILE"] = "wait"
     for d in args.dtypes:
         if d not in DEFAULT_DTYPES:
             raise SystemExit(f"bench: unknown dtype {d!r}; use float32 and/or float64")
