@@ -346,8 +346,18 @@ class Expectigrad:
     # --- stepping -----------------------------------------------------------
 
     def _make_fast(self):
+        """``_route()``, recording whether a kernel compiles in the background;
+        both attributes change together, after ``_route`` has returned."""
+        fast, warming = self._route()
+        self._warming = warming
+        return fast
+
+    def _route(self):
         """Set up the compiled route of ``step`` for a one-dtype optimizer;
         None where the backend offers none (``CpuBucket.step_path``).
+        Returns ``(route, warming)``: ``warming``, where the route's kernel
+        compiles in the background, is the count of finished compiles
+        (``background.finished``) to ask again after, else None.
 
         Every coefficient but ``step_size``, ``1/t`` and ``decay`` is fixed until a
         param group changes, so it is written here once; the backend's entry
@@ -357,12 +367,11 @@ class Expectigrad:
         sign) and the step counts (``self._t``, incremented in place),
         checks, clips and updates.
         """
-        self._warming = None
         if len(self._buckets) != 1:
-            return None
+            return None, None
         b = self._buckets[0]
         if not hasattr(b, "step_path"):
-            return None
+            return None, None
         n = len(self._params)
         schedules = [(gi, g["lr"]) for gi, g in enumerate(self.param_groups)
                      if callable(g["lr"])]
@@ -386,16 +395,15 @@ class Expectigrad:
             # Compiling in the background: the reference steps meanwhile,
             # and the route is asked for again once the worker has finished
             # a job.
-            self._warming = _background.finished()
-            return None
+            return None, _background.finished()
         if path is None:
-            return None
+            return None, None
         entry, ctx_address, lock, holds_gil = path
         members = [np.flatnonzero(self._group_of == gi) for gi, _ in schedules]
         # lr (rewritten by the schedules each step), hyper and scalars are the
         # rows the kernel reads through the context row.
         return (entry, ctx_address, lock, lr, hyper, scalars, schedules, members,
-                holds_gil)
+                holds_gil), None
 
     def _write_scheduled_lr(self, fast):
         """Evaluate the schedules into the compiled route's float64 lr row.
@@ -518,7 +526,8 @@ class Expectigrad:
             fast = self._fast
             if fast is None and self._warming is not None \
                     and _background.finished() != self._warming:
-                fast = self._fast = self._make_fast()       # compiled since: take it
+                with interrupts_deferred():             # compiled since: take it
+                    fast = self._fast = self._make_fast()
             lr_now = None
             if fast is not None and not self._lagging:
                 # The compiled route, written out here: it is most of the

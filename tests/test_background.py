@@ -143,6 +143,9 @@ import expectigrad_np as eg
 from expectigrad_np.backends import background
 if sys.argv[1] == "fail":
     background._CHILD = "import sys; sys.exit(3)"      # a child that delivers nothing
+if sys.argv[1] == "hang":
+    background._CHILD = "import time; time.sleep(3600)"   # a child that never ends
+    background.CHILD_TIMEOUT = 1.0
 x = np.zeros(10, np.float32)
 opt = eg.Expectigrad(x, lr=0.1)
 g = np.linspace(-1, 1, 10).astype(np.float32)
@@ -156,11 +159,12 @@ print(json.dumps(dict(first=first, then=opt._fast is not None, x=x.tolist(),
 
 
 @needs_background
-@pytest.mark.parametrize("child", ["compiles", "fail"])
+@pytest.mark.parametrize("child", ["compiles", "fail", "hang"])
 def test_cold_cache_first_step_does_not_wait(child):
     """A fresh cache: the first step is the reference's and a child
     compiles; once it has, the kernel takes over.  A child that ends
-    without the kernel in the cache: the process compiles it itself."""
+    without the kernel in the cache, or is stopped after
+    ``CHILD_TIMEOUT``: the process compiles it itself."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, EXPECTIGRAD_NP_COMPILE="background",
                    PYTHONPATH=os.pathsep.join(sys.path))
@@ -192,3 +196,59 @@ def test_wait_mode_and_bad_values(monkeypatch):
     opt = eg.Expectigrad(x)
     opt.step(np.ones(3))
     assert opt._fast is not None and background.pending() == 0
+
+
+@needs_background
+def test_an_interrupt_while_taking_the_route_does_not_lose_it(held, monkeypatch):
+    """A KeyboardInterrupt raised while a step takes up the kernel that has
+    just become ready leaves the optimizer asking again: the next step takes
+    the compiled route."""
+    x = np.zeros(5)
+    opt = eg.Expectigrad(x, lr=0.1)
+    opt.step(np.ones(5))
+    assert opt._fast is None
+    real = background._load_cached
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        monkeypatch.setattr(background, "_load_cached", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(background, "_load_cached", interrupted)
+    held()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(np.ones(5))
+    assert calls and opt._fast is None
+    opt.step(np.ones(5))
+    assert opt._fast is not None
+    want = np.zeros(5)
+    ref = eg.Expectigrad(want, lr=0.1, backend="numpy")
+    for _ in range(2):                  # the interrupted step changed nothing
+        ref.step(np.ones(5))
+    np.testing.assert_array_equal(x, want)
+
+
+_EXIT = r"""
+import numpy as np
+import expectigrad_np as eg
+from expectigrad_np.backends import background
+background._CHILD = "import time; time.sleep(2)"      # still at work at exit
+opt = eg.Expectigrad(np.zeros(3), lr=0.1)
+opt.step(np.ones(3))
+assert background.pending() == 1
+"""
+
+
+@needs_background
+def test_exit_while_a_child_compiles_is_clean():
+    """The process exits at once, with rc 0 and no warning; the child is
+    left to finish (it fills the cache for the next process)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, EXPECTIGRAD_NP_COMPILE="background",
+                   PYTHONPATH=os.pathsep.join(sys.path))
+        out = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", _EXIT],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ResourceWarning" not in out.stderr and "Exception ignored" not in out.stderr, \
+        out.stderr

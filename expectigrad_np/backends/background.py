@@ -27,9 +27,10 @@ next process finds the kernel compiled.
   ended, so an optimizer knows when to ask again.
 
 If a child ends without the kernel landing in the cache (no writable cache
-directory, an error), the kernel is compiled in the caller's process the
-next time it is asked for, as numba would have, and any error is raised
-there.
+directory, an error), or is stopped after ``CHILD_TIMEOUT`` seconds, the
+kernel is compiled in the caller's process the next time it is asked for,
+as numba would have, and any error is raised there.  A child at work when
+this process exits is left to finish (quietly: no ResourceWarning).
 
 ``EXPECTIGRAD_NP_COMPILE=wait`` turns this off: every kernel is compiled in
 the process, before the step that needs it.  It is also off where the
@@ -39,6 +40,7 @@ the cache.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -46,7 +48,11 @@ import time
 __all__ = ["finished", "mode", "pending", "ready", "wait_all"]
 
 _queue = []             # recipes waiting for a child
-_running = None         # (Popen, recipes) of the child at work
+_running = None         # (Popen, recipes, start time) of the child at work
+# A child still at work after this many seconds is stopped, and its kernels
+# are compiled in the process that asked for them (no kernel takes this long;
+# a child that hangs must not keep the steps on the reference for ever).
+CHILD_TIMEOUT = 600.0
 _ended = 0              # children that have ended
 _done = set()           # recipes of ended children, not yet loaded
 _failed = set()         # recipes a child did not deliver: compile in-process
@@ -118,8 +124,13 @@ def pending():
 
 
 def _poll():
-    """Reap the child at work if it has ended; start one for the queue."""
+    """Reap the child at work if it has ended (or stop it past
+    ``CHILD_TIMEOUT``); start one for the queue."""
     global _running, _ended
+    if _running is not None and _running[0].poll() is None \
+            and time.monotonic() - _running[2] > CHILD_TIMEOUT:
+        _running[0].kill()
+        _running[0].wait()
     if _running is not None and _running[0].poll() is not None:
         _done.update(_running[1])
         _running = None
@@ -136,7 +147,21 @@ def _poll():
             [sys.executable, "-c", _CHILD, json.dumps([list(r) for r in recipes])],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
-        _running = (proc, recipes)
+        if not _started:
+            atexit.register(_leave_running)
+            _started.append(True)
+        _running = (proc, recipes, time.monotonic())
+
+
+_started = []
+
+
+def _leave_running():
+    """At exit: the child at work goes on and fills the cache for the next
+    process.  It is left on purpose, so its ``Popen`` is marked done (no
+    "still running" ResourceWarning)."""
+    if _running is not None and _running[0].poll() is None:
+        _running[0].returncode = 0
 
 
 def _compile_recipes(recipes):
