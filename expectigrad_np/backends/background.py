@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 import time
 
 __all__ = ["finished", "mode", "pending", "ready", "wait_all"]
@@ -55,8 +56,8 @@ _running = None         # (Popen, recipes, start time) of the child at work
 CHILD_TIMEOUT = 600.0
 _ended = 0              # children that have ended
 _done = set()           # recipes of ended children, not yet loaded
-_failed = set()         # recipes a child did not deliver: compile in-process
 _held = False           # tests: keep every uncompiled kernel pending
+_lock = threading.RLock()   # the state above, between threads' optimizers
 
 _CHILD = ("import json, sys\n"
           "from expectigrad_np.backends.background import _compile_recipes\n"
@@ -84,26 +85,33 @@ def ready(dispatcher, sig, recipe, wait=False):
     if sig in dispatcher.overloads:
         return True
     recipe = _normal(recipe)
-    if wait or recipe in _failed or mode() == "wait":
-        _failed.discard(recipe)
+    if wait or mode() == "wait":
         dispatcher.compile(sig)         # raises where the compile fails
         return True
-    if _held:
-        return False
-    _poll()
-    if recipe in _queue or (_running is not None and recipe in _running[1]):
-        return False
-    if _load_cached(dispatcher, sig):
-        _done.discard(recipe)
+    with _lock:
+        if _held or _working_on(recipe):
+            return False
+        compile_here = recipe in _done
+    # Loading or compiling takes numba's lock, not this one: other threads'
+    # optimizers go on asking meanwhile.
+    if _load_cached(dispatcher, sig) or compile_here:
+        if compile_here:
+            # A child ended, yet the kernel is not in the cache: compile here.
+            dispatcher.compile(sig)
+        with _lock:
+            _done.discard(recipe)
         return True
-    if recipe in _done:
-        # A child compiled it, yet it is not in the cache: compile here.
-        _done.discard(recipe)
-        dispatcher.compile(sig)
-        return True
-    _queue.append(recipe)
-    _poll()
+    with _lock:
+        if not _working_on(recipe):
+            _queue.append(recipe)
+        _poll()
     return False
+
+
+def _working_on(recipe):
+    """Whether ``recipe`` is queued or its child is at work (polled now)."""
+    _poll()
+    return recipe in _queue or (_running is not None and recipe in _running[1])
 
 
 def _normal(recipe):
@@ -113,19 +121,21 @@ def _normal(recipe):
 
 def finished():
     """How many children have ended (checked now, without waiting)."""
-    _poll()
-    return _ended
+    with _lock:
+        _poll()
+        return _ended
 
 
 def pending():
     """How many kernels are queued or compiling."""
-    _poll()
-    return len(_queue) + (len(_running[1]) if _running is not None else 0)
+    with _lock:
+        _poll()
+        return len(_queue) + (len(_running[1]) if _running is not None else 0)
 
 
 def _poll():
     """Reap the child at work if it has ended (or stop it past
-    ``CHILD_TIMEOUT``); start one for the queue."""
+    ``CHILD_TIMEOUT``); start one for the queue.  Called holding ``_lock``."""
     global _running, _ended
     if _running is not None and _running[0].poll() is None \
             and time.monotonic() - _running[2] > CHILD_TIMEOUT:
