@@ -59,7 +59,16 @@ def test_momentum_switched_off_and_on_follows_the_original(backend):
 
 # --- interrupts ---------------------------------------------------------------
 
-def test_ctrl_c_during_a_two_dtype_step_is_delivered_after_it():
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler for the test, whatever this process was
+    started with (a shell starts background jobs with SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_a_two_dtype_step_is_delivered_after_it(ctrl_c):
     xs = [np.zeros(50), np.zeros(7, np.float32)]
     opt = eg.Expectigrad(xs, lr=0.1)
     bucket = opt._buckets[0]
