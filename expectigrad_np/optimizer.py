@@ -391,7 +391,7 @@ class Expectigrad:
         wait = bool(np.isfinite(scalars[0]) or np.isfinite(self._clipnorm).any())
         path = b.step_path(self._t, lr, hyper, scalars, self.check_finite, self._bare, n,
                            self._step_counter, wait=wait)
-        if path == "pending":
+        if path is _background.PENDING:
             # Compiling in the background: the reference steps meanwhile,
             # and the route is asked for again once the worker has finished
             # a job.

@@ -46,7 +46,10 @@ import sys
 import threading
 import time
 
-__all__ = ["finished", "mode", "pending", "ready", "wait_all"]
+__all__ = ["PENDING", "finished", "mode", "pending", "ready", "wait_all"]
+
+# What a backend says of a route whose kernel a child is compiling.
+PENDING = "pending"
 
 _queue = []             # recipes waiting for a child
 _running = None         # (Popen, recipes, start time) of the child at work

@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from ..._validation import as_gradient
+from .. import background as _background
 from .. import layout as L
 from ..base import Bucket
 from ..numpy import NumpyBucket
@@ -22,10 +23,7 @@ from . import locate as _locate
 from .closed_forms import CompiledRows
 from .loops import ALL_LOOPS, loops_for
 
-__all__ = ["PARALLEL_MIN_SIZE", "PENDING", "CpuBucket"]
-
-# What ``step_path`` returns while the entry compiles in the background.
-PENDING = "pending"
+__all__ = ["PARALLEL_MIN_SIZE", "CpuBucket"]
 
 # Below this many elements (in one bucket) a step runs serially: a parallel
 # launch costs a few microseconds of thread-pool wake-up, and work is split
@@ -183,9 +181,8 @@ class CpuBucket(CompiledRows, Bucket):
         nothing written) or another code when the general path must take
         ``grads`` (nothing written).  The caller keeps ``grads`` alive and
         unchanged for the call (a tuple, or a list while holding the GIL).
-        With ``wait`` False, ``PENDING`` where the entry is being compiled
-        in the background (``background.py``): until it is ready, step with
-        ``reference()``.
+        With ``wait`` False, ``background.PENDING`` while a child compiles
+        the entry: until it is ready, step with ``reference()``.
         """
         if not _locate.layout_ok():
             return None
@@ -197,7 +194,7 @@ class CpuBucket(CompiledRows, Bucket):
         entry = K.bucket_step_entry(self.dtype, hold_gil=hold_gil, parallel=parallel,
                                     loops=self._loops(scalars[0]), wait=wait)
         if entry is None:
-            return PENDING
+            return _background.PENDING
         return entry, _address(ctx), (_PARALLEL_LOCK if parallel else None), hold_gil
 
     def reference(self):
