@@ -124,3 +124,123 @@ def test_state_load_sets_the_flag(uniform):
         fast.step(gs)
         ref.step(gs)
     _assert_same(fast, ref, fast.params, ref.params)
+
+
+# --- counts held as one number while uniform (layout.LAZY) ------------------------
+# The steps below read no state until the end, so the counts stay held in the
+# flag row across many steps: every way out of that (a zero in one chunk
+# only, a clipping step, a row-sparse step, a checkpoint) must store them.
+
+_SHAPES = {"single": [(10,)], "segments": [(7,), (3, 4), (5,)],
+           "parallel": [(1 << 18,), (9,)]}
+
+
+def _nonzero(rng, shapes, dtype):
+    return [(rng.standard_normal(s) + 3.0).astype(dtype) for s in shapes]
+
+
+def _pair(shapes, dtype, **kw):
+    xs_c = [np.zeros(s, dtype) for s in shapes]
+    xs_n = [x.copy() for x in xs_c]
+    return (eg.Expectigrad(xs_c, **kw), xs_c,
+            eg.Expectigrad(xs_n, backend="numpy", **kw), xs_n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(_SHAPES))
+def test_count_array_untouched_while_uniform(case, dtype):
+    """The stretch of the architecture issue: while an array's counts are
+    uniform its steps do not write the count array (it stays as allocated,
+    zero), yet the state read afterwards holds the right counts."""
+    shapes = _SHAPES[case]
+    rng = np.random.default_rng(1)
+    fast, xs_c, ref, xs_n = _pair(shapes, dtype, lr=0.01)
+    for _ in range(5):
+        gs = _nonzero(rng, shapes, dtype)
+        fast.step(gs)
+        ref.step(gs)
+    (bucket,) = fast._buckets
+    assert not bucket.count.any()
+    assert bucket.flags[:, _layout.LAZY].tolist() == [1] * len(shapes)
+    _assert_same(fast, ref, xs_c, xs_n)
+    assert fast.state_dict()["state"][0]["count"].min() == 5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(_SHAPES))
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_zero_in_one_element_stores_every_count(case, dtype, where):
+    """After held steps, one zero gradient element (in the first or the
+    last chunk of a parallel-size array) ends uniformity: every count of
+    the array must then be stored, also in the chunks that met no zero."""
+    shapes = _SHAPES[case]
+    rng = np.random.default_rng(2)
+    fast, xs_c, ref, xs_n = _pair(shapes, dtype, lr=0.01)
+    for s in range(9):
+        gs = _nonzero(rng, shapes, dtype)
+        if s == 4:
+            gs[0].reshape(-1)[0 if where == "first" else -1] = 0
+        if s == 6 and len(shapes) > 1:
+            gs[1] = None                      # held counts of a skipped array
+        fast.step(gs)
+        ref.step(gs)
+    _assert_same(fast, ref, xs_c, xs_n)
+    assert _uniform_flags(fast)[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(_SHAPES))
+def test_clipping_after_held_steps(case, dtype):
+    """Small gradients leave norm clipping idle (the uniform loop); a large
+    one clips: the clipped loop reads the counts, which must be stored
+    first.  Against the same backend with its state read after every step
+    (so its counts are stored before each step): the numpy backend sums the
+    squared norm in another order, 1 ulp away in float64."""
+    shapes = _SHAPES[case]
+    rng = np.random.default_rng(3)
+    xs_c = [np.zeros(s, dtype) for s in shapes]
+    xs_r = [x.copy() for x in xs_c]
+    fast = eg.Expectigrad(xs_c, lr=0.01, clipnorm=1e4)
+    ref = eg.Expectigrad(xs_r, lr=0.01, clipnorm=1e4)
+    for s in range(7):
+        gs = _nonzero(rng, shapes, dtype)
+        if s == 4:
+            gs = [g * 1e4 for g in gs]
+        fast.step(gs)
+        ref.step(gs)
+        ref.state_dict()
+    assert _uniform_flags(fast)[0] == 0
+    _assert_same(fast, ref, xs_c, xs_r)
+
+
+def test_row_sparse_step_after_held_steps():
+    rng = np.random.default_rng(4)
+    shapes = [(50, 4), (6,)]
+    fast, xs_c, ref, xs_n = _pair(shapes, np.float64, lr=0.01)
+    for s in range(8):
+        gs = _nonzero(rng, shapes, np.float64)
+        if s == 4:
+            gs[0] = eg.RowSparse(np.array([3, 17]), rng.standard_normal((2, 4)) + 3)
+        fast.step(gs)
+        ref.step(gs)
+    _assert_same(fast, ref, xs_c, xs_n)
+
+
+def test_checkpoint_while_held(tmp_path):
+    rng = np.random.default_rng(5)
+    shapes = [(7,), (3, 4)]
+    fast, xs_c, ref, xs_n = _pair(shapes, np.float32, lr=0.01)
+    stream = [_nonzero(rng, shapes, np.float32) for _ in range(8)]
+    stream[6][1][1, 2] = 0
+    for gs in stream[:4]:
+        fast.step(gs)
+        ref.step(gs)
+    fast.save(tmp_path / "a.npz")
+    xs_l = [np.zeros(s, np.float32) for s in shapes]
+    loaded = eg.Expectigrad(xs_l, lr=0.01)
+    loaded.load(tmp_path / "a.npz")
+    for gs in stream[4:]:
+        for o in (fast, ref, loaded):
+            o.step(gs)
+    _assert_same(fast, ref, xs_c, xs_n)
+    _assert_same(loaded, ref, xs_l, xs_n)

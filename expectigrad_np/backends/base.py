@@ -84,11 +84,23 @@ class Bucket(abc.ABC):
     def has_momentum(self):
         return "momentum" in self.stored
 
+    def store_counts(self, k):
+        """Write array ``k``'s counts into the count buffer if the kernels
+        hold them as one number (``layout.LAZY``: while uniform they are
+        not stored).  ``segment`` and ``flat_segment`` call it: every
+        reader of the counts outside the kernels goes through them."""
+        f = self.flags[k]
+        if f[L.LAZY]:
+            self.count[self.offsets[k]:self.offsets[k + 1]] = f[L.HELD]
+            f[L.LAZY] = 0
+
     def segment(self, name, k):
         """Array ``k``'s piece of the flat state buffer ``name``, in the
         parameter's shape; None if the bucket does not store ``name``."""
         if name not in self.stored:
             return None
+        if name == "count":
+            self.store_counts(k)
         flat = getattr(self, name)
         return flat[self.offsets[k]:self.offsets[k + 1]].reshape(self.shapes[k])
 
@@ -232,4 +244,6 @@ class Bucket(abc.ABC):
         array when the bucket does not store ``name``)."""
         if name not in self.stored:
             return np.zeros(0, L.COUNT_DTYPE if name == "count" else self.dtype)
+        if name == "count":
+            self.store_counts(k)
         return getattr(self, name)[self.offsets[k]:self.offsets[k + 1]]

@@ -378,13 +378,14 @@ class CpuBucket(CompiledRows, Bucket):
         nrows, rowsize = self.rows_shape(k)
         if rowsize == 0 or rows.size == 0:
             return np.zeros(rows.size, np.bool_) if self.flags[k, L.MOMENTUM] else None
+        count = self.flat_segment("count", k)       # stored, if they were held
         f = self.flags[k].copy()
         f[L.UNIFORM] = 0                    # counts of other rows differ
         live = np.zeros(rows.size, np.bool_)
         none = np.zeros(0)
         B, C, D, Rc = catch if catch is not None else (none,) * 4
         R.rows_step(self.params[k].reshape(-1), self.flat_segment("mean_sq", k),
-                    self.flat_segment("count", k), self.flat_segment("momentum", k),
+                    count, self.flat_segment("momentum", k),
                     rows, sel, values, rowsize, self.coef[k], f, self.dtype.type(scale),
                     self._zero_rows(rowsize), live, catch is not None, B, C, D, Rc,
                     bool(f[L.MOMENTUM]), not f[L.SPARSE])

@@ -48,6 +48,7 @@ from ..layout import (
     FLAG_FIELDS,
     HYPER_FIELDS,
     INV_T,
+    LAZY,
     STEP,
     T,
 )
@@ -59,6 +60,8 @@ from .loops import (
     ALL_LOOPS,
     ANY_CLIP,
     NORM_UNIT,
+    _counts_after,
+    _counts_before,
     _first_pass,
     _first_pass_unclipped,
     _has_loop,
@@ -118,9 +121,12 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
             scale *= limit / norm if norm > limit else 1.0
             sumsq = (norm / NORM_UNIT) ** 2                    # inf beyond float64
     scale = x.dtype.type(scale)
-    if not _has_loop(f, scale != 1 or c[CLIPVALUE] < np.inf):
+    clipping = scale != 1 or c[CLIPVALUE] < np.inf
+    if not _has_loop(f, clipping):
         return NO_LOOP, sumsq
+    _counts_before(n, f, clipping)
     _update_span(x, g, v, n, m, c, f, scale, np.int64(0))
+    _counts_after(g, n, f)
     return STEPPED, sumsq
 
 
@@ -249,6 +255,10 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
         if flags[k, ACTIVE] and not _has_loop(
                 flags[k], v.dtype.type(scale[k]) != 1 or coef[k, CLIPVALUE] < np.inf):
             return SEGMENTS_NO_LOOP, total
+    for k in range(n_arrays):
+        if flags[k, ACTIVE]:
+            _counts_before(n[offsets[k]:offsets[k + 1]] if n.size else n, flags[k],
+                           v.dtype.type(scale[k]) != 1 or coef[k, CLIPVALUE] < np.inf)
     for j in prange(n_chunks):
         k = chunk_seg[j]
         if flags[k, ACTIVE]:
@@ -261,6 +271,11 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
             m_span = m[a:b] if m.size else m
             _update_span(x[lo:hi], g[lo:hi], v[a:b], n_span, m_span,
                          coef[k], flags[k], v.dtype.type(scale[k]), lo)
+    for k in range(n_arrays):
+        if flags[k, ACTIVE] and flags[k, LAZY]:
+            size = offsets[k + 1] - offsets[k]
+            _counts_after(carray(_pointer_like(g_addr[k], v), size),
+                          n[offsets[k]:offsets[k + 1]], flags[k])
     return -1, total
 
 

@@ -20,7 +20,9 @@ from ..layout import (
     DECAY,
     EPS,
     FIRST,
+    HELD,
     INV_T,
+    LAZY,
     MOMENTUM,
     OMB,
     SPARSE,
@@ -88,7 +90,7 @@ def _addresses(x, g, v, n, m):
 
 @njit(inline="always", **_OPTS)
 def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sparse,
-            momentum, uniform, now, before, w_t):
+            momentum, uniform, w_t):
     """The element update, written once: ``count`` blocks of ``block``
     elements from element ``lo``.  Returns the hash of the next element and
     (uniform loop) whether some gradient was zero.
@@ -96,10 +98,11 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
     With the sparse counter an element is counted when its (clipped)
     gradient is not zero, and g**2 enters the mean with weight 1/count (0
     when not counted); with the dense counter with weight 1/t.  In the
-    uniform loop (``uniform``: every count is ``before = t - 1``) a counted
-    element gets count ``now = t`` and weight ``w_t = 1/t``, with no
-    division.  Then the momentum (when ``momentum``) and the parameter step.
-    Every flag is a compile-time constant at every call.
+    uniform loop (``uniform``: every count is ``t - 1``) a counted element
+    gets weight ``w_t = 1/t``, with no division, and the counts are neither
+    read nor written (``layout.LAZY``: ``_counts_after`` stores them once
+    some gradient was zero).  Then the momentum (when ``momentum``) and the
+    parameter step.  Every flag is a compile-time constant at every call.
     """
     step, beta, omb, eps, inv_t, clipvalue, one, zero, decay = k
     missed = False
@@ -107,7 +110,7 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
     for b in range(count):
         if prefetch and b + _AHEAD_BLOCKS < count:
             _prefetch_block(x_at, g_at, v_at, n_at, m_at, b + _AHEAD_BLOCKS, block,
-                            sparse, momentum)
+                            sparse and not uniform, momentum)
         for j in range(block):
             i = lo + np.uint64(b * block + j)      # unsigned: no wraparound code
             gi = _saturate(_clip(g[i], scale, clipvalue, clipping))
@@ -115,7 +118,6 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
             if uniform:
                 counted = g2 != zero
                 missed = missed | (g2 == zero)
-                n[i] = now if counted else before
                 w = w_t if counted else zero
             elif sparse:
                 counted = g2 != zero
@@ -135,8 +137,7 @@ def _blocks(x, g, v, n, m, k, scale, h, lo, count, block, prefetch, clipping, sp
 
 
 @njit(inline="always", **_OPTS)
-def _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, uniform,
-                    now, before):
+def _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, uniform, now):
     """Whole blocks (prefetching), then the rest one element at a time (a
     block of one, which LLVM vectorises as a plain loop)."""
     k = _coefficients(c)
@@ -144,10 +145,10 @@ def _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, unif
     block = _block(x)
     whole = x.size // block
     h, missed = _blocks(x, g, v, n, m, k, scale, h, np.uint64(0), whole, block, True,
-                        clipping, sparse, momentum, uniform, now, before, w_t)
+                        clipping, sparse, momentum, uniform, w_t)
     _, missed_rest = _blocks(x, g, v, n, m, k, scale, h, np.uint64(whole * block),
                              x.size - whole * block, 1, False, clipping, sparse, momentum,
-                             uniform, now, before, w_t)
+                             uniform, w_t)
     return missed | missed_rest
 
 
@@ -155,7 +156,7 @@ def _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, unif
 def _update_general(x, g, v, n, m, c, scale, h, clipping, sparse, momentum):
     """The general loop (``clipping``, ``sparse``, ``momentum`` constants)."""
     _whole_and_rest(x, g, v, n, m, c, scale, h, clipping, sparse, momentum, False,
-                    np.uint32(1), np.uint32(0))
+                    np.uint32(1))
 
 
 # --- the sparse counter while every count equals the step count ---------------
@@ -170,13 +171,64 @@ def _update_general(x, g, v, n, m, c, scale, h, clipping, sparse, momentum):
 # uniformity without looking (clipping can zero a gradient: a norm that
 # overflows gives scale 0; tracking that in the general loop cost 14 % of
 # its time at 1e5 elements).
+#
+# While uniform, the counts are one number, so they are not kept in the count
+# array at all (``layout.LAZY``, ``layout.HELD``): the step moves Adam's 28
+# bytes an element (float32) instead of 36.  Around the update pass of every
+# entry point, ``_counts_before`` decides per array whether it takes the
+# uniform loop (then the flag ``LAZY`` is set, and stays fixed while chunks
+# of the array run in parallel) or stores its counts for the loop that
+# reads them; ``_counts_after`` records the number, or, when some chunk met
+# a zero gradient, stores every count of the array from this step's
+# gradient (once in the array's life).
 
 @njit(inline="always", **_OPTS)
 def _update_uniform(x, g, v, n, m, c, h, t, momentum):
     """The uniform loop, with momentum or not (``momentum`` a constant);
     returns whether some gradient was zero."""
     return _whole_and_rest(x, g, v, n, m, c, x.dtype.type(1), h, False, True, momentum,
-                           True, np.uint32(t), np.uint32(t - 1))
+                           True, np.uint32(t))
+
+
+@njit(inline="always", **_OPTS)
+def _takes_uniform(f, clipping):
+    """Whether an array with flags ``f`` takes a uniform loop this step."""
+    return (f[SPARSE] != 0 and not clipping and f[UNIFORM] != 0
+            and f[T] <= UNIFORM_MAX_T)
+
+
+@njit(inline="always", **_OPTS)
+def _counts_before(n, f, clipping):
+    """Before the update pass, for an active array with counts ``n``: set
+    ``LAZY`` if it takes the uniform loop (its counts are then ``t - 1``,
+    stored or not), else store its counts if they are held (``HELD``), for
+    the loop that reads them."""
+    if _takes_uniform(f, clipping):
+        f[LAZY] = 1
+    elif f[LAZY] != 0:
+        held = np.uint32(f[HELD])
+        for i in range(n.size):
+            n[i] = held
+        f[LAZY] = 0
+
+
+@njit(inline="always", **_OPTS)
+def _counts_after(g, n, f):
+    """After the update pass, for an active array that took the uniform
+    loop: its counts are now all ``t`` (``HELD``), unless some gradient was
+    zero (the loop cleared ``UNIFORM``); then store each count from this
+    step's gradient, as the uniform loop counted it, and end ``LAZY``."""
+    if f[LAZY] == 0:
+        return
+    t = f[T]
+    if f[UNIFORM] != 0:
+        f[HELD] = t
+        return
+    now, before, zero = np.uint32(t), np.uint32(t - 1), g.dtype.type(0)
+    for i in range(g.size):
+        gi = _saturate(g[i])
+        n[i] = now if gi * gi != zero else before
+    f[LAZY] = 0
 
 
 # --- which loops a compiled span holds ------------------------------------------
@@ -226,6 +278,8 @@ def _has_loop(f, clipping):
         return ((CLIP_SM and sparse and momentum) or (CLIP_SN and sparse and not momentum)
                 or (CLIP_DM and not sparse and momentum)
                 or (CLIP_DN and not sparse and not momentum))
+    if _takes_uniform(f, clipping):
+        return (UNIFORM_M and momentum) or (UNIFORM_N and not momentum)
     return ((PLAIN_SM and sparse and momentum) or (PLAIN_SN and sparse and not momentum)
             or (PLAIN_DM and not sparse and momentum)
             or (PLAIN_DN and not sparse and not momentum))
@@ -239,16 +293,16 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
     with the loop its flags call for (the caller has made sure, with
     ``_has_loop``, that this compiled span holds it).
 
-    Writes ``f[UNIFORM] = 0`` when a uniform array meets a zero gradient, or
-    takes a loop that does not keep uniformity.  Chunks of one array may run
-    in parallel and read the flag at different times; either loop is right
-    for a span whose counts are uniform.
+    An array takes the uniform loop when ``_counts_before`` set ``LAZY``
+    (fixed while chunks of it run in parallel).  Writes ``f[UNIFORM] = 0``
+    when a uniform array meets a zero gradient, or takes a loop that does
+    not keep uniformity.
     """
     t = f[T]
     h = _weyl(i0 + f[FIRST], t)
     sparse = f[SPARSE] != 0
     momentum = f[MOMENTUM] != 0
-    uniform = f[UNIFORM] != 0 and t <= UNIFORM_MAX_T
+    uniform = f[LAZY] != 0
     if scale != 1 or c[CLIPVALUE] < np.inf:
         f[UNIFORM] = 0          # clipping may have zeroed a gradient: not tracked
         if CLIP_SM and sparse and momentum:
