@@ -110,6 +110,7 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         coef = np.tile(np.array([0.01, 0.9, 0.1, 1e-8, 1.0, 0.5, 3.0, 1.0], dtype), (len(sizes), 1))
         flags = np.ones((len(sizes), len(_layout.FLAG_FIELDS)), np.int64)
         flags[:, _layout.T] = 0             # counts 0 = step count 0: uniform
+        flags[:, [_layout.LAZY, _layout.HELD]] = 0      # counts stored
         seg, lo, hi = _layout.make_chunks(sizes)
         x_addr = np.array([cpu.data_address(x) if x.size else 0 for x in xs], np.int64)
         rng = np.random.default_rng(1)

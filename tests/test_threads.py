@@ -146,9 +146,11 @@ x = np.zeros(1 << 16, np.float32); g = np.ones_like(x)
 v, m, n = np.zeros_like(x), np.zeros_like(x), np.zeros(x.size, np.uint32)
 seg, lo, hi = _layout.make_chunks([x.size])
 coef = np.array([[1e-3, .9, .1, 1e-8, 1., np.inf, np.inf, 1.]], np.float32)
+flags = np.zeros((1, len(_layout.FLAG_FIELDS)), np.int64)     # a whole flag row
+flags[0, [_layout.ACTIVE, _layout.SPARSE, _layout.MOMENTUM, _layout.T]] = 1
 kernel = K.segments_step_parallel if sys.argv[1] == "parallel" else K.segments_step
 kernel(np.array([K.data_address(x)]), np.array([K.data_address(g)]),
-       np.array([0, x.size]), seg, lo, hi, v, n, m, coef, np.array([[1, 1, 1]]),
+       np.array([0, x.size]), seg, lo, hi, v, n, m, coef, flags,
        True, np.inf, 0.0, True)
 try:
     print(numba.threading_layer())

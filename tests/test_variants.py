@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import expectigrad_np as eg
+from expectigrad_np.backends import layout as _layout
 from expectigrad_np.backends.cpu import kernels as K
 from expectigrad_np.backends.cpu import loops as _loops
 
@@ -25,7 +26,8 @@ def test_a_variant_without_the_loop_writes_nothing(dtype):
     x, g = np.zeros(n, dtype), np.full(n, 0.5, dtype)
     v, m, cnt = np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, np.uint32)
     coef = np.array([1e-3, .9, .1, 1e-8, 1., np.inf, np.inf, 1.], dtype)
-    flags = np.array([1, 1, 1, 1, 0], np.int64)                 # sparse, momentum
+    flags = np.zeros(len(_layout.FLAG_FIELDS), np.int64)
+    flags[[_layout.ACTIVE, _layout.SPARSE, _layout.MOMENTUM, _layout.T]] = 1  # sparse, momentum
     wrong = K.variant(_loops.loops_for(False, False, False))    # dense, no momentum
     code, _ = wrong.array_step(x, g, v, cnt, m, coef, flags, True, np.inf)
     assert code == K.NO_LOOP
