@@ -159,6 +159,7 @@ print(json.dumps(dict(first=first, then=opt._fast is not None, x=x.tolist(),
 
 
 @needs_background
+@pytest.mark.slow
 @pytest.mark.parametrize("child", ["compiles", "fail", "hang"])
 def test_cold_cache_first_step_does_not_wait(child):
     """A fresh cache: the first step is the reference's and a child

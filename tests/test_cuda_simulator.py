@@ -20,6 +20,7 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.slow
 def test_cuda_backend_under_the_simulator():
     if importlib.util.find_spec("numba_cuda") is None:
         pytest.skip("numba-cuda is not installed (pip install 'expectigrad_np[cuda]'); "

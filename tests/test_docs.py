@@ -48,6 +48,7 @@ def site(tmp_path_factory):
     return run.returncode, run.stdout + run.stderr, out
 
 
+@pytest.mark.slow
 def test_sphinx_build_has_no_warnings(site):
     rc, output, out = site
     warnings = [line for line in output.splitlines()
@@ -136,6 +137,7 @@ def test_public_names_have_docstrings_with_parameters(modname):
     assert not problems, "docstrings to complete:\n" + "\n".join(problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modname", list(MODULES))
 def test_public_names_are_in_the_api_reference(modname, site):
     module = load(modname)

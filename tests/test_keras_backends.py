@@ -17,6 +17,7 @@ FILES = {"tensorflow": ["tests/test_keras.py", "tests/keras_tensorflow_cases.py"
 ENV = {"tensorflow": {"TF_CPP_MIN_LOG_LEVEL": "2"}, "jax": {"JAX_ENABLE_X64": "1"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_the_keras_front_end_on(backend):
     if importlib.util.find_spec("keras") is None:

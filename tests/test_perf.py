@@ -348,6 +348,7 @@ def test_steady_state_steps_do_not_grow_peak_memory():
     assert r["hwm"] - r["rss"] < r["bytes"] // 4, r
 
 
+@pytest.mark.slow
 def test_bench_smoke_emits_json():
     out = subprocess.run(
         [sys.executable, "-m", "expectigrad_np", "bench", "--sizes", "10",

@@ -159,6 +159,7 @@ except ValueError:
 """
 
 
+@pytest.mark.slow
 def test_serial_and_parallel_kernels_do_not_share_a_cache_entry(tmp_path):
     """Compiled into one cache directory one after the other, each variant
     must still run as itself (a shared entry made the 'parallel' kernel run
