@@ -45,12 +45,15 @@ Importing this module imports mpi4py; ``import expectigrad_np`` does not.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
 
 from . import _validation as V
 from .backends import layout as L
+from .backends.cpu.reduce import rank_mean
 from .optimizer import Expectigrad as _Core
 from .param_groups import Changes, ParamGroup, parse_groups
 from .sparse import RowSparse, _sum_duplicates, as_rows, densify, is_row_sparse
@@ -72,10 +75,17 @@ def _agree(comm, error, what):
 
 
 def _agree_on_gradients(comm, error, local):
-    """``_agree`` and ``_same_nones`` in one collective."""
+    """Raise on every rank if some rank failed reading its gradients or the
+    ranks disagree on which are None: one collective."""
     report = None if error is None else (type(error).__name__, str(error))
     present = None if local is None else [g is not None for g in local]
-    gathered = comm.allgather((report, present))
+    _raise_agreed(comm, error, comm.allgather((report, present)))
+
+
+def _raise_agreed(comm, error, gathered):
+    """Raise on every rank if some rank failed reading its gradients or the
+    ranks disagree on which are None, from every rank's ``(report,
+    present)``."""
     for rank, (r, _) in enumerate(gathered):
         if r is not None:
             if error is not None and rank == comm.rank:
@@ -85,8 +95,30 @@ def _agree_on_gradients(comm, error, local):
     _check_nones([p for _, p in gathered])
 
 
-def _same_nones(comm, local):
-    _check_nones(comm.allgather([g is not None for g in local]))
+def _mpi_type(dtype):
+    """The MPI datatype of a NumPy dtype."""
+    return from_numpy_dtype(np.dtype(dtype))
+
+
+def _span_type(arrays, offsets, lo, hi):
+    """A committed MPI datatype (absolute addresses: use with ``MPI.BOTTOM``)
+    covering elements ``lo:hi`` of the flat space that ``arrays`` (C
+    contiguous, one dtype) make in turn, ``offsets`` their starts."""
+    lengths, places = [], []
+    for a, o0, o1 in zip(arrays, offsets[:-1], offsets[1:]):
+        a0, a1 = max(int(lo), int(o0)), min(int(hi), int(o1))
+        if a1 > a0:
+            lengths.append(a1 - a0)
+            places.append(a.ctypes.data + (a0 - int(o0)) * a.itemsize)
+    dtype = arrays[0].dtype if arrays else np.dtype(np.float64)
+    return _mpi_type(dtype).Create_hindexed(lengths, places).Commit()
+
+
+def _free_types(types):
+    """Free MPI datatypes (not after MPI has ended)."""
+    if not MPI.Is_finalized():
+        for t in types:
+            t.Free()
 
 
 def _check_nones(patterns):
@@ -172,8 +204,7 @@ class Expectigrad(_Core):
             local = self._local_gradients(grads)
         except (TypeError, ValueError) as exc:
             error = exc
-        self._agree(error, "reading its gradients")
-        _same_nones(self.comm, local)
+        _agree_on_gradients(self.comm, error, local)
         local = self._sparse_mean(local)
         super().step(self._mean(local))
 
@@ -395,16 +426,26 @@ class ShardedExpectigrad:
             total = int(offsets[-1])
             bounds = np.array([total * r // size for r in range(size + 1)], np.int64)
             self._buckets[dt] = (idx, offsets, bounds)
-        # Buffers of a step, allocated once per dtype: the flat gradients (and
-        # gathered parameters), a chunk of every rank's shard, and the mean.
+        # Buffers of a step, allocated once per dtype: a chunk of every rank's
+        # shard and the mean.  Nothing of the size of the parameters: the
+        # collectives read the gradients and write the parameters where
+        # they are (``_span_type``).
         chunk = 1 << 20 if self.chunk is None else self.chunk
         self._scratch = {}
         for dt, (idx, offsets, bounds) in self._buckets.items():
             widest = int(np.max(np.diff(bounds)))
             c = max(1, min(chunk, widest))
-            self._scratch[dt] = (np.zeros(int(offsets[-1]), np.dtype(dt)),
-                                 np.empty((size, c), np.dtype(dt)),
+            self._scratch[dt] = (np.empty((size, c), np.dtype(dt)),
                                  np.empty(int(bounds[rank + 1] - bounds[rank]), np.dtype(dt)))
+        # The all-gather's datatypes, over the parameters (which stay put):
+        # each rank's shard, in the parameters' memory.
+        self._gather_types = {}
+        for dt, (idx, offsets, bounds) in self._buckets.items():
+            arrays = [self._params[i] for i in idx]
+            self._gather_types[dt] = [_span_type(arrays, offsets, bounds[r], bounds[r + 1])
+                                      for r in range(size)]
+        weakref.finalize(self, _free_types,
+                         [t for ts in self._gather_types.values() for t in ts])
         # Pieces: (param index, first element, end element), one per parameter
         # meeting this rank's shard; the core steps views of them.
         self._pieces = []
@@ -504,14 +545,18 @@ class ShardedExpectigrad:
                 self._sync_hyper()
             except (TypeError, ValueError) as exc:
                 error = exc
-            _agree_on_gradients(self.comm, error, local)
-            active = np.array([g is not None for g in local])
+            # Every rank takes part in the reduce-scatter, a rank that failed
+            # too (its buffer is sent as it is): one small collective after
+            # it then agrees on errors, on the None pattern and on the check
+            # and the norms, before anything changes.
+            shard = self._reduce_scatter(local)
+            active = (np.zeros(len(self._params), bool) if local is None
+                      else np.array([g is not None for g in local]))
+            pieces = self._piece_gradients(shard, active)
+            self._check_and_clip(pieces, shard, error, local)
             if not active.any():
                 return
-            shard = self._reduce_scatter(local)
-            pieces = self._piece_gradients(shard, active)
-            self._check_and_clip(pieces)
-            self.core.step([None if g is None else g for g in pieces])
+            self.core.step(pieces)
             self._all_gather()
             self._t += active
             self.step_count += 1
@@ -534,34 +579,44 @@ class ShardedExpectigrad:
                 else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
                 for g, p, name in zip(grads, self._params, self._names)]
 
-    def _reduce_scatter(self, local):
-        """``{dtype: (this rank's shard of the mean gradient, its start)}``:
-        every rank sends each rank that rank's shard (``Alltoallv``, in
-        chunks of ``chunk`` elements a shard); the P pieces are summed in
-        rank order and divided by P (the replicated class's bits).  Into
-        buffers allocated once (``_scratch``)."""
+    def _reduce_scatter(self, local, mean=True):
+        """``{dtype: (this rank's shard of the mean gradient, its start,
+        whether it holds NaN or infinity)}``: every rank sends each rank
+        that rank's shard (``Alltoallw``, in chunks of ``chunk`` elements a
+        shard, read from the gradients where they are); the P pieces are
+        summed in rank order and divided by P (the replicated class's bits),
+        in one pass (``rank_mean``).  Into buffers allocated once
+        (``_scratch``).  A None gradient (the same on every rank, unused),
+        or every gradient of a rank that failed to read them (``local``
+        None), is sent from the parameter instead.  ``mean`` False: the
+        collectives alone (the bench)."""
         size, rank = self.comm.size, self.comm.rank
         out = {}
         for dt, (idx, offsets, bounds) in self._buckets.items():
-            flat, rows, mean = self._scratch[dt]
-            for j, i in enumerate(idx):
-                if local[i] is not None:             # None: the same on every rank, unused
-                    flat[offsets[j]:offsets[j + 1]] = local[i].reshape(-1)
+            rows, shard_mean = self._scratch[dt]
+            sources = [self._params[i] if local is None or local[i] is None else local[i]
+                       for i in idx]
             c = rows.shape[1]
             starts = bounds[:-1]
             ends = bounds[1:]
+            bad = False
+            unit = _mpi_type(rows.dtype)
             for k in range(-(-int(np.max(ends - starts)) // c)):
                 lo = np.minimum(starts + k * c, ends)
                 counts = np.minimum(lo + c, ends) - lo
                 m = int(counts[rank])
-                self.comm.Alltoallv([flat, (counts, lo)],
-                                    [rows, ([m] * size, [c * r for r in range(size)])])
-                acc = mean[k * c:k * c + m]
-                acc[...] = rows[0, :m]
-                for r in range(1, size):             # rank order: deterministic
-                    acc += rows[r, :m]
-            mean /= mean.dtype.type(size)
-            out[dt] = (mean, int(bounds[rank]))
+                types = [_span_type(sources, offsets, lo[r], lo[r] + counts[r])
+                         for r in range(size)]
+                try:
+                    self.comm.Alltoallw(
+                        [MPI.BOTTOM, ([1] * size, [0] * size), types],
+                        [rows, ([m] * size, [c * r * rows.itemsize for r in range(size)]),
+                         [unit] * size])
+                finally:
+                    _free_types(types)
+                if mean:
+                    bad |= rank_mean(rows, m, shard_mean[k * c:k * c + m])   # rank order
+            out[dt] = (shard_mean, int(bounds[rank]), bad)
         return out
 
     def _piece_gradients(self, shard, active):
@@ -574,16 +629,19 @@ class ShardedExpectigrad:
                 continue
             p = self._params[i]
             idx, offsets, _ = self._buckets[p.dtype.str]
-            acc, lo = shard[p.dtype.str]
+            acc, lo, _ = shard[p.dtype.str]
             start = int(offsets[idx.index(i)]) + a - lo
             pieces.append(acc[start:start + (b - a)])
         return pieces
 
-    def _check_and_clip(self, pieces):
-        """Refuse non-finite gradients and clip, deciding over every rank
-        (squared norms per parameter summed in rank order): the pieces are
-        clipped in place as the kernels would (value, then the per-array and
-        global factors, in the parameter's dtype)."""
+    def _check_and_clip(self, pieces, shard, error, local):
+        """Agree on the gradients, refuse non-finite ones and clip, deciding
+        over every rank in one collective: whether some rank failed to read
+        its gradients (``error``), which are None (``local``), the first
+        non-finite mean gradient, and the squared norms per parameter,
+        summed in rank order.  The pieces are clipped in place as the
+        kernels would (value, then the per-array and global factors, in the
+        parameter's dtype)."""
         n = len(self._params)
         first_bad = n
         sumsq = np.zeros(n)
@@ -591,9 +649,9 @@ class ShardedExpectigrad:
         needs_norm = self.global_clipnorm is not None or any(
             g["clipnorm"] is not None for g in groups)
         for (i, _, _), g in zip(self._order, pieces):
-            if g is None or g.size == 0:
+            if error is not None or g is None or g.size == 0:
                 continue
-            if self.check_finite and not np.isfinite(g).all():
+            if self.check_finite and shard[g.dtype.str][2] and not np.isfinite(g).all():
                 first_bad = min(first_bad, i)
             clipvalue = groups[self._group_of[i]]["clipvalue"]
             if clipvalue is not None:
@@ -601,9 +659,11 @@ class ShardedExpectigrad:
             if needs_norm:
                 with np.errstate(over="ignore"):     # inf: summed again in units
                     sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
-        if not (self.check_finite or needs_norm):
-            return
-        gathered = self.comm.allgather((first_bad, sumsq))     # one collective for both
+        report = None if error is None else (type(error).__name__, str(error))
+        present = None if local is None else [g is not None for g in local]
+        gathered = self.comm.allgather((report, present, first_bad, sumsq))
+        _raise_agreed(self.comm, error, [(r, p) for r, p, _, _ in gathered])
+        gathered = [(b, s) for _, _, b, s in gathered]
         bad = min(b for b, _ in gathered)
         if bad < n:
             raise FloatingPointError(f"the gradient of {self._names[bad]} (the mean over the "
@@ -649,19 +709,14 @@ class ShardedExpectigrad:
         return total
 
     def _all_gather(self):
-        """Every rank's updated shard to every rank (``Allgatherv`` per
-        dtype, in place in the flat buffer), copied into the parameters."""
-        rank = self.comm.rank
-        for dt, (idx, offsets, bounds) in self._buckets.items():
-            flat = self._scratch[dt][0]
-            lo, hi = int(bounds[rank]), int(bounds[rank + 1])
-            for j, i in enumerate(idx):
-                a, b = max(lo, offsets[j]), min(hi, offsets[j + 1])
-                if b > a:
-                    flat[a:b] = self._params[i].reshape(-1)[a - offsets[j]:b - offsets[j]]
-            self.comm.Allgatherv(MPI.IN_PLACE, [flat, (np.diff(bounds), bounds[:-1])])
-            for j, i in enumerate(idx):
-                self._params[i].reshape(-1)[...] = flat[offsets[j]:offsets[j + 1]]
+        """Every rank's updated shard to every other rank, from the
+        parameters into the parameters (``Alltoallw`` per dtype with the
+        datatypes of ``_gather_types``: no copy on either side)."""
+        size, rank = self.comm.size, self.comm.rank
+        for types in self._gather_types.values():
+            counts = [int(r != rank) for r in range(size)]    # a rank's own shard stays
+            self.comm.Alltoallw([MPI.BOTTOM, (counts, [0] * size), [types[rank]] * size],
+                                [MPI.BOTTOM, (counts, [0] * size), types])
 
     # --- state ---------------------------------------------------------------------
 

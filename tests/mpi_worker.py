@@ -137,6 +137,11 @@ except ValueError as exc:
 else:
     raise AssertionError("a malformed gradient on one rank was accepted")
 assert all(np.array_equal(a, b) for a, b in zip(before, xs))
+# Every gradient None on every rank: nothing changes, and no rank is left waiting.
+steps_before = opt.step_count
+opt.step([None] * len(xs))
+assert opt.step_count == steps_before
+assert all(np.array_equal(a, b) for a, b in zip(before, xs))
 
 # Checkpoints: one file from rank 0, loaded by every rank and by one process.
 path = f"{tmp}/mpi.npz"

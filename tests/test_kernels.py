@@ -52,6 +52,7 @@ def _compiled_ir(dtype):
     return irs
 
 
+@pytest.mark.slow
 def test_float32_update_loops_do_no_double_arithmetic():
     irs = _compiled_ir(np.float32)
     assert len(irs) == 2 * len(UPDATE_LOOPS)
@@ -60,12 +61,14 @@ def test_float32_update_loops_do_no_double_arithmetic():
         assert not DOUBLE_MATH.search(ir), f"{name} promotes float32 to double"
 
 
+@pytest.mark.slow
 def test_double_arithmetic_detector_fires_on_float64():
     """The check above can fail: the float64 loops do double arithmetic."""
     irs = _compiled_ir(np.float64)
     assert all(DOUBLE_MATH.search(ir) for ir in irs.values())
 
 
+@pytest.mark.slow
 def test_update_loops_vectorise():
     """error_model="numpy" and branch-free selects let LLVM emit SIMD loops."""
     irs = _compiled_ir(np.float32)
@@ -73,6 +76,7 @@ def test_update_loops_vectorise():
         assert re.search(r"<\d+ x float>", ir), f"{name} did not vectorise"
 
 
+@pytest.mark.slow
 def test_update_loops_prefetch():
     """Every update loop asks for the blocks ahead (``llvm.prefetch``)."""
     irs = _compiled_ir(np.float32)
@@ -124,3 +128,29 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
         results.append([x.copy() for x in xs])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_rank_mean_is_numpys_sum_in_rank_order(dtype, ranks):
+    """``mpi``'s mean over ranks in one pass: the bits of summing the rows
+    in rank order and dividing (magnitudes spread over six decades, so
+    another order rounds differently), and a non-finite flag that sees
+    only the first ``m`` columns."""
+    from expectigrad_np.backends.cpu.reduce import rank_mean
+    rng = np.random.default_rng(ranks)
+    c, m = 3000, 2500
+    rows = (rng.standard_normal((ranks, c)) * 10.0 ** rng.uniform(-3, 3, (ranks, c))
+            ).astype(dtype)
+    rows[:, m:] = np.nan                          # past m: not read
+    out = np.full(m, 7, dtype)
+    assert not rank_mean(rows, m, out)
+    acc = rows[0, :m].copy()
+    for r in range(1, ranks):
+        acc += rows[r, :m]
+    acc /= dtype(ranks)
+    np.testing.assert_array_equal(out, acc)
+    for bad in (np.inf, -np.inf, np.nan):
+        spoilt = rows.copy()
+        spoilt[ranks - 1, m - 1] = bad
+        assert rank_mean(spoilt, m, out)
