@@ -15,10 +15,13 @@ order, and those are the bits one process gets stepping that mean.
 ``shard_state=True`` (the default; ZeRO stage 1): the flat parameter space
 of each dtype is cut into P contiguous shards, and each rank keeps the
 optimizer state of its shard only (about 1/P of it).  A step sends each
-rank the gradients of its shard from every rank (one ``Alltoallv`` per
-dtype: a reduce-scatter summed in rank order, so deterministic), checks and
-clips collectively (norms summed over the ranks in rank order), updates the
-shard, and all-gathers the parameters (one ``Allgatherv`` per dtype).
+rank the gradients of its shard from every rank (one ``Alltoallw`` per
+dtype: a reduce-scatter summed in rank order, so deterministic), agrees on
+errors and checks and clips collectively in one small collective (norms
+summed over the ranks in rank order), updates the shard, and all-gathers
+the parameters (one ``Alltoallw`` per dtype).  The collectives read the
+gradients and write the parameters where they are (MPI datatypes at their
+addresses), so nothing of the parameters' size is copied or allocated.
 Without clipping, every rank ends with the bits one process gets stepping
 the mean, float32 rounding included (a shard's elements keep their indices
 in their parameter); with norm clipping, to rounding (the norms are summed
@@ -523,20 +526,20 @@ class ShardedExpectigrad:
     # --- stepping ----------------------------------------------------------------
 
     def step(self, grads):
-        """Step the mean of every rank's ``grads`` (collective).
+        """Step the mean of every rank's ``grads`` (collective), each rank
+        its shard of the state, then share the parameters.
 
         Parameters
         ----------
         grads : sequence
-            This rank's gradients, in the structure of ``params`` (arrays,
-            row-sparse gradients or ``None``); every rank must agree on which
-            are ``None``.
+            As for ``Expectigrad.step`` (replicated state): this rank's
+            gradients, ``None`` for the same parameters on every rank.
 
         Raises
         ------
         ValueError, TypeError, FloatingPointError
-            On every rank, when any rank's gradients are malformed or (with
-            ``check_finite``) not finite; nothing changes on any rank.
+            As for ``Expectigrad.step``: on every rank, and nothing changes
+            on any rank.
         """
         with self._lock:
             error, local = None, None
@@ -825,20 +828,19 @@ class ShardedExpectigrad:
         self.step_count = int(step)
 
     def save(self, path, *, params=True):
-        """Write the whole state as one single-process checkpoint from rank 0
-        (collective); every rank raises if the write failed.
+        """Gather the shards and write the whole state from rank 0, as one
+        single-process checkpoint (collective).
 
         Parameters
         ----------
-        path : str, bytes or os.PathLike
-            The file rank 0 writes (the same on every rank).
-        params : bool, default True
-            Also store the parameter values.
+        path, params
+            As for ``Expectigrad.save`` (replicated state): the file rank 0
+            writes, and whether the parameter values go in it (default True).
 
         Raises
         ------
         OSError, ValueError, TypeError
-            On every rank, when the write failed.
+            As for ``Expectigrad.save``: on every rank, if the write failed.
         """
         from .checkpoint import save
         sd = self.state_dict()
@@ -852,18 +854,19 @@ class ShardedExpectigrad:
 
     def load(self, path):
         """Read a checkpoint (any rank count's, or one process's) on every
-        rank; every rank raises if any refused it.
+        rank, each rank taking its shard of the state.
 
         Parameters
         ----------
         path : str, bytes or os.PathLike
-            A checkpoint every rank can read, written by this class, by the
-            other MPI kind or by ``expectigrad_np.Expectigrad.save``.
+            As for ``Expectigrad.load`` (replicated state): any of the three
+            kinds' checkpoints, readable by every rank.
 
         Raises
         ------
         OSError, ValueError
-            On every rank, when any rank refused the file; nothing changes.
+            As for ``Expectigrad.load``: on every rank if any refused the
+            file, and nothing changes.
         """
         from .checkpoint import load
         error = None

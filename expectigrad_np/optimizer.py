@@ -22,7 +22,7 @@ from .backends import background as _background
 from .backends import bucket_class
 from .backends import layout as L
 from .lazy import History
-from .param_groups import Changes, ParamGroup, parse_groups
+from .param_groups import Changes, ParamGroup, check_saved_groups, parse_groups
 from .sparse import as_rows, is_row_sparse
 
 _NONE_ID = id(None)
@@ -980,15 +980,10 @@ class Expectigrad:
         if not isinstance(state, Mapping) or not isinstance(groups, (list, tuple)):
             raise ValueError("not an Expectigrad state dict: 'state' must be a mapping "
                              "and 'param_groups' a list")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(groups)} param groups, the "
-                             f"optimizer has {len(self.param_groups)}")
+        check_saved_groups(groups, self._group_sizes)
         new_hyper = []
-        for gi, (g, size) in enumerate(zip(groups, self._group_sizes)):
+        for gi, g in enumerate(groups):
             where = f"state dict param group {gi}: "
-            if len(g.get("params", ())) != size:
-                raise ValueError(f"{where}has {len(g.get('params', ()))} parameters, "
-                                 f"the optimizer's group has {size}")
             hyper = {k: V.check_group_value(k, v, where)
                      for k, v in g.items() if k != "params"}
             if "eps" in hyper:

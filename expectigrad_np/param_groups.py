@@ -232,3 +232,16 @@ class ParamGroup(MutableMapping):
         """Set an already validated value (``load_state_dict``)."""
         self._data[key] = value
         self._changes.dirty = True
+
+
+def check_saved_groups(groups, sizes):
+    """Raise ``ValueError`` unless a state dict's ``param_groups`` hold, group
+    by group, as many parameters as the optimizer's groups (``sizes``)."""
+    if len(groups) != len(sizes):
+        raise ValueError(f"state dict has {len(groups)} param groups, the optimizer "
+                         f"has {len(sizes)}")
+    for gi, (g, size) in enumerate(zip(groups, sizes)):
+        saved = len(g.get("params", ()))
+        if saved != size:
+            raise ValueError(f"state dict param group {gi}: has {saved} parameters, the "
+                             f"optimizer's group has {size}")

@@ -39,6 +39,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from . import _validation as V
 from .optimizer import Expectigrad as _Core
+from .param_groups import check_saved_groups
 
 __all__ = ["Expectigrad"]
 
@@ -367,14 +368,9 @@ class Expectigrad(torch.optim.Optimizer):
         if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):
             raise ValueError("not an optimizer state dict: it needs 'state' and "
                              "'param_groups'")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(groups)} param groups, the optimizer "
-                             f"has {len(self.param_groups)}")
+        check_saved_groups(groups, [len(g["params"]) for g in self.param_groups])
         new_groups = []
         for gi, (saved, g) in enumerate(zip(groups, self.param_groups)):
-            if len(saved.get("params", ())) != len(g["params"]):
-                raise ValueError(f"param group {gi} has {len(saved.get('params', ()))} "
-                                 f"parameters in the state dict, {len(g['params'])} here")
             merged = dict(g)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             for key in ("weight_decay", "maximize", "sparse_counter"):

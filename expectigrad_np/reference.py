@@ -105,10 +105,9 @@ def dither(index, t):
 
     Parameters
     ----------
-    index : int or array_like of int
-        The elements' indices in their array (>= 0).
-    t : int
-        The step number (>= 0).
+    index, t
+        As for ``weyl``: element indices (>= 0, an int or an array of
+        them) and the step number (an int >= 0).
 
     Returns
     -------

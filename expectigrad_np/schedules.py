@@ -52,10 +52,6 @@ def _steps(name, value):
     return int(value)
 
 
-def _progress(step, steps, staircase):
-    return step // steps if staircase else step / steps
-
-
 @dataclass(frozen=True)
 class constant:
     """``value`` at every step.
@@ -80,7 +76,27 @@ class constant:
 
 
 @dataclass(frozen=True)
-class inverse_time_decay:
+class _Decay:
+    """The fields of the decays of ``lr`` by ``rate`` per ``steps`` steps,
+    checked (``_rate`` checks ``rate``)."""
+    lr: float
+    rate: float
+    steps: int = 1
+    staircase: bool = False
+    _rate = staticmethod(_nonnegative)
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", _positive("lr", self.lr))
+        object.__setattr__(self, "rate", self._rate("rate", self.rate))
+        object.__setattr__(self, "steps", _steps("steps", self.steps))
+
+    def _progress(self, step):
+        """``step / steps``, or ``step // steps`` with ``staircase``."""
+        return step // self.steps if self.staircase else step / self.steps
+
+
+@dataclass(frozen=True)
+class inverse_time_decay(_Decay):
     """``lr / (1 + rate * step / steps)``.
 
     Parameters
@@ -100,52 +116,34 @@ class inverse_time_decay:
     ValueError
         A value outside its range, or not finite.
     """
-    lr: float
-    rate: float
-    steps: int = 1
-    staircase: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "lr", _positive("lr", self.lr))
-        object.__setattr__(self, "rate", _nonnegative("rate", self.rate))
-        object.__setattr__(self, "steps", _steps("steps", self.steps))
 
     def __call__(self, step: int) -> float:
-        return self.lr / (1.0 + self.rate * _progress(step, self.steps, self.staircase))
+        return self.lr / (1.0 + self.rate * self._progress(step))
 
 
 @dataclass(frozen=True)
-class exponential_decay:
+class exponential_decay(_Decay):
     """``lr * rate ** (step / steps)``.
 
     Parameters
     ----------
-    lr : float > 0
-        The learning rate at step 0.
     rate : float > 0
         The factor per ``steps`` steps (below 1 to decay).
-    steps : int >= 1, default 1
-        The unit of ``step``.
-    staircase : bool, default False
-        Use ``step // steps`` (piecewise constant) instead of ``step / steps``.
+    lr, steps, staircase
+        As for ``inverse_time_decay``: the learning rate at step 0 (> 0),
+        the unit of ``step`` (an integer >= 1, default 1), and whether
+        ``step // steps`` replaces ``step / steps`` (default False).
 
     Raises
     ------
     ValueError
-        A value outside its range, or not finite.
+        ``lr`` or ``rate`` not finite and > 0, or ``steps`` not an integer
+        >= 1.
     """
-    lr: float
-    rate: float
-    steps: int = 1
-    staircase: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "lr", _positive("lr", self.lr))
-        object.__setattr__(self, "rate", _positive("rate", self.rate))
-        object.__setattr__(self, "steps", _steps("steps", self.steps))
+    _rate = staticmethod(_positive)
 
     def __call__(self, step: int) -> float:
-        return self.lr * self.rate ** _progress(step, self.steps, self.staircase)
+        return self.lr * self.rate ** self._progress(step)
 
 
 @dataclass(frozen=True)

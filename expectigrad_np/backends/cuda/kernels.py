@@ -217,11 +217,14 @@ else:
 # Written without device-function calls (everything is inline or an
 # intrinsic), so that ``compile_ptx`` works on a machine without a GPU.
 
-def _block_reduce(red, tid):
-    """Reduce ``red`` (``(3, THREADS)`` shared) over the block, in a fixed
-    order: rows 0 and 1 summed, row 2 its maximum; the results in
-    ``red[:, 0]``, visible to every thread on return.  The one block
-    reduction of the stats pass."""
+def _block_reduce(red, tid, a, b, c):
+    """Reduce each thread's ``a``, ``b`` (summed) and ``c`` (maximum) over
+    the block in a fixed order, through ``red`` (``(3, THREADS)`` shared);
+    the results in ``red[:, 0]``, visible to every thread on return.  The
+    one block reduction of the stats pass."""
+    red[0, tid] = a
+    red[1, tid] = b
+    red[2, tid] = c
     cuda.syncthreads()
     width = THREADS // 2
     while width > 0:
@@ -235,8 +238,21 @@ def _block_reduce(red, tid):
         width //= 2
 
 
+def _block_reduce_to(red, tid, a, b, c, sums, flags, row, zero):
+    """``_block_reduce``, then thread 0 stores the two sums in ``sums[row]``
+    and whether the maximum is nonzero in ``flags[row]``; returns when the
+    stores are done."""
+    _block_reduce(red, tid, a, b, c)
+    if tid == 0:
+        sums[row, 0] = red[0, 0]
+        sums[row, 1] = red[1, 0]
+        flags[row] = red[2, 0] != zero
+    cuda.syncthreads()
+
+
 if not SIMULATOR:
     _block_reduce = cuda.jit(device=True, inline="always")(_block_reduce)
+    _block_reduce_to = cuda.jit(device=True, inline="always")(_block_reduce_to)
 
 
 def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
@@ -285,15 +301,7 @@ def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
                     hi += gs * gs
                 else:
                     lo += gc * gc
-        red[0, tid] = lo
-        red[1, tid] = hi
-        red[2, tid] = bad
-        _block_reduce(red, tid)
-        if tid == 0:
-            chunk_sq[c, 0] = red[0, 0]
-            chunk_sq[c, 1] = red[1, 0]
-            chunk_bad[c] = red[2, 0] != zero
-        cuda.syncthreads()
+        _block_reduce_to(red, tid, lo, hi, bad, chunk_sq, chunk_bad, c, zero)
 
     # 2. The last block to finish combines the chunks.
     cuda.threadfence()                           # release: the chunks above
@@ -330,15 +338,7 @@ def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
             lo += chunk_sq[c, 0]
             hi += chunk_sq[c, 1]
             b = one if chunk_bad[c] != 0 else b
-        red[0, tid] = lo
-        red[1, tid] = hi
-        red[2, tid] = b
-        _block_reduce(red, tid)
-        if tid == 0:
-            sumsq[k, 0] = red[0, 0]
-            sumsq[k, 1] = red[1, 0]
-            array_bad[k] = red[2, 0] != zero
-        cuda.syncthreads()
+        _block_reduce_to(red, tid, lo, hi, b, sumsq, array_bad, k, zero)
     cuda.syncthreads()
 
     # 3. Per-array clipping factors, the clipped total and the first bad
@@ -367,10 +367,7 @@ def stats_kernel(table, addr, chunk_seg, chunk_lo, chunk_hi, chunk_first, big,
         scale[k] = f
         if array_bad[k] != 0 and k < first_bad:
             first_bad = k
-    red[0, tid] = part_lo
-    red[1, tid] = part_hi
-    red[2, tid] = -dt(first_bad)
-    _block_reduce(red, tid)
+    _block_reduce(red, tid, part_lo, part_hi, -dt(first_bad))
     total_lo = red[0, 0]
     total_hi = red[1, 0]
     first_bad = -red[2, 0]
