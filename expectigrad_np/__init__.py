@@ -14,7 +14,6 @@ use).  ``reference`` holds the algorithm in plain NumPy; ``schedules`` the
 learning-rate schedules; ``cuda`` the GPU backend's ``ptx`` and
 ``benchmark`` (importing it does not import numba.cuda).
 """
-from . import cuda, reference, schedules
 from .optimizer import Expectigrad
 from .param_groups import ParamGroup
 from .sparse import RowSparse
@@ -24,14 +23,22 @@ __all__ = ["Expectigrad", "ParamGroup", "RowSparse", "cuda", "minimize", "refere
            "__version__"]
 
 
+_LAZY = ("cuda", "reference", "schedules")
+
+
 def __getattr__(name):
-    # ``minimize`` needs scipy; it is imported on first use, not with the package.
+    # ``minimize`` needs scipy; it is imported on first use, not with the
+    # package.  So are the submodules a step does not need (the schedules'
+    # dataclasses alone took half of the package's import time).
     if name == "minimize":
         from ._minimize import minimize
         globals()["minimize"] = minimize
         return minimize
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | {"minimize"})
+    return sorted(set(globals()) | {"minimize", *_LAZY})

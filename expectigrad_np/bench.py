@@ -541,23 +541,15 @@ def _mpi_worker(repeat):
             out.append((time.perf_counter() - t0) / k)
         return float(np.median(out))
 
-    local = sharded._local_gradients(grads)
-
-    def own_collectives():
-        sharded._reduce_scatter(local, mean=False)
-        sharded._all_gather()
-
     t_step = timed(lambda: sharded.step(grads))
     t_comm = timed(collectives)
-    t_own = timed(own_collectives)
     t_shard = timed(lambda: sharded.core.step(pieces))
     t_replicated = timed(lambda: replicated.step(grads))
     full = sum(getattr(b, name).nbytes for b in replicated._buckets for name in b.stored)
     row = dict(ranks=comm.size, elements=int(offsets[-1]), step_us=t_step * 1e6,
-               collectives_us=t_comm * 1e6, own_collectives_us=t_own * 1e6,
-               shard_step_us=t_shard * 1e6, replicated_step_us=t_replicated * 1e6,
+               collectives_us=t_comm * 1e6, shard_step_us=t_shard * 1e6,
+               replicated_step_us=t_replicated * 1e6,
                overhead_vs_shard_step=(t_step - t_comm) / t_shard,
-               overhead_vs_own_collectives=(t_step - t_own) / t_shard,
                state_bytes=sharded.state_nbytes(), replicated_state_bytes=full)
     rows_all = comm.gather(row)
     if comm.rank == 0:
@@ -567,15 +559,10 @@ def _mpi_worker(repeat):
 
 
 def _format_mpi(r):
-    own = ("" if "own_collectives_us" not in r else
-           f" (against its own collectives alone, {r['own_collectives_us']:,.0f} µs, which "
-           f"read the gradients and write the parameters in place: "
-           f"{r['overhead_vs_own_collectives']:.2f}x)")
     return (f"mpi, {r['ranks']} ranks, {r['elements']:,} float32 elements: sharded step "
-            f"{r['step_us']:,.0f} µs, the same collectives on flat buffers alone "
-            f"{r['collectives_us']:,.0f} µs, one "
+            f"{r['step_us']:,.0f} µs, its collectives alone {r['collectives_us']:,.0f} µs, one "
             f"process stepping its shard {r['shard_step_us']:,.0f} µs: overhead "
-            f"{r['overhead_vs_shard_step']:.2f}x the shard step{own}; replicated step "
+            f"{r['overhead_vs_shard_step']:.2f}x the shard step; replicated step "
             f"{r['replicated_step_us']:,.0f} µs; state per rank {r['state_fraction']:.2f} of "
             "the replicated state (the worst rank)")
 

@@ -15,13 +15,11 @@ order, and those are the bits one process gets stepping that mean.
 ``shard_state=True`` (the default; ZeRO stage 1): the flat parameter space
 of each dtype is cut into P contiguous shards, and each rank keeps the
 optimizer state of its shard only (about 1/P of it).  A step sends each
-rank the gradients of its shard from every rank (one ``Alltoallw`` per
+rank the gradients of its shard from every rank (one ``Alltoallv`` per
 dtype: a reduce-scatter summed in rank order, so deterministic), agrees on
 errors and checks and clips collectively in one small collective (norms
 summed over the ranks in rank order), updates the shard, and all-gathers
-the parameters (one ``Alltoallw`` per dtype).  The collectives read the
-gradients and write the parameters where they are (MPI datatypes at their
-addresses), so nothing of the parameters' size is copied or allocated.
+the parameters (one ``Allgatherv`` per dtype).
 Without clipping, every rank ends with the bits one process gets stepping
 the mean, float32 rounding included (a shard's elements keep their indices
 in their parameter); with norm clipping, to rounding (the norms are summed
@@ -48,15 +46,13 @@ Importing this module imports mpi4py; ``import expectigrad_np`` does not.
 from __future__ import annotations
 
 import threading
-import weakref
 
 import numpy as np
 from mpi4py import MPI
-from mpi4py.util.dtlib import from_numpy_dtype
 
 from . import _validation as V
 from .backends import layout as L
-from .backends.cpu.reduce import rank_mean
+from .backends.cpu.loops import _span_nonfinite
 from .optimizer import Expectigrad as _Core
 from .param_groups import Changes, ParamGroup, parse_groups
 from .sparse import RowSparse, _sum_duplicates, as_rows, densify, is_row_sparse
@@ -96,32 +92,6 @@ def _raise_agreed(comm, error, gathered):
             kind = TypeError if r[0] == "TypeError" else ValueError
             raise kind(f"rank {rank} failed reading its gradients: {r[1]}")
     _check_nones([p for _, p in gathered])
-
-
-def _mpi_type(dtype):
-    """The MPI datatype of a NumPy dtype."""
-    return from_numpy_dtype(np.dtype(dtype))
-
-
-def _span_type(arrays, offsets, lo, hi):
-    """A committed MPI datatype (absolute addresses: use with ``MPI.BOTTOM``)
-    covering elements ``lo:hi`` of the flat space that ``arrays`` (C
-    contiguous, one dtype) make in turn, ``offsets`` their starts."""
-    lengths, places = [], []
-    for a, o0, o1 in zip(arrays, offsets[:-1], offsets[1:]):
-        a0, a1 = max(int(lo), int(o0)), min(int(hi), int(o1))
-        if a1 > a0:
-            lengths.append(a1 - a0)
-            places.append(a.ctypes.data + (a0 - int(o0)) * a.itemsize)
-    dtype = arrays[0].dtype if arrays else np.dtype(np.float64)
-    return _mpi_type(dtype).Create_hindexed(lengths, places).Commit()
-
-
-def _free_types(types):
-    """Free MPI datatypes (not after MPI has ended)."""
-    if not MPI.Is_finalized():
-        for t in types:
-            t.Free()
 
 
 def _check_nones(patterns):
@@ -429,26 +399,19 @@ class ShardedExpectigrad:
             total = int(offsets[-1])
             bounds = np.array([total * r // size for r in range(size + 1)], np.int64)
             self._buckets[dt] = (idx, offsets, bounds)
-        # Buffers of a step, allocated once per dtype: a chunk of every rank's
-        # shard and the mean.  Nothing of the size of the parameters: the
-        # collectives read the gradients and write the parameters where
-        # they are (``_span_type``).
+        # Buffers of a step, allocated once per dtype: the flat gradients (and
+        # gathered parameters), a chunk of every rank's shard, and the mean.
+        # (Collectives that read the gradients and write the parameters in
+        # place, through MPI datatypes at their addresses, made the step
+        # slower: see the MPI guide's cost section.)
         chunk = 1 << 20 if self.chunk is None else self.chunk
         self._scratch = {}
         for dt, (idx, offsets, bounds) in self._buckets.items():
             widest = int(np.max(np.diff(bounds)))
             c = max(1, min(chunk, widest))
-            self._scratch[dt] = (np.empty((size, c), np.dtype(dt)),
+            self._scratch[dt] = (np.zeros(int(offsets[-1]), np.dtype(dt)),
+                                 np.empty((size, c), np.dtype(dt)),
                                  np.empty(int(bounds[rank + 1] - bounds[rank]), np.dtype(dt)))
-        # The all-gather's datatypes, over the parameters (which stay put):
-        # each rank's shard, in the parameters' memory.
-        self._gather_types = {}
-        for dt, (idx, offsets, bounds) in self._buckets.items():
-            arrays = [self._params[i] for i in idx]
-            self._gather_types[dt] = [_span_type(arrays, offsets, bounds[r], bounds[r + 1])
-                                      for r in range(size)]
-        weakref.finalize(self, _free_types,
-                         [t for ts in self._gather_types.values() for t in ts])
         # Pieces: (param index, first element, end element), one per parameter
         # meeting this rank's shard; the core steps views of them.
         self._pieces = []
@@ -582,43 +545,36 @@ class ShardedExpectigrad:
                 else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
                 for g, p, name in zip(grads, self._params, self._names)]
 
-    def _reduce_scatter(self, local, mean=True):
+    def _reduce_scatter(self, local):
         """``{dtype: (this rank's shard of the mean gradient, its start,
         whether it holds NaN or infinity)}``: every rank sends each rank
-        that rank's shard (``Alltoallw``, in chunks of ``chunk`` elements a
-        shard, read from the gradients where they are); the P pieces are
-        summed in rank order and divided by P (the replicated class's bits),
-        in one pass (``rank_mean``).  Into buffers allocated once
-        (``_scratch``).  A None gradient (the same on every rank, unused),
-        or every gradient of a rank that failed to read them (``local``
-        None), is sent from the parameter instead.  ``mean`` False: the
-        collectives alone (the bench)."""
+        that rank's shard (``Alltoallv``, in chunks of ``chunk`` elements a
+        shard); the P pieces are summed in rank order and divided by P (the
+        replicated class's bits), and checked by a compiled pass without a
+        temporary.  Into buffers allocated once (``_scratch``).  ``local`` None (this rank failed to
+        read its gradients): the buffer is sent as it is."""
         size, rank = self.comm.size, self.comm.rank
         out = {}
         for dt, (idx, offsets, bounds) in self._buckets.items():
-            rows, shard_mean = self._scratch[dt]
-            sources = [self._params[i] if local is None or local[i] is None else local[i]
-                       for i in idx]
+            flat, rows, shard_mean = self._scratch[dt]
+            for j, i in enumerate(idx):
+                if local is not None and local[i] is not None:   # None: unused
+                    flat[offsets[j]:offsets[j + 1]] = local[i].reshape(-1)
             c = rows.shape[1]
             starts = bounds[:-1]
             ends = bounds[1:]
-            bad = False
-            unit = _mpi_type(rows.dtype)
             for k in range(-(-int(np.max(ends - starts)) // c)):
                 lo = np.minimum(starts + k * c, ends)
                 counts = np.minimum(lo + c, ends) - lo
                 m = int(counts[rank])
-                types = [_span_type(sources, offsets, lo[r], lo[r] + counts[r])
-                         for r in range(size)]
-                try:
-                    self.comm.Alltoallw(
-                        [MPI.BOTTOM, ([1] * size, [0] * size), types],
-                        [rows, ([m] * size, [c * r * rows.itemsize for r in range(size)]),
-                         [unit] * size])
-                finally:
-                    _free_types(types)
-                if mean:
-                    bad |= rank_mean(rows, m, shard_mean[k * c:k * c + m])   # rank order
+                self.comm.Alltoallv([flat, (counts, lo)],
+                                    [rows, ([m] * size, [c * r for r in range(size)])])
+                acc = shard_mean[k * c:k * c + m]
+                acc[...] = rows[0, :m]
+                for r in range(1, size):             # rank order: deterministic
+                    acc += rows[r, :m]
+            shard_mean /= shard_mean.dtype.type(size)
+            bad = shard_mean.size > 0 and _span_nonfinite(shard_mean)[0] != 0
             out[dt] = (shard_mean, int(bounds[rank]), bad)
         return out
 
@@ -712,14 +668,24 @@ class ShardedExpectigrad:
         return total
 
     def _all_gather(self):
-        """Every rank's updated shard to every other rank, from the
-        parameters into the parameters (``Alltoallw`` per dtype with the
-        datatypes of ``_gather_types``: no copy on either side)."""
-        size, rank = self.comm.size, self.comm.rank
-        for types in self._gather_types.values():
-            counts = [int(r != rank) for r in range(size)]    # a rank's own shard stays
-            self.comm.Alltoallw([MPI.BOTTOM, (counts, [0] * size), [types[rank]] * size],
-                                [MPI.BOTTOM, (counts, [0] * size), types])
+        """Every rank's updated shard to every rank (``Allgatherv`` per
+        dtype, in place in the flat buffer), copied into the parameters
+        (the other ranks' shards: this rank's is there already)."""
+        rank = self.comm.rank
+        for dt, (idx, offsets, bounds) in self._buckets.items():
+            flat = self._scratch[dt][0]
+            lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+            for j, i in enumerate(idx):
+                a, b = max(lo, offsets[j]), min(hi, offsets[j + 1])
+                if b > a:
+                    flat[a:b] = self._params[i].reshape(-1)[a - offsets[j]:b - offsets[j]]
+            self.comm.Allgatherv(MPI.IN_PLACE, [flat, (np.diff(bounds), bounds[:-1])])
+            for j, i in enumerate(idx):
+                p = self._params[i].reshape(-1)
+                o0, o1 = int(offsets[j]), int(offsets[j + 1])
+                for a, b in ((o0, min(o1, lo)), (max(o0, hi), o1)):   # before, after
+                    if b > a:
+                        p[a - o0:b - o0] = flat[a:b]
 
     # --- state ---------------------------------------------------------------------
 

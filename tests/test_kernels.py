@@ -129,28 +129,3 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
-def test_rank_mean_is_numpys_sum_in_rank_order(dtype, ranks):
-    """``mpi``'s mean over ranks in one pass: the bits of summing the rows
-    in rank order and dividing (magnitudes spread over six decades, so
-    another order rounds differently), and a non-finite flag that sees
-    only the first ``m`` columns."""
-    from expectigrad_np.backends.cpu.reduce import rank_mean
-    rng = np.random.default_rng(ranks)
-    c, m = 3000, 2500
-    rows = (rng.standard_normal((ranks, c)) * 10.0 ** rng.uniform(-3, 3, (ranks, c))
-            ).astype(dtype)
-    rows[:, m:] = np.nan                          # past m: not read
-    out = np.full(m, 7, dtype)
-    assert not rank_mean(rows, m, out)
-    acc = rows[0, :m].copy()
-    for r in range(1, ranks):
-        acc += rows[r, :m]
-    acc /= dtype(ranks)
-    np.testing.assert_array_equal(out, acc)
-    for bad in (np.inf, -np.inf, np.nan):
-        spoilt = rows.copy()
-        spoilt[ranks - 1, m - 1] = bad
-        assert rank_mean(spoilt, m, out)
