@@ -725,8 +725,15 @@ def bench_startup(repeat):
     """Fresh process with a warm compile cache: import + first step against
     ``import numpy, numba`` and against numba's own floor (``import numpy,
     numba`` plus the first call of a trivial cached function); also whether
-    that process compiled anything and which heavy modules it imported."""
+    that process compiled anything and which heavy modules it imported.
+
+    The package's Python bytecode is written first (``compileall``), as a
+    ``pip install`` writes it and as numpy's and numba's is: an editable
+    checkout run with ``PYTHONDONTWRITEBYTECODE`` would otherwise compile
+    the package's sources in every process (about 30 ms here)."""
+    import compileall
     import tempfile
+    compileall.compile_dir(os.path.dirname(os.path.abspath(__file__)), quiet=2)
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "_eg_numba_floor.py"), "w") as f:
             f.write(_STARTUP_FLOOR_MODULE)
