@@ -244,3 +244,19 @@ def test_checkpoint_while_held(tmp_path):
             o.step(gs)
     _assert_same(fast, ref, xs_c, xs_n)
     _assert_same(loaded, ref, xs_l, xs_n)
+
+
+def test_empty_row_sparse_step_after_held_steps():
+    """A row-sparse gradient of no rows still advances the array's step
+    count and ends its uniformity: its held counts must then be stored."""
+    rng = np.random.default_rng(6)
+    shapes = [(30, 4)]
+    fast, xs_c, ref, xs_n = _pair(shapes, np.float32, lr=0.01)
+    for s in range(7):
+        gs = _nonzero(rng, shapes, np.float32)
+        if s == 3:
+            gs = [eg.RowSparse(np.zeros(0, np.int64), np.zeros((0, 4), np.float32))]
+        fast.step(gs)
+        ref.step(gs)
+    assert not fast._buckets[0].flags[0, _layout.LAZY] or _uniform_flags(fast)[0]
+    _assert_same(fast, ref, xs_c, xs_n)

@@ -376,9 +376,11 @@ class CpuBucket(CompiledRows, Bucket):
     def update_rows(self, k, rows, sel, values, scale, catch=None):
         from . import rows as R
         nrows, rowsize = self.rows_shape(k)
+        # Stored, if they were held: the caller ends the array's uniformity
+        # (other rows keep their counts), also after a step of no rows.
+        count = self.flat_segment("count", k)
         if rowsize == 0 or rows.size == 0:
             return np.zeros(rows.size, np.bool_) if self.flags[k, L.MOMENTUM] else None
-        count = self.flat_segment("count", k)       # stored, if they were held
         f = self.flags[k].copy()
         f[L.UNIFORM] = 0                    # counts of other rows differ
         live = np.zeros(rows.size, np.bool_)
