@@ -553,3 +553,21 @@ def test_a_long_history_keeps_the_decay_exact():
         dense.step([g.todense(y)])
     lazy.sync(x, [0])
     np.testing.assert_allclose(x[0], y[0], rtol=1e-12)
+
+
+def test_a_huge_dense_gradient_keeps_lazy_rows_lazy_on_every_backend():
+    """A dense gradient whose squared norm overflows float64 (1e200) beside a
+    row-sparse one, with no norm clipping: the numpy backend used to return
+    that infinite norm, which sent its step down the densified path (every
+    row brought up to date), while the kernels' step stayed lazy; the
+    parameters then differed until a sync.  The norm is only asked for when
+    a clipping needs it, on every backend."""
+    out = {}
+    for backend in ("cpu", "numpy"):
+        emb, w = np.zeros((20, 3)), np.zeros(4)
+        opt = eg.Expectigrad([emb, w], lr=0.1, lazy=True, backend=backend)
+        opt.step([eg.RowSparse(np.array([1, 5]), np.ones((2, 3))), np.ones(4)])
+        opt.step([eg.RowSparse(np.array([2]), np.ones((1, 3))), np.full(4, 1e200)])
+        out[backend] = (emb.copy(), w.copy())
+    for a, b in zip(out["cpu"], out["numpy"]):
+        np.testing.assert_array_equal(a, b)

@@ -91,6 +91,8 @@ class NumpyBucket(Bucket):
         if bad >= 0:
             return bad, 0.0
         scale, total = self._scales(sumsq, global_clipnorm, other_sumsq)
+        if not (global_clipnorm < np.inf or bool(np.any(self.coef[:, L.CLIPNORM] < np.inf))):
+            total = 0.0         # no norm is needed: 0.0, as the kernels return
         if not update:
             return -1, total
         h = self.hyper
