@@ -117,3 +117,20 @@ def test_eager_steps_on_the_device_visit_only_rows_with_momentum_left(monkeypatc
         opt.step([eg.RowSparse([3], np.ones((1, 2), np.float32))])
     # Row 7's momentum halves each step and is exactly zero after ~150.
     assert seen[0] == 1 and seen[1] == 2 and seen[-1] == 1
+
+
+def test_a_huge_dense_gradient_keeps_lazy_rows_lazy():
+    """A dense float64 gradient whose squared norm overflows (1e200) beside
+    a row-sparse one, with no norm clipping: the rows the step does not
+    touch stay lagging (as on the host backends), not brought up to date by
+    a densified step."""
+    xs = to_device([np.zeros((6, 3)), np.zeros(4)])
+    opt = eg.Expectigrad(xs, lr=0.1, lazy=True)
+    opt.step([eg.RowSparse(np.arange(6), np.ones((6, 3))), to_device([np.ones(4)])[0]])
+    first = to_host(xs)[0]
+    opt.step([eg.RowSparse(np.array([1]), np.ones((1, 3))),
+              to_device([np.full(4, 1e200)])[0]])
+    now = to_host(xs)[0]
+    rest = [r for r in range(6) if r != 1]
+    np.testing.assert_array_equal(now[rest], first[rest])
+    assert not np.array_equal(now[1], first[1])

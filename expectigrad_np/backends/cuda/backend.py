@@ -468,7 +468,9 @@ class CudaBucket(CompiledRows, Bucket):
         self.stream.synchronize()                  # the one synchronisation
         bad, lo, hi = (float(v) for v in self.h_result)
         scl = KC.NORM_SCALE[self.dtype]
-        return (int(bad) if bad >= 0 else -1), lo + hi / scl / scl
+        # No norm where no clipping needs one, as the other backends: an
+        # infinite one would send lazy row-sparse steps down the dense path.
+        return (int(bad) if bad >= 0 else -1), (lo + hi / scl / scl) if needs_norm else 0.0
 
     def _split_sumsq(self, sumsq):
         """A squared norm (a Python float) as the stats kernel's two sums
