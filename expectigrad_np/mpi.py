@@ -551,8 +551,11 @@ class ShardedExpectigrad:
         that rank's shard (``Alltoallv``, in chunks of ``chunk`` elements a
         shard); the P pieces are summed in rank order and divided by P (the
         replicated class's bits), and checked by a compiled pass without a
-        temporary.  Into buffers allocated once (``_scratch``).  ``local`` None (this rank failed to
-        read its gradients): the buffer is sent as it is."""
+        temporary.  Into buffers allocated once (``_scratch``).  ``local``
+        None (this rank failed to read its gradients): the buffer is sent as
+        it is.  The flag may come from a stale element of a parameter whose
+        gradient is None (unused): ``_check_and_clip`` then checks the
+        pieces one by one."""
         size, rank = self.comm.size, self.comm.rank
         out = {}
         for dt, (idx, offsets, bounds) in self._buckets.items():
