@@ -46,8 +46,9 @@ class NumpyBucket(Bucket):
             loaded.append(g)
         self.grads = loaded
 
-    def _stats(self, check):
-        """``(bad, sumsq)`` as the kernels return them."""
+    def _stats(self, check, needs_norm):
+        """``(bad, sumsq)`` as the kernels return them: the squared norms
+        only where ``needs_norm`` (some clipping asks for them), else 0.0."""
         sumsq = []
         for k, g in enumerate(self.grads):
             if g is None or not self.flags[k, L.ACTIVE]:
@@ -55,6 +56,9 @@ class NumpyBucket(Bucket):
                 continue
             if check and not np.all(np.isfinite(g)):
                 return k, None
+            if not needs_norm:
+                sumsq.append(0.0)
+                continue
             gc = clip_value(g, self.coef[k, L.CLIPVALUE])   # value clipping first
             with np.errstate(over="ignore"):     # an inf norm clips to zero, as on the CPU
                 sumsq.append(float(np.sum(np.square(gc, dtype=np.float64))))
@@ -87,12 +91,11 @@ class NumpyBucket(Bucket):
         return [s * g_scale for s in scale], total
 
     def step(self, check, global_clipnorm, other_sumsq, update=True):
-        bad, sumsq = self._stats(check)
+        needs_norm = global_clipnorm < np.inf or bool(np.any(self.coef[:, L.CLIPNORM] < np.inf))
+        bad, sumsq = self._stats(check, needs_norm)
         if bad >= 0:
             return bad, 0.0
         scale, total = self._scales(sumsq, global_clipnorm, other_sumsq)
-        if not (global_clipnorm < np.inf or bool(np.any(self.coef[:, L.CLIPNORM] < np.inf))):
-            total = 0.0         # no norm is needed: 0.0, as the kernels return
         if not update:
             return -1, total
         h = self.hyper
