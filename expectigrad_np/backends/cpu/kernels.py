@@ -60,6 +60,7 @@ from .loops import (
     ALL_LOOPS,
     ANY_CLIP,
     NORM_UNIT,
+    _clipped,
     _counts_after,
     _counts_before,
     _first_pass,
@@ -121,7 +122,7 @@ def _array_step(x, g, v, n, m, c, f, check, global_clipnorm):
             scale *= limit / norm if norm > limit else 1.0
             sumsq = (norm / NORM_UNIT) ** 2                    # inf beyond float64
     scale = x.dtype.type(scale)
-    clipping = scale != 1 or c[CLIPVALUE] < np.inf
+    clipping = _clipped(scale, c[CLIPVALUE])
     if not _has_loop(f, clipping):
         return NO_LOOP, sumsq
     _counts_before(n, f, clipping)
@@ -253,12 +254,12 @@ def _segments_body(x_addr, g_addr, offsets, chunk_seg, chunk_lo, chunk_hi,
         return -1, total
     for k in range(n_arrays):
         if flags[k, ACTIVE] and not _has_loop(
-                flags[k], v.dtype.type(scale[k]) != 1 or coef[k, CLIPVALUE] < np.inf):
+                flags[k], _clipped(v.dtype.type(scale[k]), coef[k, CLIPVALUE])):
             return SEGMENTS_NO_LOOP, total
     for k in range(n_arrays):
         if flags[k, ACTIVE]:
             _counts_before(n[offsets[k]:offsets[k + 1]] if n.size else n, flags[k],
-                           v.dtype.type(scale[k]) != 1 or coef[k, CLIPVALUE] < np.inf)
+                           _clipped(v.dtype.type(scale[k]), coef[k, CLIPVALUE]))
     for j in prange(n_chunks):
         k = chunk_seg[j]
         if flags[k, ACTIVE]:

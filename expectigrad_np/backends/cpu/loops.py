@@ -191,6 +191,15 @@ def _update_uniform(x, g, v, n, m, c, h, t, momentum):
 
 
 @njit(inline="always", **_OPTS)
+def _clipped(scale, clipvalue):
+    """Whether an array's step clips (its norm factor ``scale``, in the
+    array's dtype, or a finite ``clipvalue``): the one test that picks the
+    clipped loops, and with them whether held counts must be stored first
+    (``_counts_before``, ``_has_loop`` and ``_update_span`` must agree)."""
+    return scale != 1 or clipvalue < np.inf
+
+
+@njit(inline="always", **_OPTS)
 def _takes_uniform(f, clipping):
     """Whether an array with flags ``f`` takes a uniform loop this step."""
     return (f[SPARSE] != 0 and not clipping and f[UNIFORM] != 0
@@ -303,7 +312,7 @@ def _update_span(x, g, v, n, m, c, f, scale, i0):
     sparse = f[SPARSE] != 0
     momentum = f[MOMENTUM] != 0
     uniform = f[LAZY] != 0
-    if scale != 1 or c[CLIPVALUE] < np.inf:
+    if _clipped(scale, c[CLIPVALUE]):
         f[UNIFORM] = 0          # clipping may have zeroed a gradient: not tracked
         if CLIP_SM and sparse and momentum:
             _update_general(x, g, v, n, m, c, scale, h, True, True, True)
