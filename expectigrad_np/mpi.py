@@ -336,6 +336,10 @@ class ShardedExpectigrad:
         As for ``expectigrad_np.Expectigrad`` (the same on every rank).
     clipvalue, clipnorm, global_clipnorm, check_finite, backend
         As for ``expectigrad_np.Expectigrad`` (the same on every rank).
+    lazy : bool, default False
+        Only False: the shards are flat slices, which do not keep the rows
+        a lazy row-sparse step visits.  ``lazy=True`` raises ``ValueError``;
+        use ``shard_state=False`` for it.
     comm : mpi4py communicator, optional
         Default ``MPI.COMM_WORLD``.
     chunk : int, optional
@@ -349,8 +353,8 @@ class ShardedExpectigrad:
 
     def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
                  weight_decay=0.0, maximize=False, clipvalue=None, clipnorm=None,
-                 global_clipnorm=None, check_finite=True, backend="auto", comm=None,
-                 chunk=None):
+                 global_clipnorm=None, check_finite=True, lazy=False, backend="auto",
+                 comm=None, chunk=None):
         self.comm = MPI.COMM_WORLD if comm is None else comm
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
                                   or chunk < 1):
@@ -364,7 +368,7 @@ class ShardedExpectigrad:
             self._build(params, dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                                      weight_decay=weight_decay, maximize=maximize,
                                      clipvalue=clipvalue, clipnorm=clipnorm),
-                        global_clipnorm, check_finite, backend)
+                        global_clipnorm, check_finite, lazy, backend)
         except (TypeError, ValueError) as exc:
             error = exc
         _agree(self.comm, error, "constructing the optimizer")
@@ -375,7 +379,11 @@ class ShardedExpectigrad:
 
     # --- construction -------------------------------------------------------------
 
-    def _build(self, params, defaults, global_clipnorm, check_finite, backend):
+    def _build(self, params, defaults, global_clipnorm, check_finite, lazy, backend):
+        if V.check_bool("lazy", lazy):
+            raise ValueError("lazy=True needs shard_state=False: sharded state is cut "
+                             "into flat slices, which do not keep the rows a lazy step "
+                             "visits; pass shard_state=False, or lazy=False")
         defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
         self.global_clipnorm = V.check_positive_or_none("global_clipnorm", global_clipnorm)
         self.check_finite = V.check_bool("check_finite", check_finite)

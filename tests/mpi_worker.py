@@ -253,3 +253,34 @@ for dtype in (np.float64, np.float32):
         gather_equal([E])
         assert np.array_equal(E, E_ref), (dtype, step, E, E_ref)
 print(f"row-sparse OK {rank}", flush=True)
+
+# lazy=True: replicated state steps the row-sparse mean lazily, as one lazy
+# process does; sharded state refuses it on every rank, saying what to pass.
+if SHARDED:
+    try:
+        Expectigrad([np.ones((9, 2))], lr=0.05, lazy=True, shard_state=True)
+    except ValueError as exc:
+        assert "shard_state=False" in str(exc), exc
+    else:
+        raise AssertionError("lazy=True was accepted with sharded state")
+else:
+    E, E_ref = np.ones((9, 2)), np.ones((9, 2))
+    opt = Expectigrad([E], lr=0.05, lazy=True, shard_state=False)
+    ref = eg.Expectigrad([E_ref], lr=0.05, lazy=True)
+    for step in range(4):
+        def rows_of(r):
+            g = np.random.default_rng(70 * step + r)
+            return eg.RowSparse(g.integers(0, 9, 2), g.standard_normal((2, 2)))
+        parts = [rows_of(r) for r in range(size)]
+        acc = parts[0].todense(E_ref)
+        for part in parts[1:]:
+            acc += part.todense(E_ref)
+        touched = np.unique(np.concatenate([part.indices for part in parts]))
+        opt.step([parts[rank]])
+        ref.step([eg.RowSparse(touched, acc[touched] / size)])
+        assert np.array_equal(E, E_ref), (step, E, E_ref)
+    opt.sync()
+    ref.sync()
+    gather_equal([E])
+    assert np.array_equal(E, E_ref), (E, E_ref)
+print(f"lazy OK {rank}", flush=True)
