@@ -206,6 +206,7 @@ class Expectigrad:
         self._live = {i: (np.zeros(0, np.int64), 0) for i in range(len(self._params))}
         self._histories = {}
         self._lagging = False       # some lazy history is pending
+        self._quick = None          # see step(): cleared wherever the route may change
         self._refresh()
 
     @property
@@ -293,7 +294,7 @@ class Expectigrad:
         # and addresses, which a copy must not share: copies rebuild it.
         with self._lock:
             state = self.__dict__.copy()
-            state["_fast"] = None
+            state["_fast"] = state["_quick"] = None
             del state["_lock"]
             return state
 
@@ -301,7 +302,7 @@ class Expectigrad:
         # A copy has new buffers: rebuild the fast path on the next step.
         self.__dict__.update(state)
         self._lock = threading.RLock()
-        self._fast = None
+        self._fast = self._quick = None
         self._ranges = None
         self._changes.dirty = True
 
@@ -341,6 +342,7 @@ class Expectigrad:
                 b.ensure_momentum()
             self._momentum[b.slots] = b.has_momentum
         self._fast = self._make_fast()
+        self._quick = None
         self._changes.dirty = False
 
     # --- stepping -----------------------------------------------------------
@@ -350,6 +352,7 @@ class Expectigrad:
         both attributes change together, after ``_route`` has returned."""
         fast, warming = self._route()
         self._warming = warming
+        self._quick = None
         return fast
 
     def _route(self):
@@ -521,6 +524,20 @@ class Expectigrad:
         lock = self._lock
         lock.acquire()
         try:
+            quick = self._quick
+            if quick is not None and not self._changes.dirty:
+                # The compiled route where nothing else can apply (see below):
+                # a small bucket's GIL-holding kernel, no schedule, nothing
+                # lagging, nothing compiling.  It takes any object: whatever
+                # it cannot read where it lies comes back for the general route.
+                code = quick[0](id(grads), quick[1], 0.0)
+                if code == -1:
+                    return
+                if code >= 0:
+                    self._raise_nonfinite(self._buckets[0], code)
+                with interrupts_deferred():
+                    self._step_general(grads)
+                return
             if self._changes.dirty:
                 self._refresh()
             fast = self._fast
@@ -531,7 +548,7 @@ class Expectigrad:
             lr_now = None
             if fast is not None and not self._lagging:
                 # The compiled route, written out here: it is most of the
-                # time of a small step (see _step_fast for what it reads).
+                # time of a small step (see _write_scheduled_lr for what it reads).
                 entry, ctx_address, kernel_lock, _, _, _, schedules, _, holds_gil = fast
                 if self._bare or type(grads) is tuple:
                     obj = grads
@@ -552,7 +569,12 @@ class Expectigrad:
                         with kernel_lock:
                             code = entry(id(obj), ctx_address, 0.0)
                     if code == -1:
-                        return          # the kernel advanced every step count
+                        # The kernel advanced every step count.  Where only this
+                        # route can apply, the next steps take it directly
+                        # (``_quick``: cleared wherever the route may change).
+                        if holds_gil and kernel_lock is None and not schedules:
+                            self._quick = (entry, ctx_address)
+                        return
                     if code >= 0:
                         self._raise_nonfinite(self._buckets[0], code)
             with interrupts_deferred():
@@ -751,6 +773,7 @@ class Expectigrad:
             hist.record(b.coef[k, L.STEP], b.coef[k, L.DECAY], b.window_sum)
             hist.last[rows] = t_new
             self._lagging = True
+            self._quick = None
         else:
             f = b.flags[k]
             everything = b.coef[k, L.DECAY] != 1 or not f[L.SPARSE]

@@ -79,9 +79,13 @@ def is_writeable(p):
 def sequence_item(p, index, size, list_type, tuple_type):
     """The address of item ``index`` of the object at ``p`` if it is a
     ``list`` or ``tuple`` (exactly: type objects ``list_type``,
-    ``tuple_type``) of ``size`` items; else 0.  The caller keeps the object
-    alive and unchanged (a tuple, or a list while holding the GIL)."""
+    ``tuple_type``) of ``size`` items; else 0.  ``p`` may be any object:
+    only its type is read until that is found to be a list or tuple.  The
+    caller keeps the object alive and unchanged (a tuple, or a list while
+    holding the GIL)."""
     kind = carray(_pointer_of(p + _OB_TYPE, np.int64), 1)[0]
+    if kind != tuple_type and kind != list_type:
+        return 0                            # any other object: its size is not read
     if carray(_pointer_of(p + _OB_SIZE, np.int64), 1)[0] != size:
         return 0
     if kind == tuple_type:
