@@ -406,12 +406,16 @@ def _bucket_step(g_object, ctx_address, zero):
     lr = carray(_pointer_of(ctx[BLR], np.float64), n_arrays)
     hyper = carray(_pointer_of(ctx[BHYPER], np.float64), (n_arrays, len(HYPER_FIELDS)))
     s = carray(_pointer_of(ctx[BS], np.float64), len(BUCKET_SCALARS))
+    last_beta, last_t, correction = -1.0, np.int64(-1), 1.0
     for k in range(n_arrays):
         t = max(steps[k] + flags[k, ACTIVE], 1)
         flags[k, T] = t
         tf = np.float64(t)
         beta = hyper[k, 0]
-        step = lr[k] if beta == 0.0 else lr[k] / (1.0 - beta ** tf)
+        if beta != last_beta or t != last_t:    # arrays of a group share it
+            correction = 1.0 - beta ** tf
+            last_beta, last_t = beta, t
+        step = lr[k] if beta == 0.0 else lr[k] / correction
         coef[k, STEP] = step * hyper[k, 2]                 # the step's sign
         coef[k, INV_T] = 1.0 / tf
         coef[k, DECAY] = 1.0 - lr[k] * hyper[k, 1]
