@@ -377,6 +377,8 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
     if comm is not None:
         objective = _MeanOverRanks(objective, comm)
     cb = _wrap_callback(callback)
+    if comm is not None and cb is not None:
+        cb = _callback_together(cb, comm)
     opt = Expectigrad(x, lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                       clipvalue=clipvalue, clipnorm=clipnorm,
                       global_clipnorm=global_clipnorm, check_finite=True,
@@ -443,6 +445,31 @@ class _MeanOverRanks:
             g += gr
         size = len(parts)
         return f / size, g / g.dtype.type(size)
+
+
+def _callback_together(cb, comm):
+    """``cb`` on every rank, decided together: a ``StopIteration`` on any
+    rank stops every rank, and an exception on any rank is raised on every
+    rank (as the objective's are)."""
+    def together(res):
+        mine = None
+        try:
+            cb(res)
+        except StopIteration:
+            mine = "stop"
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            mine = exc
+        parts = comm.allgather(mine if not isinstance(mine, Exception)
+                               else (type(mine).__name__, str(mine)))
+        for rank, part in enumerate(parts):
+            if isinstance(part, tuple):
+                if isinstance(mine, Exception):
+                    raise mine
+                raise RuntimeError(f"the callback raised on rank {rank}: {part[0]}: "
+                                   f"{part[1]}")
+        if "stop" in parts:
+            raise StopIteration
+    return together
 
 
 def _together(source, comm):

@@ -55,7 +55,7 @@ from .backends import layout as L
 from .backends.cpu.loops import _span_nonfinite
 from .optimizer import Expectigrad as _Core
 from .param_groups import Changes, ParamGroup, parse_groups
-from .sparse import RowSparse, _sum_duplicates, as_rows, densify, is_row_sparse
+from .sparse import RowSparse, as_rows, densify, is_row_sparse
 
 __all__ = ["Expectigrad", "ShardedExpectigrad"]
 
@@ -71,6 +71,34 @@ def _agree(comm, error, what):
             kind = {"TypeError": TypeError, "FloatingPointError": FloatingPointError}.get(
                 r[0], ValueError)
             raise kind(f"rank {rank} failed {what}: {r[1]}")
+
+
+def _all_or_none(comm, what, attempt, snapshot, restore):
+    """``attempt()`` on every rank; when some rank refuses (OSError,
+    TypeError, ValueError), the ranks that went through go back to their
+    ``snapshot()`` (``restore``), and every rank raises: nothing changes
+    anywhere."""
+    saved = snapshot()
+    error = None
+    try:
+        attempt()
+    except (OSError, TypeError, ValueError) as exc:
+        error = exc
+    try:
+        _agree(comm, error, what)
+    except BaseException:
+        if error is None:
+            restore(saved)
+        raise
+
+
+def _copied(state_dict):
+    """A state dict whose arrays are copies (a snapshot to go back to)."""
+    return {"step": state_dict["step"],
+            "state": {i: {k: v.copy() if isinstance(v, np.ndarray) else v
+                          for k, v in entry.items()}
+                      for i, entry in state_dict["state"].items()},
+            "param_groups": [dict(g) for g in state_dict["param_groups"]]}
 
 
 def _agree_on_gradients(comm, error, local):
@@ -90,7 +118,8 @@ def _raise_agreed(comm, error, gathered):
             if error is not None and rank == comm.rank:
                 raise error
             kind = TypeError if r[0] == "TypeError" else ValueError
-            raise kind(f"rank {rank} failed reading its gradients: {r[1]}")
+            raise kind(f"rank {rank} refused the step (its gradients, parameters or "
+                       f"schedules): {r[1]}")
     _check_nones([p for _, p in gathered])
 
 
@@ -141,9 +170,9 @@ class Expectigrad(_Core):
     def __init__(self, params, *args, comm=None, shard_state=True, chunk=1 << 20,
                  **kwargs):
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        self.chunk = int(chunk)
         error = None
         try:
+            self.chunk = _check_chunk(chunk)
             super().__init__(params, *args, **kwargs)
         except (TypeError, ValueError) as exc:
             error = exc
@@ -175,11 +204,13 @@ class Expectigrad(_Core):
         error, local = None, None
         try:
             local = self._local_gradients(grads)
+            self._check_writeable([i for i, g in enumerate(local) if g is not None])
         except (TypeError, ValueError) as exc:
             error = exc
         _agree_on_gradients(self.comm, error, local)
         local = self._sparse_mean(local)
-        super().step(self._mean(local))
+        means = self._mean(local)
+        super().step(means[0] if self._bare else means)
 
     def _local_gradients(self, grads):
         """One contiguous array of its parameter's dtype (or None) per
@@ -187,23 +218,34 @@ class Expectigrad(_Core):
         as ``_Rows`` (its rows and summed values)."""
         flat = self._flatten_grads(grads)
         return [None if g is None else _Rows(*as_rows(g, p, name)) if is_row_sparse(g)
-                else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
+                else np.asarray(V.as_gradient(g, p, name), dtype=p.dtype, order="C")
                 for g, p, name in zip(flat, self._params, self._names)]
 
     def _sparse_mean(self, local):
         """Row-sparse gradients where every rank has one: their mean as one
-        ``RowSparse`` (every rank's rows in rank order, duplicates summed in
-        that order, over P: the dense mean's bits); where only some ranks
-        have one, theirs made dense (the dense mean then)."""
+        ``RowSparse`` over the rows any rank touched, summed as the dense
+        mean sums them (rank 0's rows, then each other rank's added in rank
+        order, zero where it has none), over P: the dense mean's bits.
+        Where only some ranks have one, theirs is made dense (the dense
+        mean then)."""
         kinds = self.comm.allgather([isinstance(g, _Rows) for g in local])
         out = list(local)
         for i, g in enumerate(local):
             p = self._params[i]
             if all(k[i] for k in kinds):             # the same decision on every rank
                 parts = self.comm.allgather((g.rows, g.values))
-                rows, values = _sum_duplicates(
-                    np.concatenate([r for r, _ in parts]),
-                    np.concatenate([v for _, v in parts]), p.dtype, parts[0][1].shape[1])
+                rows = np.unique(np.concatenate([r for r, _ in parts]))
+                values = np.zeros((rows.size, g.values.shape[1]), p.dtype)
+                addend = np.empty_like(values)
+                for r, (part_rows, part_values) in enumerate(parts):
+                    at = np.searchsorted(rows, part_rows)
+                    if r == 0:
+                        values[at] = part_values
+                        continue
+                    addend[...] = 0
+                    addend[at] = part_values
+                    with np.errstate(over="ignore", invalid="ignore"):   # refused later
+                        values += addend
                 values /= values.dtype.type(self.comm.size)
                 out[i] = RowSparse(rows, values.reshape((rows.size,) + p.shape[1:]))
             elif isinstance(g, _Rows):
@@ -276,15 +318,57 @@ class Expectigrad(_Core):
         OSError, ValueError
             On every rank, when any rank refused the file; nothing changes.
         """
-        error = None
-        try:
-            super().load(path)
-        except (OSError, TypeError, ValueError) as exc:
-            error = exc
-        self._agree(error, "loading the checkpoint")
+        from .checkpoint import load
+        self.sync()                   # on every rank, whatever the file
+        with self._lock:
+            _all_or_none(self.comm, "loading the checkpoint", lambda: load(_Local(self), path),
+                         self._snapshot, self._restore)
+
+    def load_state_dict(self, state_dict):
+        """Load ``state_dict`` on every rank; every rank raises if any
+        refused it, and nothing changes on any rank.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            As ``expectigrad_np.Expectigrad.load_state_dict`` takes it, the
+            same on every rank.
+
+        Raises
+        ------
+        ValueError, TypeError
+            On every rank, when any rank refused it; nothing changes.
+        """
+        self.sync()
+        _all_or_none(self.comm, "loading the state dict",
+                     lambda: _Core.load_state_dict(self, state_dict),
+                     self._snapshot, self._restore)
+
+    def _snapshot(self):
+        return _copied(_Core.state_dict(self)), [p.copy() for p in self._params]
+
+    def _restore(self, saved):
+        state, params = saved
+        _Core.load_state_dict(self, state)
+        for p, value in zip(self._params, params):
+            np.copyto(p, value)
 
 
 _CLIP_KEYS = ("clipvalue", "clipnorm")
+
+
+class _Local:
+    """The replicated optimizer as ``checkpoint.load`` sees it: its own
+    ``load_state_dict``, not the collective one."""
+
+    def __init__(self, opt):
+        self._opt = opt
+
+    def __getattr__(self, name):
+        return getattr(self._opt, name)
+
+    def load_state_dict(self, state_dict):
+        _Core.load_state_dict(self._opt, state_dict)
 
 
 class _Rows:
@@ -294,6 +378,13 @@ class _Rows:
 
     def __init__(self, rows, values):
         self.rows, self.values = rows, values
+
+
+def _check_chunk(chunk):
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (elements a collective), "
+                         f"got {chunk!r}")
+    return int(chunk)
 
 
 def _contiguous_parameter(p, where):
@@ -351,20 +442,20 @@ class ShardedExpectigrad:
         Invalid parameters or hyperparameters, on every rank.
     """
 
+    _bare = False       # for the core's gradient rules (a lone array is taken in step)
+
     def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
                  weight_decay=0.0, maximize=False, clipvalue=None, clipnorm=None,
                  global_clipnorm=None, check_finite=True, lazy=False, backend="auto",
                  comm=None, chunk=None):
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                                  or chunk < 1):
-            raise ValueError(f"chunk must be a positive int (elements a collective), "
-                             f"got {chunk!r}")
         self.chunk = chunk
         self._lock = threading.RLock()
         self._changes = Changes()
         error = None
         try:
+            if chunk is not None:
+                _check_chunk(chunk)
             self._build(params, dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                                      weight_decay=weight_decay, maximize=maximize,
                                      clipvalue=clipvalue, clipnorm=clipnorm),
@@ -391,11 +482,13 @@ class ShardedExpectigrad:
         self._params = [p for g in groups for p in g["params"]]
         self._names = [f"param group {gi} param {pi}" for gi, g in enumerate(groups)
                        for pi in range(len(g["params"]))]
-        self._group_of = np.repeat(np.arange(len(groups)), [len(g["params"]) for g in groups])
+        self._group_sizes = [len(g["params"]) for g in groups]
+        self._group_of = np.repeat(np.arange(len(groups)), self._group_sizes)
         V.check_no_overlap(self._params, self._names)
         self.param_groups = tuple(ParamGroup(g, f"param group {gi}: ", self._changes)
                                   for gi, g in enumerate(groups))
         self._t = np.zeros(len(self._params), np.int64)
+        self._had_momentum = np.zeros(len(self._params), dtype=bool)
         self.step_count = 0
         # The flat layout of each dtype and this rank's shard of it.
         size, rank = self.comm.size, self.comm.rank
@@ -450,6 +543,26 @@ class ShardedExpectigrad:
         self._sparse = np.array([self.param_groups[g]["sparse_counter"]
                                  for g in self._group_of])
 
+    @property
+    def global_clipnorm(self):
+        """Joint L2-norm threshold over all gradients (None: off), the same
+        on every rank."""
+        return self._global_clipnorm
+
+    @global_clipnorm.setter
+    def global_clipnorm(self, value):
+        self._global_clipnorm = V.check_positive_or_none("global_clipnorm", value)
+
+    @property
+    def check_finite(self):
+        """Refuse gradients whose mean holds NaN or infinity (True), the
+        same on every rank."""
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value):
+        self._check_finite = V.check_bool("check_finite", value)
+
     @staticmethod
     def _hyper(g):
         return {k: v for k, v in g.items() if k not in _CLIP_KEYS and k != "params"}
@@ -487,7 +600,11 @@ class ShardedExpectigrad:
 
     @property
     def _momentum(self):
-        return np.array([self.param_groups[g]["beta"] > 0 for g in self._group_of])
+        """Which parameters keep momentum: those that have had beta > 0 (as
+        ``Expectigrad._refresh`` decides it for the core's pieces)."""
+        self._had_momentum |= np.array([self.param_groups[g]["beta"] > 0
+                                        for g in self._group_of], dtype=bool)
+        return self._had_momentum.copy()
 
     _dirty = False
 
@@ -517,6 +634,7 @@ class ShardedExpectigrad:
             try:
                 local = self._local_gradients(grads)
                 self._sync_hyper()
+                self._check_step(local)
             except (TypeError, ValueError) as exc:
                 error = exc
             # Every rank takes part in the reduce-scatter, a rank that failed
@@ -530,24 +648,38 @@ class ShardedExpectigrad:
             self._check_and_clip(pieces, shard, error, local)
             if not active.any():
                 return
+            # Schedules see the step count of the whole optimizer, also on a
+            # rank whose pieces all had None (its core then took no step).
+            self.core.step_count = self.step_count
             self.core.step(pieces)
             self._all_gather()
             self._t += active
             self.step_count += 1
 
+    def _check_step(self, local):
+        """What the core would refuse on some rank only: a parameter to step
+        made read-only, a schedule's value that this rank's shard of a
+        group's dtypes can hold but another's cannot."""
+        for i, g in enumerate(local):
+            if g is not None and not self._params[i].flags.writeable:
+                raise ValueError(f"{self._names[i]} has been made read-only; parameters "
+                                 "are updated in place (set x.flags.writeable = True, or "
+                                 "pass None as its gradient); nothing was changed")
+        for gi, group in enumerate(self.param_groups):
+            if callable(group["lr"]):
+                where = f"param group {gi}: "
+                value = V.check_scheduled_lr(group["lr"](self.step_count), self.step_count,
+                                             where)
+                try:
+                    V.check_step_size_dtypes(value, group["beta"], group["params"], where)
+                except ValueError as exc:
+                    raise ValueError(f"{where}lr schedule returned {value!r} at step "
+                                     f"{self.step_count}: {str(exc)[len(where):]}") from None
+
     def _local_gradients(self, grads):
         if len(self._params) == 1 and isinstance(grads, np.ndarray):
             grads = [grads]
-        if isinstance(grads, (np.ndarray, dict)) or grads is None:
-            raise TypeError("step() takes a sequence of gradients, one per parameter "
-                            f"({len(self._params)}), got {type(grads).__name__}")
-        grads = list(grads)
-        if len(grads) == len(self.param_groups) and len(grads) != len(self._params) and all(
-                isinstance(g, (list, tuple)) for g in grads):
-            grads = [g for group in grads for g in group]
-        if len(grads) != len(self._params):
-            raise ValueError(f"expected {len(self._params)} gradients, one per parameter, "
-                             f"got {len(grads)}")
+        grads = _Core._flatten_grads(self, grads)      # the core's rules and messages
         # A row-sparse gradient is made dense: the shards are flat slices.
         return [None if g is None else densify(g, p, name) if is_row_sparse(g)
                 else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
@@ -582,8 +714,9 @@ class ShardedExpectigrad:
                                     [rows, ([m] * size, [c * r for r in range(size)])])
                 acc = shard_mean[k * c:k * c + m]
                 acc[...] = rows[0, :m]
-                for r in range(1, size):             # rank order: deterministic
-                    acc += rows[r, :m]
+                with np.errstate(over="ignore", invalid="ignore"):   # refused below
+                    for r in range(1, size):         # rank order: deterministic
+                        acc += rows[r, :m]
             shard_mean /= shard_mean.dtype.type(size)
             bad = shard_mean.size > 0 and _span_nonfinite(shard_mean)[0] != 0
             out[dt] = (shard_mean, int(bounds[rank]), bad)
@@ -749,13 +882,32 @@ class ShardedExpectigrad:
         ValueError, TypeError
             On every rank, when any rank refused it; nothing changes.
         """
-        error = None
-        try:
-            with self._lock:
-                self._load_local(state_dict)
-        except (TypeError, ValueError) as exc:
-            error = exc
-        _agree(self.comm, error, "loading the state dict")
+        with self._lock:
+            _all_or_none(self.comm, "loading the state dict",
+                         lambda: self._load_local(state_dict), self._snapshot,
+                         self._restore)
+
+    def _snapshot(self):
+        """This rank's part of the state, and the parameters (copies)."""
+        self._sync_hyper()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return (_copied(self.core.state_dict()), groups, self._t.copy(), self.step_count,
+                self._had_momentum.copy(), [p.copy() for p in self._params])
+
+    def _restore(self, saved):
+        core, groups, t, step_count, had_momentum, params = saved
+        self.core.load_state_dict(core)
+        for group, values in zip(self.param_groups, groups):
+            for key, value in values.items():
+                if key != "sparse_counter":
+                    group._load(key, value)
+        self._synced = [self._hyper(g) for g in self.param_groups]
+        self._changes.dirty = False
+        self._t[...] = t
+        self.step_count = step_count
+        self._had_momentum = had_momentum
+        for p, value in zip(self._params, params):
+            np.copyto(p, value)
 
     def _load_local(self, state_dict):
         try:
@@ -802,6 +954,7 @@ class ShardedExpectigrad:
         self._synced = [self._hyper(g) for g in self.param_groups]
         self._changes.dirty = False
         self._t[...] = [int(e["step"]) for e in entries]
+        self._had_momentum = np.array(["momentum" in e for e in entries], dtype=bool)
         self.step_count = int(step)
 
     def save(self, path, *, params=True):
@@ -846,13 +999,9 @@ class ShardedExpectigrad:
             file, and nothing changes.
         """
         from .checkpoint import load
-        error = None
-        try:
-            with self._lock:
-                load(_Loading(self), path)
-        except (OSError, TypeError, ValueError) as exc:
-            error = exc
-        _agree(self.comm, error, "loading the checkpoint")
+        with self._lock:
+            _all_or_none(self.comm, "loading the checkpoint",
+                         lambda: load(_Loading(self), path), self._snapshot, self._restore)
 
     def __repr__(self):
         return (f"ShardedExpectigrad(ranks={self.comm.size}, rank={self.comm.rank}, "

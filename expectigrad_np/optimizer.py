@@ -207,6 +207,7 @@ class Expectigrad:
         self._histories = {}
         self._lagging = False       # some lazy history is pending
         self._quick = None          # see step(): cleared wherever the route may change
+        self._had_momentum = np.zeros(len(self._params), dtype=bool)   # see _refresh
         self._refresh()
 
     @property
@@ -331,16 +332,17 @@ class Expectigrad:
         # Names this set of hyperparameters: buckets rewrite the rows that
         # depend only on them when it changes (see set_coefficients).
         self._hyper_key = object()
-        # Momentum follows m <- beta*m + (1 - beta)*u on every step once a
-        # bucket has a buffer, beta = 0 included (then m = u), so switching
-        # momentum off and on again resumes from the last u, as in the
-        # original optimizer.  A bucket gets its buffer when one of its
-        # arrays first has beta > 0.
-        self._momentum = np.zeros(len(self._params), dtype=bool)
+        # An array's momentum follows m <- beta*m + (1 - beta)*u on every
+        # step once the array has had beta > 0, beta = 0 included (then
+        # m = u), so switching momentum off and on again resumes from the
+        # last u, as in the original optimizer; before that it keeps none
+        # (m stays 0).  Per array, whatever else shares its bucket; the
+        # bucket gets its buffer when one of its arrays first has beta > 0.
+        self._had_momentum |= self._beta > 0
+        self._momentum = self._had_momentum.copy()
         for b in self._buckets:
-            if (self._beta[b.slots] > 0).any():
+            if self._momentum[b.slots].any():
                 b.ensure_momentum()
-            self._momentum[b.slots] = b.has_momentum
         self._fast = self._make_fast()
         self._quick = None
         self._changes.dirty = False
@@ -1049,6 +1051,8 @@ class Expectigrad:
             for key, value in hyper.items():
                 if key != "sparse_counter":
                     self.param_groups[gi]._load(key, value)
+        self._had_momentum = np.array(["momentum" in arrays for _, arrays in loaded],
+                                      dtype=bool).reshape(len(self._params))
         self._refresh()
         for b in self._buckets:
             for k, i in enumerate(b.slots):

@@ -12,6 +12,17 @@ from expectigrad_np.mpi import Expectigrad
 
 comm = MPI.COMM_WORLD
 rank, size = comm.rank, comm.size
+
+
+def _abort_on_failure(kind, value, tb):
+    """A failed check on one rank ends every rank at once (the others would
+    wait in their next collective until the test's timeout)."""
+    sys.__excepthook__(kind, value, tb)
+    sys.stderr.flush()
+    comm.Abort(1)
+
+
+sys.excepthook = _abort_on_failure
 tmp = sys.argv[1]
 SHARDED = sys.argv[2] == "sharded"
 SHAPES = [((5, 3), np.float64), ((7,), np.float32), ((2, 2), np.float64)]
@@ -284,3 +295,145 @@ else:
     gather_equal([E])
     assert np.array_equal(E, E_ref), (E, E_ref)
 print(f"lazy OK {rank}", flush=True)
+
+
+def raises_everywhere(kind, fn, *needles):
+    """``fn()`` raises ``kind`` on every rank (no rank left waiting), its
+    message holding one of ``needles`` where given."""
+    try:
+        fn()
+    except kind as exc:
+        assert not needles or any(n in str(exc) for n in needles), exc
+    else:
+        raise AssertionError(f"{fn} did not raise {kind.__name__}")
+    comm.Barrier()
+
+
+# A schedule whose value one rank's shard of dtypes refuses (float32 here,
+# float64 elsewhere): refused on every rank, nothing changed anywhere.
+xs = [np.linspace(-1, 1, 8), np.ones(1, np.float32)]
+opt = Expectigrad([{"params": xs, "lr": lambda t: 1e-2 if t == 0 else 1e38}],
+                  shard_state=SHARDED)
+opt.step([np.ones(8), np.ones(1, np.float32)])
+before = [x.copy() for x in xs]
+raises_everywhere(ValueError, lambda: opt.step([np.ones(8), np.ones(1, np.float32)]),
+                  "lr schedule returned")
+assert all(np.array_equal(a, b) for a, b in zip(xs, before)) and opt.step_count == 1
+
+# A schedule and None gradients: the schedule sees the optimizer's step count
+# on every rank, also where this rank's pieces all had None.
+xs, ref_xs = [np.linspace(-1, 1, 8), np.ones(3)], [np.linspace(-1, 1, 8), np.ones(3)]
+schedule = eg.schedules.exponential_decay(0.1, 0.5, 1)
+opt = Expectigrad(xs, lr=schedule, shard_state=SHARDED)
+ref = eg.Expectigrad(ref_xs, lr=schedule)
+for step in range(5):
+    g = [None if step % 2 else np.full(8, 0.5), np.full(3, -1.0)]
+    opt.step(g)
+    ref.step(g)
+    assert all(np.array_equal(a, b) for a, b in zip(xs, ref_xs)), step
+
+# A parameter made read-only on one rank: refused on every rank, nothing changed.
+xs = [np.linspace(-1, 1, 8), np.ones(3)]
+opt = Expectigrad(xs, lr=0.1, shard_state=SHARDED)
+before = [x.copy() for x in xs]
+xs[1].flags.writeable = rank != size - 1
+raises_everywhere(ValueError, lambda: opt.step([np.ones(8), np.ones(3)]), "read-only")
+xs[1].flags.writeable = True
+assert all(np.array_equal(a, b) for a, b in zip(xs, before))
+
+# Attributes and constructor arguments that are checked on every rank.
+raises_everywhere(ValueError, lambda: Expectigrad([np.zeros(3)], shard_state=SHARDED,
+                                                  chunk=0 if rank == 0 else 4), "chunk")
+for bad in (-1.0, 0.0, float("nan")):
+    raises_everywhere(ValueError, lambda: setattr(opt, "global_clipnorm", bad),
+                      "global_clipnorm")
+raises_everywhere(TypeError, lambda: setattr(opt, "check_finite", "yes"), "check_finite")
+
+# A 0-d parameter, and a bare one, step as in one process.
+x0, y0, xb, yb = np.array(1.5), np.array(1.5), np.linspace(0, 1, 5), np.linspace(0, 1, 5)
+o0 = Expectigrad([x0], lr=0.1, shard_state=SHARDED)
+r0 = eg.Expectigrad([y0], lr=0.1)
+ob = Expectigrad(xb, lr=0.1, shard_state=SHARDED)
+rb = eg.Expectigrad(yb, lr=0.1)
+for step in range(3):
+    o0.step([np.array(0.5 + rank)])
+    r0.step([np.array(np.mean([0.5 + r for r in range(size)]))])
+    ob.step(np.full(5, 1.0 + rank))
+    acc = np.full(5, 1.0)
+    for r in range(1, size):
+        acc += np.full(5, 1.0 + r)
+    rb.step(acc / size)
+    assert np.array_equal(x0, y0) and np.array_equal(xb, yb), step
+
+# A load or load_state_dict that one rank refuses changes nothing on any rank.
+xs, ref_xs = params(), params()
+opt, ref = build(xs, **plain), build(ref_xs, **plain)
+for step in range(2):
+    opt.step(grads(step, rank))
+    ref.step(grads(step, rank))
+path = f"{tmp}/refused.npz"
+opt.save(path)
+saved = opt.state_dict()
+for step in range(2, 4):
+    opt.step(grads(step, rank))
+    ref.step(grads(step, rank))
+bad = saved
+if rank == size - 1:
+    bad = dict(saved, state=dict(saved["state"]))
+    bad["state"][0] = dict(bad["state"][0], mean_sq=-np.ones(SHAPES[0][0]))
+raises_everywhere(ValueError, lambda: opt.load_state_dict(bad), "negative")
+raises_everywhere((OSError, ValueError),
+                  lambda: opt.load(path if rank != size - 1 else f"{tmp}/missing.npz"))
+for step in range(4, 6):
+    opt.step(grads(step, rank))
+    ref.step(grads(step, rank))
+assert all(np.array_equal(a, b) for a, b in zip(xs, ref_xs))
+assert opt.step_count == ref.step_count == 6
+gather_equal(xs)
+
+# Momentum switched on later gives the same bits whatever shares a dtype (and
+# so whatever each rank's shard holds): a group built with beta=0 keeps none
+# until its beta becomes positive.
+xs = [np.linspace(-1, 1, 13).astype(np.float32), np.ones(4, np.float32)]
+alone = [np.linspace(-1, 1, 13).astype(np.float32)]
+opt = Expectigrad([{"params": xs[:1], "beta": 0.0}, {"params": xs[1:], "beta": 0.5}],
+                  lr=0.01, shard_state=SHARDED)
+ref = eg.Expectigrad([{"params": alone, "beta": 0.0}], lr=0.01)
+for step in range(5):
+    if step == 2:
+        opt.param_groups[0]["beta"] = 0.3
+        ref.param_groups[0]["beta"] = 0.3
+    g = np.random.default_rng(step).standard_normal(13).astype(np.float32)
+    opt.step([g, np.ones(4, np.float32)])
+    ref.step([g])
+    assert np.array_equal(xs[0], alone[0]), step
+
+# Rows every rank touches, in any overlap: the mean is summed in rank order,
+# as the dense mean is (3 and more ranks: a + b + c, not a + (b + c)).
+E, E_ref = np.zeros((6, 3)), np.zeros((6, 3))
+opt = Expectigrad([E], lr=0.1, shard_state=SHARDED)
+ref = eg.Expectigrad([E_ref], lr=0.1)
+for step in range(25):
+    parts = []
+    for r in range(size):
+        g = np.random.default_rng(500 * step + r)
+        rows = g.integers(0, 6, int(g.integers(1, 5)))
+        parts.append(eg.RowSparse(rows, g.standard_normal((rows.size, 3))))
+    acc = parts[0].todense(E_ref)
+    for part in parts[1:]:
+        acc += part.todense(E_ref)
+    opt.step([parts[rank]])
+    ref.step([acc / size])
+    assert np.array_equal(E, E_ref), step
+
+# minimize(comm=): a callback's StopIteration on one rank stops every rank.
+def stop_on_rank_0(intermediate_result):
+    if rank == 0 and intermediate_result.nit == 4:
+        raise StopIteration
+
+
+res = eg.minimize(lambda w: (float(w @ w), 2 * w), np.ones(3), jac=True, lr=0.05,
+                  maxiter=50, callback=stop_on_rank_0, comm=comm)
+assert res.status == 99 and res.nit == 4, (res.status, res.nit)
+comm.Barrier()
+print(f"collective checks OK {rank}", flush=True)

@@ -249,6 +249,32 @@ def test_beta_switched_on_later_allocates_momentum():
     np.testing.assert_allclose(x, y, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_momentum_switched_on_later_does_not_depend_on_what_shares_the_dtype(backend):
+    # A group built with beta=0 keeps no momentum until its beta becomes
+    # positive, whether or not another array of its dtype keeps momentum;
+    # one built with beta > 0 keeps m = u while its beta is 0, and resumes.
+    def run(with_other, first_beta):
+        x = np.linspace(-1, 1, 13).astype(np.float32)
+        groups = [{"params": [x], "beta": first_beta}]
+        if with_other:
+            groups.append({"params": [np.ones(4, np.float32)], "beta": 0.5})
+        opt = eg.Expectigrad(groups, lr=0.01, backend=backend)
+        rng = np.random.default_rng(0)
+        for step, beta in enumerate([None, 0.0, 0.3, None, 0.0, 0.6]):
+            if beta is not None:
+                opt.param_groups[0]["beta"] = beta
+            g = [rng.standard_normal(13).astype(np.float32)]
+            opt.step(g + ([np.ones(4, np.float32)] if with_other else []))
+        return x, "momentum" in opt.state_dict()["state"][0]
+    for first_beta in (0.0, 0.9):
+        (alone, kept_alone), (shared, kept_shared) = run(False, first_beta), run(True,
+                                                                                 first_beta)
+        assert np.array_equal(alone, shared), first_beta
+        assert kept_alone and kept_shared
+    assert not np.array_equal(run(False, 0.0)[0], run(False, 0.9)[0])
+
+
 # --- clipping -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["cpu", "numpy"])
