@@ -404,6 +404,13 @@ def _parse_groups(params, defaults):
                         _contiguous_parameter, lambda p: isinstance(p, np.ndarray))
 
 
+def _checked_attribute(name, check, doc):
+    """A property stored as ``_<name>``, set through ``check(name, value)``."""
+    key = "_" + name
+    return property(lambda self: getattr(self, key),
+                    lambda self, value: setattr(self, key, check(name, value)), doc=doc)
+
+
 class ShardedExpectigrad:
     """Data-parallel Expectigrad with sharded optimizer state (ZeRO stage 1):
     ``expectigrad_np.mpi.Expectigrad(..., shard_state=True)``.
@@ -543,25 +550,12 @@ class ShardedExpectigrad:
         self._sparse = np.array([self.param_groups[g]["sparse_counter"]
                                  for g in self._group_of])
 
-    @property
-    def global_clipnorm(self):
-        """Joint L2-norm threshold over all gradients (None: off), the same
-        on every rank."""
-        return self._global_clipnorm
-
-    @global_clipnorm.setter
-    def global_clipnorm(self, value):
-        self._global_clipnorm = V.check_positive_or_none("global_clipnorm", value)
-
-    @property
-    def check_finite(self):
-        """Refuse gradients whose mean holds NaN or infinity (True), the
-        same on every rank."""
-        return self._check_finite
-
-    @check_finite.setter
-    def check_finite(self, value):
-        self._check_finite = V.check_bool("check_finite", value)
+    global_clipnorm = _checked_attribute(
+        "global_clipnorm", V.check_positive_or_none,
+        "Joint L2-norm threshold over all gradients (None: off), the same on every rank.")
+    check_finite = _checked_attribute(
+        "check_finite", V.check_bool,
+        "Refuse gradients whose mean holds NaN or infinity (True), the same on every rank.")
 
     @staticmethod
     def _hyper(g):
