@@ -80,6 +80,19 @@ def check_eps_dtypes(eps, params, where=""):
                              f"{np.finfo(dtype).smallest_subnormal}")
 
 
+def check_schedule_value(raw, step, group, where=""):
+    """A schedule's value ``raw`` at ``step`` for param group ``group``:
+    checked like a constructor value (``check_scheduled_lr``) and against
+    the largest step size its parameters' dtypes can hold."""
+    value = check_scheduled_lr(raw, step, where)
+    try:
+        check_step_size_dtypes(value, group["beta"], group["params"], where)
+    except ValueError as exc:
+        raise ValueError(f"{where}lr schedule returned {value!r} at step {step}: "
+                         f"{str(exc)[len(where):]}") from None
+    return value
+
+
 def check_step_size_dtypes(lr, beta, params, where=""):
     """The largest step size, ``lr / (1 - beta)`` on the first step (``lr``
     when ``beta == 0``), must be finite in the dtype of every parameter it

@@ -495,7 +495,8 @@ class ShardedExpectigrad:
         self.param_groups = tuple(ParamGroup(g, f"param group {gi}: ", self._changes)
                                   for gi, g in enumerate(groups))
         self._t = np.zeros(len(self._params), np.int64)
-        self._had_momentum = np.zeros(len(self._params), dtype=bool)
+        self._had_momentum = np.array([groups[g]["beta"] > 0 for g in self._group_of],
+                                      dtype=bool)       # kept up by _sync_hyper
         self.step_count = 0
         # The flat layout of each dtype and this rank's shard of it.
         size, rank = self.comm.size, self.comm.rank
@@ -572,6 +573,8 @@ class ShardedExpectigrad:
                     if self.core.param_groups[gi][key] != value:
                         self.core.param_groups[gi][key] = value
                 self._synced[gi] = now
+                # As the core decides it for its pieces (Expectigrad._refresh).
+                self._had_momentum[self._group_of == gi] |= now["beta"] > 0
         self._changes.dirty = False
 
     # --- what the class offers like Expectigrad --------------------------------
@@ -596,8 +599,6 @@ class ShardedExpectigrad:
     def _momentum(self):
         """Which parameters keep momentum: those that have had beta > 0 (as
         ``Expectigrad._refresh`` decides it for the core's pieces)."""
-        self._had_momentum |= np.array([self.param_groups[g]["beta"] > 0
-                                        for g in self._group_of], dtype=bool)
         return self._had_momentum.copy()
 
     _dirty = False
@@ -654,21 +655,11 @@ class ShardedExpectigrad:
         """What the core would refuse on some rank only: a parameter to step
         made read-only, a schedule's value that this rank's shard of a
         group's dtypes can hold but another's cannot."""
-        for i, g in enumerate(local):
-            if g is not None and not self._params[i].flags.writeable:
-                raise ValueError(f"{self._names[i]} has been made read-only; parameters "
-                                 "are updated in place (set x.flags.writeable = True, or "
-                                 "pass None as its gradient); nothing was changed")
+        _Core._check_writeable(self, [i for i, g in enumerate(local) if g is not None])
         for gi, group in enumerate(self.param_groups):
             if callable(group["lr"]):
-                where = f"param group {gi}: "
-                value = V.check_scheduled_lr(group["lr"](self.step_count), self.step_count,
-                                             where)
-                try:
-                    V.check_step_size_dtypes(value, group["beta"], group["params"], where)
-                except ValueError as exc:
-                    raise ValueError(f"{where}lr schedule returned {value!r} at step "
-                                     f"{self.step_count}: {str(exc)[len(where):]}") from None
+                V.check_schedule_value(group["lr"](self.step_count), self.step_count, group,
+                                       f"param group {gi}: ")
 
     def _local_gradients(self, grads):
         if len(self._params) == 1 and isinstance(grads, np.ndarray):
@@ -948,7 +939,8 @@ class ShardedExpectigrad:
         self._synced = [self._hyper(g) for g in self.param_groups]
         self._changes.dirty = False
         self._t[...] = [int(e["step"]) for e in entries]
-        self._had_momentum = np.array(["momentum" in e for e in entries], dtype=bool)
+        self._had_momentum = np.array(["momentum" in e or self.param_groups[g]["beta"] > 0
+                                       for e, g in zip(entries, self._group_of)], dtype=bool)
         self.step_count = int(step)
 
     def save(self, path, *, params=True):

@@ -344,7 +344,6 @@ class Expectigrad:
             if self._momentum[b.slots].any():
                 b.ensure_momentum()
         self._fast = self._make_fast()
-        self._quick = None
         self._changes.dirty = False
 
     # --- stepping -----------------------------------------------------------
@@ -433,14 +432,8 @@ class Expectigrad:
         last = self._last_scheduled.get(gi)
         if last is not None and last[0] is raw:
             return last[1]               # the same object as last step: checked then
-        where = f"param group {gi}: "
-        value = V.check_scheduled_lr(raw, self.step_count, where)
-        group = self.param_groups[gi]
-        try:
-            V.check_step_size_dtypes(value, group["beta"], group["params"], where)
-        except ValueError as exc:
-            raise ValueError(f"{where}lr schedule returned {value!r} at step "
-                             f"{self.step_count}: {str(exc)[len(where):]}") from None
+        value = V.check_schedule_value(raw, self.step_count, self.param_groups[gi],
+                                       f"param group {gi}: ")
         if isinstance(raw, float):       # immutable: the same object is the same value
             self._last_scheduled[gi] = (raw, value)
         return value
@@ -528,61 +521,61 @@ class Expectigrad:
         try:
             quick = self._quick
             if quick is not None and not self._changes.dirty:
-                # The compiled route where nothing else can apply (see below):
-                # a small bucket's GIL-holding kernel, no schedule, nothing
-                # lagging, nothing compiling.  It takes any object: whatever
-                # it cannot read where it lies comes back for the general route.
-                code = quick[0](id(grads), quick[1], 0.0)
-                if code == -1:
-                    return
-                if code >= 0:
-                    self._raise_nonfinite(self._buckets[0], code)
-                with interrupts_deferred():
-                    self._step_general(grads)
-                return
-            if self._changes.dirty:
-                self._refresh()
-            fast = self._fast
-            if fast is None and self._warming is not None \
-                    and _background.finished() != self._warming:
-                with interrupts_deferred():             # compiled since: take it
-                    fast = self._fast = self._make_fast()
-            lr_now = None
-            if fast is not None and not self._lagging:
-                # The compiled route, written out here: it is most of the
-                # time of a small step (see _write_scheduled_lr for what it reads).
-                entry, ctx_address, kernel_lock, _, _, _, schedules, _, holds_gil = fast
-                if self._bare or type(grads) is tuple:
-                    obj = grads
-                elif type(grads) is list:
-                    # A kernel that holds the GIL reads the list itself (no
-                    # other thread can change it meanwhile); one that releases
-                    # it reads a tuple copy.
-                    obj = grads if holds_gil else tuple(grads)
-                else:
-                    obj = None
-                if obj is not None:
-                    if schedules:
-                        self._write_scheduled_lr(fast)
-                        lr_now = fast[3]    # the general route must not call them again
-                    if kernel_lock is None:
-                        code = entry(id(obj), ctx_address, 0.0)
-                    else:
-                        with kernel_lock:
-                            code = entry(id(obj), ctx_address, 0.0)
-                    if code == -1:
-                        # The kernel advanced every step count.  Where only this
-                        # route can apply, the next steps take it directly
-                        # (``_quick``: cleared wherever the route may change).
-                        if holds_gil and kernel_lock is None and not schedules:
-                            self._quick = (entry, ctx_address)
-                        return
-                    if code >= 0:
-                        self._raise_nonfinite(self._buckets[0], code)
+                # The compiled route where nothing else can apply (see
+                # _compiled_route): it takes any object, and whatever it cannot
+                # read where it lies comes back for the general route.
+                code, lr_now = quick[0](id(grads), quick[1], 0.0), None
+            else:
+                code, lr_now = self._compiled_route(grads)
+            if code == -1:
+                return                  # the kernel advanced every step count
+            if code is not None and code >= 0:
+                self._raise_nonfinite(self._buckets[0], code)
             with interrupts_deferred():
                 self._step_general(grads, lr_now)
         finally:
             lock.release()
+
+    def _compiled_route(self, grads):
+        """Step through the compiled route where it applies: ``(code,
+        lr_now)``, ``code`` the kernel's (``step_path``) or None where the
+        route was not taken, ``lr_now`` the schedules' values when they were
+        evaluated (the general route must not call them again).  Where only
+        this route can apply (a GIL-holding kernel, no schedule, nothing
+        lagging or compiling), a step that went through sets ``_quick``:
+        the next steps call the kernel directly, until something clears it
+        (wherever the route may change)."""
+        if self._changes.dirty:
+            self._refresh()
+        fast = self._fast
+        if fast is None and self._warming is not None \
+                and _background.finished() != self._warming:
+            with interrupts_deferred():             # compiled since: take it
+                fast = self._fast = self._make_fast()
+        if fast is None or self._lagging:
+            return None, None
+        entry, ctx_address, kernel_lock, _, _, _, schedules, _, holds_gil = fast
+        if self._bare or type(grads) is tuple:
+            obj = grads
+        elif type(grads) is list:
+            # A kernel that holds the GIL reads the list itself (no other
+            # thread can change it meanwhile); one that releases it reads a
+            # tuple copy.
+            obj = grads if holds_gil else tuple(grads)
+        else:
+            return None, None
+        lr_now = None
+        if schedules:
+            self._write_scheduled_lr(fast)
+            lr_now = fast[3]
+        if kernel_lock is None:
+            code = entry(id(obj), ctx_address, 0.0)
+        else:
+            with kernel_lock:
+                code = entry(id(obj), ctx_address, 0.0)
+        if code == -1 and holds_gil and kernel_lock is None and not schedules:
+            self._quick = (entry, ctx_address)
+        return code, lr_now
 
     def _step_general(self, grads, lr_now=None):
         """The route for everything the compiled one does not read where it
