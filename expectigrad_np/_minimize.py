@@ -203,6 +203,19 @@ class _Objective:
 
     def __call__(self, x, extra=()):
         """``(f, g)`` at ``x``; ``extra`` is ``(batch,)`` in stochastic mode."""
+        if self.mode == "callable":
+            # The common case first, with the checks of _f, _scalar and _grad
+            # written out (about a microsecond of an iteration on small
+            # problems: bench's Rosenbrock row).
+            self.nfev += 1
+            f = self.fun(x, *extra, *self.args)
+            if type(f) is not float and type(f) is not np.float64:
+                f = self._scalar(f)
+            self.njev += 1
+            g = self.jac(x, *extra, *self.args)
+            if type(g) is not np.ndarray or g.shape != self.shape or g.dtype.kind != "f":
+                g = self._grad(g)
+            return float(f), g
         if self.mode == "pair":
             out = self._f(x, extra)
             self.njev += 1
@@ -213,8 +226,6 @@ class _Objective:
             return self._scalar(f), self._grad(g)
         f = self._scalar(self._f(x, extra))
         self.njev += 1
-        if self.mode == "callable":
-            return f, self._grad(self.jac(x, *extra, *self.args))
         if not math.isfinite(f):
             return f, None
         shape = self.shape
@@ -546,6 +557,29 @@ def _all_finite(x):
     return math.isfinite(total) or bool(np.all(np.isfinite(x)))
 
 
+def _kept(x, kept):
+    """``x`` kept as the last good point, or None where it holds NaN or
+    infinity.  Small ``x`` is kept as a list of its values (``_SMALL``;
+    reading it is also the check), larger ``x`` is copied into ``kept``
+    (an array of its shape)."""
+    if x.size <= _SMALL:
+        vals = (x if x.ndim == 1 else x.ravel()).tolist()
+        return vals if _finite_list(vals) else None
+    if not _all_finite(x):
+        return None
+    np.copyto(kept, x)
+    return kept
+
+
+def _restore(x, kept):
+    """Put the point ``_kept`` returned back into ``x`` (exactly: a list
+    holds the values of ``x``'s dtype as Python floats)."""
+    if isinstance(kept, list):
+        x[...] = np.asarray(kept, x.dtype).reshape(x.shape)
+    else:
+        np.copyto(x, kept)
+
+
 def _step(opt, g, x, box):
     opt.step(g)
     if box is not None:
@@ -560,7 +594,7 @@ def _nonfinite_message(where):
 def _run_deterministic(s, bar):
     x, opt, objective, cb = s["x"], s["opt"], s["objective"], s["cb"]
     maxiter, gtol, norm, box = s["maxiter"], s["gtol"], s["norm"], s["box"]
-    x_good = x.copy()
+    x_good = _kept(x, x.copy())             # not None: _start_point refuses NaN
     largest = float(np.finfo(x.dtype).max)
     f, g = objective(x)
     nit = 0
@@ -580,18 +614,22 @@ def _run_deterministic(s, bar):
             status, msg = MAXITER, (f"Maximum number of iterations has been exceeded "
                                     f"(maxiter={maxiter}).")
             break
-        _step(opt, g, x, box)
+        opt.step(g)
+        if box is not None:
+            np.clip(x, box[0], box[1], out=x)
         nit += 1
         f_new, g_new = objective(x)
-        ok = math.isfinite(f_new)
-        if ok:
+        kept = None
+        if math.isfinite(f_new):
             ok, gnorm_new = _gradient_norm(g_new, norm, x, box, largest)
-        if not ok or not _all_finite(x):
-            np.copyto(x, x_good)
+            if ok:
+                kept = _kept(x, x_good)
+        if kept is None:
+            _restore(x, x_good)
             nit -= 1
             status, msg = NONFINITE, _nonfinite_message(f"after step {nit + 1}")
             break
-        np.copyto(x_good, x)
+        x_good = kept
         f, g, gnorm = f_new, g_new, gnorm_new
         if bar is not None:
             bar.update(1)

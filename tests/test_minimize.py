@@ -283,6 +283,26 @@ def test_nonfinite_objective_stops_at_last_good_x():
     np.testing.assert_array_equal(res.x, seen[-1])
 
 
+@pytest.mark.parametrize("shape", [(3,), (2, 4), (100,), (10, 12)])   # lists, arrays
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_last_good_x_is_restored_exactly(shape, dtype):
+    """Where the objective turns NaN after a step, x is put back to the
+    point of the last callback, bit for bit, in its dtype and shape (small
+    points are kept as lists, larger ones as copies)."""
+    seen = []
+    target = np.linspace(1.0, 2.0, int(np.prod(shape))).reshape(shape).astype(dtype)
+
+    def f(x):
+        return float(np.sum((x - target) ** 2)) if np.all(x < 0.3) else np.nan
+
+    res = eg.minimize(f, np.zeros(shape, dtype), jac=lambda x: 2 * (x - target),
+                      lr=0.01, maxiter=1000, callback=_recording(seen))
+    assert res.status == 3 and res.nit == len(seen) > 5
+    assert res.x.dtype == dtype and res.x.shape == shape
+    np.testing.assert_array_equal(res.x, seen[-1])
+    assert np.all(res.x < 0.3) and np.all(res.x > 0.2)
+
+
 def test_nonfinite_gradient_stops_at_last_good_x():
     calls = {"n": 0}
 
