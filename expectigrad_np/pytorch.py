@@ -130,6 +130,12 @@ class Expectigrad(torch.optim.Optimizer):
         rows; the others lag until touched or ``sync()`` (see
         ``expectigrad_np.Expectigrad``).  Without it a sparse step visits
         every row whose update is not zero.
+    check_finite : bool, default True
+        Refuse a step whose gradients hold NaN or infinity, changing
+        nothing (``FloatingPointError``).  The check reads every gradient
+        once more before the update; ``False`` skips it, as torch's own
+        optimizers do (``torch.amp.GradScaler`` checks for them itself),
+        and a NaN then reaches the parameters.
 
     A parameter whose ``.grad`` is None is skipped and its step count does
     not advance.  Sparse COO gradients (CPU) step exactly as their dense
@@ -139,13 +145,16 @@ class Expectigrad(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, beta=0.9, eps=1e-8, sparse_counter=True, *,
-                 weight_decay=0.0, maximize=False, lazy=False):
+                 weight_decay=0.0, maximize=False, lazy=False, check_finite=True):
         defaults = dict(lr=lr, beta=beta, eps=eps, sparse_counter=sparse_counter,
                         weight_decay=weight_decay, maximize=maximize)
         _check_hyper(defaults)
         if not isinstance(lazy, bool):
             raise TypeError(f"lazy must be a bool, got {lazy!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self._lazy = lazy
+        self._check_finite = check_finite
         self._core = None
         self._order = []
         super().__init__(params, defaults)
@@ -197,7 +206,7 @@ class Expectigrad(torch.optim.Optimizer):
             groups.append(dict({k: g[k] for k in _KEYS}, params=views,
                                sparse_counter=g["sparse_counter"],
                                lr=_GroupLR(g)))
-        core = _Core(groups, lazy=getattr(self, "_lazy", False))
+        core = _Core(groups, lazy=self._lazy, check_finite=self._check_finite)
         self._core = core
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
         self._order = [(p, p.device.type == "cpu") for p in self._params()]
@@ -428,11 +437,15 @@ class Expectigrad(torch.optim.Optimizer):
         state = super().__getstate__()
         pending = getattr(self, "_pending_state", None)
         state["_pending_state"] = self._export_state() if self._core is not None else pending
+        state["_settings"] = dict(lazy=self._lazy, check_finite=self._check_finite)
         return state
 
     def __setstate__(self, state):
         pending = state.pop("_pending_state", None)
+        settings = state.pop("_settings", {})
         super().__setstate__(state)
+        self._lazy = settings.get("lazy", False)
+        self._check_finite = settings.get("check_finite", True)
         self._core = None
         self._order = []
         self._addresses = []

@@ -164,6 +164,24 @@ def test_sparse_embedding_gradients_step_as_their_dense_form(lazy, dtype):
         assert torch.equal(sparse_emb.weight, dense_emb.weight)
 
 
+def test_a_lazy_optimizer_stays_lazy_in_a_deep_copy():
+    """A copy of a ``lazy=True`` optimizer leaves the rows a sparse step
+    does not touch where they are (an eager one moves them on with their
+    momentum)."""
+    emb = torch.nn.Embedding(6, 2, sparse=True).double()
+    opt = Expectigrad(emb.parameters(), lr=0.1, lazy=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    for twin in (opt, copy.deepcopy(opt)):
+        weight = twin.param_groups[0]["params"][0]
+        before = weight.detach().clone()
+        weight.grad = torch.sparse_coo_tensor([[5]], [[1.0, 1.0]], (6, 2),
+                                              dtype=torch.float64)
+        twin.step()
+        assert torch.equal(weight.detach()[1:3], before[1:3])    # lagging rows
+        assert not torch.equal(weight.detach()[5], before[5])
+
+
 def test_a_sparse_coo_gradient_over_two_dimensions_steps_as_its_dense_form():
     a = torch.zeros(6, 5, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(6, 5, dtype=torch.float64, requires_grad=True)
@@ -187,6 +205,36 @@ def test_a_non_finite_sparse_gradient_is_refused_and_changes_nothing():
     assert torch.equal(emb.weight.detach(), before)
     assert opt.state_dict()["state"] == {} or all(
         float(s["step"]) == 0 for s in opt.state_dict()["state"].values())
+
+
+def test_check_finite_false_skips_the_check_as_torch_optimizers_do():
+    """``check_finite=False``: finite steps give the checked optimizer's
+    bits; a NaN gradient is not refused and reaches the parameter (as with
+    torch's Adam), where the default refuses it and changes nothing.  The
+    setting survives a deep copy; a non-bool is refused."""
+    a, b = _params(3), _params(3)
+    checked, unchecked = Expectigrad(a, lr=0.05), Expectigrad(b, lr=0.05, check_finite=False)
+    for k in range(4):
+        for p, q in zip(a, b):
+            p.grad = torch.full_like(p, 0.5 - k) * (1 + torch.arange(p.numel()).reshape(p.shape))
+            q.grad = p.grad.clone()
+        checked.step()
+        unchecked.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    for p, q in zip(a, b):
+        p.grad[...] = float("nan")
+        q.grad[...] = float("nan")
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(FloatingPointError, match="NaN or infinity"):
+        checked.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, before))
+    twin = copy.deepcopy(unchecked)
+    unchecked.step()
+    assert all(torch.isnan(q).all() for q in b)
+    twin.step()
+    assert all(torch.isnan(q).all() for q in twin.param_groups[0]["params"])
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        Expectigrad(_params(1), check_finite=1)
 
 
 def test_add_param_group_keeps_the_state_of_existing_parameters():
