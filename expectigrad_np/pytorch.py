@@ -179,7 +179,6 @@ class Expectigrad(torch.optim.Optimizer):
             An invalid hyperparameter, or parameters of an unsupported dtype
             (float16, bfloat16, complex) or on another device kind.
         """
-        saved = self._export_state() if getattr(self, "_core", None) is not None else None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -189,16 +188,16 @@ class Expectigrad(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        if saved is not None:
-            self._core = None
-            self._pending_state = saved           # moved into the next core
+        # The next step sees one more parameter and rebuilds the core, the
+        # others' state carried over (_sync).
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _build(self):
+    def _build(self, carried):
         """The core optimizer over views of the parameters (rebuilt when the
-        parameters change)."""
+        parameters change), with ``carried`` state (``_carried``) loaded
+        into it.  Nothing of the optimizer changes unless both succeed."""
         groups = []
         for gi, g in enumerate(self.param_groups):
             views = [_host_view(p, f"param group {gi} param {i}")
@@ -207,41 +206,50 @@ class Expectigrad(torch.optim.Optimizer):
                                sparse_counter=g["sparse_counter"],
                                lr=_GroupLR(g)))
         core = _Core(groups, lazy=self._lazy, check_finite=self._check_finite)
+        params = self._params()
+        if carried:
+            self._import_state(carried, core, params)
         self._core = core
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
-        self._order = [(p, p.device.type == "cpu") for p in self._params()]
+        self._order = [(p, p.device.type == "cpu") for p in params]
         self._addresses = [p.data_ptr() for p, _ in self._order]
-        pending = getattr(self, "_pending_state", None)
-        if pending is not None:
-            self._pending_state = None
-            self._import_state(pending)
+        self._pending_state = None
         return core
 
     def _sync(self):
-        """The core, rebuilt if a parameter's storage moved, with the groups'
-        hyperparameters carried over where they changed."""
+        """The core, rebuilt where the parameters changed (one added,
+        replaced or moved to other storage; each one's state goes with it),
+        with the groups' hyperparameters carried over where they changed."""
         core = self._core
-        moved = core is None or sum(len(g["params"]) for g in self.param_groups) != len(
-            self._order)
+        params = self._params()
+        moved = core is None or len(params) != len(self._order)
         if not moved:
-            for (p, _), address in zip(self._order, self._addresses):
-                if p.data_ptr() != address:
+            for p, (q, _), address in zip(params, self._order, self._addresses):
+                if p is not q or p.data_ptr() != address:
                     moved = True
                     break
         if moved:
-            if core is not None:
-                self._pending_state = self._export_state()
-            return self._build()
+            if core is None:
+                return self._build(getattr(self, "_pending_state", None))
+            self._check_counters(core)
+            return self._build(self._carried())
+        self._check_counters(core)
         for gi, g in enumerate(self.param_groups):
             now = tuple(g[k] for k in _KEYS)
             if now != self._synced[gi]:
                 for key, value in zip(_KEYS, now):
                     core.param_groups[gi][key] = value
                 self._synced[gi] = now
-            if g["sparse_counter"] != core.param_groups[gi]["sparse_counter"]:
-                raise ValueError(f"param group {gi}: sparse_counter cannot change after "
-                                 "the optimizer is built")
         return core
+
+    def _check_counters(self, core):
+        """``sparse_counter`` of a group cannot change: the state it keeps
+        means something else under the other counter."""
+        for gi, (g, built) in enumerate(zip(self.param_groups, core.param_groups)):
+            if g["sparse_counter"] != built["sparse_counter"]:
+                raise ValueError(f"param group {gi}: sparse_counter cannot change after "
+                                 "the optimizer is built (it was "
+                                 f"{built['sparse_counter']}); nothing was changed")
 
     # --- stepping ----------------------------------------------------------------
 
@@ -287,10 +295,15 @@ class Expectigrad(torch.optim.Optimizer):
                 grads.append(None)
             elif grad.is_sparse:
                 grads.append(_row_sparse(grad, p, self._where(p)))
-            else:
+            elif on_cpu:
                 # No tensor operation runs here (the kernels write through
                 # NumPy views), so autograd needs no no_grad context.
-                grads.append(grad.numpy() if on_cpu else grad.detach())
+                try:
+                    grads.append(grad.numpy())
+                except RuntimeError:    # a gradient that requires grad, a negative view
+                    grads.append(grad.detach().resolve_neg().resolve_conj().numpy())
+            else:
+                grads.append(grad.detach())
         core.step(grads)
         return loss
 
@@ -313,10 +326,16 @@ class Expectigrad(torch.optim.Optimizer):
         """
         core = self._sync()
         index = None
-        if param is not None:
+        if isinstance(param, (int, np.integer)) and not isinstance(param, bool):
+            if not 0 <= param < len(self._order):
+                raise ValueError(f"sync(param={param}): the optimizer has "
+                                 f"{len(self._order)} parameters")
+            index = int(param)
+        elif param is not None:
             index = next((i for i, (q, _) in enumerate(self._order) if q is param), None)
             if index is None:
-                raise ValueError("sync(param=...) takes one of the optimizer's parameters")
+                raise ValueError("sync(param=...) takes one of the optimizer's parameters "
+                                 "or its index")
         if isinstance(rows, torch.Tensor):
             rows = rows.detach().cpu().numpy()
         core.sync(index, rows)
@@ -330,12 +349,19 @@ class Expectigrad(torch.optim.Optimizer):
 
     # --- state -------------------------------------------------------------------
 
+    def _carried(self):
+        """The core's state as ``[(parameter, entry), ...]`` (``_export_state``
+        entries): what a rebuilt core, or a copy, takes over, each entry
+        matched to its parameter by identity."""
+        return [(self._order[i][0], entry) for i, entry in self._export_state().items()]
+
     def _export_state(self):
         """Per-parameter state from the kernels' buffers, as copies:
-        ``{index: {"step", "mean_sq", ["count"], ["momentum"]}}``."""
+        ``{index: {"step", "mean_sq", ["count"], ["momentum"]}}``, indexed
+        as the core's parameters."""
         core = self._core if self._core is not None else self._sync()
         out = {}
-        params = self._params()
+        params = [p for p, _ in self._order]
         for i, entry in core.state_dict()["state"].items():
             p = params[i]
             out[i] = {"step": torch.tensor(float(entry["step"]), dtype=torch.float32)}
@@ -350,9 +376,22 @@ class Expectigrad(torch.optim.Optimizer):
     def state_dict(self):
         """torch's format: ``{"state": {index: {"step", "mean_sq", "count",
         "momentum"}}, "param_groups": [...]}``, state tensors copied from the
-        kernels' buffers (``count`` as int64)."""
-        sd = super().state_dict()
+        kernels' buffers (``count`` as int64).  torch's state-dict hooks
+        run as for any optimizer; the post-hooks see the state."""
+        self._sync()
+        hooks = getattr(self, "_optimizer_state_dict_post_hooks", None)
+        if hooks:
+            self._optimizer_state_dict_post_hooks = type(hooks)()
+        try:
+            sd = super().state_dict()
+        finally:
+            if hooks:
+                self._optimizer_state_dict_post_hooks = hooks
         sd["state"] = self._export_state()
+        for hook in (hooks or {}).values():
+            returned = hook(self, sd)
+            if returned is not None:
+                sd = returned
         return sd
 
     def load_state_dict(self, state_dict):
@@ -372,6 +411,15 @@ class Expectigrad(torch.optim.Optimizer):
         ValueError, TypeError
             The state dict does not match the parameters; nothing changes.
         """
+        for hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
+            returned = hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
+        self._load(state_dict)
+        for hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
+            hook(self)
+
+    def _load(self, state_dict):
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         state = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):
@@ -413,11 +461,26 @@ class Expectigrad(torch.optim.Optimizer):
             g["params"] = params_of
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
 
-    def _import_state(self, state):
-        """Load ``_export_state`` output for the parameters that have one."""
-        core = self._core
+    @staticmethod
+    def _import_state(carried, core, params):
+        """Load ``_carried`` output into ``core`` (over ``params``): each
+        entry into its parameter's place, where it still has one.  (An
+        ``{index: entry}`` dict, as copies made by earlier versions hold,
+        loads by index.)"""
         core_sd = core.state_dict()
-        for i, entry in state.items():
+        if isinstance(carried, dict):
+            placed = carried.items()
+        else:
+            place = {id(p): i for i, p in enumerate(params)}
+            placed = [(place[id(p)], entry) for p, entry in carried if id(p) in place]
+        for i, entry in placed:
+            shape = tuple(entry["mean_sq"].shape)
+            if shape != tuple(params[i].shape):
+                raise ValueError(
+                    f"parameter {i} changed shape from {shape} to {tuple(params[i].shape)} "
+                    "since the optimizer stepped it: its state no longer fits (torch's "
+                    "optimizers cannot step it either); nothing was changed. Give it its "
+                    "shape back, or build a new optimizer")
             core_sd["state"][i] = {k: (int(v) if k == "step" else v.cpu().numpy())
                                    for k, v in entry.items()}
         core_sd["param_groups"] = [{"params": g["params"]} for g in core_sd["param_groups"]]
@@ -436,7 +499,7 @@ class Expectigrad(torch.optim.Optimizer):
         tensors and moves into the copy's own buffers on its first use."""
         state = super().__getstate__()
         pending = getattr(self, "_pending_state", None)
-        state["_pending_state"] = self._export_state() if self._core is not None else pending
+        state["_pending_state"] = self._carried() if self._core is not None else pending
         state["_settings"] = dict(lazy=self._lazy, check_finite=self._check_finite)
         return state
 

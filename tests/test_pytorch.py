@@ -490,3 +490,140 @@ def test_step_hooks_and_the_profiler_still_apply():
         opt.step()
     assert any("Optimizer.step#Expectigrad.step" in e.name for e in prof.events())
     assert int(opt.state_dict()["state"][0]["step"]) == 3
+
+
+# --- parameters that change under the optimizer ----------------------------------
+
+
+def _train_both(make, steps, grads_of, change=None, at=None):
+    """Step ours and the original on copies of the same parameters; ``change``
+    edits each optimizer's param groups (and parameters) before step ``at``."""
+    runs = []
+    for cls in (Expectigrad, OriginalExpectigrad):
+        ps = make()
+        opt = cls([{"params": ps[:2]}, {"params": ps[2:3], "lr": 0.05}], lr=0.1)
+        for k in range(steps):
+            if k == at:
+                ps = change(opt, ps)
+            for p, g in zip(ps, grads_of(k, ps)):
+                p.grad = g
+            opt.step()
+        runs.append(ps)
+    return runs
+
+
+def _seeded_grads(k, ps):
+    gen = torch.Generator().manual_seed(k)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ps]
+
+
+def _three():
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_()
+            for s in ((3,), (2, 2), (4,))]
+
+
+def test_a_parameter_replaced_in_its_group_is_stepped_with_fresh_state():
+    def replace(opt, ps):
+        new = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+        opt.param_groups[0]["params"][1] = new
+        return [ps[0], new, ps[2]]
+    ours, original = _train_both(_three, 6, _seeded_grads, replace, at=3)
+    for a, b in zip(ours, original):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_a_parameter_appended_to_an_earlier_group_leaves_the_others_state_alone():
+    def append(opt, ps):
+        new = torch.ones(5, dtype=torch.float64, requires_grad=True)
+        opt.param_groups[0]["params"].append(new)
+        return ps[:2] + [new] + ps[2:]
+    ours, original = _train_both(_three, 6, _seeded_grads, append, at=3)
+    for a, b in zip(ours, original):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_a_parameter_whose_shape_changed_is_refused_and_its_state_kept():
+    model = torch.nn.Linear(3, 2).double()
+    opt = Expectigrad(model.parameters(), lr=0.1)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    before = {i: {k: v.clone() for k, v in e.items()}
+              for i, e in opt.state_dict()["state"].items()}
+    old = model.weight.data
+    model.weight.data = torch.randn(4, 3, dtype=torch.float64)
+    model.weight.grad = torch.randn(4, 3, dtype=torch.float64)
+    model.bias.grad = torch.randn(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"changed shape from \(2, 3\) to \(4, 3\)"):
+        opt.step()
+    model.weight.data = old                  # given back: the run goes on
+    model.weight.grad = torch.randn(2, 3, dtype=torch.float64)
+    after = opt.state_dict()["state"]
+    for i, entry in before.items():
+        for k, v in entry.items():
+            assert torch.equal(after[i][k], v), (i, k)
+    opt.step()
+    assert float(opt.state_dict()["state"][0]["step"]) == 4
+
+
+def test_sparse_counter_cannot_change_through_a_rebuild():
+    ps = _params(3)
+    opt = Expectigrad(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[0]["sparse_counter"] = False
+    opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64,
+                                                requires_grad=True)]})
+    with pytest.raises(ValueError, match="sparse_counter cannot change"):
+        opt.step()
+    opt.param_groups[0]["sparse_counter"] = True
+    opt.step()
+    assert "count" in opt.state_dict()["state"][0]
+
+
+def test_gradients_that_require_grad_are_read():
+    """backward(create_graph=True) leaves gradients that require grad (as
+    gradient penalties do): stepped as the original steps them."""
+    a, b = _params(4), _params(4)
+    ours, original = Expectigrad(a, lr=0.1), OriginalExpectigrad(b, lr=0.1)
+    for _ in range(3):
+        for ps, opt in ((a, ours), (b, original)):
+            opt.zero_grad()
+            sum((p ** 3).sum() for p in ps).backward(create_graph=True)
+            assert ps[0].grad.requires_grad
+            opt.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=0)
+
+
+def test_torch_state_dict_hooks_run_and_see_the_state():
+    ps = _params(5)
+    opt = Expectigrad(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd["state"])))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("post"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [[0, 1, 2], "pre", "post"]
+
+
+def test_sync_takes_a_parameter_or_its_index():
+    emb = torch.nn.Embedding(6, 2, sparse=True).double()
+    opt = Expectigrad(emb.parameters(), lr=0.1, lazy=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    emb(torch.tensor([4])).sum().backward()
+    opt.step()
+    lagging = emb.weight.detach()[1].clone()
+    opt.sync(0, torch.tensor([1]))
+    assert not torch.equal(emb.weight.detach()[1], lagging)
+    with pytest.raises(ValueError, match="has 1 parameters"):
+        opt.sync(3)
