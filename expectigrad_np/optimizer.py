@@ -357,8 +357,10 @@ class Expectigrad:
         return fast
 
     def _route(self):
-        """Set up the compiled route of ``step`` for a one-dtype optimizer;
-        None where the backend offers none (``CpuBucket.step_path``).
+        """Set up the compiled route of ``step`` for an optimizer of one
+        dtype (``CpuBucket.step_path``), or of float32 and float64 arrays
+        (``CpuBucket.pair_path``: both buckets in one call); None where the
+        backend offers none.
         Returns ``(route, warming)``: ``warming``, where the route's kernel
         compiles in the background, is the count of finished compiles
         (``background.finished``) to ask again after, else None.
@@ -371,10 +373,8 @@ class Expectigrad:
         sign) and the step counts (``self._t``, incremented in place),
         checks, clips and updates.
         """
-        if len(self._buckets) != 1:
-            return None, None
-        b = self._buckets[0]
-        if not hasattr(b, "step_path"):
+        buckets = self._buckets
+        if len(buckets) > 2 or not all(hasattr(b, "step_path") for b in buckets):
             return None, None
         n = len(self._params)
         schedules = [(gi, g["lr"]) for gi, g in enumerate(self.param_groups)
@@ -382,9 +382,7 @@ class Expectigrad:
         lr = np.array(self._lr_per_array(schedule_step=None), dtype=np.float64)
         scalars = np.array([np.inf if self.global_clipnorm is None
                             else self.global_clipnorm, 0.0], dtype=np.float64)
-        b.set_coefficients(lr, self._beta, self._eps, self._t + 1, self._clipvalue,
-                           self._clipnorm, np.ones(n, bool), self._sparse, self._momentum,
-                           weight_decay=self._weight_decay, maximize=self._maximize)
+        self._set_coefficients(lr, self._t + 1, np.ones(n, bool))
         hyper = np.empty((n, len(L.HYPER_FIELDS)), np.float64)
         hyper[:, 0] = self._beta
         hyper[:, 1] = self._weight_decay
@@ -393,8 +391,12 @@ class Expectigrad:
         # norm in another order (the kernels' is vectorised), so its steps
         # would agree to rounding, not bit for bit.
         wait = bool(np.isfinite(scalars[0]) or np.isfinite(self._clipnorm).any())
-        path = b.step_path(self._t, lr, hyper, scalars, self.check_finite, self._bare, n,
-                           self._step_counter, wait=wait)
+        if len(buckets) == 1:
+            path = buckets[0].step_path(self._t, lr, hyper, scalars, self.check_finite,
+                                        self._bare, n, self._step_counter, wait=wait)
+        else:       # float32 and float64: both in one call, checked before either writes
+            path = buckets[0].pair_path(buckets[1], self._t, lr, hyper, scalars,
+                                        self.check_finite, n, self._step_counter, wait=wait)
         if path is _background.PENDING:
             # Compiling in the background: the reference steps meanwhile,
             # and the route is asked for again once the worker has finished
@@ -530,7 +532,9 @@ class Expectigrad:
             if code == -1:
                 return                  # the kernel advanced every step count
             if code is not None and code >= 0:
-                self._raise_nonfinite(self._buckets[0], code)
+                raise FloatingPointError(     # code: the gradient's place in grads
+                    f"the gradient of {self._names[code]} holds NaN or infinity; "
+                    "the step was refused and nothing was changed")
             with interrupts_deferred():
                 self._step_general(grads, lr_now)
         finally:

@@ -102,3 +102,119 @@ def test_a_refused_step_leaves_no_trace_for_the_next():
     ref.step([None, np.ones(5, np.float32)])
     for a, b in zip(xs, ys):
         assert np.array_equal(a, b)
+
+
+# --- float32 and float64 arrays in one optimizer: one call for both -------------
+
+MIXED = [((64, 32), np.float32), ((32,), np.float64), ((32, 10), np.float32),
+         ((10,), np.float64), ((), np.float32)]
+
+
+def _mixed(**options):
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(s).astype(d) for s, d in MIXED]
+    ys = [x.copy() for x in xs]
+    return xs, ys, eg.Expectigrad(xs, **options), eg.Expectigrad(ys, backend="numpy",
+                                                                  **options)
+
+
+def _mixed_gradients(rng, t):
+    gs = [rng.standard_normal(s).astype(d) for s, d in MIXED]
+    gs[0][::3] = 0
+    if t % 3 == 1:
+        gs[1] = None
+    if t % 4 == 2:
+        gs[0] = gs[2] = gs[4] = None         # a step of the float64 arrays alone
+    return gs
+
+
+@pytest.mark.parametrize("options", [
+    {}, dict(clipvalue=0.3), dict(clipnorm=0.5), dict(beta=0.0, sparse_counter=False),
+    dict(weight_decay=0.1, maximize=True), dict(lr=schedules.cosine_decay(0.1, 10))])
+def test_float32_and_float64_arrays_take_one_call_and_match_the_reference(
+        monkeypatch, options):
+    xs, ys, opt, ref = _mixed(**options)
+    calls = _counting_general(monkeypatch, opt)
+    rng = np.random.default_rng(0)
+    for t in range(8):
+        gs = _mixed_gradients(rng, t)
+        opt.step(gs)
+        ref.step([None if g is None else g.copy() for g in gs])
+        for a, b in zip(xs, ys):
+            assert a.dtype == b.dtype and np.array_equal(a, b), t
+    assert calls == []
+    steps = [opt.state_dict()["state"][i]["step"] for i in range(len(MIXED))]
+    assert steps == [6, 5, 6, 8, 6] and opt.step_count == 8
+
+
+def test_global_norm_clipping_over_both_dtypes_matches_the_general_route(monkeypatch):
+    """The joint norm of float32 and float64 arrays: the bits of the route
+    that steps them one bucket at a time (the numpy backend sums the squared
+    norm in another order, so it agrees to rounding)."""
+    from expectigrad_np.backends.cpu.backend import CpuBucket
+    xs, ys, opt, ref = _mixed(global_clipnorm=1.0, clipnorm=2.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(CpuBucket, "pair_path", lambda *a, **k: None)
+        zs = [x.copy() for x in xs]
+        general = eg.Expectigrad(zs, global_clipnorm=1.0, clipnorm=2.0)
+    calls = _counting_general(monkeypatch, opt)
+    rng = np.random.default_rng(2)
+    for t in range(8):
+        gs = _mixed_gradients(rng, t)
+        for g in gs:
+            if g is not None:
+                g *= 10                     # in place: a 0-d array stays an array
+        opt.step(gs)
+        general.step(gs)
+        ref.step(gs)
+        for a, b, c in zip(xs, zs, ys):
+            assert np.array_equal(a, b), t
+            np.testing.assert_allclose(a, c, rtol=1e-5)
+    assert calls == []
+
+
+def test_a_non_finite_gradient_of_either_dtype_changes_nothing_in_both():
+    xs, ys, opt, ref = _mixed()
+    rng = np.random.default_rng(3)
+    for t in range(3):
+        gs = _mixed_gradients(rng, 0)
+        opt.step(gs)
+        ref.step(gs)
+    before = [x.copy() for x in xs]
+    state = opt.state_dict()
+    for bad in (0, 3):                       # a float32 array, then a float64 one
+        gs = _mixed_gradients(rng, 0)
+        gs[bad].flat[-1] = np.nan
+        with pytest.raises(FloatingPointError, match=f"param group 0 param {bad} "):
+            opt.step(gs)
+        for a, b in zip(xs, before):
+            assert np.array_equal(a, b)
+        after = opt.state_dict()
+        for i, entry in state["state"].items():
+            for k, v in entry.items():
+                assert np.array_equal(after["state"][i][k], v), (bad, i, k)
+    gs = _mixed_gradients(rng, 0)
+    opt.step(gs)
+    ref.step(gs)
+    for a, b in zip(xs, ys):
+        assert np.array_equal(a, b)
+
+
+def test_a_gradient_viewing_the_other_dtypes_parameter_takes_the_general_route(
+        monkeypatch):
+    """A float32 gradient that is a view of a float64 parameter: the step
+    reads it as it was before either bucket wrote (staged), as the numpy
+    backend does."""
+    a32, b64 = np.linspace(-1, 1, 20).astype(np.float32), np.linspace(1, 2, 10)
+    c32, d64 = a32.copy(), b64.copy()
+    opt = eg.Expectigrad([a32, b64], lr=0.1)
+    ref = eg.Expectigrad([c32, d64], lr=0.1, backend="numpy")
+    opt.step([np.ones(20, np.float32), np.ones(10)])
+    ref.step([np.ones(20, np.float32), np.ones(10)])
+    calls = _counting_general(monkeypatch, opt)
+    for _ in range(3):
+        assert np.all(np.isfinite(b64.view(np.float32)))
+        opt.step([b64.view(np.float32), np.full(10, 0.5)])
+        ref.step([d64.view(np.float32).copy(), np.full(10, 0.5)])
+        assert np.array_equal(a32, c32) and np.array_equal(b64, d64)
+    assert len(calls) == 3

@@ -197,6 +197,36 @@ class CpuBucket(CompiledRows, Bucket):
             return _background.PENDING
         return entry, _address(ctx), (_PARALLEL_LOCK if parallel else None), hold_gil
 
+    def pair_path(self, other, steps, lr, hyper, scalars, check, n_items, counter,
+                  wait=True):
+        """``step_path`` for an optimizer whose parameters fill this bucket
+        and ``other``, one float32 and one float64: both step in one call of
+        ``kernels.pair_step`` (both checked before either writes).  The same
+        results, or None, or ``background.PENDING``."""
+        if not _locate.layout_ok():
+            return None
+        by_dtype = {b.dtype.str: b for b in (self, other)}
+        first, second = by_dtype.get("<f4"), by_dtype.get("<f8")
+        if first is None or second is None:
+            return None
+        contexts = [b.bind(steps, lr, hyper, scalars, check, False, n_items, counter)
+                    for b in (first, second)]
+        if contexts[0] is None or contexts[1] is None:
+            return None
+        total = first.total + second.total
+        parallel = total >= PARALLEL_MIN_SIZE
+        hold_gil = total <= K.SINGLE_STEP_GIL_MAX
+        entry = K.pair_step_entry(hold_gil=hold_gil, parallel=parallel,
+                                  loops_a=first._loops(scalars[0]),
+                                  loops_b=second._loops(scalars[0]), wait=wait)
+        if entry is None:
+            return _background.PENDING
+        # The row of the two context rows' addresses (each updated in place,
+        # so the addresses hold), kept alive by this bucket.
+        self.pair_row = np.array([_address(c) for c in contexts], np.int64)
+        return (entry, _address(self.pair_row), (_PARALLEL_LOCK if parallel else None),
+                hold_gil)
+
     def reference(self):
         """This bucket as a ``NumpyBucket`` on the same state arrays, for the
         steps taken while its kernel compiles (``background.py``); made anew

@@ -78,7 +78,8 @@ from .pointers import pointer_to as _pointer_to
 
 __all__ = [
     "BUCKET_FIELDS", "BUCKET_SCALARS", "array_step", "bucket_step", "bucket_step_entry",
-    "data_address", "segments_step", "segments_step_parallel", "variant",
+    "data_address", "pair_step", "pair_step_entry", "segments_step",
+    "segments_step_parallel", "variant",
 ]
 
 
@@ -309,14 +310,13 @@ BUCKET_STEPPED, BUCKET_NOT_LOCATED = -1, -3
 
 
 @njit(inline="always", **_OPTS)
-def _overlaps_a_parameter(address, ctx, k, n_arrays):
-    """Whether gradient ``k`` (at ``address``) shares bytes with a parameter
-    of the bucket: a binary search in the sorted, disjoint parameter byte
-    ranges ``x_lo``/``x_hi``."""
-    offsets = carray(_pointer_of(ctx[BOFF], np.int64), n_arrays + 1)
-    nbytes = (offsets[k + 1] - offsets[k]) * ctx[BITEM]
+def _meets_a_parameter(address, nbytes, ctx):
+    """Whether the ``nbytes`` from ``address`` share bytes with a parameter
+    of the bucket of context row ``ctx``: a binary search in its sorted,
+    disjoint parameter byte ranges ``x_lo``/``x_hi``."""
     if nbytes == 0:
         return False
+    n_arrays = ctx[BNARR]
     lo_row = carray(_pointer_of(ctx[BXLO], np.int64), n_arrays)
     hi_row = carray(_pointer_of(ctx[BXHI], np.int64), n_arrays)
     end = address + nbytes
@@ -328,6 +328,132 @@ def _overlaps_a_parameter(address, ctx, k, n_arrays):
         else:
             b = mid
     return a > 0 and hi_row[a - 1] > address
+
+
+@njit(inline="always", **_OPTS)
+def _locate(g_object, ctx, other):
+    """Locate the bucket's gradients in the object at ``g_object`` (see
+    ``_bucket_step``): write each one's address into the ``g_addr`` row and
+    its ``ACTIVE`` flag.  ``other`` is the context row's address of another
+    bucket stepped in the same call (0: none), whose parameters a gradient
+    must not overlap either.  Returns how many are active, or -1 where one
+    cannot be read where it lies (the general route takes the step)."""
+    n_arrays = ctx[BNARR]
+    g_addr = carray(_pointer_of(ctx[BG], np.int64), n_arrays)
+    flags = carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS)))
+    offsets = carray(_pointer_of(ctx[BOFF], np.int64), n_arrays + 1)
+    slots = carray(_pointer_of(ctx[BSLOTS], np.int64), n_arrays)
+    ndims = carray(_pointer_of(ctx[BNDIMS], np.int64), n_arrays)
+    dims_start = carray(_pointer_of(ctx[BDSTART], np.int64), n_arrays)
+    dims = carray(_pointer_of(ctx[BDIMS], np.int64), dims_start[n_arrays - 1]
+                  + ndims[n_arrays - 1])
+    params = carray(_pointer_of(ctx[BPARAMS], np.int64), n_arrays)
+    n_active = 0
+    for k in range(n_arrays):
+        if ctx[BBARE]:
+            item = g_object
+        else:
+            item = sequence_item(g_object, slots[k], ctx[BNITEMS], ctx[BLIST], ctx[BTUPLE])
+            if item == 0:
+                return -1
+        if item == ctx[BNONE]:
+            flags[k, ACTIVE] = 0
+            g_addr[k] = 0
+            continue
+        start = dims_start[k]
+        address = located_address(item, ctx[BTYPE], ctx[BDESCR], ndims[k],
+                                  dims[start:start + ndims[k]])
+        if address < 0:
+            return -1
+        if not is_writeable(params[k]):
+            return -1                   # made read-only since: the general route says so
+        nbytes = (offsets[k + 1] - offsets[k]) * ctx[BITEM]
+        if _meets_a_parameter(address, nbytes, ctx):
+            return -1                   # the general route stages it
+        if other != 0 and _meets_a_parameter(
+                address, nbytes, carray(_pointer_of(other, np.int64), len(BUCKET_FIELDS))):
+            return -1
+        flags[k, ACTIVE] = 1
+        g_addr[k] = address
+        n_active += 1
+    return n_active
+
+
+@njit(inline="always", **_OPTS)
+def _step_coefficients(ctx, zero):
+    """Each array's step count ``t`` after this step (``flags[k, T]``) and the
+    coefficients that change every step (see ``_bucket_step``), from the
+    caller's rows, which are indexed by the arrays' ``slots``."""
+    n_arrays = ctx[BNARR]
+    n_items = ctx[BNITEMS]
+    flags = carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS)))
+    slots = carray(_pointer_of(ctx[BSLOTS], np.int64), n_arrays)
+    coef = carray(_pointer_to(ctx[BCOEF], zero), (n_arrays, len(COEF_FIELDS)))
+    steps = carray(_pointer_of(ctx[BSTEPS], np.int64), n_items)
+    lr = carray(_pointer_of(ctx[BLR], np.float64), n_items)
+    hyper = carray(_pointer_of(ctx[BHYPER], np.float64), (n_items, len(HYPER_FIELDS)))
+    last_beta, last_t, correction = -1.0, np.int64(-1), 1.0
+    for k in range(n_arrays):
+        i = slots[k]
+        t = max(steps[i] + flags[k, ACTIVE], 1)
+        flags[k, T] = t
+        tf = np.float64(t)
+        beta = hyper[i, 0]
+        if beta != last_beta or t != last_t:    # arrays of a group share it
+            correction = 1.0 - beta ** tf
+            last_beta, last_t = beta, t
+        step = lr[i] if beta == 0.0 else lr[i] / correction
+        coef[k, STEP] = step * hyper[i, 2]                 # the step's sign
+        coef[k, INV_T] = 1.0 / tf
+        coef[k, DECAY] = 1.0 - lr[i] * hyper[i, 1]
+
+
+def _bucket_segments(ctx_address, zero, check, global_clipnorm, other_sumsq, update):
+    """``_segments_body`` on the bucket of context row ``ctx_address``:
+    ``(bad, sumsq)``, ``bad`` an index into the bucket (see there).
+
+    Compiled on its own per loop mask and serial or parallel
+    (``segments_of``), not inlined: the entry points of one bucket and of
+    two (``_pair_step``) call the same compiled code, so a pair costs no
+    second compile of the update loops."""
+    ctx = carray(_pointer_of(ctx_address, np.int64), len(BUCKET_FIELDS))
+    n_arrays = ctx[BNARR]
+    nch = ctx[BNCH]
+    return _segments_inline(
+        carray(_pointer_of(ctx[BX], np.int64), n_arrays),
+        carray(_pointer_of(ctx[BG], np.int64), n_arrays),
+        carray(_pointer_of(ctx[BOFF], np.int64), n_arrays + 1),
+        carray(_pointer_of(ctx[BSEG], np.int64), nch),
+        carray(_pointer_of(ctx[BLO], np.int64), nch),
+        carray(_pointer_of(ctx[BHI], np.int64), nch),
+        carray(_pointer_to(ctx[BV], zero), ctx[BTOTAL]),
+        carray(_pointer_of(ctx[BN], np.uint32), ctx[BNSIZE]),
+        carray(_pointer_to(ctx[BM], zero), ctx[BMSIZE]),
+        carray(_pointer_to(ctx[BCOEF], zero), (n_arrays, len(COEF_FIELDS))),
+        carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS))),
+        check, global_clipnorm, other_sumsq, update,
+        carray(_pointer_of(ctx[BSCRATCH], np.float64), n_arrays),
+        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays, np.bool_), nch),
+        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays + 8 * nch, np.float64), nch),
+        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays + 16 * nch, np.float64), n_arrays))
+
+
+@njit(inline="always", **_OPTS)
+def _yes(ctx):
+    """True, typed as any bool: the flags passed to ``_bucket_segments``
+    must not be literals, which numba would compile it for one by one."""
+    return ctx[BNARR] >= 0
+
+
+@njit(inline="always", **_OPTS)
+def _count_steps(ctx):
+    """Each active array's step count, incremented (after a step)."""
+    n_arrays = ctx[BNARR]
+    flags = carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS)))
+    slots = carray(_pointer_of(ctx[BSLOTS], np.int64), n_arrays)
+    steps = carray(_pointer_of(ctx[BSTEPS], np.int64), ctx[BNITEMS])
+    for k in range(n_arrays):
+        steps[slots[k]] += flags[k, ACTIVE]
 
 
 def _bucket_step(g_object, ctx_address, zero):
@@ -365,87 +491,110 @@ def _bucket_step(g_object, ctx_address, zero):
     those cases.
     """
     ctx = carray(_pointer_of(ctx_address, np.int64), len(BUCKET_FIELDS))
-    n_arrays = ctx[BNARR]
-    g_addr = carray(_pointer_of(ctx[BG], np.int64), n_arrays)
-    flags = carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS)))
-    if g_object != 0:
-        n_active = 0
-        slots = carray(_pointer_of(ctx[BSLOTS], np.int64), n_arrays)
-        ndims = carray(_pointer_of(ctx[BNDIMS], np.int64), n_arrays)
-        dims_start = carray(_pointer_of(ctx[BDSTART], np.int64), n_arrays)
-        dims = carray(_pointer_of(ctx[BDIMS], np.int64), dims_start[n_arrays - 1]
-                      + ndims[n_arrays - 1])
-        for k in range(n_arrays):
-            if ctx[BBARE]:
-                item = g_object
-            else:
-                item = sequence_item(g_object, slots[k], ctx[BNITEMS], ctx[BLIST],
-                                     ctx[BTUPLE])
-                if item == 0:
-                    return BUCKET_NOT_LOCATED
-            if item == ctx[BNONE]:
-                flags[k, ACTIVE] = 0
-                g_addr[k] = 0
-                continue
-            start = dims_start[k]
-            address = located_address(item, ctx[BTYPE], ctx[BDESCR], ndims[k],
-                                      dims[start:start + ndims[k]])
-            if address < 0:
-                return BUCKET_NOT_LOCATED
-            if not is_writeable(carray(_pointer_of(ctx[BPARAMS], np.int64), n_arrays)[k]):
-                return BUCKET_NOT_LOCATED   # made read-only since: the general route says so
-            if _overlaps_a_parameter(address, ctx, k, n_arrays):
-                return BUCKET_NOT_LOCATED   # the general route stages it
-            flags[k, ACTIVE] = 1
-            g_addr[k] = address
-            n_active += 1
-        if n_active == 0:
-            return BUCKET_NOT_LOCATED       # a step of nothing: the caller's business
-    coef = carray(_pointer_to(ctx[BCOEF], zero), (n_arrays, len(COEF_FIELDS)))
-    steps = carray(_pointer_of(ctx[BSTEPS], np.int64), n_arrays)
-    lr = carray(_pointer_of(ctx[BLR], np.float64), n_arrays)
-    hyper = carray(_pointer_of(ctx[BHYPER], np.float64), (n_arrays, len(HYPER_FIELDS)))
+    if g_object != 0 and _locate(g_object, ctx, 0) <= 0:
+        return BUCKET_NOT_LOCATED           # None everywhere: the caller's business
+    _step_coefficients(ctx, zero)
     s = carray(_pointer_of(ctx[BS], np.float64), len(BUCKET_SCALARS))
-    last_beta, last_t, correction = -1.0, np.int64(-1), 1.0
-    for k in range(n_arrays):
-        t = max(steps[k] + flags[k, ACTIVE], 1)
-        flags[k, T] = t
-        tf = np.float64(t)
-        beta = hyper[k, 0]
-        if beta != last_beta or t != last_t:    # arrays of a group share it
-            correction = 1.0 - beta ** tf
-            last_beta, last_t = beta, t
-        step = lr[k] if beta == 0.0 else lr[k] / correction
-        coef[k, STEP] = step * hyper[k, 2]                 # the step's sign
-        coef[k, INV_T] = 1.0 / tf
-        coef[k, DECAY] = 1.0 - lr[k] * hyper[k, 1]
-    nch = ctx[BNCH]
-    bad, sumsq = _segments_inline(
-        carray(_pointer_of(ctx[BX], np.int64), n_arrays), g_addr,
-        carray(_pointer_of(ctx[BOFF], np.int64), n_arrays + 1),
-        carray(_pointer_of(ctx[BSEG], np.int64), nch),
-        carray(_pointer_of(ctx[BLO], np.int64), nch),
-        carray(_pointer_of(ctx[BHI], np.int64), nch),
-        carray(_pointer_to(ctx[BV], zero), ctx[BTOTAL]),
-        carray(_pointer_of(ctx[BN], np.uint32), ctx[BNSIZE]),
-        carray(_pointer_to(ctx[BM], zero), ctx[BMSIZE]),
-        coef, flags, ctx[BCHECK] != 0, s[0], 0.0, True,
-        carray(_pointer_of(ctx[BSCRATCH], np.float64), n_arrays),
-        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays, np.bool_), nch),
-        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays + 8 * nch, np.float64), nch),
-        carray(_pointer_of(ctx[BSCRATCH] + 8 * n_arrays + 16 * nch, np.float64), n_arrays))
+    bad, sumsq = _bucket_segments(ctx_address, zero, ctx[BCHECK] != 0, s[0], 0.0,
+                                  _yes(ctx))
     s[1] = sumsq
     if bad != -1:
         return bad
-    for k in range(n_arrays):
-        steps[k] += flags[k, ACTIVE]
+    _count_steps(ctx)
     carray(_pointer_of(ctx[BSTEPCOUNT], np.int64), 1)[0] += 1
+    return BUCKET_STEPPED
+
+
+@njit(inline="always", **_OPTS)
+def _loops_present(ctx, zero, global_clipnorm):
+    """Whether this bucket's compiled span holds every loop its active
+    arrays may take this step: the clipped one where a clipping threshold
+    is finite, the unclipped one unless value clipping always applies.
+    ``_pair_step`` asks both buckets before either writes anything."""
+    n_arrays = ctx[BNARR]
+    flags = carray(_pointer_of(ctx[BFLAGS], np.int64), (n_arrays, len(FLAG_FIELDS)))
+    coef = carray(_pointer_to(ctx[BCOEF], zero), (n_arrays, len(COEF_FIELDS)))
+    for k in range(n_arrays):
+        if flags[k, ACTIVE]:
+            by_value = coef[k, CLIPVALUE] < np.inf
+            if (by_value or coef[k, CLIPNORM] < np.inf or global_clipnorm < np.inf) \
+                    and not _has_loop(flags[k], True):
+                return False
+            if not by_value and not _has_loop(flags[k], False):
+                return False
+    return True
+
+
+def _pair_step(g_object, pair_address, zero):
+    """One whole step of a float32 and a float64 bucket in one call (an
+    optimizer with parameters of both): ``_bucket_step``'s, with the first
+    passes of both buckets (non-finite check, squared norms) before either
+    writes anything, and global norm clipping over both.
+
+    ``pair_address`` is the address of an int64 row holding the two context
+    rows' addresses, the float32 bucket's first; both are bound to the same
+    step, lr, hyper and scalar rows and step counter (indexed by ``slots``,
+    the arrays' places in the gradient sequence).  ``zero`` is not read.
+    Returns as ``_bucket_step`` does; a non-finite gradient's index is its
+    place in the gradient sequence."""
+    pair = carray(_pointer_of(pair_address, np.int64), 2)
+    a = carray(_pointer_of(pair[0], np.int64), len(BUCKET_FIELDS))
+    b = carray(_pointer_of(pair[1], np.int64), len(BUCKET_FIELDS))
+    za, zb = np.float32(0), np.float64(0)
+    if g_object != 0:
+        active_a = _locate(g_object, a, pair[1])
+        if active_a < 0:
+            return BUCKET_NOT_LOCATED
+        active_b = _locate(g_object, b, pair[0])
+        if active_b < 0 or active_a + active_b == 0:
+            return BUCKET_NOT_LOCATED
+    _step_coefficients(a, za)
+    _step_coefficients(b, zb)
+    s = carray(_pointer_of(a[BS], np.float64), len(BUCKET_SCALARS))
+    check = a[BCHECK] != 0
+    yes = _yes(a)
+    no = not yes
+    bad, sumsq_a = _segments_a(pair[0], za, check, s[0], 0.0, no)
+    if bad != -1:
+        return carray(_pointer_of(a[BSLOTS], np.int64), a[BNARR])[bad]
+    bad, sumsq_b = _segments_b(pair[1], zb, check, s[0], 0.0, no)
+    if bad != -1:
+        return carray(_pointer_of(b[BSLOTS], np.int64), b[BNARR])[bad]
+    if not (_loops_present_a(a, za, s[0]) and _loops_present_b(b, zb, s[0])):
+        return SEGMENTS_NO_LOOP
+    _segments_a(pair[0], za, no, s[0], sumsq_b, yes)
+    _segments_b(pair[1], zb, no, s[0], sumsq_a, yes)
+    s[1] = sumsq_a + sumsq_b
+    _count_steps(a)
+    _count_steps(b)
+    carray(_pointer_of(a[BSTEPCOUNT], np.int64), 1)[0] += 1
     return BUCKET_STEPPED
 
 
 _segments_inline = njit(inline="always", **_OPTS)(_twin(_segments_body.py_func, "_segments_inline"))
 
+_SEGMENTS = {}
+
+
+def segments_of(loops, parallel):
+    """``_bucket_segments`` compiled with the update loops of mask
+    ``loops`` (its own name, so its own cache entries), serial or
+    parallel; made once."""
+    key = (loops, parallel)
+    found = _SEGMENTS.get(key)
+    if found is None:
+        inline = _variant_globals(loops).get("_segments_inline", _segments_inline)
+        name = "_bucket_segments" + _suffix(loops) + ("_par" if parallel else "")
+        found = _SEGMENTS[key] = njit(parallel=parallel, **_OPTS)(
+            _twin(_bucket_segments, name, _segments_inline=inline))
+    return found
+
+
+_segments_a = _segments_b = None                  # set in each twin of _pair_step
+_loops_present_a = _loops_present_b = _loops_present
+
 _BUCKET_STEP = {}
+_PAIR_STEP = {}
 _MADE = {}          # dispatchers made, not yet compiled (``background.ready``)
 
 
@@ -469,8 +618,9 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
         sig = (types.int64, types.int64, from_dtype(dtype))
         name = ("_bucket_step" + ("_gil" if hold_gil else "") + ("_par" if parallel else "")
                 + _suffix(loops))
-        made = _MADE[key] = (_kernel(_twin(_bucket_step, name, **_variant_globals(loops)),
-                                     nogil=not hold_gil, parallel=parallel), sig)
+        made = _MADE[key] = (_kernel(_twin(_bucket_step, name,
+                                           _bucket_segments=segments_of(loops, parallel)),
+                                     nogil=not hold_gil), sig)
     kernel, sig = made
     recipe = (__name__, "bucket_step", (dtype.name, hold_gil, parallel, loops))
     if not _background.ready(kernel, sig, recipe, wait=wait):
@@ -479,6 +629,49 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
     _BUCKET_STEP[key] = kernel
     del _MADE[key]
     return kernel
+
+
+def pair_step(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOOPS,
+              wait=True):
+    """``_pair_step`` compiled holding the GIL or not, serial or parallel,
+    with the update loops of masks ``loops_a`` (the float32 bucket) and
+    ``loops_b`` (float64), as ``bucket_step`` compiles ``_bucket_step``:
+    one signature ``(int64, int64, float64)``, None with ``wait`` False
+    while it compiles in the background."""
+    key = ("pair", hold_gil, parallel, loops_a, loops_b)
+    kernel = _PAIR_STEP.get(key[1:])
+    if kernel is not None:
+        return kernel
+    made = _MADE.get(key)
+    if made is None:
+        va, vb = _variant_globals(loops_a), _variant_globals(loops_b)
+        name = ("_pair_step" + ("_gil" if hold_gil else "") + ("_par" if parallel else "")
+                + f"_v{loops_a:03x}_{loops_b:03x}")
+        body = _twin(_pair_step, name,
+                     _segments_a=segments_of(loops_a, parallel),
+                     _segments_b=segments_of(loops_b, parallel),
+                     _loops_present_a=va.get("_loops_present", _loops_present),
+                     _loops_present_b=vb.get("_loops_present", _loops_present))
+        made = _MADE[key] = (_kernel(body, nogil=not hold_gil),
+                             (types.int64, types.int64, types.float64))
+    kernel, sig = made
+    recipe = (__name__, "pair_step", (hold_gil, parallel, loops_a, loops_b))
+    if not _background.ready(kernel, sig, recipe, wait=wait):
+        return None
+    kernel.disable_compile()
+    _PAIR_STEP[key[1:]] = kernel
+    del _MADE[key]
+    return kernel
+
+
+def pair_step_entry(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOOPS,
+                    wait=True):
+    """The compiled entry point of ``pair_step(...)`` (see
+    ``bucket_step_entry``); None where that returns None."""
+    kernel = pair_step(hold_gil, parallel, loops_a, loops_b, wait)
+    if kernel is None:
+        return None
+    return kernel.overloads[kernel.signatures[0]].entry_point
 
 
 def bucket_step_entry(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=True):
@@ -529,9 +722,11 @@ def _variant_globals(loops):
         body = njit(inline="always", **_OPTS)(
             _twin(_segments_body.py_func, "_segments_body" + _suffix(loops),
                   _update_span=span, _has_loop=has, ANY_CLIP=any_clip))
+        present = njit(inline="always", **_OPTS)(
+            _twin(_loops_present.py_func, "_loops_present" + _suffix(loops), _has_loop=has))
         found = _SPANS[loops] = {"_update_span": span, "_has_loop": has,
                                  "_segments_inline": segments, "_segments_body": body,
-                                 "ANY_CLIP": any_clip}
+                                 "_loops_present": present, "ANY_CLIP": any_clip}
     return found
 
 
