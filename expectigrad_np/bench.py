@@ -323,14 +323,19 @@ def bench_small(repeat, n=10, dtype="float64"):
 def bench_small_lists(repeat):
     """A whole ``step()`` against the NumPy reference stepping the same
     arrays: one 10-element array, and the four arrays of a small MLP
-    ((64, 32), (32,), (32, 10), (10,)), float64."""
+    ((64, 32), (32,), (32, 10), (10,)), float64; and a float32 array of 10
+    with a float64 array of 3 (two dtypes, one call)."""
     rows = []
-    for name, shapes in (("one 10-element array", [(10,)]),
-                         ("small MLP, 4 arrays", [(64, 32), (32,), (32, 10), (10,)])):
-        gs = [_gradient(int(np.prod(s)), "float64").reshape(s) for s in shapes]
-        xs = [np.zeros(s) for s in shapes]
+    f8, f4 = "float64", "float32"
+    for name, shapes, dtypes in (
+            ("one 10-element array", [(10,)], [f8]),
+            ("small MLP, 4 arrays", [(64, 32), (32,), (32, 10), (10,)], [f8] * 4),
+            ("10 float32 + 3 float64 elements, 2 arrays", [(10,), (3,)], [f4, f8])):
+        gs = [_gradient(int(np.prod(s)), d).reshape(s) for s, d in zip(shapes, dtypes)]
+        xs = [np.zeros(s, d) for s, d in zip(shapes, dtypes)]
         opt = Expectigrad(xs, lr=1e-3)
-        steppers = [_reference_stepper(np.zeros(s), g) for s, g in zip(shapes, gs)]
+        steppers = [_reference_stepper(np.zeros(s, d), g)
+                    for s, d, g in zip(shapes, dtypes, gs)]
 
         def ref(steppers=steppers):
             for step, _ in steppers:
@@ -934,7 +939,8 @@ def format_table(result):
         lines.append(f"step() on {s['n']} {s['dtype']} elements: {s['step_us']:.2f} µs, "
                      f"reference {s['reference_us']:.1f} µs ({s['speedup']:.1f}x faster)")
     for row in result.get("small_lists", ()):
-        lines.append(f"step() on {row['case']} (float64): {row['step_us']:.2f} µs, "
+        kind = "" if "float32" in row["case"] else " (float64)"
+        lines.append(f"step() on {row['case']}{kind}: {row['step_us']:.2f} µs, "
                      f"reference {row['reference_us']:.1f} µs ({row['speedup']:.1f}x faster)")
     if "minimize" in result:
         m = result["minimize"]
@@ -1036,6 +1042,11 @@ def add_arguments(parser):
     parser.add_argument("--sparse", action="store_true",
                         help="only the row-sparse row: 512 of 1,000,000 x 32 float32 "
                              "rows per step, against the dense step")
+    parser.add_argument("--pieces", action="store_true",
+                        help="only what each piece of the fast step buys: the step "
+                             "with it against the same step without it, on the case it "
+                             "exists for (compiles twins of the kernels without prefetching "
+                             "and without the four-stream check; about a minute)")
     parser.add_argument("--parallel", action="store_true",
                         help="also time the serial against the parallel kernel from "
                              "2**15 to 2**23 elements (how PARALLEL_MIN_SIZE is chosen)")
@@ -1102,6 +1113,11 @@ def main(argv=None):
     if args.sparse:
         row = bench_sparse(args.repeat)
         print(json.dumps({"sparse": row}, indent=1) if args.json else _format_sparse(row))
+        return 0
+    if args.pieces:
+        from ._bench_pieces import bench_pieces, format_pieces
+        rows = bench_pieces(args.repeat)
+        print(json.dumps({"pieces": rows}, indent=1) if args.json else format_pieces(rows))
         return 0
     if args.cold:
         row = bench_cold()

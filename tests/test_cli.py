@@ -111,3 +111,14 @@ def test_bench_extras_use_no_array_larger_than_the_sizes(monkeypatch):
     bench.run([10, 1000], ["float32"], 1)
     assert set(seen) >= {"many_small", "uniform", "sparse", "model_shapes", "pytorch"}
     assert all(n <= 1000 for sizes in seen.values() for n in sizes), seen
+
+
+def test_bench_pieces_prints_each_piece(monkeypatch, capsys):
+    from expectigrad_np import _bench_pieces, bench
+    row = dict(piece="a piece", case="a case", where="here.py", with_us=1.0,
+               without_us=2.0, buys=2.0)
+    monkeypatch.setattr(_bench_pieces, "bench_pieces", lambda repeat: [row])
+    assert bench.main(["--pieces"]) == 0
+    out = capsys.readouterr().out
+    assert "| a piece (here.py) | a case | 1.00 µs | 2.00 µs | 2.00x |" in out
+

@@ -480,3 +480,30 @@ def test_state_buffers_start_at_their_page_offsets_after_copies():
             assert a.ctypes.data % 4096 == offset
             np.testing.assert_array_equal(a, getattr(b, name))
             assert a.dtype == getattr(b, name).dtype
+
+
+@pytest.mark.slow
+def test_an_ablated_twin_reaches_the_loops_it_names_and_leaves_the_kernel_alone():
+    """``bench --pieces`` switches a piece off in a twin of the kernel: a
+    check pass replaced deep inside (``loops._span_sums``) no longer sees a
+    NaN in the twin, and still does in the package's kernel."""
+    from numba import njit
+
+    from expectigrad_np._bench_pieces import _segments_args, ablated
+    from expectigrad_np.backends.cpu import kernels as K
+    from expectigrad_np.backends.cpu.loops import loops_for
+
+    @njit(inline="always")
+    def blind(g, norm, clip, clipvalue):
+        return g.dtype.type(0), 0.0
+
+    opt, _, args, g = _segments_args(1000, "float32")
+    g[5] = np.nan
+    kernel = K.variant(loops_for(True, True, False)).segments_step
+    check_only = args + (True, np.inf, 0.0, False)
+    assert kernel(*check_only)[0] == 0
+    twin = ablated(kernel, {"_span_sums": blind}, "_blind_test")
+    assert twin is not kernel and twin(*check_only)[0] == -1
+    assert kernel(*check_only)[0] == 0
+    assert ablated(kernel, {"_no_such_global": blind}, "_none") is kernel
+    del opt

@@ -2,9 +2,10 @@
 
     python docs/_data/record.py [bench options...]
 
-Runs ``python -m expectigrad_np bench --json`` (and ``bench --mpi --json``
-when mpi4py and mpiexec are installed) and writes its output to
-``docs/_data/bench.json`` (``bench_mpi.json``).  The bench's JSON records the
+Runs ``python -m expectigrad_np bench --json``, ``bench --pieces --json``
+(and ``bench --mpi --json`` when mpi4py and mpiexec are installed) and writes
+their output to ``docs/_data/bench.json`` (``bench_pieces.json``,
+``bench_mpi.json``).  The bench's JSON records the
 CPU, core count, system, date, Python, NumPy and Numba versions and the
 kernel threads; this script adds what it does not know to ``docs/_data/machine.json``: the
 CPU model, the operating system, the date, the torch version and the load
@@ -68,6 +69,8 @@ def main(argv):
         json.dump(result, f, indent=1)
     with open(os.path.join(HERE, "machine.json"), "w") as f:
         json.dump(info, f, indent=1)
+    with open(os.path.join(HERE, "bench_pieces.json"), "w") as f:
+        json.dump(bench("--pieces"), f, indent=1)
     if version("mpi4py"):
         try:
             mpi = bench("--mpi")

@@ -189,6 +189,8 @@ def targets_nodes(bench, mpi):
                      f"{m['ratio']:.2f}x (same gradient arrays), {m['ratio_new']:.2f}x "
                      "(new arrays each step)", verdict(m["ratio"] <= 1.1)])
     for row in bench.get("small_lists", ()):
+        if "float32" in row["case"]:
+            continue                # two dtypes: among the other rows
         rows.append([f"{row['case']}, 20x the NumPy reference",
                      f"{row['step_us']:.2f} µs, {row['speedup']:.1f}x",
                      verdict(row["speedup"] >= 20)])
@@ -269,6 +271,11 @@ def targets_nodes(bench, mpi):
 
 def extras_nodes(bench):
     items = []
+    for row in bench.get("small_lists", ()):
+        if "float32" in row["case"]:
+            items.append(f"step() on {row['case']} (one compiled call for both dtypes): "
+                         f"{row['step_us']:.2f} µs, {row['speedup']:.1f}x the NumPy "
+                         "reference stepping the same arrays")
     for u in bench.get("uniform", ()):
         items.append(f"gradients without exact zeros (the division-free uniform-count loop), "
                      f"{u['n']:,} {u['dtype']}, unchecked: {u['no_zeros_us']:,.1f} µs against "
@@ -360,6 +367,18 @@ def mpi_nodes(mpi):
                    f"{fmt(r['replicated_step_us'])} µs", f"{r['state_fraction']:.2f}"]])
 
 
+def pieces_nodes(pieces):
+    if pieces is None:
+        return para("No run of bench --pieces is recorded (docs/_data/bench_pieces.json).")
+    rows = []
+    for r in pieces["pieces"]:
+        unit, scale = ("s", 1e-6) if r["with_us"] > 1e5 else ("µs", 1.0)
+        rows.append([r["piece"], r["where"], r["case"], f"{r['with_us'] * scale:,.2f} {unit}",
+                     f"{r['without_us'] * scale:,.2f} {unit}", f"{r['buys']:.2f}x"])
+    return table(["piece", "where", "case", "with it", "without it", "without / with"],
+                 rows)
+
+
 class BenchDirective(Directive):
     """``.. bench:: PART``: a part of the recorded benchmark."""
 
@@ -380,6 +399,7 @@ class BenchDirective(Directive):
             "pytorch": lambda: pytorch_nodes(bench),
             "models": lambda: models_nodes(bench),
             "mpi": lambda: mpi_nodes(mpi),
+            "pieces": lambda: pieces_nodes(load("bench_pieces.json")),
         }
         if part not in render:
             raise self.error(f"bench: unknown part {part!r}; one of {', '.join(render)}")
