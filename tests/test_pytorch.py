@@ -569,12 +569,18 @@ def test_a_parameter_whose_shape_changed_is_refused_and_its_state_kept():
     assert float(opt.state_dict()["state"][0]["step"]) == 4
 
 
-def test_sparse_counter_cannot_change_through_a_rebuild():
-    ps = _params(3)
+def _stepped_once(seed):
+    """Parameters and an optimizer that has taken one step of ones."""
+    ps = _params(seed)
     opt = Expectigrad(ps, lr=0.1)
     for p in ps:
         p.grad = torch.ones_like(p)
     opt.step()
+    return ps, opt
+
+
+def test_sparse_counter_cannot_change_through_a_rebuild():
+    ps, opt = _stepped_once(3)
     opt.param_groups[0]["sparse_counter"] = False
     opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64,
                                                 requires_grad=True)]})
@@ -601,11 +607,7 @@ def test_gradients_that_require_grad_are_read():
 
 
 def test_torch_state_dict_hooks_run_and_see_the_state():
-    ps = _params(5)
-    opt = Expectigrad(ps, lr=0.1)
-    for p in ps:
-        p.grad = torch.ones_like(p)
-    opt.step()
+    _, opt = _stepped_once(5)
     seen = []
     opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd["state"])))
     opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("pre"))
