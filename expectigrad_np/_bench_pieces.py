@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 from numba.core.registry import CPUDispatcher
 
-from .bench import _gradient, time_interleaved
+from ._timing import _gradient, time_interleaved
 from .optimizer import Expectigrad
 
 __all__ = ["ablated", "bench_pieces"]

@@ -50,6 +50,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import reference as R
+from ._timing import _gradient, time_interleaved
 from .backends import layout as _layout
 from .backends.cpu import backend as _buckets
 from .backends.cpu import loops as _loops
@@ -58,7 +59,6 @@ from .optimizer import Expectigrad
 
 DEFAULT_SIZES = (10, 1_000, 100_000, 1_000_000, 10_000_000)
 DEFAULT_DTYPES = ("float32", "float64")
-BLOCK_SECONDS = 0.02       # each timed block runs the function this long at least
 
 
 def traffic_bytes(n, dtype, sparse=True, momentum=True):
@@ -98,39 +98,6 @@ _traffic_parallel = njit(cache=True, nogil=True, parallel=True, error_model="num
 
 def _traffic_kernel(n):
     return _traffic_serial if n < _buckets.PARALLEL_MIN_SIZE else _traffic_parallel
-
-
-# --- timing -------------------------------------------------------------------
-
-def _calibrate(fn):
-    """Calls per block so that a block lasts about BLOCK_SECONDS."""
-    t0 = time.perf_counter()
-    fn()
-    dt = max(time.perf_counter() - t0, 1e-7)
-    return max(1, min(100_000, int(BLOCK_SECONDS / dt)))
-
-
-def _block(fn, k):
-    t0 = time.perf_counter()
-    for _ in range(k):
-        fn()
-    return (time.perf_counter() - t0) / k
-
-
-def time_interleaved(fns, repeat, base=0, blocks=False):
-    """Median seconds per call of each function, and the median per-block
-    ratio of each to ``fns[base]``, timing the functions in turn block by
-    block (with ``blocks``, also the per-block times, one row per block)."""
-    for fn in fns:
-        fn()                                               # warm up
-    ks = [_calibrate(fn) for fn in fns]
-    rows = []
-    for _ in range(repeat):
-        rows.append([_block(fn, k) for fn, k in zip(fns, ks)])
-    rows = np.asarray(rows)
-    times = np.median(rows, axis=0)
-    ratios = np.median(rows / rows[:, base:base + 1], axis=0)
-    return (times, ratios, rows) if blocks else (times, ratios)
 
 
 # --- reference ----------------------------------------------------------------
@@ -187,12 +154,6 @@ def _torch_adam(n, dtype):
     except (RuntimeError, TypeError, ValueError):
         return None
     return opt.step
-
-
-def _gradient(n, dtype, seed=0):
-    g = np.random.default_rng(seed).standard_normal(n).astype(dtype)
-    g[::7] = 0                        # some exact zeros exercise the sparse counter
-    return g
 
 
 # --- the sections ---------------------------------------------------------------
