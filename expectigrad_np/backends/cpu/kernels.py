@@ -622,6 +622,8 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
                                            _bucket_segments=segments_of(loops, parallel)),
                                      nogil=not hold_gil), sig)
     kernel, sig = made
+    if parallel:
+        _threads_launched()
     recipe = (__name__, "bucket_step", (dtype.name, hold_gil, parallel, loops))
     if not _background.ready(kernel, sig, recipe, wait=wait):
         return None
@@ -629,6 +631,15 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
     _BUCKET_STEP[key] = kernel
     del _MADE[key]
     return kernel
+
+
+def _threads_launched():
+    """Start numba's thread pool.  The whole-step entry points are not
+    parallel themselves: they call the parallel ``segments_of`` kernel, and
+    only a parallel dispatcher called from Python starts the pool (a cached
+    entry point loaded in a fresh process would call into no threads)."""
+    from numba.np.ufunc.parallel import _launch_threads
+    _launch_threads()
 
 
 def pair_step(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOOPS,
@@ -655,6 +666,8 @@ def pair_step(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOO
         made = _MADE[key] = (_kernel(body, nogil=not hold_gil),
                              (types.int64, types.int64, types.float64))
     kernel, sig = made
+    if parallel:
+        _threads_launched()
     recipe = (__name__, "pair_step", (hold_gil, parallel, loops_a, loops_b))
     if not _background.ready(kernel, sig, recipe, wait=wait):
         return None
