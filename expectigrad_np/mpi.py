@@ -380,6 +380,28 @@ class _Rows:
         self.rows, self.values = rows, values
 
 
+class _Once:
+    """A group's ``lr`` schedule as the sharded core holds it: called once a
+    step.  ``ShardedExpectigrad._check_step`` calls it first, to check its
+    value on every rank; the core's step then reads the value kept for that
+    step count instead of calling the schedule again."""
+
+    __slots__ = ("schedule", "_t", "_value")
+
+    def __init__(self, schedule):
+        self.schedule, self._t, self._value = schedule, None, None
+
+    def __call__(self, t):
+        if t != self._t:
+            self._value = self.schedule(t)
+            self._t = t
+        return self._value
+
+
+def _unwrapped(value):
+    return value.schedule if isinstance(value, _Once) else value
+
+
 def _check_chunk(chunk):
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be a positive int (elements a collective), "
@@ -539,6 +561,8 @@ class ShardedExpectigrad:
                 views = [(first, 0, 0)]
             order.extend(views)
             hyper = {k: v for k, v in g.items() if k not in _CLIP_KEYS and k != "params"}
+            if callable(hyper["lr"]):
+                hyper["lr"] = _Once(hyper["lr"])
             inner.append(dict(hyper, params=[self._params[i].reshape(-1)[a:b]
                                              for i, a, b in views]))
         self._order = order                      # the core's arrays, in its order
@@ -570,8 +594,9 @@ class ShardedExpectigrad:
             now = self._hyper(g)
             if now != self._synced[gi]:
                 for key, value in now.items():
-                    if self.core.param_groups[gi][key] != value:
-                        self.core.param_groups[gi][key] = value
+                    if _unwrapped(self.core.param_groups[gi][key]) != value:
+                        self.core.param_groups[gi][key] = _Once(value) if (
+                            key == "lr" and callable(value)) else value
                 self._synced[gi] = now
                 # As the core decides it for its pieces (Expectigrad._refresh).
                 self._had_momentum[self._group_of == gi] |= now["beta"] > 0
@@ -657,8 +682,9 @@ class ShardedExpectigrad:
         group's dtypes can hold but another's cannot."""
         _Core._check_writeable(self, [i for i, g in enumerate(local) if g is not None])
         for gi, group in enumerate(self.param_groups):
-            if callable(group["lr"]):
-                V.check_schedule_value(group["lr"](self.step_count), self.step_count, group,
+            schedule = self.core.param_groups[gi]["lr"]        # _Once: kept for the core
+            if callable(schedule):
+                V.check_schedule_value(schedule(self.step_count), self.step_count, group,
                                        f"param group {gi}: ")
 
     def _local_gradients(self, grads):
@@ -934,6 +960,9 @@ class ShardedExpectigrad:
             for key, value in g.items():
                 if key not in ("params", "sparse_counter") and key not in _CLIP_KEYS:
                     self.param_groups[gi]._load(key, self.core.param_groups[gi][key])
+            if callable(self.core.param_groups[gi]["lr"]):
+                self.core.param_groups[gi]["lr"] = _Once(
+                    _unwrapped(self.core.param_groups[gi]["lr"]))
             for key, value in clips[gi].items():
                 self.param_groups[gi]._load(key, value)
         self._synced = [self._hyper(g) for g in self.param_groups]

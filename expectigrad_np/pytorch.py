@@ -67,7 +67,8 @@ def _check_hyper(group):
 
 def _row_sparse(grad, p, where):
     """A torch sparse COO gradient as ``RowSparse`` over ``p``'s rows (CPU):
-    indices along the first sparse dimension; values gathered into rows."""
+    indices along the first sparse dimension; values gathered into rows.
+    One with no sparse dimension (every element in its values) is dense."""
     from .sparse import RowSparse
     if grad.device.type != "cpu":
         raise TypeError(f"{where} has a sparse CUDA gradient; sparse gradients are taken "
@@ -76,6 +77,8 @@ def _row_sparse(grad, p, where):
         raise TypeError(f"{where} has a sparse gradient of dtype {grad.dtype} and shape "
                         f"{tuple(grad.shape)}; the parameter has {p.dtype} {tuple(p.shape)}")
     k = grad.sparse_dim()
+    if k == 0 or p.dim() == 0:     # no rows to name: the gradient is dense
+        return grad.to_dense().detach().numpy()
     indices = grad._indices().numpy()
     values = grad._values().detach().numpy()
     if k == 1:                                    # nn.Embedding: whole rows
@@ -204,7 +207,7 @@ class Expectigrad(torch.optim.Optimizer):
                      for i, p in enumerate(g["params"])]
             groups.append(dict({k: g[k] for k in _KEYS}, params=views,
                                sparse_counter=g["sparse_counter"],
-                               lr=_GroupLR(g)))
+                               lr=_GroupLR(g, gi)))
         core = _Core(groups, lazy=self._lazy, check_finite=self._check_finite)
         params = self._params()
         if carried:
@@ -358,11 +361,14 @@ class Expectigrad(torch.optim.Optimizer):
     def _export_state(self):
         """Per-parameter state from the kernels' buffers, as copies:
         ``{index: {"step", "mean_sq", ["count"], ["momentum"]}}``, indexed
-        as the core's parameters."""
+        as the core's parameters; none for a parameter never stepped."""
         core = self._core if self._core is not None else self._sync()
         out = {}
         params = [p for p, _ in self._order]
         for i, entry in core.state_dict()["state"].items():
+            if int(entry["step"]) == 0 and not any(
+                    np.any(v) for k, v in entry.items() if k != "step"):
+                continue        # never stepped: no state, as in torch's optimizers
             p = params[i]
             out[i] = {"step": torch.tensor(float(entry["step"]), dtype=torch.float32)}
             for key in ("mean_sq", "count", "momentum"):
@@ -404,7 +410,8 @@ class Expectigrad(torch.optim.Optimizer):
         ----------
         state_dict : dict
             ``{"state": ..., "param_groups": ...}`` as torch optimizers save
-            it, from this optimizer or from the original one.
+            it, from this optimizer or from the original one.  A parameter
+            with no entry (never stepped when it was saved) starts afresh.
 
         Raises
         ------
@@ -441,14 +448,15 @@ class Expectigrad(torch.optim.Optimizer):
         converted = {}
         for i, p in enumerate(params):
             entry = state.get(i)
-            if entry is None:
+            if entry is None:       # saved never stepped: it starts afresh, as in torch
                 continue
             converted[i] = _converted(entry, p, f"state dict entry {i}",
                                       new_groups, self._group_index(i))
         core = self._sync()
         core_sd = core.state_dict()
-        for i, entry in converted.items():
-            core_sd["state"][i] = entry
+        for i, entry in core_sd["state"].items():
+            core_sd["state"][i] = converted.get(i) or {
+                k: (0 if k == "step" else np.zeros_like(v)) for k, v in entry.items()}
         core_sd["param_groups"] = [
             {"params": g["params"], **{k: ng[k] for k in ("beta", "eps", "weight_decay",
                                                           "maximize")}}
@@ -536,12 +544,21 @@ class _GroupLR:
     """The core's lr for one group: whatever ``group["lr"]`` holds now (the
     schedulers of ``torch.optim.lr_scheduler`` write it)."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, index):
+        self.group, self.index = group, index
 
     def __call__(self, step):
         lr = self.group["lr"]
-        return float(lr) if isinstance(lr, torch.Tensor) else lr
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+            lr = lr.item()
+        # Checked here, with torch's words for it: the core would call a bad
+        # value a schedule's.
+        where = f"param_groups[{self.index}]['lr'] (set by hand or by an lr scheduler)"
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{where} is {lr!r}; it must be a float")
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"{where} is {lr!r}; it must be finite and >= 0")
+        return lr
 
 
 def _host_view(p, where):

@@ -332,6 +332,17 @@ for step in range(5):
     ref.step(g)
     assert all(np.array_equal(a, b) for a, b in zip(xs, ref_xs)), step
 
+# A schedule is called once a step on each rank, at the optimizer's step
+# count, as by one process (the value checked on every rank is the one used).
+calls = []
+xs = [np.linspace(-1, 1, 8), np.ones(3, np.float32)]
+opt = Expectigrad(xs, lr=lambda t: calls.append(t) or 0.1 / (t + 1), shard_state=SHARDED)
+for step in range(4):
+    opt.step([np.full(8, 0.5), np.ones(3, np.float32)])
+opt.param_groups[0]["beta"] = 0.5          # a changed group keeps the rule
+opt.step([np.full(8, 0.5), np.ones(3, np.float32)])
+assert calls == [0, 1, 2, 3, 4], calls
+
 # A parameter made read-only on one rank: refused on every rank, nothing changed.
 xs = [np.linspace(-1, 1, 8), np.ones(3)]
 opt = Expectigrad(xs, lr=0.1, shard_state=SHARDED)

@@ -629,3 +629,61 @@ def test_sync_takes_a_parameter_or_its_index():
     assert not torch.equal(emb.weight.detach()[1], lagging)
     with pytest.raises(ValueError, match="has 1 parameters"):
         opt.sync(3)
+
+
+def test_parameters_never_stepped_have_no_state_and_load_afresh():
+    a, b = _params(1), _params(1)
+    opt = Expectigrad(a, lr=0.1)
+    a[1].grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [1]                 # as torch's optimizers keep it
+    # Loaded into an optimizer that has stepped every parameter: the ones
+    # without an entry start afresh (torch replaces the whole state).
+    other = Expectigrad(b, lr=0.1)
+    for p in b:
+        p.grad = torch.full_like(p, 2.0)
+    other.step()
+    other.load_state_dict(sd)
+    assert sorted(other.state_dict()["state"]) == [1]
+    fresh = _params(1)
+    with torch.no_grad():
+        for p, q in zip(fresh, b):
+            p.copy_(q)
+    ref = Expectigrad(fresh, lr=0.1)
+    ref.load_state_dict(sd)
+    for ps, o in ((b, other), (fresh, ref)):
+        for p in ps:
+            p.grad = torch.full_like(p, -0.5)
+        o.step()
+    for p, q in zip(b, fresh):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), ValueError), (-0.1, ValueError),
+                                         ("0.1", TypeError)])
+def test_a_bad_lr_written_into_a_group_is_named_as_such(value, kind):
+    ps, opt = _stepped_once(3)
+    before = [p.detach().clone() for p in ps]
+    state = opt.state_dict()["state"]
+    opt.param_groups[0]["lr"] = value
+    with pytest.raises(kind, match=r"param_groups\[0\]\['lr'\]"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    assert all(torch.equal(state[i]["mean_sq"], e["mean_sq"])
+               for i, e in opt.state_dict()["state"].items())
+
+
+def test_a_sparse_gradient_with_no_sparse_dimension_steps_as_its_dense_form():
+    a = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    opt_a, opt_b = Expectigrad([a], lr=0.1), Expectigrad([b], lr=0.1)
+    dense = torch.tensor([[1.0, 0.0, -2.0], [0.5, 3.0, 0.0]], dtype=torch.float64)
+    g = torch.sparse_coo_tensor(torch.zeros((0, 1), dtype=torch.long), dense[None],
+                                (2, 3), check_invariants=True)
+    assert g.sparse_dim() == 0
+    for _ in range(3):
+        a.grad, b.grad = g, dense
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)

@@ -202,7 +202,15 @@ class CpuBucket(CompiledRows, Bucket):
         """``step_path`` for an optimizer whose parameters fill this bucket
         and ``other``, one float32 and one float64: both step in one call of
         ``kernels.pair_step`` (both checked before either writes).  The same
-        results, or None, or ``background.PENDING``."""
+        results, or None, or ``background.PENDING``.
+
+        The pair is compiled with every update loop for both dtypes, not
+        with the loops of each bucket's mask as ``step_path`` is: per-mask
+        pairs would be compiled per combination of two masks (about 5 s a
+        combination), so a program whose param groups change would keep
+        compiling.  With every loop there are at most four pair kernels
+        (GIL held or not, serial or parallel); the loop is chosen per array
+        at run time either way."""
         if not _locate.layout_ok():
             return None
         by_dtype = {b.dtype.str: b for b in (self, other)}
@@ -217,8 +225,7 @@ class CpuBucket(CompiledRows, Bucket):
         parallel = total >= PARALLEL_MIN_SIZE
         hold_gil = total <= K.SINGLE_STEP_GIL_MAX
         entry = K.pair_step_entry(hold_gil=hold_gil, parallel=parallel,
-                                  loops_a=first._loops(scalars[0]),
-                                  loops_b=second._loops(scalars[0]), wait=wait)
+                                  loops_a=ALL_LOOPS, loops_b=ALL_LOOPS, wait=wait)
         if entry is None:
             return _background.PENDING
         # The row of the two context rows' addresses (each updated in place,
