@@ -215,20 +215,24 @@ class Expectigrad(torch.optim.Optimizer):
         self._core = core
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
         self._order = [(p, p.device.type == "cpu") for p in params]
-        self._addresses = [p.data_ptr() for p, _ in self._order]
+        # Where each parameter's memory is and how its elements lie in it: a
+        # change of either (``p.data = ...``, ``p.data = p.data.t()``) leaves
+        # the core's views stale, so the next step rebuilds them.
+        self._layouts = [(p.data_ptr(), p.stride()) for p, _ in self._order]
         self._pending_state = None
         return core
 
     def _sync(self):
         """The core, rebuilt where the parameters changed (one added,
-        replaced or moved to other storage; each one's state goes with it),
+        replaced, moved to other storage or laid out anew in it, as by
+        ``p.data = p.data.t()``; each one's state goes with it),
         with the groups' hyperparameters carried over where they changed."""
         core = self._core
         params = self._params()
         moved = core is None or len(params) != len(self._order)
         if not moved:
-            for p, (q, _), address in zip(params, self._order, self._addresses):
-                if p is not q or p.data_ptr() != address:
+            for p, (q, _), layout in zip(params, self._order, self._layouts):
+                if p is not q or (p.data_ptr(), p.stride()) != layout:
                     moved = True
                     break
         if moved:
@@ -519,7 +523,7 @@ class Expectigrad(torch.optim.Optimizer):
         self._check_finite = settings.get("check_finite", True)
         self._core = None
         self._order = []
-        self._addresses = []
+        self._layouts = []
         self._pending_state = pending
 
 

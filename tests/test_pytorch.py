@@ -687,3 +687,22 @@ def test_a_sparse_gradient_with_no_sparse_dimension_steps_as_its_dense_form():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+
+
+def test_a_parameter_laid_out_anew_in_its_memory_is_stepped_as_it_now_lies():
+    # p.data = p.data.t() keeps the memory: the step must follow the new
+    # layout, as it does for a transposed copy (state by position, as torch's).
+    a = torch.arange(9, dtype=torch.float64).reshape(3, 3).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    opt_a, opt_b = Expectigrad([a], lr=0.1), Expectigrad([b], lr=0.1)
+    g = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0], [5.0, 0.5, -2.0]], dtype=torch.float64)
+    for p, o in ((a, opt_a), (b, opt_b)):
+        p.grad = g.clone()
+        o.step()
+    a.data = a.data.t()
+    b.data = b.data.t().contiguous()
+    for _ in range(2):
+        for p, o in ((a, opt_a), (b, opt_b)):
+            p.grad = g.clone()
+            o.step()
+    assert torch.equal(a, b)
