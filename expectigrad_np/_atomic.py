@@ -2,9 +2,12 @@
 
 Python runs a signal handler between bytecodes, so a ``KeyboardInterrupt``
 can land between two kernel calls of one step (several dtypes, staged
-parameters) and leave it half done.  ``interrupts_deferred()`` holds SIGINT
-back for the duration of a block in the main thread and delivers it, as
-the handler that was installed would have, once the block has finished.
+parameters) and leave it half done; so can the exception of any handler
+that raises (a timeout's SIGALRM, say).  ``interrupts_deferred()`` holds
+back SIGINT, and the other signals programs give raising handlers
+(``_HELD``), for the duration of a block in the main thread, and delivers
+each, as the handler that was installed would have, once the block has
+finished.
 (The one-call compiled route needs none of this: a signal cannot land in
 the middle of a compiled call, and the kernel advances every count.)
 """
@@ -17,24 +20,38 @@ import threading
 __all__ = ["interrupts_deferred"]
 
 
+# The signals whose Python handlers are held back: Ctrl-C, and those that
+# programs give handlers which raise (timeouts, termination, profilers,
+# user signals).  Another signal's handler runs as Python runs it.
+_HELD = tuple(getattr(signal, name) for name in
+              ("SIGINT", "SIGTERM", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGHUP",
+               "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield                       # signals are only ever handled in the main thread
         return
+    held = []
     try:
-        previous = signal.getsignal(signal.SIGINT)
+        for signum in _HELD:
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                held.append((signum, previous))
     except (ValueError, OSError):
-        yield
-        return
-    if previous is None or previous in (signal.SIG_IGN, signal.SIG_DFL):
+        held = []
+    if not held:
         yield
         return
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    for signum, _ in held:
+        signal.signal(signum, lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(signal.SIGINT, received[0])
+        for signum, previous in held:
+            signal.signal(signum, previous)
+        handlers = dict(held)
+        for signum, frame in received:
+            handlers[signum](signum, frame)

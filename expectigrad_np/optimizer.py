@@ -73,6 +73,14 @@ def _in_dtype(value, dtype):
     return float(dtype.type(value))
 
 
+def _layout_of(p):
+    """What a parameter's state is laid out for: shape, strides, dtype and
+    data address (None for a device array)."""
+    if not isinstance(p, np.ndarray):
+        return None
+    return p.shape, p.strides, p.dtype.str, p.__array_interface__["data"][0]
+
+
 def _on_device(x):
     """A device array: ``__cuda_array_interface__`` (numba, CuPy, PyTorch CUDA)
     or a device array of numba's CUDA simulator."""
@@ -183,6 +191,7 @@ class Expectigrad:
                        for pi in range(len(g["params"]))]
         self._group_of = np.repeat(np.arange(len(groups)), self._group_sizes)
         V.check_no_overlap(self._params, self._names)
+        self._layouts = [_layout_of(p) for p in self._params]
 
         self.backend = self._resolve_backend(backend)
         if stream is not None and self.backend != "cuda":
@@ -302,6 +311,7 @@ class Expectigrad:
     def __setstate__(self, state):
         # A copy has new buffers: rebuild the fast path on the next step.
         self.__dict__.update(state)
+        self._layouts = [_layout_of(p) for p in self._params]
         self._lock = threading.RLock()
         self._fast = self._quick = None
         self._ranges = None
@@ -570,7 +580,14 @@ class Expectigrad:
             return None, None
         lr_now = None
         if schedules:
-            self._write_scheduled_lr(fast)
+            try:
+                self._write_scheduled_lr(fast)
+            except Exception:
+                # The general route checks the gradients first and calls the
+                # schedule again only for a step that happens: a bad
+                # gradient is reported before a bad schedule value, as on
+                # every backend, and an all-None step does not fail.
+                return None, None
             lr_now = fast[3]
         if kernel_lock is None:
             code = entry(id(obj), ctx_address, 0.0)
@@ -920,12 +937,26 @@ class Expectigrad:
                          "(the same object) or its index in opt.params")
 
     def _check_writeable(self, indices):
+        """Parameters about to be updated are writeable, and laid out as when
+        the optimizer was built (their state is laid out for that)."""
+        layouts = getattr(self, "_layouts", None)
         for i in indices:
             p = self._params[i]
-            if isinstance(p, np.ndarray) and not p.flags.writeable:
+            if not isinstance(p, np.ndarray):
+                continue
+            if not p.flags.writeable:
                 raise ValueError(f"{self._names[i]} has been made read-only; parameters "
                                  "are updated in place (set x.flags.writeable = True, or "
                                  "pass None as its gradient); nothing was changed")
+            if layouts is not None and _layout_of(p) != layouts[i]:
+                then, now = layouts[i], _layout_of(p)
+                what = "; ".join(f"{name} {a} -> {b}" for name, a, b in zip(
+                    ("shape", "strides", "dtype", "memory at"), then, now) if a != b)
+                raise ValueError(f"{self._names[i]} was changed in place since the "
+                                 f"optimizer was built ({what}); its state is laid out "
+                                 "for the array as it was. Restore it, or build a new "
+                                 "optimizer (load_state_dict carries the state over); "
+                                 "nothing was changed")
 
     def _raise_nonfinite(self, bucket, bad):
         if bad >= 0:

@@ -91,6 +91,44 @@ def test_what_the_route_cannot_read_takes_the_general_route(monkeypatch):
     assert opt.step_count == ref.step_count
 
 
+@pytest.mark.parametrize("dtypes", [(np.float32,) * 4, (np.float32, np.float64) * 2])
+def test_unpickled_gradients_and_copied_optimizers_keep_the_compiled_route(monkeypatch,
+                                                                           dtypes):
+    # An unpickled array (from another process, say), and an optimizer
+    # copied or unpickled, carry dtype objects of their own: the route
+    # reads them by value.  A byte-swapped gradient is not the bucket's
+    # dtype: the general route casts it.
+    import copy
+    import pickle
+    shapes = SHAPES[:4]
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+    ys = [x.copy() for x in xs]
+    opt, ref = eg.Expectigrad(xs, lr=0.01), eg.Expectigrad(ys, lr=0.01, backend="numpy")
+    general = []
+    real = eg.Expectigrad._flatten_grads
+    monkeypatch.setattr(eg.Expectigrad, "_flatten_grads",
+                        lambda self, g: general.append(self) or real(self, g))
+    for copied in (False, True):
+        for t in range(3):
+            gs = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+            opt.step(pickle.loads(pickle.dumps(gs)))
+            ref.step(gs)
+            for a, b in zip(xs, ys):
+                assert np.array_equal(a, b), (copied, t)
+        calls = [o for o in general if o is opt]
+        assert calls == [], copied
+        swapped = [g.astype(g.dtype.newbyteorder()) for g in gs]
+        opt.step(swapped)
+        ref.step(gs)
+        assert [o for o in general if o is opt] == [opt]
+        for a, b in zip(xs, ys):
+            assert np.array_equal(a, b), copied
+        opt = pickle.loads(pickle.dumps(opt)) if len(set(dtypes)) > 1 else copy.deepcopy(opt)
+        xs = opt.params
+        general.clear()
+
+
 def test_a_refused_step_leaves_no_trace_for_the_next():
     """The kernel's scratch rows are reused: a chunk flagged non-finite on a
     refused step must not refuse a later step that skips that array."""
@@ -218,3 +256,55 @@ def test_a_gradient_viewing_the_other_dtypes_parameter_takes_the_general_route(
         ref.step([d64.view(np.float32).copy(), np.full(10, 0.5)])
         assert np.array_equal(a32, c32) and np.array_equal(b64, d64)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_a_bad_gradient_is_reported_before_a_bad_schedule_value(backend):
+    # The compiled route evaluates schedules before its kernel runs: where a
+    # value is bad it leaves the step to the general route, which checks the
+    # gradients first and does nothing for an all-None step, as every backend.
+    def schedule(t):
+        return float("nan") if t == 1 else 0.01
+    xs = [np.ones(3, np.float32), np.ones(2)]
+    opt = eg.Expectigrad(xs, lr=schedule, backend=backend)
+    opt.step([np.ones(3, np.float32), np.ones(2)])
+    before = [x.copy() for x in xs]
+    opt.step([None, None])
+    with pytest.raises(ValueError, match="has shape"):
+        opt.step([np.ones(3, np.float32), np.ones(5)])
+    with pytest.raises(ValueError, match="schedule returned nan"):
+        opt.step([np.ones(3, np.float32), np.ones(2)])
+    assert all(np.array_equal(a, b) for a, b in zip(xs, before)) and opt.step_count == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("change", ["shape", "transpose", "dtype"])
+def test_a_parameter_changed_in_place_is_refused_with_nothing_changed(backend, change):
+    xs = [np.arange(12, dtype=np.float32).reshape(4, 3), np.ones(3, np.float32)]
+    opt = eg.Expectigrad(xs, lr=0.1, backend=backend)
+    gs = [np.ones((4, 3), np.float32), np.ones(3, np.float32)]
+    opt.step(gs)
+    state = opt.state_dict()
+    w = xs[0]
+    if change == "shape":
+        w.shape = (3, 4)
+    elif change == "transpose":
+        # The same memory read as the transpose: strides set in place.
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            w.shape = (3, 4)
+            try:
+                w.strides = (4, 12)
+            except AttributeError:
+                pytest.skip("this NumPy cannot set strides in place")
+    else:
+        w.dtype = np.int32
+    before = w.copy()
+    for given in (gs, [np.ones(w.shape, np.float32), gs[1]]):
+        with pytest.raises(ValueError, match="changed in place"):
+            opt.step(given)
+        assert np.array_equal(w, before)
+        after = opt.state_dict()
+        assert all(np.array_equal(after["state"][i][k], state["state"][i][k])
+                   for i in state["state"] for k in state["state"][i])

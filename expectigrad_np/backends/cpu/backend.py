@@ -89,6 +89,7 @@ class CpuBucket(CompiledRows, Bucket):
         views and every recorded address from them again; the state
         buffers move back to their page offsets (``state_zeros``)."""
         self.__dict__.update(state)
+        self.dtype = np.dtype(self.dtype.type)     # NumPy's own object, as new arrays carry
         for name in self.STATE_FIELDS:
             old = getattr(self, name)
             setattr(self, name, L.state_zeros(old.size, old.dtype, name))

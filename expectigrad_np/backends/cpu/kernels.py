@@ -55,7 +55,7 @@ from ..layout import (
 from .jit import OPTS as _OPTS
 from .jit import kernel as _kernel
 from .jit import twin as _twin
-from .locate import is_writeable, located_address, sequence_item
+from .locate import is_unchanged, located_address, sequence_item
 from .loops import (
     ALL_LOOPS,
     ANY_CLIP,
@@ -348,6 +348,7 @@ def _locate(g_object, ctx, other):
     dims = carray(_pointer_of(ctx[BDIMS], np.int64), dims_start[n_arrays - 1]
                   + ndims[n_arrays - 1])
     params = carray(_pointer_of(ctx[BPARAMS], np.int64), n_arrays)
+    x_addr = carray(_pointer_of(ctx[BX], np.int64), n_arrays)
     n_active = 0
     for k in range(n_arrays):
         if ctx[BBARE]:
@@ -365,8 +366,9 @@ def _locate(g_object, ctx, other):
                                   dims[start:start + ndims[k]])
         if address < 0:
             return -1
-        if not is_writeable(params[k]):
-            return -1                   # made read-only since: the general route says so
+        if not is_unchanged(params[k], ctx[BDESCR], ndims[k], dims[start:start + ndims[k]],
+                            x_addr[k]):
+            return -1                   # read-only or reshaped since: the general route says so
         nbytes = (offsets[k + 1] - offsets[k]) * ctx[BITEM]
         if _meets_a_parameter(address, nbytes, ctx):
             return -1                   # the general route stages it

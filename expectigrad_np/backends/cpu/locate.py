@@ -13,8 +13,17 @@ C ABI):
            24  nd (int)      32  dimensions   40  strides
            48  base          56  descr        64  flags (int)
 
+and of its dtype object (``PyArray_Descr``, the same in NumPy 1 and 2):
+
+    offset 16  typeobj       26  byteorder (char)
+
+A dtype is the bucket's when it is the same object (NumPy's dtype of a new
+float32 or float64 array is one shared object), or has the same scalar type
+and byte order: arrays unpickled (from another process, say) carry a dtype
+object of their own.
+
 Only an object whose ``ob_type`` is exactly ``numpy.ndarray`` is read
-further; anything else (a subclass, a list, None, a different dtype object,
+further; anything else (a subclass, a list, None, another dtype,
 a non-contiguous or misaligned array, a wrong shape) is marked for the
 general Python path, which validates, stages or raises as before.  So a
 mismatch can only cost speed, never correctness.
@@ -36,22 +45,35 @@ from numba import carray, njit
 from .loading import load_without_refresh
 from .pointers import pointer_of as _pointer_of
 
-__all__ = ["is_writeable", "layout_ok", "locate_arrays", "located_address", "sequence_item",
+__all__ = ["is_unchanged", "layout_ok", "locate_arrays", "located_address", "sequence_item",
            "shape_table"]
 
 _OB_TYPE, _DATA, _ND, _DIMENSIONS, _STRIDES, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 56, 64
 _C_CONTIGUOUS_ALIGNED = 0x0001 | 0x0100    # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED
+_TYPEOBJ, _BYTEORDER = 16, 26              # of the dtype object
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _same_dtype(d, descr):
+    """Whether the dtype object at ``d`` is ``descr`` or equal to it: the
+    same scalar type object and byte order (a dtype unpickled is a new
+    object)."""
+    return d == descr or (
+        carray(_pointer_of(d + _TYPEOBJ, np.int64), 1)[0]
+        == carray(_pointer_of(descr + _TYPEOBJ, np.int64), 1)[0]
+        and carray(_pointer_of(d + _BYTEORDER, np.uint8), 1)[0]
+        == carray(_pointer_of(descr + _BYTEORDER, np.uint8), 1)[0])
 
 
 @njit(inline="always", cache=True, error_model="numpy")
 def located_address(p, ndarray_type, descr, ndim, dims):
     """The data address of the object at address ``p`` if it is an ndarray
     whose type object is ``ndarray_type`` (exactly: no subclass), whose dtype
-    object is ``descr``, C-contiguous and aligned, with ``ndim`` dimensions
+    is ``descr`` (``_same_dtype``), C-contiguous and aligned, with ``ndim`` dimensions
     equal to ``dims[:ndim]``; else -1.  The caller keeps the object alive."""
     if carray(_pointer_of(p + _OB_TYPE, np.int64), 1)[0] != ndarray_type:
         return -1                           # only then is it an array object
-    if not (carray(_pointer_of(p + _DESCR, np.int64), 1)[0] == descr
+    if not (_same_dtype(carray(_pointer_of(p + _DESCR, np.int64), 1)[0], descr)
             and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndim
             and (carray(_pointer_of(p + _FLAGS, np.int32), 1)[0]
                  & _C_CONTIGUOUS_ALIGNED) == _C_CONTIGUOUS_ALIGNED):
@@ -69,10 +91,25 @@ _WRITEABLE = 0x0400                        # NPY_ARRAY_WRITEABLE
 
 
 @njit(inline="always", cache=True, error_model="numpy")
-def is_writeable(p):
-    """Whether the ndarray object at ``p`` (kept alive by the caller) is
-    writeable now."""
-    return (carray(_pointer_of(p + _FLAGS, np.int32), 1)[0] & _WRITEABLE) != 0
+def is_unchanged(p, descr, ndim, dims, data):
+    """Whether the array object at ``p`` (a parameter of the kernels, an
+    ndarray or a subclass, kept alive by the caller) is writeable, and still
+    C-contiguous and aligned with ``ndim`` dimensions ``dims``, dtype
+    ``descr`` and its data at ``data``, as when the kernels recorded it
+    (``x.shape = ...``, ``x.dtype = ...`` or ``x.resize`` change it in
+    place)."""
+    wanted = _WRITEABLE | _C_CONTIGUOUS_ALIGNED
+    if not ((carray(_pointer_of(p + _FLAGS, np.int32), 1)[0] & wanted) == wanted
+            and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndim
+            and carray(_pointer_of(p + _DATA, np.int64), 1)[0] == data
+            and _same_dtype(carray(_pointer_of(p + _DESCR, np.int64), 1)[0], descr)):
+        return False
+    shape = carray(_pointer_of(carray(_pointer_of(p + _DIMENSIONS, np.int64), 1)[0],
+                               np.int64), ndim)
+    for d in range(ndim):
+        if shape[d] != dims[d]:
+            return False
+    return True
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -100,7 +137,7 @@ def sequence_item(p, index, size, list_type, tuple_type):
 @njit(cache=True, error_model="numpy")
 def locate_arrays(objects, ndarray_type, descr, ndims, dims, dims_start, addresses, slow):
     """For each object address ``objects[k]``: if it is an ndarray whose type
-    object is ``ndarray_type``, whose dtype object is ``descr``, C-contiguous
+    object is ``ndarray_type``, whose dtype is ``descr``, C-contiguous
     and aligned, with ``ndims[k]`` dimensions equal to
     ``dims[dims_start[k]:dims_start[k] + ndims[k]]``, store its data address
     in ``addresses[k]`` and clear ``slow[k]``; else set ``slow[k]`` (and
@@ -187,9 +224,24 @@ def _check_layout():
         flag = lambda a: bool(ctypes.c_int32.from_address(id(a) + _FLAGS).value  # noqa: E731
                               & _WRITEABLE)
         return (all(_reads_like_python(a) for a in samples) and _sequences_read_right()
-                and flag(base) and not flag(frozen))
+                and _dtypes_read_right() and flag(base) and not flag(frozen))
     except Exception:       # any surprise: use the Python path
         return False
+
+
+def _dtypes_read_right():
+    """Dtype objects hold their scalar type and byte order where
+    ``_same_dtype`` reads them (checked on samples through ``ctypes``)."""
+    import ctypes
+    import pickle
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64),
+                  pickle.loads(pickle.dumps(np.dtype(np.float32))),
+                  np.dtype(np.float32).newbyteorder(), np.dtype(np.uint32)):
+        if (ctypes.c_int64.from_address(id(dtype) + _TYPEOBJ).value != id(dtype.type)
+                or ctypes.c_char.from_address(id(dtype) + _BYTEORDER).value
+                != dtype.byteorder.encode()):
+            return False
+    return True
 
 
 def _sequences_read_right():
