@@ -86,27 +86,40 @@ def check_schedule_value(raw, step, group, where=""):
     the largest step size its parameters' dtypes can hold."""
     value = check_scheduled_lr(raw, step, where)
     try:
-        check_step_size_dtypes(value, group["beta"], group["params"], where)
+        check_step_size_dtypes(value, group["beta"], group["params"], where,
+                               group.get("weight_decay", 0.0))
     except ValueError as exc:
         raise ValueError(f"{where}lr schedule returned {value!r} at step {step}: "
                          f"{str(exc)[len(where):]}") from None
     return value
 
 
-def check_step_size_dtypes(lr, beta, params, where=""):
+def check_step_size_dtypes(lr, beta, params, where="", weight_decay=0.0):
     """The largest step size, ``lr / (1 - beta)`` on the first step (``lr``
     when ``beta == 0``), must be finite in the dtype of every parameter it
-    applies to (lr=3e38 overflows float32 and would write inf and NaN)."""
+    applies to (lr=3e38 overflows float32 and would write inf and NaN); so
+    must the decay factor ``1 - lr * weight_decay``."""
     if callable(lr):
         return
     largest = lr if beta == 0.0 else lr / (1.0 - beta)
+    decay = abs(1.0 - lr * weight_decay)
     for p in params:
         dtype = np.dtype(getattr(p, "dtype", np.float64))
-        if dtype.kind == "f" and largest > float(np.finfo(dtype).max):
+        if dtype.kind != "f":
+            continue
+        biggest = float(np.finfo(dtype).max)
+        if largest > biggest:
             raise ValueError(f"{where}lr={lr!r} with beta={beta!r} gives a first step size "
                              f"of {largest:.3g}, which overflows {dtype}, the dtype of a "
                              f"parameter of this group; use lr <= "
-                             f"{float(np.finfo(dtype).max) * (1.0 - beta):.3g}")
+                             f"{biggest * (1.0 - beta):.3g}")
+        if decay > biggest:
+            factor = 1.0 - lr * weight_decay
+            raise ValueError(f"{where}lr={lr!r} with weight_decay={weight_decay!r} gives a "
+                             f"decay factor 1 - lr * weight_decay of {factor:.3g}, "
+                             f"which overflows {dtype}, the dtype of a parameter of this "
+                             "group; use lr * weight_decay <= 1 (decoupled decay shrinks "
+                             "the parameter by that fraction a step)")
 
 
 def check_bool(name, value, where=""):

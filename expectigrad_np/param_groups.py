@@ -69,7 +69,8 @@ def parse_groups(params, defaults, check_param, is_array):
         group["params"] = [check_param(p, f"param group {gi} param {pi}")
                            for pi, p in enumerate(plist)]
         V.check_eps_dtypes(group["eps"], group["params"], where)
-        V.check_step_size_dtypes(group["lr"], group["beta"], group["params"], where)
+        V.check_step_size_dtypes(group["lr"], group["beta"], group["params"], where,
+                                 group.get("weight_decay", 0.0))
         groups.append(group)
     return groups
 
@@ -153,9 +154,9 @@ class ParamGroup(MutableMapping):
 
     def _checked_together(self, checked):
         merged = {**self._data, **checked}
-        if "lr" in checked or "beta" in checked:
+        if "lr" in checked or "beta" in checked or "weight_decay" in checked:
             V.check_step_size_dtypes(merged["lr"], merged["beta"], merged["params"],
-                                     self._where)
+                                     self._where, merged.get("weight_decay", 0.0))
         return checked
 
     def __setitem__(self, key, value):

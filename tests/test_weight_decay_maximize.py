@@ -152,3 +152,18 @@ def test_state_dicts_and_checkpoints_record_them(tmp_path):
                             {"params": [np.zeros_like(xs[2])]}], lr=0.05)
     with pytest.raises(ValueError, match="weight_decay|maximize"):
         other.load(path)
+
+
+def test_a_decay_factor_that_overflows_the_parameters_dtype_is_refused():
+    with pytest.raises(ValueError, match="decay factor .* overflows float32"):
+        eg.Expectigrad([np.ones(3, np.float32)], lr=0.1, weight_decay=1e40)
+    x = np.ones(3, np.float32)
+    opt = eg.Expectigrad([x], lr=0.1)
+    with pytest.raises(ValueError, match="decay factor"):
+        opt.param_groups[0]["weight_decay"] = 1e40
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    scheduled = eg.Expectigrad([x], lr=lambda t: 0.1, weight_decay=1e40)
+    with pytest.raises(ValueError, match="decay factor"):
+        scheduled.step([np.ones(3, np.float32)])
+    assert np.all(x == 1)
+    eg.Expectigrad([np.ones(3)], lr=0.1, weight_decay=1e40)      # finite in float64
