@@ -31,6 +31,7 @@ Importing this module imports torch; ``import expectigrad_np`` does not.
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -49,20 +50,37 @@ _DTYPES = (torch.float32, torch.float64)
 _KEYS = ("beta", "eps", "weight_decay", "maximize")
 
 
-def _check_hyper(group):
+def _check_hyper(group, saved=False):
     """The original's checks and messages for lr, beta and eps; ours for the
-    rest."""
+    rest.  A ``saved`` group (``load_state_dict``) may hold any lr a step
+    takes (``_current_lr``): a scheduler's 0, a tensor."""
     lr, beta, eps = group["lr"], group["beta"], group["eps"]
-    if isinstance(lr, torch.Tensor):
-        raise TypeError("lr must be a Python float, not a tensor")
-    if not lr > 0.0:
-        raise ValueError(f"lr must be greater than 0 but got {lr}")
+    if saved:
+        _current_lr(lr, "the state dict's lr")
+    else:
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("lr must be a Python float, not a tensor")
+        if not lr > 0.0:
+            raise ValueError(f"lr must be greater than 0 but got {lr}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0,1) but got {beta}")
     if not eps > 0.0:
         raise ValueError(f"eps must be greater than 0 but got {eps}")
-    for key in ("lr", "beta", "eps", "weight_decay", "sparse_counter", "maximize"):
+    for key in ("beta", "eps", "weight_decay", "sparse_counter", "maximize") + (
+            () if saved else ("lr",)):
         V.check_group_value(key, group[key])
+
+
+def _current_lr(lr, where):
+    """A group's lr as a step takes it: a number or a one-element tensor,
+    finite and >= 0 (schedulers reach 0); as a float."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{where} is {lr!r}; it must be a float")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where} is {lr!r}; it must be finite and >= 0")
+    return float(lr)
 
 
 def _row_sparse(grad, p, where):
@@ -161,6 +179,7 @@ class Expectigrad(torch.optim.Optimizer):
         self._core = None
         self._order = []
         super().__init__(params, defaults)
+        self.state = _State()
 
     # --- groups ------------------------------------------------------------------
 
@@ -216,9 +235,9 @@ class Expectigrad(torch.optim.Optimizer):
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
         self._order = [(p, p.device.type == "cpu") for p in params]
         # Where each parameter's memory is and how its elements lie in it: a
-        # change of either (``p.data = ...``, ``p.data = p.data.t()``) leaves
-        # the core's views stale, so the next step rebuilds them.
-        self._layouts = [(p.data_ptr(), p.stride()) for p, _ in self._order]
+        # change (``p.data = ...``, ``p.data = p.data.t()``, ``p.data[:2]``)
+        # leaves the core's views stale, so the next step rebuilds them.
+        self._layouts = [(p.data_ptr(), p.stride(), p.shape) for p, _ in self._order]
         self._pending_state = None
         return core
 
@@ -232,7 +251,7 @@ class Expectigrad(torch.optim.Optimizer):
         moved = core is None or len(params) != len(self._order)
         if not moved:
             for p, (q, _), layout in zip(params, self._order, self._layouts):
-                if p is not q or (p.data_ptr(), p.stride()) != layout:
+                if p is not q or (p.data_ptr(), p.stride(), p.shape) != layout:
                     moved = True
                     break
         if moved:
@@ -312,6 +331,8 @@ class Expectigrad(torch.optim.Optimizer):
             else:
                 grads.append(grad.detach())
         core.step(grads)
+        if not self.state.stepped:
+            self.state.stepped = True
         return loss
 
     def sync(self, param=None, rows=None):
@@ -374,7 +395,9 @@ class Expectigrad(torch.optim.Optimizer):
                     np.any(v) for k, v in entry.items() if k != "step"):
                 continue        # never stepped: no state, as in torch's optimizers
             p = params[i]
-            out[i] = {"step": torch.tensor(float(entry["step"]), dtype=torch.float32)}
+            # float64: a count past 2**24 steps comes back exactly (torch's
+            # float32 step tensors round it).
+            out[i] = {"step": torch.tensor(float(entry["step"]), dtype=torch.float64)}
             for key in ("mean_sq", "count", "momentum"):
                 if key in entry:
                     a = np.asarray(entry[key])
@@ -443,7 +466,7 @@ class Expectigrad(torch.optim.Optimizer):
             merged.update({k: v for k, v in saved.items() if k != "params"})
             for key in ("weight_decay", "maximize", "sparse_counter"):
                 merged.setdefault(key, self.defaults[key])
-            _check_hyper(merged)
+            _check_hyper(merged, saved=True)
             if merged["sparse_counter"] != g["sparse_counter"]:
                 raise ValueError(f"param group {gi}: sparse_counter differs from the "
                                  "optimizer's")
@@ -472,6 +495,7 @@ class Expectigrad(torch.optim.Optimizer):
             g.update(merged)
             g["params"] = params_of
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
+        self.state.stepped = bool(converted)
 
     @staticmethod
     def _import_state(carried, core, params):
@@ -525,6 +549,8 @@ class Expectigrad(torch.optim.Optimizer):
         self._order = []
         self._layouts = []
         self._pending_state = pending
+        if not isinstance(self.state, _State):     # pickled by an earlier version
+            self.state = _State(bool(pending))
 
 
 Expectigrad._step.__name__ = "step"               # the profiler's label
@@ -544,6 +570,24 @@ def _hooks_active(opt):
                 or getattr(torch.autograd.profiler, "_is_profiler_enabled", True))
 
 
+class _State(collections.defaultdict):
+    """``optimizer.state``: empty (the state lives in the kernels' buffers;
+    ``state_dict()`` gives it), but true once a step has been taken or a
+    stepped state loaded, as torch's optimizers' state is.  Tools read an
+    empty state as an optimizer never stepped: torch.distributed.checkpoint
+    would take a step of zero gradients to make its state."""
+
+    def __init__(self, stepped=False):
+        super().__init__(dict)
+        self.stepped = stepped
+
+    def __bool__(self):
+        return self.stepped or len(self) > 0
+
+    def __reduce__(self):
+        return type(self), (self.stepped,), None, None, iter(self.items())
+
+
 class _GroupLR:
     """The core's lr for one group: whatever ``group["lr"]`` holds now (the
     schedulers of ``torch.optim.lr_scheduler`` write it)."""
@@ -552,17 +596,10 @@ class _GroupLR:
         self.group, self.index = group, index
 
     def __call__(self, step):
-        lr = self.group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-            lr = lr.item()
         # Checked here, with torch's words for it: the core would call a bad
         # value a schedule's.
-        where = f"param_groups[{self.index}]['lr'] (set by hand or by an lr scheduler)"
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
-            raise TypeError(f"{where} is {lr!r}; it must be a float")
-        if not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"{where} is {lr!r}; it must be finite and >= 0")
-        return lr
+        return _current_lr(self.group["lr"], f"param_groups[{self.index}]['lr'] (set by "
+                           "hand or by an lr scheduler)")
 
 
 def _host_view(p, where):

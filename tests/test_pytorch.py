@@ -706,3 +706,74 @@ def test_a_parameter_laid_out_anew_in_its_memory_is_stepped_as_it_now_lies():
             p.grad = g.clone()
             o.step()
     assert torch.equal(a, b)
+
+
+def test_a_state_dict_saved_at_lr_zero_or_with_a_tensor_lr_loads():
+    # Schedulers reach lr = 0 (warm-up, PolynomialLR); lr may be a tensor.
+    for lr in (0.0, torch.tensor(0.05)):
+        ps, opt = _stepped_once(2)
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        sd = opt.state_dict()
+        qs = [p.detach().clone().requires_grad_() for p in ps]
+        other = Expectigrad(qs, lr=0.1)
+        other.load_state_dict(sd)
+        opt.load_state_dict(sd)
+        for p, q in zip(ps, qs):
+            p.grad = q.grad = torch.ones_like(p)
+        opt.step()
+        other.step()
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    _, opt = _stepped_once(2)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr is nan"):
+        opt.load_state_dict(sd)
+
+
+def test_the_state_is_true_once_stepped_so_checkpoint_tools_take_no_step():
+    # torch.distributed.checkpoint takes an empty optimizer.state for one
+    # never stepped, and steps it once with zero gradients to make it.
+    ps = _params(3)
+    opt = Expectigrad(ps, lr=0.1)
+    assert not opt.state
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state and len(opt.state) == 0
+    assert copy.deepcopy(opt).state
+    fresh = Expectigrad([p.detach().clone() for p in ps], lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state
+    try:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    except ImportError:
+        return
+    model = torch.nn.Linear(3, 2).double()
+    opt = Expectigrad(model.parameters(), lr=0.1)
+    model(torch.ones(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    before = opt.state_dict()
+    get_optimizer_state_dict(model, opt)
+    after = opt.state_dict()
+    assert all(torch.equal(before["state"][i][k], after["state"][i][k])
+               for i in before["state"] for k in before["state"][i])
+
+
+def test_a_parameter_cut_short_in_its_memory_is_refused_as_a_shape_change():
+    ps, opt = _stepped_once(4)
+    ps[0].data = ps[0].data[:2]              # the same memory and strides
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="changed shape from"):
+        opt.step()
+
+
+def test_step_counts_past_2_to_the_24_survive_a_state_dict():
+    ps, opt = _stepped_once(5)
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["step"] = torch.tensor(2.0 ** 24 + 1, dtype=torch.float64)
+    opt.load_state_dict(sd)
+    assert all(int(e["step"]) == 2 ** 24 + 1 for e in opt.state_dict()["state"].values())
