@@ -97,6 +97,10 @@ def _row_sparse(grad, p, where):
     k = grad.sparse_dim()
     if k == 0 or p.dim() == 0:     # no rows to name: the gradient is dense
         return grad.to_dense().detach().numpy()
+    if not grad.is_coalesced():
+        # Duplicate entries summed as torch sums them (``to_dense`` gives the
+        # same bits): the step is the dense gradient's, bit for bit.
+        grad = grad.detach().coalesce()
     indices = grad._indices().numpy()
     values = grad._values().detach().numpy()
     if k == 1:                                    # nn.Embedding: whole rows
@@ -229,9 +233,18 @@ class Expectigrad(torch.optim.Optimizer):
                                lr=_GroupLR(g, gi)))
         core = _Core(groups, lazy=self._lazy, check_finite=self._check_finite)
         params = self._params()
+        retired = getattr(self, "_retired", {})
+        if not isinstance(carried, dict):
+            # A parameter taken out of the groups keeps its state for when it
+            # comes back, as in torch's optimizers (their ``state`` is keyed
+            # by the parameter).
+            carried = list(carried or ()) + list(retired.values())
+            present = {id(p) for p in params}
+            retired = {id(p): (p, entry) for p, entry in carried if id(p) not in present}
         if carried:
             self._import_state(carried, core, params)
         self._core = core
+        self._retired = retired
         self._synced = [tuple(g[k] for k in _KEYS) for g in self.param_groups]
         self._order = [(p, p.device.type == "cpu") for p in params]
         # Where each parameter's memory is and how its elements lie in it: a

@@ -777,3 +777,36 @@ def test_step_counts_past_2_to_the_24_survive_a_state_dict():
         entry["step"] = torch.tensor(2.0 ** 24 + 1, dtype=torch.float64)
     opt.load_state_dict(sd)
     assert all(int(e["step"]) == 2 ** 24 + 1 for e in opt.state_dict()["state"].values())
+
+
+def test_duplicate_sparse_rows_are_summed_as_torch_sums_them():
+    # (1 + u) + u != 1 + (u + u) with u = 2**-53: the dense form's bits.
+    u = 2.0 ** -53
+    g = torch.sparse_coo_tensor(torch.tensor([[0, 1, 0, 0]]),
+                                torch.tensor([[1.0], [3.0], [u], [u]], dtype=torch.float64),
+                                (2, 1))
+    a = torch.zeros(2, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, 1, dtype=torch.float64, requires_grad=True)
+    opt_a = Expectigrad([a], lr=1.0, beta=0.0, eps=1.0)
+    opt_b = Expectigrad([b], lr=1.0, beta=0.0, eps=1.0)
+    a.grad, b.grad = g, g.to_dense()
+    opt_a.step()
+    opt_b.step()
+    assert torch.equal(a, b)
+
+
+def test_a_parameter_taken_out_of_its_group_and_put_back_keeps_its_state():
+    # As in torch's optimizers, whose state is keyed by the parameter.
+    a, b = _params(6, shapes=((3,), (2,))), _params(6, shapes=((3,), (2,)))
+    ours, original = Expectigrad(a, lr=0.1), OriginalExpectigrad(b, lr=0.1)
+    for ps, opt in ((a, ours), (b, original)):
+        for k in range(4):
+            if k == 1:
+                opt.param_groups[0]["params"] = [ps[1]]      # ps[0] out for a step
+            if k == 2:
+                opt.param_groups[0]["params"] = list(ps)     # and back
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5 + k)
+            opt.step()
+    _assert_close(a, b)
+    assert int(ours.state_dict()["state"][0]["step"]) == 3
