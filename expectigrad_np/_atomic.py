@@ -53,5 +53,12 @@ def interrupts_deferred():
         for signum, previous in held:
             signal.signal(signum, previous)
         handlers = dict(held)
-        for signum, frame in received:
-            handlers[signum](signum, frame)
+        for k, (signum, frame) in enumerate(received):
+            try:
+                handlers[signum](signum, frame)
+            except BaseException:
+                # As Python does with signals pending behind one whose handler
+                # raised: the others are still delivered, by their handlers.
+                for later, _ in received[k + 1:]:
+                    signal.raise_signal(later)
+                raise

@@ -78,7 +78,10 @@ def _layout_of(p):
     data address (None for a device array)."""
     if not isinstance(p, np.ndarray):
         return None
-    return p.shape, p.strides, p.dtype.str, p.__array_interface__["data"][0]
+    # The stride of an axis of length 1 places nothing (NumPy's contiguity
+    # flags ignore it too).
+    strides = tuple(s if n > 1 else 0 for n, s in zip(p.shape, p.strides))
+    return p.shape, strides, p.dtype.str, p.__array_interface__["data"][0]
 
 
 def _on_device(x):

@@ -537,3 +537,28 @@ def test_a_norm_beyond_the_float64_range_still_clips_the_step(backend, clip, sev
     assert list(st["count"]) == [1, 1, 1, 1] and st["step"] == 1
     np.testing.assert_allclose(x, [-0.1, -0.1, 0.1, -0.1], rtol=1e-6)
     assert np.all(np.isfinite(st["mean_sq"])) and np.all(st["mean_sq"] > 0)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_signals_held_behind_one_whose_handler_raises_are_still_delivered(ctrl_c):
+    # As Python delivers signals pending behind one whose handler raised.
+    seen = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        xs = [np.zeros(50), np.zeros(7, np.float32)]
+        opt = eg.Expectigrad(xs, lr=0.1)
+        bucket = opt._buckets[0]
+        real = type(bucket).step
+
+        def interrupted(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+        bucket.step = interrupted.__get__(bucket)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step([np.ones(100)[::2], np.ones(7, np.float32)])   # the general route
+        assert seen == [signal.SIGUSR1]
+        assert opt.step_count == 1
+    finally:
+        signal.signal(signal.SIGUSR1, before)

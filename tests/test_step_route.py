@@ -308,3 +308,19 @@ def test_a_parameter_changed_in_place_is_refused_with_nothing_changed(backend, c
         after = opt.state_dict()
         assert all(np.array_equal(after["state"][i][k], state["state"][i][k])
                    for i in state["state"] for k in state["state"][i])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_the_stride_of_an_axis_of_length_one_is_no_change(backend):
+    import warnings
+    x = np.ones((3, 4), np.float32)[:1]
+    opt = eg.Expectigrad([x], lr=0.1, backend=backend)
+    opt.step([np.ones((1, 4), np.float32)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            x.strides = (4, 4)             # the same elements in the same memory
+        except AttributeError:
+            pytest.skip("this NumPy cannot set strides in place")
+    opt.step([np.ones((1, 4), np.float32)])
+    assert opt.step_count == 2 and np.all(x < 1)
