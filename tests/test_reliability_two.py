@@ -92,7 +92,9 @@ def test_ctrl_c_during_a_two_dtype_step_is_delivered_after_it(ctrl_c, signum, ra
             signal.signal(signum, before)
 
 
-def _interrupted_two_dtype_step(signum, raised):
+def _signalled_between_buckets(*signums):
+    """A float64 + float32 optimizer whose first bucket's step sends
+    ``signums`` to this process once it has stepped (mid-step)."""
     xs = [np.zeros(50), np.zeros(7, np.float32)]
     opt = eg.Expectigrad(xs, lr=0.1)
     bucket = opt._buckets[0]
@@ -100,9 +102,15 @@ def _interrupted_two_dtype_step(signum, raised):
 
     def interrupted(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
-        os.kill(os.getpid(), signum)                  # arrives mid-step
+        for signum in signums:
+            os.kill(os.getpid(), signum)
         return out
     bucket.step = interrupted.__get__(bucket)
+    return opt
+
+
+def _interrupted_two_dtype_step(signum, raised):
+    opt = _signalled_between_buckets(signum)
     with pytest.raises(raised):
         # A strided gradient: the general route, which steps one bucket at a
         # time (contiguous ones take one compiled call for both dtypes).
@@ -110,7 +118,7 @@ def _interrupted_two_dtype_step(signum, raised):
     # The whole step happened: both arrays moved and every count advanced.
     assert opt.step_count == 1
     assert all(e["step"] == 1 for e in opt.state_dict()["state"].values())
-    assert np.all(xs[0] < 0) and np.all(xs[1] < 0)
+    assert all(np.all(x < 0) for x in opt.params)
 
 
 # --- threads: save while stepping ----------------------------------------------
@@ -545,17 +553,7 @@ def test_signals_held_behind_one_whose_handler_raises_are_still_delivered(ctrl_c
     seen = []
     before = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     try:
-        xs = [np.zeros(50), np.zeros(7, np.float32)]
-        opt = eg.Expectigrad(xs, lr=0.1)
-        bucket = opt._buckets[0]
-        real = type(bucket).step
-
-        def interrupted(self, *args, **kwargs):
-            out = real(self, *args, **kwargs)
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGUSR1)
-            return out
-        bucket.step = interrupted.__get__(bucket)
+        opt = _signalled_between_buckets(signal.SIGINT, signal.SIGUSR1)
         with pytest.raises(KeyboardInterrupt):
             opt.step([np.ones(100)[::2], np.ones(7, np.float32)])   # the general route
         assert seen == [signal.SIGUSR1]
