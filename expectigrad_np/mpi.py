@@ -402,6 +402,12 @@ def _unwrapped(value):
     return value.schedule if isinstance(value, _Once) else value
 
 
+def _held(lr):
+    """A group's ``lr`` as the sharded core holds it: a schedule (wrapped or
+    not) as ``_Once`` around the user's callable, a number as it is."""
+    return _Once(_unwrapped(lr)) if callable(lr) else lr
+
+
 def _check_chunk(chunk):
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be a positive int (elements a collective), "
@@ -561,8 +567,7 @@ class ShardedExpectigrad:
                 views = [(first, 0, 0)]
             order.extend(views)
             hyper = {k: v for k, v in g.items() if k not in _CLIP_KEYS and k != "params"}
-            if callable(hyper["lr"]):
-                hyper["lr"] = _Once(hyper["lr"])
+            hyper["lr"] = _held(hyper["lr"])
             inner.append(dict(hyper, params=[self._params[i].reshape(-1)[a:b]
                                              for i, a, b in views]))
         self._order = order                      # the core's arrays, in its order
@@ -595,8 +600,8 @@ class ShardedExpectigrad:
             if now != self._synced[gi]:
                 for key, value in now.items():
                     if _unwrapped(self.core.param_groups[gi][key]) != value:
-                        self.core.param_groups[gi][key] = _Once(value) if (
-                            key == "lr" and callable(value)) else value
+                        self.core.param_groups[gi][key] = _held(value) if (
+                            key == "lr") else value
                 self._synced[gi] = now
                 # As the core decides it for its pieces (Expectigrad._refresh).
                 self._had_momentum[self._group_of == gi] |= now["beta"] > 0
@@ -961,8 +966,7 @@ class ShardedExpectigrad:
                 if key not in ("params", "sparse_counter") and key not in _CLIP_KEYS:
                     self.param_groups[gi]._load(key, self.core.param_groups[gi][key])
             if callable(self.core.param_groups[gi]["lr"]):
-                self.core.param_groups[gi]["lr"] = _Once(
-                    _unwrapped(self.core.param_groups[gi]["lr"]))
+                self.core.param_groups[gi]["lr"] = _held(self.core.param_groups[gi]["lr"])
             for key, value in clips[gi].items():
                 self.param_groups[gi]._load(key, value)
         self._synced = [self._hyper(g) for g in self.param_groups]

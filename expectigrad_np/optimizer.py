@@ -78,10 +78,12 @@ def _layout_of(p):
     data address (None for a device array)."""
     if not isinstance(p, np.ndarray):
         return None
-    # The stride of an axis of length 1 places nothing (NumPy's contiguity
-    # flags ignore it too).
-    strides = tuple(s if n > 1 else 0 for n, s in zip(p.shape, p.strides))
-    return p.shape, strides, p.dtype.str, p.__array_interface__["data"][0]
+    shape, strides = p.shape, p.strides
+    if min(shape, default=2) < 2:
+        # The stride of an axis of length 0 or 1 places nothing (NumPy's
+        # contiguity flags ignore it too).
+        strides = tuple(s if n > 1 else 0 for n, s in zip(shape, strides))
+    return shape, strides, p.dtype, p.__array_interface__["data"][0]
 
 
 def _on_device(x):
@@ -90,7 +92,12 @@ def _on_device(x):
     try:
         if hasattr(x, "__cuda_array_interface__"):
             return True
-    except Exception:  # noqa: BLE001 - it has one but refuses it; the cuda backend says why
+    except Exception:  # noqa: BLE001
+        # It has one but refuses it (a torch CUDA tensor that requires grad):
+        # the cuda backend says why.  Only where its type defines one, so an
+        # error from elsewhere (a signal handler's) is not taken for that.
+        if not hasattr(type(x), "__cuda_array_interface__"):
+            raise
         return True
     return getattr(x, "__cuda_ndarray__", False) is True and not isinstance(x, np.ndarray)
 
@@ -453,6 +460,17 @@ class Expectigrad:
             self._last_scheduled[gi] = (raw, value)
         return value
 
+    def _lr_now(self, lr_now):
+        """Each array's learning rate for a step on the general route: the
+        values the compiled route took (``lr_now``), the exception a
+        schedule raised there (raised now, after the gradients were
+        checked), or, when it evaluated none, ``_lr_per_array()``."""
+        if lr_now is None:
+            return self._lr_per_array()
+        if isinstance(lr_now, Exception):
+            raise lr_now
+        return lr_now
+
     def _lr_per_array(self, schedule_step=-1):
         """Each array's learning rate this step (float64); a schedule is
         evaluated at ``step_count`` (or taken as 0 with ``schedule_step``
@@ -557,7 +575,8 @@ class Expectigrad:
         """Step through the compiled route where it applies: ``(code,
         lr_now)``, ``code`` the kernel's (``step_path``) or None where the
         route was not taken, ``lr_now`` the schedules' values when they were
-        evaluated (the general route must not call them again).  Where only
+        evaluated, or the exception a schedule raised (the general route must
+        not call them again: ``_lr_now``).  Where only
         this route can apply (a GIL-holding kernel, no schedule, nothing
         lagging or compiling), a step that went through sets ``_quick``:
         the next steps call the kernel directly, until something clears it
@@ -585,12 +604,13 @@ class Expectigrad:
         if schedules:
             try:
                 self._write_scheduled_lr(fast)
-            except Exception:
-                # The general route checks the gradients first and calls the
-                # schedule again only for a step that happens: a bad
-                # gradient is reported before a bad schedule value, as on
-                # every backend, and an all-None step does not fail.
-                return None, None
+            except Exception as exc:    # noqa: BLE001 - raised by the general route
+                # The general route checks the gradients first and raises
+                # this only for a step that happens: a bad gradient is
+                # reported before a bad schedule value, as on every backend,
+                # an all-None step does not fail, and the schedule is not
+                # called twice.
+                return None, exc
             lr_now = fast[3]
         if kernel_lock is None:
             code = entry(id(obj), ctx_address, 0.0)
@@ -628,7 +648,7 @@ class Expectigrad:
                              ids if single else ids[b.slots])
         if not single:
             self._stage_across_buckets(grads, [True] * len(self._buckets))
-        lr = self._lr_per_array() if lr_now is None else lr_now
+        lr = self._lr_now(lr_now)
         t_new = self._t + active
         self._set_coefficients(lr, t_new, active, buckets)
         gclip = np.inf if self.global_clipnorm is None else self.global_clipnorm
@@ -732,7 +752,7 @@ class Expectigrad:
                 b.load_gradients([dense[i] for i in b.slots], ids[b.slots])
         if len(self._buckets) > 1 and any(stepping):
             self._stage_across_buckets(dense, stepping)
-        lr = self._lr_per_array() if lr_now is None else lr_now
+        lr = self._lr_now(lr_now)
         t_new = self._t + active
         if self.lazy:
             for i in rows_of:

@@ -278,6 +278,27 @@ def test_a_bad_gradient_is_reported_before_a_bad_schedule_value(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("dtypes", [(np.float32,), (np.float32, np.float64)])
+def test_a_refused_schedule_value_is_asked_for_once(backend, dtypes):
+    # A stateful schedule is called once a step attempt, also when its value
+    # is refused (the general route raises what the compiled route met).
+    calls = []
+
+    def schedule(t):
+        calls.append(t)
+        return float("nan") if t == 1 else 0.01
+    xs = [np.ones(3, d) for d in dtypes]
+    gs = [np.ones(3, d) for d in dtypes]
+    opt = eg.Expectigrad(xs, lr=schedule, backend=backend)
+    opt.step(gs)
+    before = [x.copy() for x in xs]
+    with pytest.raises(ValueError, match="schedule returned nan"):
+        opt.step(gs)
+    assert calls == [0, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(xs, before)) and opt.step_count == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
 @pytest.mark.parametrize("change", ["shape", "transpose", "dtype"])
 def test_a_parameter_changed_in_place_is_refused_with_nothing_changed(backend, change):
     xs = [np.arange(12, dtype=np.float32).reshape(4, 3), np.ones(3, np.float32)]

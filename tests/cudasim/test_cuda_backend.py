@@ -258,6 +258,26 @@ def test_an_array_refusing_its_interface_is_explained():
         opt.step([RefusingInterface()])
 
 
+class FailingLookups:
+    """An object whose every attribute lookup fails with an error of its
+    own (as a signal handler's exception raised during the lookup would)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"lookup of {name} failed")
+
+
+def test_an_error_of_its_own_is_not_taken_for_a_refused_interface():
+    # Only an object whose type defines the interface can be refusing it;
+    # any other error propagates as it is.
+    with pytest.raises(RuntimeError, match="lookup of __cuda_array_interface__ failed"):
+        eg.Expectigrad([FailingLookups()])
+    opt = eg.Expectigrad([np.ones(2), np.ones(3)])
+    with pytest.raises(RuntimeError, match="lookup of __cuda_array_interface__ failed"):
+        opt.step(FailingLookups())
+    with pytest.raises(TypeError, match="step\\(\\) takes a sequence"):
+        opt.step(RefusingInterface())
+
+
 def test_host_cost_steps_without_launching_a_kernel(monkeypatch):
     """``eg.cuda.host_cost`` times the host side only: no kernel runs (the
     parameters do not move), and each array adds a positive cost."""
