@@ -187,7 +187,12 @@ def check_parameter(x, where):
             hint = "pass an ndarray (np.asarray(x) where it shares x's memory)"
         raise TypeError(f"{where} must be a numpy.ndarray, got {kind}; {hint}")
     _refuse_subclass(x, where)
-    if x.dtype not in (np.float32, np.float64):
+    if x.dtype.fields is not None and x.dtype.kind == "f":
+        # A float dtype with fields (np.dtype((np.float32, [...]))).
+        raise TypeError(f"{where} has dtype {x.dtype}, a float dtype with fields; "
+                        "parameters must be plain float32 or float64 (x.view("
+                        f"np.{x.dtype.type.__name__}) views the same memory)")
+    if x.dtype not in (np.float32, np.float64) or x.dtype.fields is not None:
         raise TypeError(f"{where} has dtype {x.dtype}; parameters must be "
                         "float32 or float64 (x.astype(np.float32) makes a copy to "
                         "optimise)")
@@ -241,6 +246,10 @@ def as_gradient(g, x, where):
     if g.dtype.kind not in _REAL_KINDS:
         raise TypeError(f"the gradient of {where} has dtype {g.dtype}; gradients "
                         "must be real numbers (float or integer)")
+    if g.dtype.fields is not None:
+        # A number dtype with fields (np.dtype((np.float32, [...]))): its
+        # numbers, as the compiled route reads them.
+        g = g.view(np.dtype(g.dtype.str))
     if g.shape != x.shape:
         raise ValueError(f"the gradient of {where} has shape {g.shape}, but the "
                          f"parameter has shape {x.shape}")

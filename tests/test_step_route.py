@@ -345,3 +345,23 @@ def test_the_stride_of_an_axis_of_length_one_is_no_change(backend):
             pytest.skip("this NumPy cannot set strides in place")
     opt.step([np.ones((1, 4), np.float32)])
     assert opt.step_count == 2 and np.all(x < 1)
+
+
+UNION = np.dtype((np.float32, [("a", "<i4")]))     # float32 numbers with a field
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_a_float_dtype_with_fields_is_its_numbers_for_a_gradient_and_refused_for_a_parameter(
+        backend):
+    with pytest.raises(TypeError, match=r"a float dtype with fields; .*x\.view\(np\.float32\)"):
+        eg.Expectigrad([np.ones(3, UNION)], backend=backend)
+    xs, ref = [np.ones(3, np.float32)], [np.ones(3, np.float32)]
+    opt = eg.Expectigrad(xs, lr=0.1, backend=backend)
+    oracle = eg.Expectigrad(ref, lr=0.1, backend="numpy")
+    g = np.array([1.0, -2.0, 0.0], np.float32)
+    for grads in ([g.view(UNION)], (g.view(UNION).copy(),)):    # list and tuple routes
+        opt.step(grads)
+        oracle.step([g])
+    assert np.array_equal(xs[0], ref[0])
+    with pytest.raises(TypeError, match="gradients must be real numbers"):
+        opt.step([np.ones(3, [("a", "<f4")])])
