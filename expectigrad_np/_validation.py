@@ -198,7 +198,24 @@ def check_parameter(x, where):
                         "optimise)")
     if not x.flags.writeable:
         raise ValueError(f"{where} is read-only; parameters are updated in place")
+    if _overlaps_itself(x):
+        raise ValueError(f"{where} has elements that share memory (a view made with "
+                         "as_strided or a zero stride), which an in-place update cannot "
+                         "step; pass an array that owns its elements (x.copy())")
     return x
+
+
+def _overlaps_itself(x):
+    """Whether some elements of ``x`` surely share memory: an axis of stride
+    0 (``broadcast_to`` made writeable, ``as_strided``), or more bytes of
+    elements than the span they lie in.  Strides that interleave elements
+    onto each other within a wide enough span are not caught."""
+    if x.size < 2:
+        return False
+    if any(s == 0 and n > 1 for n, s in zip(x.shape, x.strides)):
+        return True
+    span = x.itemsize + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.strides))
+    return span < x.nbytes
 
 
 # numpy >= 2 moved byte_bounds to numpy.lib.array_utils.

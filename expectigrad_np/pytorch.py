@@ -57,17 +57,17 @@ def _check_hyper(group, saved=False):
     lr, beta, eps = group["lr"], group["beta"], group["eps"]
     if saved:
         _current_lr(lr, "the state dict's lr")
-    else:
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("lr must be a Python float, not a tensor")
-        if not lr > 0.0:
+    elif isinstance(lr, torch.Tensor):          # as the original takes it: read each step
+        if not _current_lr(lr, "lr") > 0.0:
             raise ValueError(f"lr must be greater than 0 but got {lr}")
+    elif not lr > 0.0:
+        raise ValueError(f"lr must be greater than 0 but got {lr}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0,1) but got {beta}")
     if not eps > 0.0:
         raise ValueError(f"eps must be greater than 0 but got {eps}")
     for key in ("beta", "eps", "weight_decay", "sparse_counter", "maximize") + (
-            () if saved else ("lr",)):
+            () if saved or isinstance(lr, torch.Tensor) else ("lr",)):
         V.check_group_value(key, group[key])
 
 
@@ -124,6 +124,10 @@ def _check_param(p, where):
                         "supported")
     if p.is_sparse:
         raise TypeError(f"{where} is a sparse tensor; parameters must be dense")
+    if torch._debug_has_internal_overlap(p) == 1:
+        raise ValueError(f"{where} has elements that share memory (an expanded or "
+                         "as_strided tensor), which an in-place update cannot step; "
+                         "pass a tensor that owns its elements (p.clone())")
 
 
 class Expectigrad(torch.optim.Optimizer):
@@ -209,8 +213,13 @@ class Expectigrad(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             _check_hyper(group)
+            gi = len(self.param_groups) - 1
+            first = {}
             for i, p in enumerate(group["params"]):
-                _check_param(p, f"param group {len(self.param_groups) - 1} param {i}")
+                _check_param(p, f"param group {gi} param {i}")
+                if first.setdefault(id(p), i) != i:
+                    raise ValueError(f"param group {gi} lists the same parameter twice "
+                                     f"(params {first[id(p)]} and {i}); list each once")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -337,6 +346,8 @@ class Expectigrad(torch.optim.Optimizer):
             elif on_cpu:
                 # No tensor operation runs here (the kernels write through
                 # NumPy views), so autograd needs no no_grad context.
+                if grad.dtype != p.dtype and grad.is_floating_point():
+                    grad = grad.detach().to(p.dtype)    # bfloat16/float16: no NumPy dtype
                 try:
                     grads.append(grad.numpy())
                 except RuntimeError:    # a gradient that requires grad, a negative view
@@ -344,6 +355,10 @@ class Expectigrad(torch.optim.Optimizer):
             else:
                 grads.append(grad.detach())
         core.step(grads)
+        # The parameters changed in place where torch cannot see it: a
+        # backward through a graph that saved them must fail, as after any
+        # optimizer's step, not use the new values.
+        _modified([p for (p, _), g in zip(self._order, grads) if g is not None])
         if not self.state.stepped:
             self.state.stepped = True
         return loss
@@ -485,12 +500,21 @@ class Expectigrad(torch.optim.Optimizer):
                                  "optimizer's")
             new_groups.append(merged)
         params = self._params()
+        # The saved groups name their parameters' state keys, matched to the
+        # parameters by position, as torch does (torch.distributed.checkpoint
+        # saves keys of its own).  A parameter whose key has no entry (never
+        # stepped when it was saved) starts afresh, as in torch.
+        keys = [k for g in groups for k in g["params"]]
         converted = {}
-        for i, p in enumerate(params):
-            entry = state.get(i)
-            if entry is None:       # saved never stepped: it starts afresh, as in torch
+        for i, (p, key) in enumerate(zip(params, keys)):
+            try:
+                entry = state.get(key)
+            except TypeError:
+                raise ValueError(f"state dict param_groups name parameter {i} by {key!r}, "
+                                 "which cannot be a key of its state") from None
+            if entry is None:
                 continue
-            converted[i] = _converted(entry, p, f"state dict entry {i}",
+            converted[i] = _converted(entry, p, f"state dict entry {key!r}",
                                       new_groups, self._group_index(i))
         core = self._sync()
         core_sd = core.state_dict()
@@ -613,6 +637,15 @@ class _GroupLR:
         # value a schedule's.
         return _current_lr(self.group["lr"], f"param_groups[{self.index}]['lr'] (set by "
                            "hand or by an lr scheduler)")
+
+
+def _modified(tensors):
+    """Bump the autograd version of ``tensors`` (written by the kernels)."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:       # torch before 2.6 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def _host_view(p, where):

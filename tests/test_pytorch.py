@@ -810,3 +810,90 @@ def test_a_parameter_taken_out_of_its_group_and_put_back_keeps_its_state():
             opt.step()
     _assert_close(a, b)
     assert int(ours.state_dict()["state"][0]["step"]) == 3
+
+
+def test_a_step_tells_autograd_the_parameters_changed():
+    # As after any torch optimizer's step: a backward through a graph that
+    # saved a stepped parameter fails instead of using its new values.
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    frozen = torch.tensor([1.0], requires_grad=True)      # no gradient: not stepped
+    opt = Expectigrad([w, frozen], lr=0.1)
+    x = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    loss = (w * x).sum()
+    loss.backward(retain_graph=True)
+    before = w._version, frozen._version
+    opt.step()
+    assert w._version > before[0] and frozen._version == before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(3).expand(4, 3),
+                                  lambda: torch.zeros(6).as_strided((2, 3), (0, 1))])
+def test_a_parameter_whose_elements_share_memory_is_refused(make):
+    with pytest.raises(ValueError, match="param group 0 param 0 has elements that share "
+                                         r"memory .*p\.clone\(\)"):
+        Expectigrad([make()])
+    opt = Expectigrad([torch.zeros(3)])
+    with pytest.raises(ValueError, match="param group 1 param 0 has elements that share"):
+        opt.add_param_group({"params": [make()]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused_when_given():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"param group 0 lists the same parameter twice "
+                                         r"\(params 0 and 2\)"):
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            Expectigrad([p, torch.zeros(2), p])
+
+
+def test_a_tensor_lr_is_taken_as_the_original_takes_it():
+    a, b = _params(), _params()
+    oa = Expectigrad(a[:2], lr=torch.tensor(0.1, dtype=torch.float64))
+    oa.add_param_group({"params": a[2:], "lr": torch.tensor(0.05)})
+    # The original given the tensors' values (with a float32 tensor it
+    # computes its step size in float32).
+    ob = OriginalExpectigrad(b[:2], lr=0.1)
+    ob.add_param_group({"params": b[2:], "lr": torch.tensor(0.05).item()})
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        _feed(a, b, rng)
+        oa.step()
+        ob.step()
+    _assert_close(a, b)
+    with pytest.raises(ValueError, match="lr must be greater than 0"):
+        Expectigrad(_params(), lr=torch.tensor(0.0))
+
+
+def test_a_state_dict_is_matched_to_the_parameters_by_its_groups_keys():
+    # torch maps the saved groups' "params" keys to the parameters by
+    # position (torch.distributed.checkpoint saves names there).
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = Expectigrad([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    renamed = copy.deepcopy(sd)
+    renamed["param_groups"][0]["params"] = ["first", "second"]
+    renamed["state"] = {"first": renamed["state"][0]}
+    swapped = copy.deepcopy(sd)
+    swapped["param_groups"][0]["params"] = [1, 0]
+    swapped["state"] = {1: swapped["state"][0]}
+    for saved in (renamed, swapped):
+        a2, b2 = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+        fresh = Expectigrad([a2, b2], lr=0.1)
+        fresh.load_state_dict(saved)
+        state = fresh.state_dict()["state"]
+        assert list(state) == [0] and torch.equal(state[0]["mean_sq"], sd["state"][0]["mean_sq"])
+
+
+def test_a_bfloat16_gradient_of_a_float32_parameter_steps_as_its_float32_value():
+    p, q = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    g = torch.tensor([0.5, -1.0, 0.0, 3.0], dtype=torch.bfloat16)
+    p.grad, q.grad = torch.zeros(4), g.float()
+    p.grad.data = g                 # as torch.amp code can leave it
+    oa, ob = Expectigrad([p], lr=0.1), Expectigrad([q], lr=0.1)
+    oa.step()
+    ob.step()
+    assert torch.equal(p, q)

@@ -365,3 +365,12 @@ def test_a_float_dtype_with_fields_is_its_numbers_for_a_gradient_and_refused_for
     assert np.array_equal(xs[0], ref[0])
     with pytest.raises(TypeError, match="gradients must be real numbers"):
         opt.step([np.ones(3, [("a", "<f4")])])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("strides", [(0, 8), (8, 8)])
+def test_a_parameter_whose_elements_share_memory_is_refused(backend, strides):
+    x = np.lib.stride_tricks.as_strided(np.zeros(6), (3, 3), strides)   # writeable
+    with pytest.raises(ValueError, match=r"param group 0 param 0 has elements that share "
+                                         r"memory .*x\.copy\(\)"):
+        eg.Expectigrad([x], backend=backend)

@@ -66,6 +66,23 @@ def _same_dtype(d, descr):
 
 
 @njit(inline="always", cache=True, error_model="numpy")
+def _laid_out(p, flags, descr, ndim, dims):
+    """Whether the array object at ``p`` has every flag of ``flags``, dtype
+    ``descr`` (``_same_dtype``) and ``ndim`` dimensions equal to
+    ``dims[:ndim]``."""
+    if not ((carray(_pointer_of(p + _FLAGS, np.int32), 1)[0] & flags) == flags
+            and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndim
+            and _same_dtype(carray(_pointer_of(p + _DESCR, np.int64), 1)[0], descr)):
+        return False
+    shape = carray(_pointer_of(carray(_pointer_of(p + _DIMENSIONS, np.int64), 1)[0],
+                               np.int64), ndim)
+    for d in range(ndim):
+        if shape[d] != dims[d]:
+            return False
+    return True
+
+
+@njit(inline="always", cache=True, error_model="numpy")
 def located_address(p, ndarray_type, descr, ndim, dims):
     """The data address of the object at address ``p`` if it is an ndarray
     whose type object is ``ndarray_type`` (exactly: no subclass), whose dtype
@@ -73,16 +90,8 @@ def located_address(p, ndarray_type, descr, ndim, dims):
     equal to ``dims[:ndim]``; else -1.  The caller keeps the object alive."""
     if carray(_pointer_of(p + _OB_TYPE, np.int64), 1)[0] != ndarray_type:
         return -1                           # only then is it an array object
-    if not (_same_dtype(carray(_pointer_of(p + _DESCR, np.int64), 1)[0], descr)
-            and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndim
-            and (carray(_pointer_of(p + _FLAGS, np.int32), 1)[0]
-                 & _C_CONTIGUOUS_ALIGNED) == _C_CONTIGUOUS_ALIGNED):
+    if not _laid_out(p, _C_CONTIGUOUS_ALIGNED, descr, ndim, dims):
         return -1
-    shape = carray(_pointer_of(carray(_pointer_of(p + _DIMENSIONS, np.int64), 1)[0],
-                               np.int64), ndim)
-    for d in range(ndim):
-        if shape[d] != dims[d]:
-            return -1
     return carray(_pointer_of(p + _DATA, np.int64), 1)[0]
 
 
@@ -98,18 +107,8 @@ def is_unchanged(p, descr, ndim, dims, data):
     ``descr`` and its data at ``data``, as when the kernels recorded it
     (``x.shape = ...``, ``x.dtype = ...`` or ``x.resize`` change it in
     place)."""
-    wanted = _WRITEABLE | _C_CONTIGUOUS_ALIGNED
-    if not ((carray(_pointer_of(p + _FLAGS, np.int32), 1)[0] & wanted) == wanted
-            and carray(_pointer_of(p + _ND, np.int32), 1)[0] == ndim
-            and carray(_pointer_of(p + _DATA, np.int64), 1)[0] == data
-            and _same_dtype(carray(_pointer_of(p + _DESCR, np.int64), 1)[0], descr)):
-        return False
-    shape = carray(_pointer_of(carray(_pointer_of(p + _DIMENSIONS, np.int64), 1)[0],
-                               np.int64), ndim)
-    for d in range(ndim):
-        if shape[d] != dims[d]:
-            return False
-    return True
+    return (carray(_pointer_of(p + _DATA, np.int64), 1)[0] == data
+            and _laid_out(p, _WRITEABLE | _C_CONTIGUOUS_ALIGNED, descr, ndim, dims))
 
 
 @njit(inline="always", cache=True, error_model="numpy")
