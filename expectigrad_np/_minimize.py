@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _validation as V
 from .optimizer import Expectigrad
 
 __all__ = ["minimize"]
@@ -47,6 +48,18 @@ def _count_positive_int(name, value, allow_none=True):
     return int(value)
 
 
+def _check_norm(norm):
+    """An order ``numpy.linalg.norm`` takes for a vector: None (2), a real
+    number or +-inf (not "fro" or "nuc", which are for matrices)."""
+    if norm is None:
+        return norm
+    if isinstance(norm, (bool, np.bool_)) or not isinstance(norm, numbers.Real) \
+            or math.isnan(norm):
+        raise ValueError(f"norm must be a vector norm order for numpy.linalg.norm (a "
+                         f"number such as 2 or np.inf), got {norm!r}")
+    return norm
+
+
 def _nonneg_real(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
@@ -58,11 +71,13 @@ def _nonneg_real(name, value):
 
 def _start_point(x0):
     """A float copy of ``x0``: float32/float64 kept, integers/bools -> float64."""
+    if isinstance(x0, np.ndarray):
+        V._refuse_subclass(x0, "x0")        # masked elements would be optimized
     a = np.asarray(x0)
     if a.dtype.kind in "biu":
         dtype = np.dtype(np.float64)
-    elif a.dtype in (np.float32, np.float64):
-        dtype = a.dtype
+    elif a.dtype.kind == "f" and a.dtype.itemsize in (4, 8) and a.dtype.fields is None:
+        dtype = np.dtype(f"f{a.dtype.itemsize}")      # native byte order: x is a copy
     elif a.dtype.kind == "f":
         raise TypeError(f"x0 has dtype {a.dtype}; minimize works in float32 or "
                         "float64 (convert x0 with .astype)")
@@ -190,6 +205,9 @@ class _Objective:
     def _grad(self, g):
         if type(g) is np.ndarray and g.shape == self.shape and g.dtype.kind == "f":
             return g                                        # the common case, cheaply
+        if g is None:
+            raise TypeError("the gradient is None; jac must return the gradient, an "
+                            f"array of x0's shape {self.shape}")
         g = np.asarray(g)
         if g.shape != self.shape:
             if g.size == math.prod(self.shape) and g.ndim <= 1 and len(self.shape) <= 1:
@@ -378,7 +396,11 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
         maxiter = 10_000
     if stochastic and maxiter is None and epochs is None:
         epochs = 1
-    progress = bool(progress)
+    if stochastic and maxiter == 0:
+        raise ValueError("maxiter must be >= 1 with data= (a stochastic run reports the "
+                         "loss of the minibatches it steps on)")
+    progress = V.check_bool("progress", progress)
+    norm = _check_norm(norm)
 
     x = _start_point(x0)
     box = _bounds_arrays(bounds, x)
@@ -410,8 +432,11 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
     finally:
         if bar is not None:
             bar.close()
+    jac = out["jac"]
+    if jac is not None and np.may_share_memory(jac, out["x"]):
+        jac = np.array(jac)             # a jac returning x itself: not res.x
     res = OptimizeResult(
-        x=out["x"], fun=out["fun"], jac=out["jac"], nit=out["nit"],
+        x=out["x"], fun=out["fun"], jac=jac, nit=out["nit"],
         nfev=objective.nfev, njev=objective.njev, status=out["status"],
         success=out["success"], message=out["message"])
     if stochastic:
@@ -637,8 +662,8 @@ def _run_deterministic(s, bar):
         if cb is not None:
             from scipy.optimize import OptimizeResult
             try:
-                cb(OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit, nfev=objective.nfev,
-                                  njev=objective.njev))
+                cb(OptimizeResult(x=x.copy(), fun=f, jac=np.array(g), nit=nit,
+                                  nfev=objective.nfev, njev=objective.njev))
             except StopIteration:
                 status, msg = CALLBACK, "`callback` raised `StopIteration`."
                 break
@@ -743,7 +768,7 @@ def _run_stochastic(s, bar):
             if cb is not None:
                 from scipy.optimize import OptimizeResult
                 try:
-                    cb(OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit,
+                    cb(OptimizeResult(x=x.copy(), fun=f, jac=np.array(g), nit=nit,
                                       nfev=objective.nfev, njev=objective.njev,
                                       epoch=epoch))
                 except StopIteration:

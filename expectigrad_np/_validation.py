@@ -74,7 +74,14 @@ def check_eps_dtypes(eps, params, where=""):
     (1e-50 is 0 in float32, and a zero eps turns the 0/0 := 0 rule into NaN)."""
     for p in params:
         dtype = np.dtype(getattr(p, "dtype", np.float64))
-        if dtype.kind == "f" and dtype.type(eps) == 0:
+        if dtype.kind != "f":
+            continue
+        if eps > float(np.finfo(dtype).max):
+            # inf in the dtype: every step would be 0 (g / inf).
+            raise ValueError(f"{where}eps={eps!r} overflows {dtype}, the dtype of a "
+                             f"parameter of this group; use eps <= "
+                             f"{float(np.finfo(dtype).max):.6g}")
+        if dtype.type(eps) == 0:
             raise ValueError(f"{where}eps={eps!r} is 0 in {dtype}, the dtype of a "
                              f"parameter of this group; use eps >= "
                              f"{np.finfo(dtype).smallest_subnormal}")
@@ -97,12 +104,17 @@ def check_schedule_value(raw, step, group, where=""):
 def check_step_size_dtypes(lr, beta, params, where="", weight_decay=0.0):
     """The largest step size, ``lr / (1 - beta)`` on the first step (``lr``
     when ``beta == 0``), must be finite in the dtype of every parameter it
-    applies to (lr=3e38 overflows float32 and would write inf and NaN); so
-    must the decay factor ``1 - lr * weight_decay``."""
+    applies to (lr=3e38 overflows float32 and would write inf and NaN); the
+    decay factor ``1 - lr * weight_decay`` must be >= 0."""
     if callable(lr):
         return
     largest = lr if beta == 0.0 else lr / (1.0 - beta)
-    decay = abs(1.0 - lr * weight_decay)
+    if lr * weight_decay > 1.0:
+        raise ValueError(f"{where}lr={lr!r} with weight_decay={weight_decay!r} gives a "
+                         f"decay factor 1 - lr * weight_decay of {1.0 - lr * weight_decay:.3g}: "
+                         "below 0 it flips the parameters' signs each step, below -1 it "
+                         "grows them without bound; use lr * weight_decay <= 1 (decoupled "
+                         "decay shrinks the parameters by that fraction a step)")
     for p in params:
         dtype = np.dtype(getattr(p, "dtype", np.float64))
         if dtype.kind != "f":
@@ -113,13 +125,6 @@ def check_step_size_dtypes(lr, beta, params, where="", weight_decay=0.0):
                              f"of {largest:.3g}, which overflows {dtype}, the dtype of a "
                              f"parameter of this group; use lr <= "
                              f"{biggest * (1.0 - beta):.3g}")
-        if decay > biggest:
-            factor = 1.0 - lr * weight_decay
-            raise ValueError(f"{where}lr={lr!r} with weight_decay={weight_decay!r} gives a "
-                             f"decay factor 1 - lr * weight_decay of {factor:.3g}, "
-                             f"which overflows {dtype}, the dtype of a parameter of this "
-                             "group; use lr * weight_decay <= 1 (decoupled decay shrinks "
-                             "the parameter by that fraction a step)")
 
 
 def check_bool(name, value, where=""):

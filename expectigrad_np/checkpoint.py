@@ -26,8 +26,9 @@ File layout (format version 1), all plain arrays, no pickle:
     the state of parameter ``i`` as ``Expectigrad.state_dict()`` gives it.
 
 Learning rates.  A number is stored and compared by value.  A schedule from
-``expectigrad_np.schedules`` (a frozen dataclass) is stored as its ``repr``
-and must have the same ``repr`` on load.  Any other callable cannot be
+``expectigrad_np.schedules`` (a frozen dataclass, made of such schedules
+only) is stored as its ``repr`` and must have the same ``repr`` on load.
+Any other callable (a ``join`` or ``warmup`` of a function, too) cannot be
 stored: the file records only that the learning rate was a callable (and
 its name, for messages), and on load the optimizer's ``lr`` must be a
 callable too; that it computes the same values is the caller's business.
@@ -42,6 +43,7 @@ import tempfile
 import numpy as np
 
 from . import schedules as _schedules
+from ._atomic import interrupts_deferred
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
 
@@ -59,8 +61,13 @@ _STATE_FIELDS = ("mean_sq", "count", "momentum")
 # --- learning rates -------------------------------------------------------------
 
 def _is_schedule(lr):
-    return (dataclasses.is_dataclass(lr) and not isinstance(lr, type)
-            and type(lr).__module__ == _schedules.__name__)
+    """A schedule of ``expectigrad_np.schedules`` made of such schedules only
+    (its ``repr`` names it in any process; a ``join`` holding a function of
+    the user's names that function by its address)."""
+    if not (dataclasses.is_dataclass(lr) and not isinstance(lr, type)
+            and type(lr).__module__ == _schedules.__name__):
+        return False
+    return all(_is_schedule(s) for s in getattr(lr, "schedules", ()))
 
 
 def _encode_lr(lr):
@@ -413,17 +420,19 @@ def load(opt, path):
             if params and isinstance(p, np.ndarray) and not p.flags.writeable:
                 raise _Refused(f"{name} is read-only, so its saved value cannot be "
                                "restored; make it writeable first (nothing was changed)")
-        # Checks everything it is given before it writes anything.
-        opt.load_state_dict(sd)
+        # The state and the parameters, all or nothing (also under Ctrl-C):
+        # load_state_dict checks everything before it writes anything, and
+        # shapes and dtypes were checked, so the copies cannot fail.
+        with interrupts_deferred():
+            opt.load_state_dict(sd)
+            for p, a in zip(opt.params, params):
+                if isinstance(p, np.ndarray):
+                    np.copyto(p, a)
+                else:
+                    p.copy_to_device(a)
     except ValueError as exc:
         raise ValueError(f"cannot load checkpoint {path!r}: {exc}") from None
     except (TypeError, KeyError, AttributeError, IndexError) as exc:
         raise ValueError(f"cannot load checkpoint {path!r}: its 'meta' record is "
                          f"malformed ({type(exc).__name__}: {exc})") from None
-    # Shapes and dtypes were checked: the copies cannot fail.
-    for p, a in zip(opt.params, params):
-        if isinstance(p, np.ndarray):
-            np.copyto(p, a)
-        else:
-            p.copy_to_device(a)
 

@@ -86,6 +86,18 @@ def _layout_of(p):
     return shape, strides, p.dtype, p.__array_interface__["data"][0]
 
 
+def _check_consistent(t, arrays, where):
+    """A loaded entry's state is one its step count ``t`` can have made: an
+    element is counted at most once a step, and an array never stepped has
+    all-zero state."""
+    count = arrays.get("count")
+    if count is not None and count.size and int(count.max()) > t:
+        raise ValueError(f"{where}: 'count' holds {int(count.max())}, more than its step "
+                         f"count {t} (an element is counted at most once a step)")
+    if t == 0 and any(np.any(a) for a in arrays.values()):
+        raise ValueError(f"{where}: its step count is 0 but its state is not all zero")
+
+
 def _on_device(x):
     """A device array: ``__cuda_array_interface__`` (numba, CuPy, PyTorch CUDA)
     or a device array of numba's CUDA simulator."""
@@ -236,7 +248,8 @@ class Expectigrad:
 
     @step_count.setter
     def step_count(self, value: int) -> None:
-        self._step_counter[0] = value
+        # What a checkpoint can hold (schedules see it; save/load store it).
+        self._step_counter[0] = _step_number(value, "step_count")
 
     @property
     def global_clipnorm(self) -> float | None:
@@ -1064,6 +1077,12 @@ class Expectigrad:
                      for k, v in g.items() if k != "params"}
             if "eps" in hyper:
                 V.check_eps_dtypes(hyper["eps"], self.param_groups[gi]["params"], where)
+            # As an assignment to the group would check them (param_groups.py).
+            merged = {k: hyper.get(k, self.param_groups[gi][k])
+                      for k in ("lr", "beta", "weight_decay")}
+            V.check_step_size_dtypes(merged["lr"], merged["beta"],
+                                     self.param_groups[gi]["params"], where,
+                                     merged["weight_decay"])
             if hyper.get("sparse_counter", self.param_groups[gi]["sparse_counter"]) \
                     != self.param_groups[gi]["sparse_counter"]:
                 raise ValueError(f"{where}sparse_counter differs from the optimizer's")
@@ -1096,23 +1115,25 @@ class Expectigrad:
                     entry["momentum"], p, p.dtype, f"{where} 'momentum'", nonnegative=False)
             elif beta > 0 and t > 0:
                 raise ValueError(f"{where}: 'momentum' is missing but beta > 0")
+            _check_consistent(t, arrays, where)
             loaded.append((int(t), arrays))
-        # Everything checked: now write.
-        for gi, hyper in enumerate(new_hyper):
-            for key, value in hyper.items():
-                if key != "sparse_counter":
-                    self.param_groups[gi]._load(key, value)
-        self._had_momentum = np.array(["momentum" in arrays for _, arrays in loaded],
-                                      dtype=bool).reshape(len(self._params))
-        self._refresh()
-        for b in self._buckets:
-            for k, i in enumerate(b.slots):
-                t, arrays = loaded[i]
-                self._t[i] = t
-                b.write_state(k, arrays, t)
-        self.step_count = int(step)
-        self._live, self._histories, self._lagging = {}, {}, False
-        self._mark_dirty()          # a loaded momentum buffer changes the flags
+        # Everything checked: now write, all of it (also under Ctrl-C).
+        with interrupts_deferred():
+            for gi, hyper in enumerate(new_hyper):
+                for key, value in hyper.items():
+                    if key != "sparse_counter":
+                        self.param_groups[gi]._load(key, value)
+            self._had_momentum = np.array(["momentum" in arrays for _, arrays in loaded],
+                                          dtype=bool).reshape(len(self._params))
+            self._refresh()
+            for b in self._buckets:
+                for k, i in enumerate(b.slots):
+                    t, arrays = loaded[i]
+                    self._t[i] = t
+                    b.write_state(k, arrays, t)
+            self.step_count = int(step)
+            self._live, self._histories, self._lagging = {}, {}, False
+            self._mark_dirty()          # a loaded momentum buffer changes the flags
 
     def save(self, path: PathLike, *, params: bool = True) -> None:
         """Write a checkpoint to ``path`` atomically: parameters (unless

@@ -25,31 +25,53 @@ settings and pickle.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 __all__ = ["constant", "cosine_decay", "exponential_decay", "inverse_time_decay",
            "join", "linear", "warmup"]
 
 
+def _real(name, value):
+    """``value`` as a float: a real number (not a bool or a string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a "
+                         "float") from None
+
+
 def _positive(name, value):
-    value = float(value)
+    value = _real(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return value
 
 
 def _nonnegative(name, value):
-    value = float(value)
+    value = _real(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     return value
 
 
 def _steps(name, value):
-    if isinstance(value, bool) or int(value) != value or value < 1:
+    """An integer >= 1 (an integral float such as 10.0 is taken as its integer)."""
+    number = _real(name, value)
+    if not (math.isfinite(number) and number == int(number) and number >= 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return int(value) if isinstance(value, numbers.Integral) else int(number)
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -89,6 +111,7 @@ class _Decay:
         object.__setattr__(self, "lr", _positive("lr", self.lr))
         object.__setattr__(self, "rate", self._rate("rate", self.rate))
         object.__setattr__(self, "steps", _steps("steps", self.steps))
+        object.__setattr__(self, "staircase", _flag("staircase", self.staircase))
 
     def _progress(self, step):
         """``step / steps``, or ``step // steps`` with ``staircase``."""
@@ -143,7 +166,10 @@ class exponential_decay(_Decay):
     _rate = staticmethod(_positive)
 
     def __call__(self, step: int) -> float:
-        return self.lr * self.rate ** self._progress(step)
+        try:
+            return self.lr * self.rate ** self._progress(step)
+        except OverflowError:      # rate > 1 long enough: the optimizer refuses inf
+            return math.inf
 
 
 @dataclass(frozen=True)
@@ -172,9 +198,10 @@ class cosine_decay:
     def __post_init__(self):
         object.__setattr__(self, "lr", _positive("lr", self.lr))
         object.__setattr__(self, "steps", _steps("steps", self.steps))
-        if not 0.0 <= float(self.alpha) <= 1.0:
+        alpha = _real("alpha", self.alpha)
+        if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", alpha)
 
     def __call__(self, step: int) -> float:
         frac = min(step, self.steps) / self.steps
@@ -239,7 +266,11 @@ class join:
 
     def __post_init__(self):
         schedules = tuple(self.schedules)
-        boundaries = tuple(int(b) for b in self.boundaries)
+        try:
+            boundaries = tuple(_steps("each boundary", b) for b in self.boundaries)
+        except (TypeError, ValueError):
+            raise ValueError(f"boundaries must be increasing integers >= 1, got "
+                             f"{self.boundaries!r}") from None
         if len(schedules) != len(boundaries) + 1:
             raise ValueError(f"join needs one more schedule than boundaries, got "
                              f"{len(schedules)} schedules and {len(boundaries)} "

@@ -395,3 +395,35 @@ def test_damaged_meta_is_loaded_or_refused_cleanly(tmp_path):
             else:                                  # harmless: put the state back
                 target = stepped_target()
     assert refusals > 0.9 * len(list(_paths(meta))) * len(DAMAGE)
+
+
+_WARMUP_OF_A_FUNCTION = """
+import sys, numpy as np, expectigrad_np as eg
+from expectigrad_np import schedules
+def decay(step):
+    return 1e-3 / (1 + step)
+x = np.ones(3)
+opt = eg.Expectigrad([x], lr=schedules.warmup(decay, steps=10))
+if sys.argv[1] == "save":
+    opt.step([np.ones(3)])
+    opt.save(sys.argv[2])
+else:
+    opt.load(sys.argv[2])
+    assert opt.step_count == 1
+print("ok")
+"""
+
+
+def test_a_warmup_of_a_function_loads_in_another_process(tmp_path):
+    # Its repr names the function by its address: it is recorded as a
+    # callable, as the function alone would be.
+    import subprocess
+    import sys
+    path = str(tmp_path / "ckpt.npz")
+    for mode in ("save", "load"):
+        out = subprocess.run([sys.executable, "-c", _WARMUP_OF_A_FUNCTION, mode, path],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    opt = eg.Expectigrad([np.ones(3)], lr=schedules.warmup(schedules.constant(1e-3), 10))
+    with pytest.raises(ValueError, match="callable lr"):
+        opt.load(path)                  # a schedule where the file has a callable

@@ -456,3 +456,58 @@ def test_huge_finite_gradients_are_finite_and_nan_is_not(n):
         res = eg.minimize(lambda x: 0.0, np.zeros(n), jac=jac, maxiter=1)
         assert res.status != 0 and not res.success and "NaN or infinity" in res.message
         np.testing.assert_array_equal(res.x, np.zeros(n))
+
+
+def test_a_callback_gets_a_snapshot_of_the_gradient_and_the_result_its_own_jac():
+    def f(x):
+        return float(np.sum((x - 1) ** 2))
+
+    def jac(x):
+        return 2 * (x - 1)
+
+    def meddle(intermediate_result):
+        intermediate_result.jac *= 0        # must not reach the run
+    plain = eg.minimize(f, np.zeros(3), jac=jac, lr=0.1, maxiter=20)
+    meddled = eg.minimize(f, np.zeros(3), jac=jac, lr=0.1, maxiter=20, callback=meddle)
+    np.testing.assert_array_equal(plain.x, meddled.x)
+    res = eg.minimize(lambda x: 0.5 * float(x @ x), np.ones(3), jac=lambda x: x, lr=0.1,
+                      maxiter=5)
+    assert not np.shares_memory(res.jac, res.x)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(norm="fro"), ValueError, "norm must be a vector norm order"),
+    (dict(norm=True), ValueError, "norm must be a vector norm order"),
+    (dict(progress="no"), TypeError, "progress must be True or False"),
+    (dict(x0=np.ma.array(np.zeros(3), mask=[0, 1, 0])), TypeError, "x0 is a masked array"),
+    (dict(jac=lambda x: None), TypeError, "the gradient is None; jac must return"),
+])
+def test_bad_options_are_refused_before_the_objective_is_called(kwargs, error, match):
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return float(np.sum((x - 1) ** 2))
+    kw = dict(x0=np.zeros(3), jac=lambda x: 2 * (x - 1))
+    kw.update(kwargs)
+    with pytest.raises(error, match=match):
+        eg.minimize(f, kw.pop("x0"), lr=0.1, maxiter=3, **kw)
+    assert len(calls) <= (1 if "jac" in kwargs else 0)
+
+
+def test_a_big_endian_x0_and_an_order_of_none_are_taken():
+    def f(x):
+        return float(np.sum((x - 1) ** 2))
+
+    def jac(x):
+        return 2 * (x - 1)
+    native = eg.minimize(f, np.zeros(3), jac=jac, lr=0.1, maxiter=10)
+    swapped = eg.minimize(f, np.zeros(3, ">f8"), jac=jac, lr=0.1, maxiter=10, norm=None)
+    assert swapped.x.dtype == np.float64 and swapped.x.dtype.isnative
+    np.testing.assert_array_equal(native.x, swapped.x)
+
+
+def test_a_stochastic_run_of_no_steps_is_refused():
+    with pytest.raises(ValueError, match="maxiter must be >= 1 with data="):
+        eg.minimize(lambda x, b: float(x @ x), np.ones(2), jac=lambda x, b: 2 * x,
+                    data=[0, 1], maxiter=0)

@@ -338,6 +338,43 @@ def test_schedules_values():
         schedules.join([schedules.constant(1.0)], [3])
 
 
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: schedules.constant("0.1"), TypeError, "value must be a real number"),
+    (lambda: schedules.constant(True), TypeError, "value must be a real number"),
+    (lambda: schedules.constant(None), TypeError, "value must be a real number"),
+    (lambda: schedules.constant(10**400), ValueError, "value must be finite"),
+    (lambda: schedules.cosine_decay(True, 10), TypeError, "lr must be a real number"),
+    (lambda: schedules.cosine_decay(0.1, 10, alpha="0.5"), TypeError, "alpha must be a real"),
+    (lambda: schedules.cosine_decay(0.1, np.True_), TypeError, "steps must be a real"),
+    (lambda: schedules.cosine_decay(0.1, float("inf")), ValueError, "steps must be an integer"),
+    (lambda: schedules.cosine_decay(0.1, 2.5), ValueError, "steps must be an integer"),
+    (lambda: schedules.inverse_time_decay(0.1, 0.5, staircase="no"), TypeError,
+     "staircase must be True or False"),
+    (lambda: schedules.join([schedules.constant(1.0)] * 2, [2.5]), ValueError,
+     "boundaries must be increasing integers"),
+    (lambda: schedules.join([schedules.constant(1.0)] * 2, ["3"]), ValueError,
+     "boundaries must be increasing integers"),
+])
+def test_schedule_settings_are_checked_when_the_schedule_is_built(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_schedule_settings_that_are_whole_floats_are_their_integers():
+    assert schedules.cosine_decay(1.0, 10.0).steps == 10
+    assert schedules.join([schedules.constant(1.0)] * 2, [np.int64(3)]).boundaries == (3,)
+
+
+def test_a_growing_exponential_past_the_float_range_is_refused_by_the_step():
+    x = np.ones(2)
+    opt = eg.Expectigrad([x], lr=schedules.exponential_decay(0.1, 2.0))
+    assert schedules.exponential_decay(0.1, 2.0)(2000) == np.inf
+    opt.step_count = 2000
+    with pytest.raises(ValueError, match="lr schedule returned inf at step 2000"):
+        opt.step([np.ones(2)])
+    assert np.all(x == 1)
+
+
 def test_schedule_returning_nan_is_refused_before_any_change():
     x = np.ones(2)
     opt = eg.Expectigrad(x, lr=lambda step: float("nan"))

@@ -560,3 +560,87 @@ def test_signals_held_behind_one_whose_handler_raises_are_still_delivered(ctrl_c
         assert opt.step_count == 1
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+# --- loading: checked as assignments are, and all or nothing ---------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_a_loaded_lr_is_checked_against_the_dtype_as_an_assigned_one(backend):
+    x = np.ones(3, np.float32)
+    opt = eg.Expectigrad([x], lr=0.1, backend=backend)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 1e39
+    with pytest.raises(ValueError, match="state dict param group 0: lr=1e\\+39 .* overflows "
+                                         "float32"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.1
+    opt.step([np.ones(3, np.float32)])
+    assert np.all(np.isfinite(x))
+
+
+def test_an_eps_that_overflows_the_parameters_dtype_is_refused():
+    with pytest.raises(ValueError, match=r"eps=1e\+39 overflows float32, .* use eps <= "):
+        eg.Expectigrad([np.ones(3, np.float32)], eps=1e39)
+    opt = eg.Expectigrad([np.ones(3, np.float32)])
+    with pytest.raises(ValueError, match="overflows float32"):
+        opt.param_groups[0]["eps"] = 1e39
+    assert opt.param_groups[0]["eps"] == 1e-8
+    eg.Expectigrad([np.ones(3)], eps=1e39)          # finite in float64
+
+
+def test_a_state_its_step_count_cannot_have_made_is_refused():
+    opt = eg.Expectigrad([np.ones(3)], lr=0.1)
+    opt.step([np.array([1.0, 0.0, 2.0])])
+    before = opt.state_dict()
+    counted = opt.state_dict()
+    counted["state"][0]["count"] = np.array([1, 2, 1], np.uint32)
+    with pytest.raises(ValueError, match="'count' holds 2, more than its step count 1"):
+        opt.load_state_dict(counted)
+    unstepped = opt.state_dict()
+    unstepped["state"][0]["step"] = 0
+    unstepped["state"][0]["count"] = np.zeros(3, np.uint32)
+    with pytest.raises(ValueError, match="its step count is 0 but its state is not all zero"):
+        opt.load_state_dict(unstepped)
+    after = opt.state_dict()
+    assert all(np.array_equal(after["state"][0][k], before["state"][0][k])
+               for k in before["state"][0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_ctrl_c_during_a_load_is_delivered_after_it(ctrl_c, tmp_path, backend):
+    xs = [np.zeros(5), np.zeros(4, np.float32)]
+    opt = eg.Expectigrad(xs, lr=0.1, backend=backend)
+    for _ in range(3):
+        opt.step([np.ones(5), np.ones(4, np.float32)])
+    saved = [x.copy() for x in xs]
+    expected = opt.state_dict()
+    opt.save(tmp_path / "ckpt.npz")
+    opt.step([np.ones(5), np.ones(4, np.float32)])
+    bucket = opt._buckets[0]
+    real = type(bucket).write_state
+
+    def interrupted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)          # after the first array's state
+    bucket.write_state = interrupted.__get__(bucket)
+    with pytest.raises(KeyboardInterrupt):
+        opt.load(tmp_path / "ckpt.npz")
+    # The whole checkpoint was restored: every state, step and parameter.
+    got = opt.state_dict()
+    assert got["step"] == expected["step"] == 3
+    for i, entry in expected["state"].items():
+        assert all(np.array_equal(got["state"][i][k], v) for k, v in entry.items())
+    assert all(np.array_equal(x, y) for x, y in zip(xs, saved))
+
+
+@pytest.mark.parametrize("value", [-3, 2.7, True, "x", 2**63])
+def test_a_step_count_a_checkpoint_cannot_hold_is_refused(value, tmp_path):
+    opt = eg.Expectigrad([np.ones(3)], lr=0.1)
+    opt.step([np.ones(3)])
+    with pytest.raises(ValueError, match=r"step_count must be an integer in \[0, 2\*\*62\)"):
+        opt.step_count = value
+    assert opt.step_count == 1
+    opt.step_count = np.int64(7)                 # a NumPy integer is an integer
+    opt.save(tmp_path / "c.npz")
+    opt.load(tmp_path / "c.npz")
+    assert opt.step_count == 7

@@ -449,9 +449,11 @@ def test_row_sparse_gradients_of_0d_and_device_parameters_are_refused():
         eg.Expectigrad([np.zeros((2, 2, 2))]).step([sp.csr_matrix(np.ones((2, 2)))])
 
 
-def test_lazy_refuses_a_decay_that_flips_the_sign():
+def test_lazy_refuses_a_decay_that_flips_the_sign_or_zeroes():
     E = np.ones((4, 2))
-    opt = eg.Expectigrad([E], lr=0.5, weight_decay=3.0, lazy=True)
+    with pytest.raises(ValueError, match="use lr \\* weight_decay <= 1"):
+        eg.Expectigrad([E], lr=0.5, weight_decay=3.0, lazy=True)      # every optimizer
+    opt = eg.Expectigrad([E], lr=0.5, weight_decay=2.0, lazy=True)    # factor 0
     with pytest.raises(ValueError, match="lr \\* weight_decay < 1"):
         opt.step([eg.RowSparse([0], np.ones((1, 2)))])
     np.testing.assert_array_equal(E, 1.0)

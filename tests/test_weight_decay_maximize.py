@@ -154,16 +154,26 @@ def test_state_dicts_and_checkpoints_record_them(tmp_path):
         other.load(path)
 
 
-def test_a_decay_factor_that_overflows_the_parameters_dtype_is_refused():
-    with pytest.raises(ValueError, match="decay factor .* overflows float32"):
-        eg.Expectigrad([np.ones(3, np.float32)], lr=0.1, weight_decay=1e40)
-    x = np.ones(3, np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay", [10.5, 1e40])
+def test_a_decay_factor_below_zero_is_refused_everywhere(dtype, weight_decay):
+    # lr * weight_decay > 1: the factor 1 - lr * weight_decay flips the
+    # parameters' signs each step (and below -1 grows them without bound).
+    match = r"decay factor 1 - lr \* weight_decay of .*use lr \* weight_decay <= 1"
+    with pytest.raises(ValueError, match=match):
+        eg.Expectigrad([np.ones(3, dtype)], lr=0.1, weight_decay=weight_decay)
+    x = np.ones(3, dtype)
     opt = eg.Expectigrad([x], lr=0.1)
-    with pytest.raises(ValueError, match="decay factor"):
-        opt.param_groups[0]["weight_decay"] = 1e40
+    with pytest.raises(ValueError, match=match):
+        opt.param_groups[0]["weight_decay"] = weight_decay
     assert opt.param_groups[0]["weight_decay"] == 0.0
-    scheduled = eg.Expectigrad([x], lr=lambda t: 0.1, weight_decay=1e40)
-    with pytest.raises(ValueError, match="decay factor"):
-        scheduled.step([np.ones(3, np.float32)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["weight_decay"] = weight_decay
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    scheduled = eg.Expectigrad([x], lr=lambda t: 0.1, weight_decay=weight_decay)
+    with pytest.raises(ValueError, match=match):
+        scheduled.step([np.ones(3, dtype)])
     assert np.all(x == 1)
-    eg.Expectigrad([np.ones(3)], lr=0.1, weight_decay=1e40)      # finite in float64
+    eg.Expectigrad([np.ones(3, dtype)], lr=0.1, weight_decay=10.0)    # factor 0: allowed
