@@ -19,6 +19,8 @@ Importing this module imports TensorFlow; ``import expectigrad_np`` does not.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -40,15 +42,20 @@ class ExpectigradOptimizer(tf.compat.v1.train.Optimizer):
     name : str, default "Expectigrad"
 
     Raises ``ValueError`` with the original's messages for ``beta`` and
-    ``epsilon``.
+    ``epsilon``, and for a constant ``learning_rate`` not > 0; ``TypeError``
+    for variables neither float32 nor float64.  Like TensorFlow's
+    optimizers it does not check gradients for NaN or infinity.
     """
 
     def __init__(self, learning_rate=0.001, beta=0.9, epsilon=1e-8, sparse_counter=True,
                  use_locking=False, name="Expectigrad"):
         super().__init__(use_locking, name)
+        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool) \
+                and not (learning_rate > 0 and math.isfinite(learning_rate)):
+            raise ValueError(f"learning_rate must be greater than 0 but got {learning_rate}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0,1) but got {beta}")
-        if not epsilon > 0.0:
+        if not (epsilon > 0.0 and math.isfinite(epsilon)):
             raise ValueError(f"epsilon must be greater than 0 but got {epsilon}")
         self._lr = learning_rate
         self._beta = float(beta)
@@ -57,6 +64,10 @@ class ExpectigradOptimizer(tf.compat.v1.train.Optimizer):
         self._lr_t = None
 
     def _create_slots(self, var_list):
+        for var in var_list:
+            if var.dtype.base_dtype not in (tf.float32, tf.float64):
+                raise TypeError(f"variable {var.name} has dtype {var.dtype.base_dtype.name}; "
+                                "Expectigrad steps float32 or float64 variables")
         for var in var_list:
             self._zeros_slot(var, "mean_sq", self._name)
             if self._sparse_counter:

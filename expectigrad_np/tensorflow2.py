@@ -37,6 +37,7 @@ Importing this module imports keras; ``import expectigrad_np`` does not.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import keras
@@ -48,11 +49,23 @@ from .backends.layout import SATURATION
 __all__ = ["Expectigrad"]
 
 
+def _number(value):
+    """Whether ``value`` is a real number (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(name, value):
+    if not _number(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
 def _positive_or_none(name, value):
-    if value is not None and not (isinstance(value, (int, float)) and value > 0
-                                  and math.isfinite(value)):
+    if value is None:
+        return None
+    if not (_real(name, value) > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
-    return None if value is None else float(value)
+    return float(value)
 
 
 @keras.saving.register_keras_serializable(package="expectigrad_np")
@@ -62,7 +75,8 @@ class Expectigrad(keras.optimizers.Optimizer):
     Parameters
     ----------
     learning_rate : float, ``LearningRateSchedule`` or callable, default 1e-3
-        A float > 0, a Keras schedule or a callable of the iteration.
+        A float > 0, a Keras schedule, or a callable taking no arguments
+        (Keras calls it each step).
     beta : float in [0, 1), default 0.9
         Outer-momentum decay; 0: no momentum and no bias correction.
     epsilon : float > 0, default 1e-8
@@ -77,19 +91,27 @@ class Expectigrad(keras.optimizers.Optimizer):
         As for every Keras optimizer (``weight_decay``: decoupled).
     loss_scale_factor, gradient_accumulation_steps : optional
         As for every Keras optimizer.
-    decay : float, optional
+    decay : float >= 0, optional
         The original's inverse-time decay: ``lr / (1 + decay * iterations)``
-        (a ``keras.optimizers.schedules.InverseTimeDecay``).
+        (a ``keras.optimizers.schedules.InverseTimeDecay``), with a constant
+        ``learning_rate``.
     lr : float, optional
         Deprecated alias of ``learning_rate`` (a ``DeprecationWarning``).
 
     Raises
     ------
     ValueError
-        ``learning_rate``, ``epsilon`` or a clipping option not > 0, ``beta``
-        outside [0, 1), or ``decay`` with a schedule.
+        ``learning_rate``, ``epsilon`` or a clipping option not finite and
+        > 0, ``beta`` outside [0, 1), ``decay`` or ``weight_decay`` negative
+        or not finite, or ``decay`` with a schedule.
     TypeError
-        ``sparse_counter`` not a bool.
+        A hyperparameter that is not a real number, ``sparse_counter`` not a
+        bool; at ``build``, a variable neither float32 nor float64.
+
+    Unlike ``expectigrad_np.Expectigrad``, and like Keras's optimizers, it
+    does not check gradients for NaN or infinity (under XLA or ``jax.jit``
+    a step cannot raise on values): a ``LossScaleOptimizer`` (mixed
+    precision) skips such steps.
     """
 
     def __init__(self, learning_rate=0.001, beta=0.9, epsilon=1e-8, sparse_counter=True,
@@ -101,20 +123,30 @@ class Expectigrad(keras.optimizers.Optimizer):
             warnings.warn("`lr` is deprecated, use `learning_rate`", DeprecationWarning,
                           stacklevel=2)
             learning_rate = lr
-        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+        if _number(learning_rate):
             if not (learning_rate > 0 and math.isfinite(learning_rate)):
                 raise ValueError(f"learning_rate must be greater than 0 but got "
                                  f"{learning_rate}")
+            learning_rate = float(learning_rate)         # Keras takes Python floats only
+        if decay is not None:
+            if not (_real("decay", decay) >= 0 and math.isfinite(decay)):
+                raise ValueError(f"Expected decay >= 0, received: {decay}")
         if decay:
-            if not isinstance(learning_rate, (int, float)):
-                raise ValueError("decay needs a constant learning_rate; give a "
-                                 "LearningRateSchedule instead")
+            if not _number(learning_rate):
+                raise ValueError("decay applies to a constant learning_rate; with a "
+                                 "schedule, put the decay into the schedule (keras."
+                                 "optimizers.schedules.InverseTimeDecay) and leave decay "
+                                 "unset")
             learning_rate = keras.optimizers.schedules.InverseTimeDecay(
                 float(learning_rate), decay_steps=1, decay_rate=float(decay))
-        if not 0.0 <= beta < 1.0:
+        if not 0.0 <= _real("beta", beta) < 1.0:
             raise ValueError(f"beta must be in [0,1) but got {beta}")
-        if not epsilon > 0.0:
+        if not (_real("epsilon", epsilon) > 0.0 and math.isfinite(epsilon)):
             raise ValueError(f"epsilon must be greater than 0 but got {epsilon}")
+        if weight_decay is not None and not (_real("weight_decay", weight_decay) >= 0
+                                             and math.isfinite(weight_decay)):
+            raise ValueError(f"weight_decay must be finite and >= 0 (decoupled decay), got "
+                             f"{weight_decay!r}")
         if not isinstance(sparse_counter, (bool, np.bool_)):
             raise TypeError(f"sparse_counter must be True or False, got {sparse_counter!r}")
         clips = {k: _positive_or_none(k, v) for k, v in
@@ -144,6 +176,13 @@ class Expectigrad(keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        for v in var_list:
+            dtype = keras.backend.standardize_dtype(v.dtype)
+            if dtype not in ("float32", "float64"):
+                raise TypeError(f"variable {v.path if hasattr(v, 'path') else v.name} has "
+                                f"dtype {dtype}; Expectigrad steps float32 or float64 "
+                                "variables (for mixed precision keep float32 variables: "
+                                "the 'mixed_float16' policy does)")
         super().build(var_list)
         self._mean_sq, self._count, self._momentum, self._steps = [], [], [], []
         for v in var_list:
@@ -165,15 +204,14 @@ class Expectigrad(keras.optimizers.Optimizer):
             v = self.clipvalue
             grads = [None if g is None else ops.clip(g, -v, v) for g in grads]
         if self.clipnorm:
-            grads = [None if g is None else g * _factor(ops.sqrt(ops.sum(ops.square(g))),
-                                                        self.clipnorm)
+            grads = [None if g is None else g * _factor(_norm([g]), self.clipnorm)
                      for g in grads]
         if self.global_clipnorm:
             present = [g for g in grads if g is not None]
             wide = ("float64" if any(keras.backend.standardize_dtype(g.dtype) == "float64"
                                      for g in present) else "float32")
-            total = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, wide))) for g in present))
-            factor = _factor(total, self.global_clipnorm)
+            factor = _factor(_norm([ops.cast(g, wide) for g in present]),
+                             self.global_clipnorm)
             grads = [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
         return grads
 
@@ -229,6 +267,18 @@ class Expectigrad(keras.optimizers.Optimizer):
         config.update(beta=self.beta, epsilon=self.epsilon,
                       sparse_counter=self.sparse_counter)
         return config
+
+
+def _norm(tensors):
+    """The joint L2 norm of ``tensors`` (one dtype): ``sqrt(sum(g**2))``,
+    or, where that sum overflows (float32 gradients past about 1.8e19),
+    the same norm taken in units of the largest magnitude, which cannot
+    overflow (the core, too, clips such gradients rather than drop them)."""
+    plain = ops.sqrt(sum(ops.sum(ops.square(g)) for g in tensors))
+    largest = ops.max(ops.stack([ops.max(ops.abs(g)) for g in tensors]))
+    unit = ops.where(ops.greater(largest, 0), largest, ops.ones_like(largest))
+    scaled = largest * ops.sqrt(sum(ops.sum(ops.square(g / unit)) for g in tensors))
+    return ops.where(ops.isinf(plain), scaled, plain)
 
 
 def _factor(norm, limit):

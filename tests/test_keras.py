@@ -163,6 +163,49 @@ def test_the_original_options_lr_alias_and_decay():
             Expectigrad(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(decay=-0.1), ValueError, "Expected decay >= 0, received: -0.1"),
+    (dict(decay=float("nan")), ValueError, "Expected decay >= 0"),
+    (dict(epsilon=float("inf")), ValueError, "epsilon must be greater than 0"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay must be finite and >= 0"),
+    (dict(beta="0.9"), TypeError, "beta must be a real number"),
+    (dict(clipnorm="1"), TypeError, "clipnorm must be a real number"),
+    (dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9),
+          decay=0.5), ValueError, "decay applies to a constant learning_rate"),
+])
+def test_invalid_options_are_refused_clearly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Expectigrad(**kwargs)
+
+
+def test_numpy_scalars_are_numbers_for_every_option():
+    opt = Expectigrad(learning_rate=np.float32(0.1), beta=np.float64(0.5), clipnorm=np.float32(1.0),
+                      global_clipnorm=np.float32(2.0), clipvalue=np.int64(1))
+    assert (opt.clipnorm, opt.global_clipnorm, opt.clipvalue) == (1.0, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_variables_say_what_is_supported(dtype):
+    opt = Expectigrad()
+    with pytest.raises(TypeError, match="has dtype .*float16; Expectigrad steps float32 or "
+                                        "float64 variables"):
+        opt.build([keras.Variable(np.zeros(3), dtype=dtype)])
+
+
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
+def test_a_gradient_whose_norm_overflows_is_clipped_not_dropped(clip):
+    # sum(g**2) overflows float32: the norm is taken in units of the largest
+    # element, as the core takes it, and the step clips instead of vanishing.
+    g = np.array([1e20, 1.0, -2.0], "float32")
+    v = keras.Variable(np.zeros(3, "float32"))
+    opt = Expectigrad(learning_rate=0.1, **{clip: 1.0})
+    opt.apply([keras.ops.convert_to_tensor(g)], [v])
+    x = np.zeros(3, np.float32)
+    eg.Expectigrad([x], lr=0.1, backend="numpy", **{clip: 1.0}).step([g])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(v), x, rtol=1e-6, atol=1e-15)
+    assert keras.ops.convert_to_numpy(v)[0] < -0.09
+
+
 def test_a_gradient_whose_square_overflows_moves_by_lr():
     v = keras.Variable(np.zeros(2, "float32"))
     opt = Expectigrad(learning_rate=0.1, beta=0.0)

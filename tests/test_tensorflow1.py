@@ -109,6 +109,18 @@ def test_the_original_messages():
         ExpectigradOptimizer(beta=1.0)
     with pytest.raises(ValueError, match="epsilon must be greater than 0 but got 0.0"):
         ExpectigradOptimizer(epsilon=0.0)
+    with pytest.raises(ValueError, match="epsilon must be greater than 0 but got inf"):
+        ExpectigradOptimizer(epsilon=float("inf"))
+    for lr in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="learning_rate must be greater than 0"):
+            ExpectigradOptimizer(learning_rate=lr)
+
+
+def test_half_precision_variables_say_what_is_supported():
+    v = tf.Variable(np.zeros(3, np.float16))
+    with pytest.raises(TypeError, match="has dtype float16; Expectigrad steps float32 or "
+                                        "float64 variables"):
+        ExpectigradOptimizer().apply_gradients([(tf.ones(3, tf.float16), v)])
 
 
 def test_importing_the_package_does_not_import_tensorflow():
