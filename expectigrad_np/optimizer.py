@@ -200,7 +200,7 @@ class Expectigrad:
         defaults = {k: V.check_group_value(k, v, "") for k, v in defaults.items()}
         self.global_clipnorm = global_clipnorm      # validated by the setters
         self.check_finite = check_finite
-        self.lazy = V.check_bool("lazy", lazy)
+        self._lazy = V.check_bool("lazy", lazy)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.defaults = defaults
@@ -240,6 +240,12 @@ class Expectigrad:
         self._quick = None          # see step(): cleared wherever the route may change
         self._had_momentum = np.zeros(len(self._params), dtype=bool)   # see _refresh
         self._refresh()
+
+    @property
+    def lazy(self) -> bool:
+        """Whether row-sparse steps leave rows without a gradient lagging
+        (fixed at construction: the lagging rows' history is kept for it)."""
+        return self._lazy
 
     @property
     def step_count(self) -> int:
@@ -333,6 +339,9 @@ class Expectigrad:
 
     def __setstate__(self, state):
         # A copy has new buffers: rebuild the fast path on the next step.
+        state = dict(state)
+        if "lazy" in state:                 # pickled when it was a plain attribute
+            state["_lazy"] = state.pop("lazy")
         self.__dict__.update(state)
         self._layouts = [_layout_of(p) for p in self._params]
         self._lock = threading.RLock()
@@ -343,7 +352,17 @@ class Expectigrad:
     def _refresh(self):
         """Recompute the per-array hyperparameters after a group changed
         (lagging rows of an array whose beta or counter changed are first
-        brought up to date under the old ones)."""
+        brought up to date under the old ones).  The groups are marked clean
+        first, so that an edit another thread makes meanwhile marks them
+        again and is taken by the next step, not lost."""
+        self._changes.dirty = False
+        try:
+            self._recompute_hyper()
+        except BaseException:
+            self._changes.dirty = True
+            raise
+
+    def _recompute_hyper(self):
         groups = self.param_groups
         per = lambda key, fill=None: np.array(  # noqa: E731
             [fill if (v := groups[gi][key]) is None else v for gi in self._group_of],
@@ -377,7 +396,6 @@ class Expectigrad:
             if self._momentum[b.slots].any():
                 b.ensure_momentum()
         self._fast = self._make_fast()
-        self._changes.dirty = False
 
     # --- stepping -----------------------------------------------------------
 
@@ -895,13 +913,33 @@ class Expectigrad:
             self._sync_array(i)
         self._lagging = False
 
+    def _check_dense_gradients(self, grads):
+        """Raise as the step would for any of the dense ``grads``: a shape or
+        kind it cannot take, or (``check_finite``) NaN or infinity in the
+        parameter's dtype.  For a step that must write something before the
+        kernels check (lagging rows caught up)."""
+        for g, p, name in zip(grads, self._params, self._names):
+            if g is None or not isinstance(p, np.ndarray):
+                continue
+            g = V.as_gradient(g, p, name)
+            if self.check_finite:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    finite = np.isfinite(g.astype(p.dtype, copy=False)).all()
+                if not finite:
+                    raise FloatingPointError(
+                        f"the gradient of {name} holds NaN or infinity; the step was "
+                        "refused and nothing was changed")
+
     def _sync_for_dense(self, grads):
         """Sync the lazy arrays that take a dense gradient this step; their
         indices (their histories restart after the step)."""
         if not self._histories:
             return []
         synced = [i for i in self._histories if grads[i] is not None]
-        self._check_writeable(synced)           # before the catch-up writes
+        if synced:
+            # The catch-up writes: only for a step that will happen.
+            self._check_dense_gradients(grads)
+        self._check_writeable(synced)
         if synced:
             with interrupts_deferred():
                 for i in synced:

@@ -92,21 +92,27 @@ def is_row_sparse(g):
     return module.startswith("scipy.sparse") and hasattr(g, "tocsr")
 
 
-def _host(a):
+def _host(a, what):
     """``a`` as a host array; a device array (``__cuda_array_interface__``:
     numba, CuPy, PyTorch CUDA) is copied to the host (the row-sparse step
-    reads indices and values there: sums duplicates, takes norms)."""
-    if not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__"):
-        from numba import cuda
-        return cuda.as_cuda_array(a).copy_to_host()
-    return np.asarray(a)
+    reads indices and values there: sums duplicates, takes norms).  Masked
+    arrays and matrices are refused (``TypeError``), as dense gradients are;
+    anything else that cannot be read is a ``TypeError`` naming ``what``."""
+    if isinstance(a, np.ndarray):
+        from ._validation import _refuse_subclass
+        _refuse_subclass(a, what)
+        return np.asarray(a)
+    try:
+        if hasattr(a, "__cuda_array_interface__"):
+            from numba import cuda
+            return cuda.as_cuda_array(a).copy_to_host()
+        return np.asarray(a)
+    except Exception as exc:  # noqa: BLE001 - reported with context
+        raise TypeError(f"{what} could not be read as an array: {exc}") from None
 
 
 def _indices(raw, nrows, where):
-    try:
-        idx = _host(raw)
-    except Exception as exc:  # noqa: BLE001 - reported with context
-        raise TypeError(f"{where}: indices could not be read as an array: {exc}") from None
+    idx = _host(raw, f"{where}: its array of indices")
     if idx.size == 0 and idx.dtype.kind == "f":
         idx = idx.astype(np.int64)              # [] reads as float64: no index at all
     if idx.dtype.kind not in "iu" or idx.dtype == np.bool_:
@@ -126,10 +132,7 @@ def _indices(raw, nrows, where):
 
 def _values(raw, n, x, where):
     from ._validation import _REAL_KINDS
-    try:
-        vals = _host(raw)
-    except Exception as exc:  # noqa: BLE001 - reported with context
-        raise TypeError(f"{where}: values could not be read as an array: {exc}") from None
+    vals = _host(raw, f"{where}: its array of values")
     if vals.dtype.kind not in _REAL_KINDS:
         raise TypeError(f"{where}: values have dtype {vals.dtype}; gradients must be "
                         "real numbers (float or integer)")
@@ -206,6 +209,7 @@ def as_rows(g, x, where):
                          f"shape {x.shape}")
     if g.dtype.kind not in "fiu" or g.dtype == np.bool_:
         raise TypeError(f"{where}: has dtype {g.dtype}; gradients must be real numbers")
+    _check_sparse_indices(g, where)
     csr = g.tocsr(copy=True)
     csr.sum_duplicates()
     counts = np.diff(csr.indptr)
@@ -217,6 +221,27 @@ def as_rows(g, x, where):
         sub_rows = np.repeat(np.arange(rows.size), counts[rows])
         out[sub_rows, csr.indices] = csr.data.astype(x.dtype)
     return rows, out
+
+
+def _check_sparse_indices(g, where):
+    """Raise ``ValueError`` unless every stored index of the scipy.sparse
+    ``g`` lies in its shape (scipy's conversions read them unchecked: an
+    index out of range writes outside their buffers)."""
+    fmt = getattr(g, "format", None)
+    try:
+        if fmt in ("csr", "csc", "bsr"):
+            g.copy().check_format(full_check=True)     # a copy: it may cast in place
+        elif fmt == "coo":
+            nrows, ncols = g.shape
+            for name, idx, n in (("row", g.row, nrows), ("column", g.col, ncols)):
+                idx = np.asarray(idx)
+                if idx.shape != np.shape(g.data):
+                    raise ValueError(f"{name} indices and data differ in length")
+                if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                    raise ValueError(f"{name} indices must lie in [0, {n}), got "
+                                     f"[{int(idx.min())}, {int(idx.max())}]")
+    except ValueError as exc:
+        raise ValueError(f"{where}: a malformed {fmt} matrix: {exc}") from None
 
 
 def _scatter(rows, vals, x):

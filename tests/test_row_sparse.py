@@ -573,3 +573,67 @@ def test_a_huge_dense_gradient_keeps_lazy_rows_lazy_on_every_backend():
         out[backend] = (emb.copy(), w.copy())
     for a, b in zip(out["cpu"], out["numpy"]):
         np.testing.assert_array_equal(a, b)
+
+
+def _corrupted(kind):
+    """A valid 4 x 3 scipy.sparse gradient with one stored index made bad."""
+    m = sp.coo_matrix((np.ones(2), ([0, 3], [1, 2])), shape=(4, 3))
+    if kind.startswith("csr"):
+        m = m.tocsr()
+        m.indices[0] = -1 if kind == "csr_negative" else 7
+    else:
+        m.row[0] = -1 if kind == "coo_negative_row" else 4
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["csr_negative", "csr_beyond", "coo_negative_row",
+                                  "coo_row_beyond"])
+def test_a_scipy_gradient_with_indices_outside_its_shape_is_refused(backend, kind):
+    # scipy's conversions would read such indices unchecked (writing outside
+    # their buffers, or wrapping around): they are refused, nothing changed.
+    x = np.zeros((4, 3))
+    opt = eg.Expectigrad([x], lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match="param group 0 param 0: a malformed (csr|coo) "
+                                         "matrix"):
+        opt.step([_corrupted(kind)])
+    assert not x.any() and opt.step_count == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["nan", "shape", "kind"])
+def test_a_refused_step_leaves_lagging_rows_as_they_were(backend, bad):
+    E, w = np.ones((6, 2)), np.ones(3)
+    opt = eg.Expectigrad([E, w], lr=0.1, lazy=True, backend=backend)
+    opt.step([eg.RowSparse(np.arange(6), np.ones((6, 2))), np.ones(3)])
+    opt.step([eg.RowSparse([0], np.ones((1, 2))), np.ones(3)])     # rows 1-5 lag,
+    opt.step([eg.RowSparse([0], np.ones((1, 2))), np.ones(3)])     # with momentum
+    before = E.copy(), w.copy(), opt.step_count     # (state_dict() would sync E)
+    g_w = {"nan": np.array([np.nan, 1.0, 1.0]), "shape": np.ones(4),
+           "kind": np.ones(3, bool)}[bad]
+    with pytest.raises((ValueError, TypeError, FloatingPointError)):
+        opt.step([np.ones((6, 2)), g_w])            # E dense: its rows would catch up
+    assert np.array_equal(E, before[0]) and np.array_equal(w, before[1])
+    assert opt.step_count == before[2]
+
+
+@pytest.mark.parametrize("part", ["indices", "values"])
+def test_masked_indices_or_values_of_a_row_sparse_gradient_are_refused(part):
+    x = np.zeros((4, 2))
+    opt = eg.Expectigrad([x], lr=0.1)
+    idx, vals = np.array([0, 2]), np.ones((2, 2))
+    if part == "indices":
+        idx = np.ma.array(idx, mask=[0, 1])
+    else:
+        vals = np.ma.array(vals, mask=[[0, 1], [0, 0]])
+    with pytest.raises(TypeError, match=f"its array of {part} is a masked array"):
+        opt.step([eg.RowSparse(idx, vals)])
+    assert not x.any()
+
+
+def test_lazy_is_fixed_at_construction():
+    opt = eg.Expectigrad([np.ones((4, 2))], lazy=True)
+    with pytest.raises(AttributeError):
+        opt.lazy = False
+    assert opt.lazy is True
+    assert pickle.loads(pickle.dumps(opt)).lazy is True

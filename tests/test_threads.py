@@ -176,3 +176,27 @@ def test_serial_and_parallel_kernels_do_not_share_a_cache_entry(tmp_path):
     assert run("serial") == "serial"
     assert run("parallel") != "serial"
     assert run("serial") == "serial"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_an_edit_made_while_a_step_takes_in_the_last_one_is_not_lost(backend):
+    # Another thread's edit landing while a step recomputes the groups'
+    # hyperparameters (simulated by making it there): the next step takes it.
+    x, y = np.zeros(3), np.zeros(3)
+    g = np.array([1.0, -2.0, 0.5])
+    opt = eg.Expectigrad([x], lr=0.1, backend=backend)
+    opt.param_groups[0]["lr"] = 0.2
+    recompute = opt._recompute_hyper
+
+    def edited_meanwhile():
+        recompute()
+        opt.param_groups[0]["lr"] = 0.5
+    opt._recompute_hyper = edited_meanwhile
+    opt.step([g])
+    del opt._recompute_hyper
+    opt.step([g])
+    ref = eg.Expectigrad([y], lr=0.2, backend=backend)
+    ref.step([g])
+    ref.param_groups[0]["lr"] = 0.5
+    ref.step([g])
+    np.testing.assert_array_equal(x, y)
