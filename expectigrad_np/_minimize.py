@@ -418,8 +418,16 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
                       backend=backend)
     if stochastic:
         run = _run_stochastic
-        epoch_source = _epoch_source(data, epochs)
-        if comm is not None:
+        if comm is None:
+            epoch_source = _epoch_source(data, epochs)
+        else:
+            # Checked on every rank together: a rank whose data is refused
+            # makes every rank raise (none is left waiting).
+            try:
+                epoch_source, failed = _epoch_source(data, epochs), None
+            except Exception as exc:  # noqa: BLE001 - raised on every rank
+                epoch_source, failed = None, exc
+            _gathered_or_raise(comm, None, failed, "data")
             epoch_source = _together(epoch_source, comm)
     else:
         run, epoch_source = _run_deterministic, None
@@ -464,16 +472,10 @@ class _MeanOverRanks:
 
     def __call__(self, x, extra=()):
         try:
-            mine = self.objective(x, extra)
+            mine, failed = self.objective(x, extra), None
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            mine = exc
-        parts = self.comm.allgather(mine)
-        for rank, part in enumerate(parts):
-            if isinstance(part, BaseException):
-                if part is mine:
-                    raise mine
-                raise RuntimeError(f"the objective raised on rank {rank}: "
-                                   f"{type(part).__name__}: {part}")
+            mine, failed = None, exc
+        parts = _gathered_or_raise(self.comm, mine, failed, "the objective")
         f = parts[0][0]
         g = np.array(parts[0][1], copy=True)
         for fr, gr in parts[1:]:                     # rank order: deterministic
@@ -481,6 +483,22 @@ class _MeanOverRanks:
             g += gr
         size = len(parts)
         return f / size, g / g.dtype.type(size)
+
+
+def _gathered_or_raise(comm, mine, failed, what):
+    """Every rank's ``mine`` (``comm.allgather``), unless some rank
+    ``failed``: then that rank raises its own exception and every other a
+    ``RuntimeError`` naming it.  Only the exception's type name and message
+    travel (an exception object may not pickle, or not rebuild), so no rank
+    is left waiting."""
+    report = None if failed is None else (type(failed).__name__, str(failed))
+    parts = comm.allgather((report, None if failed is not None else mine))
+    for rank, (r, _) in enumerate(parts):
+        if r is not None:
+            if failed is not None:
+                raise failed
+            raise RuntimeError(f"{what} raised on rank {rank}: {r[0]}: {r[1]}")
+    return [part for _, part in parts]
 
 
 def _callback_together(cb, comm):
@@ -513,19 +531,27 @@ def _together(source, comm):
     gets a minibatch only when every rank has one."""
     def batches(it):
         while True:
+            batch, failed = None, None
             try:
                 batch, ok = next(it), True
             except StopIteration:
-                batch, ok = None, False
-            if not all(comm.allgather(ok)):
+                ok = False
+            except Exception as exc:  # noqa: BLE001 - raised on every rank
+                ok, failed = False, exc
+            if not all(_gathered_or_raise(comm, ok, failed, "data")):
                 return
             yield batch
 
     def together(epoch):
-        it = source(epoch)
-        if not all(comm.allgather(it is not None)):
+        it, failed = None, None
+        try:
+            it = source(epoch)
+            it = None if it is None else iter(it)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank
+            failed = exc
+        if not all(_gathered_or_raise(comm, it is not None, failed, "data")):
             return None
-        return batches(iter(it))
+        return batches(it)
     return together
 
 

@@ -60,17 +60,33 @@ from .sparse import RowSparse, as_rows, densify, is_row_sparse
 __all__ = ["Expectigrad", "ShardedExpectigrad"]
 
 
+# What the other ranks raise for a rank's error: its kind, so that an
+# ``except OSError`` (or TypeError, ...) around a collective call catches on
+# every rank alike.
+_KINDS = (FloatingPointError, TypeError, OSError, ValueError)
+
+
+def _report(error):
+    """A rank's error as it travels: ``(kind name, message)`` or None."""
+    if error is None:
+        return None
+    kind = next((k for k in _KINDS if isinstance(error, k)), ValueError)
+    return (kind.__name__, f"{type(error).__name__}: {error}"
+            if kind.__name__ != type(error).__name__ else str(error))
+
+
+def _kind(report):
+    return {k.__name__: k for k in _KINDS}.get(report[0], ValueError)
+
+
 def _agree(comm, error, what):
     """Raise on every rank if any rank failed ``what``."""
-    report = None if error is None else (type(error).__name__, str(error))
-    reports = comm.allgather(report)
+    reports = comm.allgather(_report(error))
     for rank, r in enumerate(reports):
         if r is not None:
             if error is not None and rank == comm.rank:
                 raise error
-            kind = {"TypeError": TypeError, "FloatingPointError": FloatingPointError}.get(
-                r[0], ValueError)
-            raise kind(f"rank {rank} failed {what}: {r[1]}")
+            raise _kind(r)(f"rank {rank} failed {what}: {r[1]}")
 
 
 def _all_or_none(comm, what, attempt, snapshot, restore):
@@ -104,9 +120,8 @@ def _copied(state_dict):
 def _agree_on_gradients(comm, error, local):
     """Raise on every rank if some rank failed reading its gradients or the
     ranks disagree on which are None: one collective."""
-    report = None if error is None else (type(error).__name__, str(error))
     present = None if local is None else [g is not None for g in local]
-    _raise_agreed(comm, error, comm.allgather((report, present)))
+    _raise_agreed(comm, error, comm.allgather((_report(error), present)))
 
 
 def _raise_agreed(comm, error, gathered):
@@ -117,10 +132,22 @@ def _raise_agreed(comm, error, gathered):
         if r is not None:
             if error is not None and rank == comm.rank:
                 raise error
-            kind = TypeError if r[0] == "TypeError" else ValueError
-            raise kind(f"rank {rank} refused the step (its gradients, parameters or "
-                       f"schedules): {r[1]}")
+            raise _kind(r)(f"rank {rank} refused the step (its gradients, parameters "
+                           f"or schedules): {r[1]}")
     _check_nones([p for _, p in gathered])
+
+
+def _same_everywhere(comm, layout, chunk):
+    """Raise on every rank unless every rank built the same parameters
+    (shapes, dtypes) with the same ``chunk`` (the collectives' sizes)."""
+    gathered = comm.allgather((layout, chunk))
+    if any(other[0] != layout for other in gathered):
+        raise ValueError("the ranks were given different parameters (shapes or dtypes "
+                         "differ); every rank must build the same optimizer")
+    if any(other[1] != chunk for other in gathered):
+        raise ValueError(f"the ranks were given different chunk sizes "
+                         f"({[c for _, c in gathered]}); chunk sets the size of the "
+                         "collectives, so every rank must give the same")
 
 
 def _check_nones(patterns):
@@ -178,12 +205,22 @@ class Expectigrad(_Core):
             error = exc
         self._agree(error, "constructing the optimizer")
         layout = [(tuple(p.shape), np.dtype(p.dtype).str) for p in self._params]
-        if any(other != layout for other in self.comm.allgather(layout)):
-            raise ValueError("the ranks were given different parameters (shapes or dtypes "
-                             "differ); every rank must build the same optimizer")
+        _same_everywhere(self.comm, layout, self.chunk)
 
     def _agree(self, error, what):
         _agree(self.comm, error, what)
+
+    def _scheduled_lr(self, gi, schedule):
+        """The core's, evaluated once a step: ``step`` checks the value on
+        every rank before the collectives, and the core's step then takes the
+        same value instead of calling the schedule again."""
+        key = (gi, self.step_count, id(schedule))
+        memo = self.__dict__.setdefault("_lr_memo", {})
+        if key not in memo:
+            if any(k[1] != self.step_count for k in memo):
+                memo.clear()
+            memo[key] = super()._scheduled_lr(gi, schedule)
+        return memo[key]
 
     def step(self, grads):
         """Average ``grads`` over the ranks, then step (every rank the same).
@@ -205,7 +242,13 @@ class Expectigrad(_Core):
         try:
             local = self._local_gradients(grads)
             self._check_writeable([i for i, g in enumerate(local) if g is not None])
-        except (TypeError, ValueError) as exc:
+            if any(g is not None for g in local):
+                # A schedule's value some rank refuses (or a schedule that
+                # raises there) is refused on every rank, before anything.
+                for gi, group in enumerate(self.param_groups):
+                    if callable(group["lr"]):
+                        self._scheduled_lr(gi, group["lr"])
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by _agree
             error = exc
         _agree_on_gradients(self.comm, error, local)
         local = self._sparse_mean(local)
@@ -499,9 +542,7 @@ class ShardedExpectigrad:
             error = exc
         _agree(self.comm, error, "constructing the optimizer")
         layout = [(tuple(p.shape), p.dtype.str) for p in self._params]
-        if any(other != layout for other in self.comm.allgather(layout)):
-            raise ValueError("the ranks were given different parameters (shapes or dtypes "
-                             "differ); every rank must build the same optimizer")
+        _same_everywhere(self.comm, layout, self.chunk)
 
     # --- construction -------------------------------------------------------------
 
@@ -660,7 +701,7 @@ class ShardedExpectigrad:
                 local = self._local_gradients(grads)
                 self._sync_hyper()
                 self._check_step(local)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
             # Every rank takes part in the reduce-scatter, a rank that failed
             # too (its buffer is sent as it is): one small collective after
@@ -778,7 +819,7 @@ class ShardedExpectigrad:
             if needs_norm:
                 with np.errstate(over="ignore"):     # inf: summed again in units
                     sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
-        report = None if error is None else (type(error).__name__, str(error))
+        report = _report(error)
         present = None if local is None else [g is not None for g in local]
         gathered = self.comm.allgather((report, present, first_bad, sumsq))
         _raise_agreed(self.comm, error, [(r, p) for r, p, _, _ in gathered])

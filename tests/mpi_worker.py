@@ -2,6 +2,7 @@
 one process stepping the mean gradient, collective refusals, checkpoints,
 with replicated state (``replicated``) or sharded (``sharded``).
 Prints ``OK <rank>`` at the end; any failed check raises."""
+import os
 import sys
 
 import numpy as np
@@ -446,5 +447,46 @@ def stop_on_rank_0(intermediate_result):
 res = eg.minimize(lambda w: (float(w @ w), 2 * w), np.ones(3), jac=True, lr=0.05,
                   maxiter=50, callback=stop_on_rank_0, comm=comm)
 assert res.status == 99 and res.nit == 4, (res.status, res.nit)
+
+# Errors of one rank only, of any kind, reach every rank (none is left
+# waiting in a collective), as their kind where it is an OSError.
+if size > 1:
+    raises_everywhere(ValueError, lambda: Expectigrad([np.ones(4)], chunk=1 + rank,
+                                                      shard_state=SHARDED),
+                      "different chunk sizes")
+
+    def failing_on_last(t):
+        if rank == size - 1:
+            raise RuntimeError("schedule failed")
+        return 0.1
+    xs = [np.ones(6)]
+    opt = Expectigrad(xs, lr=failing_on_last, shard_state=SHARDED)
+    raises_everywhere(Exception, lambda: opt.step([np.ones(6)]), "schedule failed")
+    assert np.all(xs[0] == 1) and opt.step_count == 0
+    opt = Expectigrad(xs, lr=lambda t: float("nan") if rank == size - 1 else 0.1,
+                      shard_state=SHARDED)
+    raises_everywhere(ValueError, lambda: opt.step([np.ones(6)]), "lr schedule returned nan")
+    assert np.all(xs[0] == 1) and opt.step_count == 0
+    opt = Expectigrad(xs, lr=0.1, shard_state=SHARDED)
+    path = os.path.join(sys.argv[1], f"missing-{size}-{SHARDED}.npz")
+    path = comm.bcast(path if rank == 0 else None)
+    opt.save(path)                      # collective
+    mine = path if rank < size - 1 else path + ".not-there"
+    raises_everywhere(OSError, lambda: opt.load(mine), "No such file")
+
+    class Unpicklable(Exception):       # a local class: pickles on no rank
+        pass
+
+    def objective(w, batch):
+        if rank == size - 1:
+            raise Unpicklable("bad batch")
+        return float(w @ w), 2 * w
+    raises_everywhere(Exception, lambda: eg.minimize(
+        objective, np.ones(2), jac=True, data=[0, 1], comm=comm), "bad batch")
+    one_shot = iter([0, 1]) if rank == size - 1 else [0, 1]
+    raises_everywhere(Exception, lambda: eg.minimize(
+        lambda w, b: (float(w @ w), 2 * w), np.ones(2), jac=True, data=one_shot, epochs=2,
+        comm=comm), "one-shot iterator")
+
 comm.Barrier()
 print(f"collective checks OK {rank}", flush=True)
