@@ -98,6 +98,12 @@ def _check_consistent(t, arrays, where):
         raise ValueError(f"{where}: its step count is 0 but its state is not all zero")
 
 
+def _nonfinite(name):
+    """The refusal of a step whose gradient of ``name`` is not finite."""
+    return FloatingPointError(f"the gradient of {name} holds NaN or infinity; the step "
+                              "was refused and nothing was changed")
+
+
 def _on_device(x):
     """A device array: ``__cuda_array_interface__`` (numba, CuPy, PyTorch CUDA)
     or a device array of numba's CUDA simulator."""
@@ -594,9 +600,7 @@ class Expectigrad:
             if code == -1:
                 return                  # the kernel advanced every step count
             if code is not None and code >= 0:
-                raise FloatingPointError(     # code: the gradient's place in grads
-                    f"the gradient of {self._names[code]} holds NaN or infinity; "
-                    "the step was refused and nothing was changed")
+                raise _nonfinite(self._names[code])   # code: its place in grads
             with interrupts_deferred():
                 self._step_general(grads, lr_now)
         finally:
@@ -926,9 +930,7 @@ class Expectigrad:
                 with np.errstate(over="ignore", invalid="ignore"):
                     finite = np.isfinite(g.astype(p.dtype, copy=False)).all()
                 if not finite:
-                    raise FloatingPointError(
-                        f"the gradient of {name} holds NaN or infinity; the step was "
-                        "refused and nothing was changed")
+                    raise _nonfinite(name)
 
     def _sync_for_dense(self, grads):
         """Sync the lazy arrays that take a dense gradient this step; their
@@ -1034,9 +1036,7 @@ class Expectigrad:
 
     def _raise_nonfinite(self, bucket, bad):
         if bad >= 0:
-            raise FloatingPointError(
-                f"the gradient of {bucket.names[bad]} holds NaN or infinity; "
-                "the step was refused and nothing was changed")
+            raise _nonfinite(bucket.names[bad])
 
     # --- state --------------------------------------------------------------
 

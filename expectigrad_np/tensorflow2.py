@@ -44,6 +44,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from . import _validation as V
 from .backends.layout import SATURATION
 
 __all__ = ["Expectigrad"]
@@ -60,12 +61,6 @@ def _real(name, value):
     return float(value)
 
 
-def _positive_or_none(name, value):
-    if value is None:
-        return None
-    if not (_real(name, value) > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
-    return float(value)
 
 
 @keras.saving.register_keras_serializable(package="expectigrad_np")
@@ -149,7 +144,7 @@ class Expectigrad(keras.optimizers.Optimizer):
                              f"{weight_decay!r}")
         if not isinstance(sparse_counter, (bool, np.bool_)):
             raise TypeError(f"sparse_counter must be True or False, got {sparse_counter!r}")
-        clips = {k: _positive_or_none(k, v) for k, v in
+        clips = {k: V.check_positive_or_none(k, v) for k, v in
                  (("clipvalue", clipvalue), ("clipnorm", clipnorm),
                   ("global_clipnorm", global_clipnorm))}
         super().__init__(learning_rate=learning_rate, name=name, weight_decay=weight_decay,
