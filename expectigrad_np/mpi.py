@@ -34,9 +34,11 @@ sharded state, they are made dense.
 Collective refusals: a rank whose gradients are malformed, or ranks that
 disagree on which gradients are ``None``, make every rank raise the same
 ``ValueError``/``TypeError`` before anything changes (no rank is left
-waiting in a collective).  A NaN or infinity on any rank reaches every
-rank through the mean, so with ``check_finite`` every rank refuses the step
-with ``FloatingPointError``, nothing changed anywhere.  ``save`` writes one
+waiting in a collective); so do ranks stepping with different
+hyperparameters (compared every step in the same collective).  A NaN or
+infinity on any rank reaches every rank through the mean, so with
+``check_finite`` every rank refuses the step with ``FloatingPointError``,
+nothing changed anywhere.  ``save`` writes one
 file from rank 0; ``load`` reads it on every rank; the file is the same as
 a single-process optimizer's, so it loads with any number of ranks and
 with ``expectigrad_np.Expectigrad``.
@@ -117,11 +119,14 @@ def _copied(state_dict):
             "param_groups": [dict(g) for g in state_dict["param_groups"]]}
 
 
-def _agree_on_gradients(comm, error, local):
-    """Raise on every rank if some rank failed reading its gradients or the
-    ranks disagree on which are None: one collective."""
+def _agree_on_gradients(comm, error, local, settings):
+    """Raise on every rank if some rank failed reading its gradients, or the
+    ranks disagree on which are None or on the hyperparameters
+    (``_settings``): one collective."""
     present = None if local is None else [g is not None for g in local]
-    _raise_agreed(comm, error, comm.allgather((_report(error), present)))
+    gathered = comm.allgather((_report(error), present, settings))
+    _raise_agreed(comm, error, [(r, p) for r, p, _ in gathered])
+    _check_settings([s for _, _, s in gathered])
 
 
 def _raise_agreed(comm, error, gathered):
@@ -156,6 +161,52 @@ def _check_nones(patterns):
                          f"{next(r for r, p in enumerate(patterns) if p != patterns[0])}"
                          " differs from rank 0); pass None for the same parameters on "
                          "every rank")
+
+
+# What every rank must step with: each group's values of these, and the
+# optimizer's ``check_finite`` and ``global_clipnorm`` (``_settings``).
+_COMPARED = ("lr", "beta", "eps", "sparse_counter", "weight_decay", "maximize",
+             "clipvalue", "clipnorm")
+
+
+def _settings(groups, lrs, check_finite, global_clipnorm):
+    """The hyperparameters a step uses on this rank, as plain numbers (a
+    schedule's ``lr`` as its value this step, from ``lrs``; None where no
+    gradient is stepped), to be compared over the ranks (``_check_settings``)."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, np.bool_)):
+            return v if v is None else bool(v)
+        return float(v)
+    rows = tuple(tuple(plain(lrs[gi] if key == "lr" else g[key]) for key in _COMPARED)
+                 for gi, g in enumerate(groups))
+    return rows, bool(check_finite), plain(global_clipnorm)
+
+
+def _check_settings(gathered):
+    """Raise ``ValueError`` (on every rank: every rank has the same
+    ``gathered``) when some rank steps with other hyperparameters than
+    rank 0, naming the first that differs."""
+    first = gathered[0]
+    for rank, mine in enumerate(gathered):
+        if mine == first:
+            continue
+        rows, finite, joint = mine
+        if finite != first[1]:
+            what = f"check_finite is {first[1]} on rank 0 and {finite} on rank {rank}"
+        elif joint != first[2]:
+            what = f"global_clipnorm is {first[2]} on rank 0 and {joint} on rank {rank}"
+        elif len(rows) != len(first[0]):
+            what = (f"rank 0 has {len(first[0])} param groups and rank {rank} has "
+                    f"{len(rows)}")
+        else:
+            gi, key, a, b = next((gi, key, a, b)
+                                 for gi, (r0, r) in enumerate(zip(first[0], rows))
+                                 for key, a, b in zip(_COMPARED, r0, r) if a != b)
+            what = (f"param group {gi}: {key!r} is {a} on rank 0 and {b} on rank {rank}"
+                    + (" (a schedule's value this step)" if key == "lr" else ""))
+        raise ValueError(f"the ranks step with different hyperparameters: {what}; every "
+                         "rank must use the same values; the step was refused and nothing "
+                         "was changed")
 
 
 class Expectigrad(_Core):
@@ -238,19 +289,26 @@ class Expectigrad(_Core):
             On every rank, when any rank's gradients are malformed or (with
             ``check_finite``) not finite; nothing changes on any rank.
         """
-        error, local = None, None
+        with self._lock:            # the buffers of _mean are the optimizer's
+            self._step_locked(grads)
+
+    def _step_locked(self, grads):
+        error, local, settings = None, None, None
         try:
             local = self._local_gradients(grads)
             self._check_writeable([i for i, g in enumerate(local) if g is not None])
-            if any(g is not None for g in local):
-                # A schedule's value some rank refuses (or a schedule that
-                # raises there) is refused on every rank, before anything.
-                for gi, group in enumerate(self.param_groups):
-                    if callable(group["lr"]):
-                        self._scheduled_lr(gi, group["lr"])
+            stepping = any(g is not None for g in local)
+            # A schedule's value some rank refuses (or a schedule that raises
+            # there) is refused on every rank, before anything; the values
+            # used are compared over the ranks with the other settings.
+            lrs = [(self._scheduled_lr(gi, group["lr"]) if stepping else None)
+                   if callable(group["lr"]) else group["lr"]
+                   for gi, group in enumerate(self.param_groups)]
+            settings = _settings(self.param_groups, lrs, self.check_finite,
+                                 self.global_clipnorm)
         except Exception as exc:  # noqa: BLE001 - raised on every rank by _agree
             error = exc
-        _agree_on_gradients(self.comm, error, local)
+        _agree_on_gradients(self.comm, error, local, settings)
         local = self._sparse_mean(local)
         means = self._mean(local)
         super().step(means[0] if self._bare else means)
@@ -297,30 +355,49 @@ class Expectigrad(_Core):
         return out
 
     def _mean(self, local):
-        """The mean over the ranks, per dtype: one flat buffer, gathered in
-        chunks and summed in rank order."""
+        """The mean over the ranks, per dtype: the dense gradients packed into
+        one flat buffer, gathered in chunks and summed in rank order, the
+        mean written over the buffer (views of it are returned).  The
+        buffers are the optimizer's, allocated at its first step (``_buffers``):
+        a step allocates nothing the size of the gradients."""
         size = self.comm.size
         out = list(local)
         dense = [g if isinstance(g, np.ndarray) else None for g in local]
         for dtype in sorted({g.dtype.str for g in dense if g is not None}):
             idx = [i for i, g in enumerate(dense) if g is not None and g.dtype.str == dtype]
-            flat = np.concatenate([local[i].reshape(-1) for i in idx])
-            total = np.empty_like(flat)
-            for lo in range(0, flat.size, self.chunk):
-                part = flat[lo:lo + self.chunk]
-                rows = np.empty((size, part.size), flat.dtype)
-                self.comm.Allgather(part, rows)
-                acc = total[lo:lo + part.size]
-                acc[...] = rows[0]
-                for r in range(1, size):               # rank order: the same bits everywhere
-                    acc += rows[r]
-            total /= flat.dtype.type(size)
+            flat, rows = self._buffers(dtype, sum(local[i].size for i in idx))
+            used = 0
+            for i in idx:
+                flat[used:used + local[i].size] = local[i].reshape(-1)
+                used += local[i].size
+            c = rows.shape[1]
+            with np.errstate(over="ignore", invalid="ignore"):   # refused by the step
+                for lo in range(0, used, c):
+                    part = flat[lo:min(lo + c, used)]
+                    got = rows.reshape(-1)[:size * part.size].reshape(size, part.size)
+                    self.comm.Allgather(part, got)
+                    part[...] = got[0]                 # sent: free to overwrite
+                    for r in range(1, size):           # rank order: the same bits everywhere
+                        part += got[r]
+            flat[:used] /= flat.dtype.type(size)
             start = 0
             for i in idx:
-                n = local[i].size
-                out[i] = total[start:start + n].reshape(local[i].shape)
-                start += n
+                out[i] = flat[start:start + local[i].size].reshape(local[i].shape)
+                start += local[i].size
         return out
+
+    def _buffers(self, dtype, needed):
+        """``(flat, rows)`` of a dtype: room for every parameter of that dtype
+        (at least ``needed`` elements), and for a chunk from every rank;
+        allocated once (again after ``add_param_group`` grows the dtype)."""
+        buffers = self.__dict__.setdefault("_mean_buffers", {})
+        if dtype not in buffers or buffers[dtype][0].size < needed:
+            total = sum(p.size for p in self._params if np.dtype(p.dtype).str == dtype)
+            total = max(total, needed)
+            buffers[dtype] = (np.empty(total, dtype),
+                              np.empty((self.comm.size, max(1, min(self.chunk, total))),
+                                       dtype))
+        return buffers[dtype]
 
     def save(self, path, *, params=True):
         """Write the checkpoint from rank 0 (every rank holds the same state);
@@ -696,11 +773,12 @@ class ShardedExpectigrad:
             on any rank.
         """
         with self._lock:
-            error, local = None, None
+            error, local, settings = None, None, None
             try:
                 local = self._local_gradients(grads)
                 self._sync_hyper()
-                self._check_step(local)
+                settings = _settings(self.param_groups, self._check_step(local),
+                                     self.check_finite, self.global_clipnorm)
             except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
             # Every rank takes part in the reduce-scatter, a rank that failed
@@ -711,7 +789,7 @@ class ShardedExpectigrad:
             active = (np.zeros(len(self._params), bool) if local is None
                       else np.array([g is not None for g in local]))
             pieces = self._piece_gradients(shard, active)
-            self._check_and_clip(pieces, shard, error, local)
+            self._check_and_clip(pieces, shard, error, local, settings)
             if not active.any():
                 return
             # Schedules see the step count of the whole optimizer, also on a
@@ -725,13 +803,19 @@ class ShardedExpectigrad:
     def _check_step(self, local):
         """What the core would refuse on some rank only: a parameter to step
         made read-only, a schedule's value that this rank's shard of a
-        group's dtypes can hold but another's cannot."""
+        group's dtypes can hold but another's cannot.  Returns each group's
+        ``lr`` this step (a schedule's value)."""
         _Core._check_writeable(self, [i for i, g in enumerate(local) if g is not None])
+        lrs = []
         for gi, group in enumerate(self.param_groups):
             schedule = self.core.param_groups[gi]["lr"]        # _Once: kept for the core
             if callable(schedule):
-                V.check_schedule_value(schedule(self.step_count), self.step_count, group,
-                                       f"param group {gi}: ")
+                value = schedule(self.step_count)
+                V.check_schedule_value(value, self.step_count, group, f"param group {gi}: ")
+                lrs.append(value)
+            else:
+                lrs.append(group["lr"])
+        return lrs
 
     def _local_gradients(self, grads):
         if len(self._params) == 1 and isinstance(grads, np.ndarray):
@@ -794,10 +878,11 @@ class ShardedExpectigrad:
             pieces.append(acc[start:start + (b - a)])
         return pieces
 
-    def _check_and_clip(self, pieces, shard, error, local):
+    def _check_and_clip(self, pieces, shard, error, local, settings):
         """Agree on the gradients, refuse non-finite ones and clip, deciding
         over every rank in one collective: whether some rank failed to read
-        its gradients (``error``), which are None (``local``), the first
+        its gradients (``error``), which are None (``local``), the
+        hyperparameters each steps with (``settings``), the first
         non-finite mean gradient, and the squared norms per parameter,
         summed in rank order.  The pieces are clipped in place as the
         kernels would (value, then the per-array and global factors, in the
@@ -821,9 +906,10 @@ class ShardedExpectigrad:
                     sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
         report = _report(error)
         present = None if local is None else [g is not None for g in local]
-        gathered = self.comm.allgather((report, present, first_bad, sumsq))
-        _raise_agreed(self.comm, error, [(r, p) for r, p, _, _ in gathered])
-        gathered = [(b, s) for _, _, b, s in gathered]
+        gathered = self.comm.allgather((report, present, settings, first_bad, sumsq))
+        _raise_agreed(self.comm, error, [(r, p) for r, p, _, _, _ in gathered])
+        _check_settings([s for _, _, s, _, _ in gathered])
+        gathered = [(b, s) for _, _, _, b, s in gathered]
         bad = min(b for b, _ in gathered)
         if bad < n:
             raise FloatingPointError(f"the gradient of {self._names[bad]} (the mean over the "

@@ -488,5 +488,62 @@ if size > 1:
         lambda w, b: (float(w @ w), 2 * w), np.ones(2), jac=True, data=one_shot, epochs=2,
         comm=comm), "one-shot iterator")
 
+    # Hyperparameters that differ between ranks: every rank refuses the step
+    # before anything changes, naming the first that differs.
+    def state_of(o):
+        return {i: {k: np.array(v) for k, v in e.items()}
+                for i, e in o.state_dict()["state"].items()}
+
+    changes = [
+        (lambda o: o.param_groups[0].__setitem__("lr", 0.1 + 0.1 * rank), "'lr' is 0.1"),
+        (lambda o: o.param_groups[0].__setitem__("beta", 0.5 if rank else 0.9), "'beta'"),
+        (lambda o: o.param_groups[0].__setitem__("eps", 1e-8 if rank else 1e-6), "'eps'"),
+        (lambda o: o.param_groups[0].__setitem__("clipnorm", None if rank else 5.0),
+         "'clipnorm'"),
+        (lambda o: setattr(o, "check_finite", rank == 0), "check_finite"),
+        (lambda o: setattr(o, "global_clipnorm", None if rank else 1.0), "global_clipnorm"),
+        (lambda o: o.param_groups[0].__setitem__(
+            "lr", (lambda t: 0.1 * (1 + rank * (t > 0))) if rank else 0.1),
+         "(a schedule's value this step)"),
+    ]
+    for change, needle in changes:
+        xs = [np.linspace(-1, 1, 6), np.ones(3, np.float32)]
+        opt = Expectigrad(xs, lr=0.1, shard_state=SHARDED)
+        opt.step([np.ones(6), np.ones(3, np.float32)])
+        before, state = [x.copy() for x in xs], state_of(opt)
+        change(opt)
+        raises_everywhere(ValueError, lambda: opt.step([np.full(6, 2.0),
+                                                        np.ones(3, np.float32)]), needle)
+        assert all(np.array_equal(a, b) for a, b in zip(xs, before)) and opt.step_count == 1
+        after = state_of(opt)
+        assert all(np.array_equal(after[i][k], state[i][k]) for i in state for k in state[i])
+    # The values a step uses are compared, not how they were given: a schedule
+    # on one rank and the number it gives on another step together.
+    xs, ref_xs = [np.linspace(-1, 1, 6)], [np.linspace(-1, 1, 6)]
+    opt = Expectigrad(xs, lr=0.1 if rank else (lambda t: 0.1), shard_state=SHARDED)
+    ref = eg.Expectigrad(ref_xs, lr=0.1)
+    for step in range(3):
+        opt.step([np.full(6, 1.0 + step)])
+        ref.step([np.full(6, 1.0 + step)])
+    assert np.array_equal(xs[0], ref_xs[0])
+
+# A step allocates nothing the size of the gradients: peak resident memory
+# over two steps, after a first one has allocated the optimizer's buffers.
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+if os.access("/proc/self/clear_refs", os.W_OK):
+    big, g = [np.zeros(1 << 22)], [np.ones(1 << 22)]          # 32 MiB each
+    opt = Expectigrad(big, lr=0.01, shard_state=SHARDED, chunk=1 << 16)
+    opt.step(g)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = peak_kib()
+    for _ in range(2):
+        opt.step(g)
+    assert peak_kib() - base < 8 * 1024, (peak_kib(), base)
+
 comm.Barrier()
 print(f"collective checks OK {rank}", flush=True)
