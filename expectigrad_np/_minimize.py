@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _ranks as R
 from . import _validation as V
 from .optimizer import Expectigrad
 
@@ -427,7 +428,7 @@ def minimize(fun: Callable[..., Any], x0: ArrayLike, args: tuple = (), *,
                 epoch_source, failed = _epoch_source(data, epochs), None
             except Exception as exc:  # noqa: BLE001 - raised on every rank
                 epoch_source, failed = None, exc
-            _gathered_or_raise(comm, None, failed, "data")
+            R.gathered_or_raise(comm, None, failed, "data")
             epoch_source = _together(epoch_source, comm)
     else:
         run, epoch_source = _run_deterministic, None
@@ -475,7 +476,7 @@ class _MeanOverRanks:
             mine, failed = self.objective(x, extra), None
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             mine, failed = None, exc
-        parts = _gathered_or_raise(self.comm, mine, failed, "the objective")
+        parts = R.gathered_or_raise(self.comm, mine, failed, "the objective")
         f = parts[0][0]
         g = np.array(parts[0][1], copy=True)
         for fr, gr in parts[1:]:                     # rank order: deterministic
@@ -483,22 +484,6 @@ class _MeanOverRanks:
             g += gr
         size = len(parts)
         return f / size, g / g.dtype.type(size)
-
-
-def _gathered_or_raise(comm, mine, failed, what):
-    """Every rank's ``mine`` (``comm.allgather``), unless some rank
-    ``failed``: then that rank raises its own exception and every other a
-    ``RuntimeError`` naming it.  Only the exception's type name and message
-    travel (an exception object may not pickle, or not rebuild), so no rank
-    is left waiting."""
-    report = None if failed is None else (type(failed).__name__, str(failed))
-    parts = comm.allgather((report, None if failed is not None else mine))
-    for rank, (r, _) in enumerate(parts):
-        if r is not None:
-            if failed is not None:
-                raise failed
-            raise RuntimeError(f"{what} raised on rank {rank}: {r[0]}: {r[1]}")
-    return [part for _, part in parts]
 
 
 def _callback_together(cb, comm):
@@ -513,14 +498,8 @@ def _callback_together(cb, comm):
             mine = "stop"
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             mine = exc
-        parts = comm.allgather(mine if not isinstance(mine, Exception)
-                               else (type(mine).__name__, str(mine)))
-        for rank, part in enumerate(parts):
-            if isinstance(part, tuple):
-                if isinstance(mine, Exception):
-                    raise mine
-                raise RuntimeError(f"the callback raised on rank {rank}: {part[0]}: "
-                                   f"{part[1]}")
+        error = mine if isinstance(mine, Exception) else None
+        parts = R.gathered_or_raise(comm, mine, error, "the callback")
         if "stop" in parts:
             raise StopIteration
     return together
@@ -538,7 +517,7 @@ def _together(source, comm):
                 ok = False
             except Exception as exc:  # noqa: BLE001 - raised on every rank
                 ok, failed = False, exc
-            if not all(_gathered_or_raise(comm, ok, failed, "data")):
+            if not all(R.gathered_or_raise(comm, ok, failed, "data")):
                 return
             yield batch
 
@@ -549,7 +528,7 @@ def _together(source, comm):
             it = None if it is None else iter(it)
         except Exception as exc:  # noqa: BLE001 - raised on every rank
             failed = exc
-        if not all(_gathered_or_raise(comm, it is not None, failed, "data")):
+        if not all(R.gathered_or_raise(comm, it is not None, failed, "data")):
             return None
         return batches(it)
     return together

@@ -52,6 +52,7 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
+from . import _ranks as R
 from . import _validation as V
 from .backends import layout as L
 from .backends.cpu.loops import _span_nonfinite
@@ -62,33 +63,10 @@ from .sparse import RowSparse, as_rows, densify, is_row_sparse
 __all__ = ["Expectigrad", "ShardedExpectigrad"]
 
 
-# What the other ranks raise for a rank's error: its kind, so that an
-# ``except OSError`` (or TypeError, ...) around a collective call catches on
-# every rank alike.
-_KINDS = (FloatingPointError, TypeError, OSError, ValueError)
-
-
-def _report(error):
-    """A rank's error as it travels: ``(kind name, message)`` or None."""
-    if error is None:
-        return None
-    kind = next((k for k in _KINDS if isinstance(error, k)), ValueError)
-    return (kind.__name__, f"{type(error).__name__}: {error}"
-            if kind.__name__ != type(error).__name__ else str(error))
-
-
-def _kind(report):
-    return {k.__name__: k for k in _KINDS}.get(report[0], ValueError)
-
-
 def _agree(comm, error, what):
     """Raise on every rank if any rank failed ``what``."""
-    reports = comm.allgather(_report(error))
-    for rank, r in enumerate(reports):
-        if r is not None:
-            if error is not None and rank == comm.rank:
-                raise error
-            raise _kind(r)(f"rank {rank} failed {what}: {r[1]}")
+    R.raise_reported(error, comm.allgather(R.report(error)),
+                     lambda rank, text: f"rank {rank} failed {what}: {text}")
 
 
 def _all_or_none(comm, what, attempt, snapshot, restore):
@@ -124,7 +102,7 @@ def _agree_on_gradients(comm, error, local, settings):
     ranks disagree on which are None or on the hyperparameters
     (``_settings``): one collective."""
     present = None if local is None else [g is not None for g in local]
-    gathered = comm.allgather((_report(error), present, settings))
+    gathered = comm.allgather((R.report(error), present, settings))
     _raise_agreed(comm, error, [(r, p) for r, p, _ in gathered])
     _check_settings([s for _, _, s in gathered])
 
@@ -133,12 +111,9 @@ def _raise_agreed(comm, error, gathered):
     """Raise on every rank if some rank failed reading its gradients or the
     ranks disagree on which are None, from every rank's ``(report,
     present)``."""
-    for rank, (r, _) in enumerate(gathered):
-        if r is not None:
-            if error is not None and rank == comm.rank:
-                raise error
-            raise _kind(r)(f"rank {rank} refused the step (its gradients, parameters "
-                           f"or schedules): {r[1]}")
+    R.raise_reported(error, [r for r, _ in gathered],
+                     lambda rank, text: f"rank {rank} refused the step (its gradients, "
+                                        f"parameters or schedules): {text}")
     _check_nones([p for _, p in gathered])
 
 
@@ -904,7 +879,7 @@ class ShardedExpectigrad:
             if needs_norm:
                 with np.errstate(over="ignore"):     # inf: summed again in units
                     sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
-        report = _report(error)
+        report = R.report(error)
         present = None if local is None else [g is not None for g in local]
         gathered = self.comm.allgather((report, present, settings, first_bad, sumsq))
         _raise_agreed(self.comm, error, [(r, p) for r, p, _, _, _ in gathered])

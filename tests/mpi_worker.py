@@ -483,6 +483,12 @@ if size > 1:
         return float(w @ w), 2 * w
     raises_everywhere(Exception, lambda: eg.minimize(
         objective, np.ones(2), jac=True, data=[0, 1], comm=comm), "bad batch")
+    def objective_os(w, batch):
+        if rank == size - 1:
+            raise OSError("disk gone")
+        return float(w @ w), 2 * w
+    raises_everywhere(OSError, lambda: eg.minimize(
+        objective_os, np.ones(2), jac=True, data=[0, 1], comm=comm), "disk gone")
     one_shot = iter([0, 1]) if rank == size - 1 else [0, 1]
     raises_everywhere(Exception, lambda: eg.minimize(
         lambda w, b: (float(w @ w), 2 * w), np.ones(2), jac=True, data=one_shot, epochs=2,
