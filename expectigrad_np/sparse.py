@@ -209,8 +209,12 @@ def as_rows(g, x, where):
                          f"shape {x.shape}")
     if g.dtype.kind not in "fiu" or g.dtype == np.bool_:
         raise TypeError(f"{where}: has dtype {g.dtype}; gradients must be real numbers")
-    _check_sparse_indices(g, where)
-    csr = g.tocsr(copy=True)
+    if getattr(g, "format", None) == "csr":
+        csr = g.copy()                  # checked as it is: one copy, not two
+        _check_sparse_indices(csr, where, own=True)
+    else:
+        _check_sparse_indices(g, where)
+        csr = g.tocsr(copy=True)
     csr.sum_duplicates()
     counts = np.diff(csr.indptr)
     rows = np.flatnonzero(counts).astype(np.int64)
@@ -223,14 +227,16 @@ def as_rows(g, x, where):
     return rows, out
 
 
-def _check_sparse_indices(g, where):
+def _check_sparse_indices(g, where, own=False):
     """Raise ``ValueError`` unless every stored index of the scipy.sparse
     ``g`` lies in its shape (scipy's conversions read them unchecked: an
-    index out of range writes outside their buffers)."""
+    index out of range writes outside their buffers).  ``own``: ``g`` is a
+    copy of the caller's, which the check may change."""
     fmt = getattr(g, "format", None)
     try:
         if fmt in ("csr", "csc", "bsr"):
-            g.copy().check_format(full_check=True)     # a copy: it may cast in place
+            # The check may cast the index arrays in place: on a copy.
+            (g if own else g.copy()).check_format(full_check=True)
         elif fmt == "coo":
             nrows, ncols = g.shape
             for name, idx, n in (("row", g.row, nrows), ("column", g.col, ncols)):
