@@ -270,10 +270,12 @@ def _norm(tensors):
     the same norm taken in units of the largest magnitude, which cannot
     overflow (the core, too, clips such gradients rather than drop them)."""
     plain = ops.sqrt(sum(ops.sum(ops.square(g)) for g in tensors))
-    largest = ops.max(ops.stack([ops.max(ops.abs(g)) for g in tensors]))
-    unit = ops.where(ops.greater(largest, 0), largest, ops.ones_like(largest))
-    scaled = largest * ops.sqrt(sum(ops.sum(ops.square(g / unit)) for g in tensors))
-    return ops.where(ops.isinf(plain), scaled, plain)
+
+    def scaled():       # read again only where the plain sum overflowed
+        largest = ops.max(ops.stack([ops.max(ops.abs(g)) for g in tensors]))
+        unit = ops.where(ops.greater(largest, 0), largest, ops.ones_like(largest))
+        return largest * ops.sqrt(sum(ops.sum(ops.square(g / unit)) for g in tensors))
+    return ops.cond(ops.isinf(plain), scaled, lambda: plain)
 
 
 def _factor(norm, limit):
