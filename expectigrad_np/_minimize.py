@@ -557,12 +557,46 @@ def _gradient_norm(g, norm, x=None, box=None, largest=None):
         largest = float(np.finfo(x.dtype).max)
     if largest is not None and gmax > largest:
         return False, math.inf      # finite here, but not in x's dtype (float32 x0)
-    if box is not None:
-        g = np.where(((x <= box[0]) & (g > 0)) | ((x >= box[1]) & (g < 0)), 0, g)
-        gmax = float(np.max(np.abs(g)))
-    if norm == np.inf:
+    if box is None and norm == np.inf:
         return True, gmax
-    return True, float(np.linalg.norm(g.ravel(), ord=norm))
+    if box is None and norm in (None, 2):
+        return True, float(np.linalg.norm(g.ravel()))     # sqrt(dot(g, g)): no temporary
+    return True, _piecewise_norm(g, norm, x, box)
+
+
+# Norms that need a temporary (a projection onto the bounds, |g| for orders
+# other than 2) take the gradient in pieces of this many elements, so that
+# the temporaries stay this small whatever the size of x.
+_PIECE = 1 << 14
+
+
+def _piecewise_norm(g, norm, x, box):
+    """The ``norm``-order norm of ``g`` (projected onto the bounds ``box`` at
+    ``x``, when given), as ``numpy.linalg.norm`` takes it of a vector, from
+    pieces of ``_PIECE`` elements."""
+    flat = [a.reshape(-1) for a in ((g,) if box is None else (g, x, box[0], box[1]))]
+    order = 2 if norm is None else norm
+    acc = -math.inf if order == np.inf else math.inf if order == -np.inf else 0.0
+    for lo in range(0, flat[0].size, _PIECE):
+        gp = flat[0][lo:lo + _PIECE]
+        if box is not None:
+            xp, lbp, ubp = (a[lo:lo + _PIECE] for a in flat[1:])
+            gp = np.where(((xp <= lbp) & (gp > 0)) | ((xp >= ubp) & (gp < 0)), 0, gp)
+        if order == np.inf:
+            acc = max(acc, float(np.max(np.abs(gp))))
+        elif order == -np.inf:
+            acc = min(acc, float(np.min(np.abs(gp))))
+        elif order == 0:
+            acc += float(np.count_nonzero(gp))
+        elif order == 2:
+            acc += float(np.dot(gp, gp))
+        else:
+            with np.errstate(divide="ignore", over="ignore"):
+                acc += float(np.sum(np.abs(gp) ** order))
+    if order in (np.inf, -np.inf, 0):
+        return acc
+    with np.errstate(divide="ignore", over="ignore"):
+        return acc ** (1.0 / order) if order != 2 else math.sqrt(acc)
 
 
 # Up to this many elements the per-iteration checks read the array as a
