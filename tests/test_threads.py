@@ -200,3 +200,31 @@ def test_an_edit_made_while_a_step_takes_in_the_last_one_is_not_lost(backend):
     ref.param_groups[0]["lr"] = 0.5
     ref.step([g])
     np.testing.assert_array_equal(x, y)
+
+
+_FIRST_OPTIMIZERS = """
+import threading, numpy as np, expectigrad_np as eg
+errors, start = [], threading.Barrier(4)
+def run(k):
+    try:
+        xs = [np.zeros(1000)] if k % 2 else [np.zeros(10, np.float32), np.zeros(3)]
+        start.wait()
+        opt = eg.Expectigrad(xs, lr=0.01)
+        for _ in range(3):
+            opt.step([np.ones_like(x) for x in xs])
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("errors:", errors)
+"""
+
+
+def test_the_first_optimizers_of_a_process_built_in_threads_at_once():
+    # Each thread's optimizer asks for the same kernels at the same moment (in a
+    # fresh process, none made yet): every one gets them, none raises.
+    out = subprocess.run([sys.executable, "-c", _FIRST_OPTIMIZERS], check=True,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert "errors: []" in out.stdout, out.stdout + out.stderr[-2000:]

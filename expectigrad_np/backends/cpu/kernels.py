@@ -35,6 +35,8 @@ without refreshing numba's whole CPU target (``loading.py``).
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import carray, njit, prange, types
 
@@ -585,11 +587,19 @@ def segments_of(loops, parallel):
     key = (loops, parallel)
     found = _SEGMENTS.get(key)
     if found is None:
-        inline = _variant_globals(loops).get("_segments_inline", _segments_inline)
-        name = "_bucket_segments" + _suffix(loops) + ("_par" if parallel else "")
-        found = _SEGMENTS[key] = njit(parallel=parallel, **_OPTS)(
-            _twin(_bucket_segments, name, _segments_inline=inline))
+        with _MAKING:
+            found = _SEGMENTS.get(key)
+            if found is None:
+                found = _SEGMENTS[key] = _segments_kernel(loops, parallel)
     return found
+
+
+def _segments_kernel(loops, parallel):
+    """The dispatcher ``segments_of`` keeps (not yet compiled)."""
+    inline = _variant_globals(loops).get("_segments_inline", _segments_inline)
+    name = "_bucket_segments" + _suffix(loops) + ("_par" if parallel else "")
+    return njit(parallel=parallel, **_OPTS)(
+        _twin(_bucket_segments, name, _segments_inline=inline))
 
 
 _segments_a = _segments_b = None                  # set in each twin of _pair_step
@@ -598,6 +608,10 @@ _loops_present_a = _loops_present_b = _loops_present
 _BUCKET_STEP = {}
 _PAIR_STEP = {}
 _MADE = {}          # dispatchers made, not yet compiled (``background.ready``)
+# Held while a dispatcher is made (not while it compiles), so that threads
+# building optimizers at once share one; each made dispatcher has a lock of
+# its own, held while it is loaded or compiled.
+_MAKING = threading.RLock()
 
 
 def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=True):
@@ -614,24 +628,29 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
     kernel = _BUCKET_STEP.get(key)
     if kernel is not None:
         return kernel
-    made = _MADE.get(key)
-    if made is None:
-        from numba import from_dtype
-        sig = (types.int64, types.int64, from_dtype(dtype))
-        name = ("_bucket_step" + ("_gil" if hold_gil else "") + ("_par" if parallel else "")
-                + _suffix(loops))
-        made = _MADE[key] = (_kernel(_twin(_bucket_step, name,
-                                           _bucket_segments=segments_of(loops, parallel)),
-                                     nogil=not hold_gil), sig)
-    kernel, sig = made
+    with _MAKING:
+        made = _MADE.get(key)
+        if made is None:
+            from numba import from_dtype
+            sig = (types.int64, types.int64, from_dtype(dtype))
+            name = ("_bucket_step" + ("_gil" if hold_gil else "")
+                    + ("_par" if parallel else "") + _suffix(loops))
+            made = _MADE[key] = (_kernel(_twin(_bucket_step, name,
+                                               _bucket_segments=segments_of(loops, parallel)),
+                                         nogil=not hold_gil), sig, threading.Lock())
+    kernel, sig, lock = made
     if parallel:
         _threads_launched()
     recipe = (__name__, "bucket_step", (dtype.name, hold_gil, parallel, loops))
-    if not _background.ready(kernel, sig, recipe, wait=wait):
-        return None
-    kernel.disable_compile()            # as njit([sig]) does: this signature only
-    _BUCKET_STEP[key] = kernel
-    del _MADE[key]
+    with lock:                          # one thread makes it ready, the others wait
+        if key in _BUCKET_STEP:
+            return _BUCKET_STEP[key]
+        if not _background.ready(kernel, sig, recipe, wait=wait):
+            return None
+        kernel.disable_compile()        # as njit([sig]) does: this signature only
+        _BUCKET_STEP[key] = kernel
+    with _MAKING:
+        _MADE.pop(key, None)
     return kernel
 
 
@@ -655,27 +674,32 @@ def pair_step(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOO
     kernel = _PAIR_STEP.get(key[1:])
     if kernel is not None:
         return kernel
-    made = _MADE.get(key)
-    if made is None:
-        va, vb = _variant_globals(loops_a), _variant_globals(loops_b)
-        name = ("_pair_step" + ("_gil" if hold_gil else "") + ("_par" if parallel else "")
-                + f"_v{loops_a:03x}_{loops_b:03x}")
-        body = _twin(_pair_step, name,
-                     _segments_a=segments_of(loops_a, parallel),
-                     _segments_b=segments_of(loops_b, parallel),
-                     _loops_present_a=va.get("_loops_present", _loops_present),
-                     _loops_present_b=vb.get("_loops_present", _loops_present))
-        made = _MADE[key] = (_kernel(body, nogil=not hold_gil),
-                             (types.int64, types.int64, types.float64))
-    kernel, sig = made
+    with _MAKING:
+        made = _MADE.get(key)
+        if made is None:
+            va, vb = _variant_globals(loops_a), _variant_globals(loops_b)
+            name = ("_pair_step" + ("_gil" if hold_gil else "")
+                    + ("_par" if parallel else "") + f"_v{loops_a:03x}_{loops_b:03x}")
+            body = _twin(_pair_step, name,
+                         _segments_a=segments_of(loops_a, parallel),
+                         _segments_b=segments_of(loops_b, parallel),
+                         _loops_present_a=va.get("_loops_present", _loops_present),
+                         _loops_present_b=vb.get("_loops_present", _loops_present))
+            made = _MADE[key] = (_kernel(body, nogil=not hold_gil),
+                                 (types.int64, types.int64, types.float64), threading.Lock())
+    kernel, sig, lock = made
     if parallel:
         _threads_launched()
     recipe = (__name__, "pair_step", (hold_gil, parallel, loops_a, loops_b))
-    if not _background.ready(kernel, sig, recipe, wait=wait):
-        return None
-    kernel.disable_compile()
-    _PAIR_STEP[key[1:]] = kernel
-    del _MADE[key]
+    with lock:                          # one thread makes it ready, the others wait
+        if key[1:] in _PAIR_STEP:
+            return _PAIR_STEP[key[1:]]
+        if not _background.ready(kernel, sig, recipe, wait=wait):
+            return None
+        kernel.disable_compile()
+        _PAIR_STEP[key[1:]] = kernel
+    with _MAKING:
+        _MADE.pop(key, None)
     return kernel
 
 
@@ -772,6 +796,9 @@ def variant(loops):
     its kernels compile or load on first call."""
     found = _VARIANTS.get(loops)
     if found is None:
-        found = _VARIANTS[loops] = Variant(loops)
+        with _MAKING:
+            found = _VARIANTS.get(loops)
+            if found is None:
+                found = _VARIANTS[loops] = Variant(loops)
     return found
 
