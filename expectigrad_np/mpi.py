@@ -117,17 +117,27 @@ def _raise_agreed(comm, error, gathered):
     _check_nones([p for _, p in gathered])
 
 
-def _same_everywhere(comm, layout, chunk):
-    """Raise on every rank unless every rank built the same parameters
-    (shapes, dtypes) with the same ``chunk`` (the collectives' sizes)."""
-    gathered = comm.allgather((layout, chunk))
-    if any(other[0] != layout for other in gathered):
-        raise ValueError("the ranks were given different parameters (shapes or dtypes "
-                         "differ); every rank must build the same optimizer")
-    if any(other[1] != chunk for other in gathered):
-        raise ValueError(f"the ranks were given different chunk sizes "
-                         f"({[c for _, c in gathered]}); chunk sets the size of the "
-                         "collectives, so every rank must give the same")
+def _same_everywhere(comm, layout, chunk, build):
+    """Raise on every rank unless every rank built the same optimizer: the
+    same kind (``build``: sharded or not, ``lazy``, the number of parameters
+    in each group), the same parameters (shapes, dtypes) and the same
+    ``chunk`` (the collectives' sizes)."""
+    gathered = comm.allgather((layout, chunk, build))
+    for rank, (other_layout, other_chunk, other_build) in enumerate(gathered):
+        if other_build != build:
+            names = ("shard_state", "lazy", "parameters per param group")
+            key, mine, theirs = next((k, a, b) for k, a, b in zip(names, build, other_build)
+                                     if a != b)
+            raise ValueError(f"the ranks built different optimizers: {key} is {mine} here "
+                             f"(rank {comm.rank}) and {theirs} on rank {rank}; every rank "
+                             "must build the same optimizer")
+        if other_layout != layout:
+            raise ValueError("the ranks were given different parameters (shapes or dtypes "
+                             "differ); every rank must build the same optimizer")
+        if other_chunk != chunk:
+            raise ValueError(f"the ranks were given different chunk sizes "
+                             f"({[c for _, c, _ in gathered]}); chunk sets the size of the "
+                             "collectives, so every rank must give the same")
 
 
 def _check_nones(patterns):
@@ -177,8 +187,8 @@ def _check_settings(gathered):
             gi, key, a, b = next((gi, key, a, b)
                                  for gi, (r0, r) in enumerate(zip(first[0], rows))
                                  for key, a, b in zip(_COMPARED, r0, r) if a != b)
-            what = (f"param group {gi}: {key!r} is {a} on rank 0 and {b} on rank {rank}"
-                    + (" (a schedule's value this step)" if key == "lr" else ""))
+            what = (f"param group {gi}: {key!r}" + (" this step" if key == "lr" else "")
+                    + f" is {a} on rank 0 and {b} on rank {rank}")
         raise ValueError(f"the ranks step with different hyperparameters: {what}; every "
                          "rank must use the same values; the step was refused and nothing "
                          "was changed")
@@ -231,7 +241,9 @@ class Expectigrad(_Core):
             error = exc
         self._agree(error, "constructing the optimizer")
         layout = [(tuple(p.shape), np.dtype(p.dtype).str) for p in self._params]
-        _same_everywhere(self.comm, layout, self.chunk)
+        build = (False, bool(getattr(self, "_lazy", False)),
+                 [len(g["params"]) for g in getattr(self, "param_groups", ())])
+        _same_everywhere(self.comm, layout, self.chunk, build)
 
     def _agree(self, error, what):
         _agree(self.comm, error, what)
@@ -240,13 +252,14 @@ class Expectigrad(_Core):
         """The core's, evaluated once a step: ``step`` checks the value on
         every rank before the collectives, and the core's step then takes the
         same value instead of calling the schedule again."""
-        key = (gi, self.step_count, id(schedule))
+        key = (gi, self.step_count)
         memo = self.__dict__.setdefault("_lr_memo", {})
-        if key not in memo:
+        kept = memo.get(key)
+        if kept is None or kept[0] is not schedule:
             if any(k[1] != self.step_count for k in memo):
                 memo.clear()
-            memo[key] = super()._scheduled_lr(gi, schedule)
-        return memo[key]
+            kept = memo[key] = (schedule, super()._scheduled_lr(gi, schedule))
+        return kept[1]
 
     def step(self, grads):
         """Average ``grads`` over the ranks, then step (every rank the same).
@@ -265,7 +278,12 @@ class Expectigrad(_Core):
             ``check_finite``) not finite; nothing changes on any rank.
         """
         with self._lock:            # the buffers of _mean are the optimizer's
-            self._step_locked(grads)
+            try:
+                self._step_locked(grads)
+            except BaseException:
+                # Refused: a retry calls the schedules again, as one process does.
+                self.__dict__.pop("_lr_memo", None)
+                raise
 
     def _step_locked(self, grads):
         error, local, settings = None, None, None
@@ -276,7 +294,7 @@ class Expectigrad(_Core):
             # A schedule's value some rank refuses (or a schedule that raises
             # there) is refused on every rank, before anything; the values
             # used are compared over the ranks with the other settings.
-            lrs = [(self._scheduled_lr(gi, group["lr"]) if stepping else None)
+            lrs = [None if not stepping else self._scheduled_lr(gi, group["lr"])
                    if callable(group["lr"]) else group["lr"]
                    for gi, group in enumerate(self.param_groups)]
             settings = _settings(self.param_groups, lrs, self.check_finite,
@@ -289,12 +307,13 @@ class Expectigrad(_Core):
         super().step(means[0] if self._bare else means)
 
     def _local_gradients(self, grads):
-        """One contiguous array of its parameter's dtype (or None) per
-        parameter, checked as the core checks them; a row-sparse gradient
-        as ``_Rows`` (its rows and summed values)."""
+        """One array of its parameter's shape (or None) per parameter,
+        checked as the core checks them (``_mean`` casts it, copying it into
+        its buffer); a row-sparse gradient as ``_Rows`` (its rows and summed
+        values)."""
         flat = self._flatten_grads(grads)
         return [None if g is None else _Rows(*as_rows(g, p, name)) if is_row_sparse(g)
-                else np.asarray(V.as_gradient(g, p, name), dtype=p.dtype, order="C")
+                else V.as_gradient(g, p, name)
                 for g, p, name in zip(flat, self._params, self._names)]
 
     def _sparse_mean(self, local):
@@ -337,13 +356,15 @@ class Expectigrad(_Core):
         a step allocates nothing the size of the gradients."""
         size = self.comm.size
         out = list(local)
-        dense = [g if isinstance(g, np.ndarray) else None for g in local]
-        for dtype in sorted({g.dtype.str for g in dense if g is not None}):
-            idx = [i for i, g in enumerate(dense) if g is not None and g.dtype.str == dtype]
+        kind = [np.dtype(p.dtype).str if isinstance(g, np.ndarray) else None
+                for g, p in zip(local, self._params)]
+        for dtype in sorted({k for k in kind if k is not None}):
+            idx = [i for i, k in enumerate(kind) if k == dtype]
             flat, rows = self._buffers(dtype, sum(local[i].size for i in idx))
             used = 0
             for i in idx:
-                flat[used:used + local[i].size] = local[i].reshape(-1)
+                # Cast and made contiguous in the copy itself: no temporary.
+                flat[used:used + local[i].size].reshape(local[i].shape)[...] = local[i]
                 used += local[i].size
             c = rows.shape[1]
             with np.errstate(over="ignore", invalid="ignore"):   # refused by the step
@@ -492,6 +513,10 @@ class _Once:
             self._t = t
         return self._value
 
+    def forget(self):
+        """Call the schedule again at the next call (after a refused step)."""
+        self._t = None
+
 
 def _unwrapped(value):
     return value.schedule if isinstance(value, _Once) else value
@@ -594,7 +619,8 @@ class ShardedExpectigrad:
             error = exc
         _agree(self.comm, error, "constructing the optimizer")
         layout = [(tuple(p.shape), p.dtype.str) for p in self._params]
-        _same_everywhere(self.comm, layout, self.chunk)
+        _same_everywhere(self.comm, layout, self.chunk,
+                         (True, False, list(getattr(self, "_group_sizes", ()))))
 
     # --- construction -------------------------------------------------------------
 
@@ -748,32 +774,42 @@ class ShardedExpectigrad:
             on any rank.
         """
         with self._lock:
-            error, local, settings = None, None, None
             try:
-                local = self._local_gradients(grads)
-                self._sync_hyper()
-                settings = _settings(self.param_groups, self._check_step(local),
-                                     self.check_finite, self.global_clipnorm)
-            except Exception as exc:  # noqa: BLE001 - raised on every rank below
-                error = exc
-            # Every rank takes part in the reduce-scatter, a rank that failed
-            # too (its buffer is sent as it is): one small collective after
-            # it then agrees on errors, on the None pattern and on the check
-            # and the norms, before anything changes.
-            shard = self._reduce_scatter(local)
-            active = (np.zeros(len(self._params), bool) if local is None
-                      else np.array([g is not None for g in local]))
-            pieces = self._piece_gradients(shard, active)
-            self._check_and_clip(pieces, shard, error, local, settings)
-            if not active.any():
-                return
-            # Schedules see the step count of the whole optimizer, also on a
-            # rank whose pieces all had None (its core then took no step).
-            self.core.step_count = self.step_count
-            self.core.step(pieces)
-            self._all_gather()
-            self._t += active
-            self.step_count += 1
+                self._step_locked(grads)
+            except BaseException:
+                # Refused: a retry calls the schedules again, as one process does.
+                for group in self.core.param_groups:
+                    if isinstance(group["lr"], _Once):
+                        group["lr"].forget()
+                raise
+
+    def _step_locked(self, grads):
+        error, local, settings = None, None, None
+        try:
+            local = self._local_gradients(grads)
+            self._sync_hyper()
+            settings = _settings(self.param_groups, self._check_step(local),
+                                 self.check_finite, self.global_clipnorm)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = exc
+        # Every rank takes part in the reduce-scatter, a rank that failed
+        # too (its buffer is sent as it is): one small collective after
+        # it then agrees on errors, on the None pattern and on the check
+        # and the norms, before anything changes.
+        shard = self._reduce_scatter(local)
+        active = (np.zeros(len(self._params), bool) if local is None
+                  else np.array([g is not None for g in local]))
+        pieces = self._piece_gradients(shard, active)
+        self._check_and_clip(pieces, shard, error, local, settings)
+        if not active.any():
+            return
+        # Schedules see the step count of the whole optimizer, also on a
+        # rank whose pieces all had None (its core then took no step).
+        self.core.step_count = self.step_count
+        self.core.step(pieces)
+        self._all_gather()
+        self._t += active
+        self.step_count += 1
 
     def _check_step(self, local):
         """What the core would refuse on some rank only: a parameter to step
@@ -781,6 +817,8 @@ class ShardedExpectigrad:
         group's dtypes can hold but another's cannot.  Returns each group's
         ``lr`` this step (a schedule's value)."""
         _Core._check_writeable(self, [i for i, g in enumerate(local) if g is not None])
+        if all(g is None for g in local):
+            return [None] * len(self.param_groups)      # no step: no schedule called
         lrs = []
         for gi, group in enumerate(self.param_groups):
             schedule = self.core.param_groups[gi]["lr"]        # _Once: kept for the core
@@ -797,8 +835,9 @@ class ShardedExpectigrad:
             grads = [grads]
         grads = _Core._flatten_grads(self, grads)      # the core's rules and messages
         # A row-sparse gradient is made dense: the shards are flat slices.
+        # Others are cast into the flat buffer by _reduce_scatter.
         return [None if g is None else densify(g, p, name) if is_row_sparse(g)
-                else np.ascontiguousarray(V.as_gradient(g, p, name), dtype=p.dtype)
+                else V.as_gradient(g, p, name)
                 for g, p, name in zip(grads, self._params, self._names)]
 
     def _reduce_scatter(self, local):
@@ -818,7 +857,8 @@ class ShardedExpectigrad:
             flat, rows, shard_mean = self._scratch[dt]
             for j, i in enumerate(idx):
                 if local is not None and local[i] is not None:   # None: unused
-                    flat[offsets[j]:offsets[j + 1]] = local[i].reshape(-1)
+                    g = local[i]        # cast and made contiguous in the copy itself
+                    flat[offsets[j]:offsets[j + 1]].reshape(g.shape)[...] = g
             c = rows.shape[1]
             starts = bounds[:-1]
             ends = bounds[1:]

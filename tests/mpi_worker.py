@@ -501,7 +501,8 @@ if size > 1:
                 for i, e in o.state_dict()["state"].items()}
 
     changes = [
-        (lambda o: o.param_groups[0].__setitem__("lr", 0.1 + 0.1 * rank), "'lr' is 0.1"),
+        (lambda o: o.param_groups[0].__setitem__("lr", 0.1 + 0.1 * rank),
+         "'lr' this step is 0.1 on rank 0"),
         (lambda o: o.param_groups[0].__setitem__("beta", 0.5 if rank else 0.9), "'beta'"),
         (lambda o: o.param_groups[0].__setitem__("eps", 1e-8 if rank else 1e-6), "'eps'"),
         (lambda o: o.param_groups[0].__setitem__("clipnorm", None if rank else 5.0),
@@ -510,7 +511,7 @@ if size > 1:
         (lambda o: setattr(o, "global_clipnorm", None if rank else 1.0), "global_clipnorm"),
         (lambda o: o.param_groups[0].__setitem__(
             "lr", (lambda t: 0.1 * (1 + rank * (t > 0))) if rank else 0.1),
-         "(a schedule's value this step)"),
+         "'lr' this step is 0.1 on rank 0 and 0.2"),
     ]
     for change, needle in changes:
         xs = [np.linspace(-1, 1, 6), np.ones(3, np.float32)]
@@ -523,6 +524,43 @@ if size > 1:
         assert all(np.array_equal(a, b) for a, b in zip(xs, before)) and opt.step_count == 1
         after = state_of(opt)
         assert all(np.array_equal(after[i][k], state[i][k]) for i in state for k in state[i])
+    # Optimizers built differently on different ranks: refused at construction.
+    a, b, c = np.zeros(4), np.zeros(4), np.zeros(4)
+    groups = ([{"params": [a, b]}, {"params": [c], "lr": 0.2}] if rank == 0 else
+              [{"params": [a]}, {"params": [b, c], "lr": 0.2}])
+    raises_everywhere(ValueError, lambda: Expectigrad(groups, lr=0.1, shard_state=SHARDED),
+                      "parameters per param group")
+    raises_everywhere(ValueError, lambda: Expectigrad([a], shard_state=rank == 0, chunk=64),
+                      "shard_state")
+    if not SHARDED:
+        raises_everywhere(ValueError, lambda: Expectigrad([a], shard_state=False,
+                                                          lazy=rank == 0), "lazy")
+
+    # A step of None gradients only calls no schedule and compares no lr, as
+    # in one process.
+    xs = [np.linspace(-1, 1, 6)]
+    opt = Expectigrad(xs, lr=0.1 if rank else (lambda t: 0.1 if t == 0 else -1.0),
+                      shard_state=SHARDED)
+    before = xs[0].copy()
+    opt.step([np.ones(6)])
+    moved = xs[0].copy()
+    opt.step([None])
+    assert opt.step_count == 1 and np.array_equal(xs[0], moved)       # as one process
+    assert not np.array_equal(moved, before)
+
+    # A refused step leaves no schedule value behind: the retry calls the
+    # schedule again (it may answer otherwise now), as one process does.
+    scale = [1.0]
+    xs, ref_xs = [np.zeros(3)], [np.zeros(3)]
+    opt = Expectigrad(xs, lr=lambda t: 0.1 * scale[0], shard_state=SHARDED)
+    ref = eg.Expectigrad(ref_xs, lr=lambda t: 0.1 * scale[0])
+    bad = np.array([np.nan if rank == 0 else 1.0, 1.0, 1.0])
+    raises_everywhere(FloatingPointError, lambda: opt.step([bad]))
+    scale[0] = 0.5
+    opt.step([np.ones(3)])
+    ref.step([np.ones(3)])
+    assert np.array_equal(xs[0], ref_xs[0]), (xs[0], ref_xs[0])
+
     # The values a step uses are compared, not how they were given: a schedule
     # on one rank and the number it gives on another step together.
     xs, ref_xs = [np.linspace(-1, 1, 6)], [np.linspace(-1, 1, 6)]
@@ -549,6 +587,17 @@ if os.access("/proc/self/clear_refs", os.W_OK):
     base = peak_kib()
     for _ in range(2):
         opt.step(g)
+    assert peak_kib() - base < 8 * 1024, (peak_kib(), base)
+    # Gradients of another dtype, or strided: cast and gathered in the copy
+    # into the optimizer's buffer, not through a copy of their own.
+    g32, strided = [np.ones(1 << 22, np.float32)], [np.ones(1 << 23)[::2]]
+    opt.step(g32)
+    opt.step(strided)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = peak_kib()
+    opt.step(g32)
+    opt.step(strided)
     assert peak_kib() - base < 8 * 1024, (peak_kib(), base)
 
 comm.Barrier()
