@@ -66,6 +66,25 @@ def _has_numba():
         return False
 
 
+# Row-sparse steps that visit every row of an array take it this many rows
+# at a time (the index rows of a visit), and squared norms of row-sparse
+# values are summed this many elements at a time in float64: temporaries of
+# this size, not of the array's.
+_ROW_BLOCK = 1 << 16
+_PIECE = 1 << 14
+
+
+def _sum_of_squares(values):
+    """``sum(values**2)`` in float64, a piece at a time (inf where it
+    overflows)."""
+    flat = values.reshape(-1)
+    total = 0.0
+    with np.errstate(over="ignore"):
+        for lo in range(0, flat.size, _PIECE):
+            total += float(np.sum(np.square(flat[lo:lo + _PIECE], dtype=np.float64)))
+    return total
+
+
 def _in_dtype(value, dtype):
     """A float64 threshold as ``dtype`` holds it (inf beyond its range)."""
     if value > float(np.finfo(dtype).max):
@@ -767,9 +786,9 @@ class Expectigrad:
             if clipnorm == np.inf and gclip == np.inf:
                 sumsq[i], scale[i] = 0.0, 1.0      # no norm needed
                 continue
-            clipped = vals if clipvalue == np.inf else np.clip(vals, -clipvalue, clipvalue)
-            with np.errstate(over="ignore"):
-                sumsq[i] = float(np.sum(np.square(clipped, dtype=np.float64)))
+            if clipvalue != np.inf:     # ``vals`` is a copy (as_rows): clipped in place,
+                np.clip(vals, -clipvalue, clipvalue, out=vals)      # as the kernels would
+            sumsq[i] = _sum_of_squares(vals)
             scale[i] = L.clip_scale(sumsq[i], clipnorm)
         if not all(sq < np.inf for sq in sumsq.values()):
             return self._step_densified(grads, rows_of)     # the overflow-safe norms
@@ -859,19 +878,32 @@ class Expectigrad:
                 else:
                     live = known[0]
             if everything or (live is not None and 4 * live.size > nrows):
-                visit = np.arange(nrows)        # cheaper than merging the sets
-            elif live is not None and live.size:
-                visit = np.union1d(rows, live)
+                # Every row (cheaper than merging the sets), a block of rows
+                # at a time: the index rows stay this small, however many
+                # rows the array has.
+                found = []
+                for lo in range(0, nrows, _ROW_BLOCK):
+                    hi = min(lo + _ROW_BLOCK, nrows)
+                    visit = np.arange(lo, hi)
+                    a, z = np.searchsorted(rows, (lo, hi))
+                    sel = np.full(hi - lo, -1, np.int64)
+                    sel[rows[a:z] - lo] = np.arange(a, z)
+                    nonzero = b.update_rows(k, visit, sel, vals, scale)
+                    if nonzero is not None:
+                        found.append(visit[nonzero])
+                if f[L.MOMENTUM]:
+                    self._live[i] = (np.concatenate(found) if found
+                                     else np.zeros(0, np.int64), t_new)
             else:
-                visit = rows
-            if visit is rows:
-                sel = np.arange(rows.size)
-            else:
-                sel = np.full(visit.size, -1, np.int64)
-                sel[np.searchsorted(visit, rows)] = np.arange(rows.size)
-            nonzero = b.update_rows(k, visit, sel, vals, scale)
-            if nonzero is not None:
-                self._live[i] = (visit[nonzero], t_new)
+                if live is not None and live.size:
+                    visit = np.union1d(rows, live)
+                    sel = np.full(visit.size, -1, np.int64)
+                    sel[np.searchsorted(visit, rows)] = np.arange(rows.size)
+                else:
+                    visit, sel = rows, np.arange(rows.size)
+                nonzero = b.update_rows(k, visit, sel, vals, scale)
+                if nonzero is not None:
+                    self._live[i] = (visit[nonzero], t_new)
         b.flags[k, L.UNIFORM] = 0           # untouched rows kept their counts
 
     def _lazy_coefficients(self, i, rows, T):

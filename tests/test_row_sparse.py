@@ -2,7 +2,10 @@
 the dense step of the densified gradient; eager steps bit for bit, lazy ones
 to rounding once synced; only the rows that can change are visited."""
 import copy
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -637,3 +640,60 @@ def test_lazy_is_fixed_at_construction():
         opt.lazy = False
     assert opt.lazy is True
     assert pickle.loads(pickle.dumps(opt)).lazy is True
+
+
+_ROWS_PEAK = """
+import json, numpy as np, expectigrad_np as eg
+
+def reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return hwm()
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+
+def grown(opt, grad):
+    opt.step([grad()])                          # compile, allocate, touch pages
+    base = reset()
+    for _ in range(2):
+        opt.step([grad()])
+    return hwm() - base
+
+rng = np.random.default_rng(0)
+out = {}
+# Eager steps that visit every row of a 2**19-row table (32 MiB) for 128 rows.
+few = lambda: eg.RowSparse(np.arange(0, 1 << 19, 4096), np.ones((128, 8)))
+for name, opts in (("plain", {}), ("weight_decay", dict(weight_decay=0.01)),
+                   ("dense counter", dict(sparse_counter=False))):
+    out[name] = grown(eg.Expectigrad([np.zeros((1 << 19, 8))], lr=0.01, **opts), few)
+# Clipping a gradient of every row (16 MiB of float32 values).
+vals = rng.standard_normal((1 << 19, 8)).astype(np.float32)
+every = lambda: eg.RowSparse(np.arange(1 << 19), vals)
+for name, opts in (("unclipped", {}), ("clipped", dict(clipnorm=1.0, clipvalue=0.5))):
+    out[name] = grown(eg.Expectigrad([np.zeros((1 << 19, 8), np.float32)], lr=0.01,
+                                     **opts), every)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux")
+                         and os.access("/proc/self/clear_refs", os.W_OK)),
+                    reason="needs /proc/self/clear_refs (Linux)")
+def test_row_sparse_steps_need_no_temporary_the_size_of_the_table():
+    # Peak memory over two steps after a first: a visit of every row goes a
+    # block of rows at a time, and norms of the values are summed in pieces.
+    # (glibc's mmap threshold set low, so that every freed block shows.)
+    import json
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
+               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               EXPECTIGRAD_NP_COMPILE="wait")     # kernels, not the reference, step
+    out = subprocess.run([sys.executable, "-c", _ROWS_PEAK], check=True,
+                         capture_output=True, text=True, env=env, timeout=600)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    table_kib = (1 << 19) * 8 * 8 // 1024               # 32 MiB of float64 parameters
+    for name in ("weight_decay", "dense counter"):
+        assert r[name] < r["plain"] + table_kib // 16, r
+    values_kib = (1 << 19) * 8 * 4 // 1024              # 16 MiB of float32 values
+    assert r["clipped"] < r["unclipped"] + values_kib // 8, r
