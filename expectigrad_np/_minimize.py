@@ -595,8 +595,10 @@ def _piecewise_norm(g, norm, x, box):
                 acc += float(np.sum(np.abs(gp) ** order))
     if order in (np.inf, -np.inf, 0):
         return acc
+    # As NumPy's power: inf beyond the range, and 0 to a negative power is
+    # inf (Python's float power raises for both).
     with np.errstate(divide="ignore", over="ignore"):
-        return acc ** (1.0 / order) if order != 2 else math.sqrt(acc)
+        return float(np.float64(acc) ** (1.0 / order))
 
 
 # Up to this many elements the per-iteration checks read the array as a

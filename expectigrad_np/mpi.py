@@ -364,7 +364,10 @@ class Expectigrad(_Core):
             used = 0
             for i in idx:
                 # Cast and made contiguous in the copy itself: no temporary.
-                flat[used:used + local[i].size].reshape(local[i].shape)[...] = local[i]
+                # A cast that overflows gives inf, which the step refuses on
+                # every rank (raising here would leave the others waiting).
+                with np.errstate(all="ignore"):
+                    flat[used:used + local[i].size].reshape(local[i].shape)[...] = local[i]
                 used += local[i].size
             c = rows.shape[1]
             with np.errstate(over="ignore", invalid="ignore"):   # refused by the step
@@ -858,7 +861,8 @@ class ShardedExpectigrad:
             for j, i in enumerate(idx):
                 if local is not None and local[i] is not None:   # None: unused
                     g = local[i]        # cast and made contiguous in the copy itself
-                    flat[offsets[j]:offsets[j + 1]].reshape(g.shape)[...] = g
+                    with np.errstate(all="ignore"):      # inf: refused on every rank
+                        flat[offsets[j]:offsets[j + 1]].reshape(g.shape)[...] = g
             c = rows.shape[1]
             starts = bounds[:-1]
             ends = bounds[1:]

@@ -525,6 +525,16 @@ if size > 1:
         assert all(np.array_equal(a, b) for a, b in zip(xs, before)) and opt.step_count == 1
         after = state_of(opt)
         assert all(np.array_equal(after[i][k], state[i][k]) for i in state for k in state[i])
+    # A gradient whose cast to the parameter's dtype overflows on one rank,
+    # with floating-point errors raised there: every rank refuses the step (the
+    # inf it casts to), none is left waiting.
+    xs = [np.zeros(4, np.float32)]
+    opt = Expectigrad(xs, lr=0.1, shard_state=SHARDED)
+    big = np.full(4, 1e300 if rank == size - 1 else 1.0)
+    with np.errstate(all="raise"):
+        raises_everywhere(FloatingPointError, lambda: opt.step([big]), "NaN or infinity")
+    assert not xs[0].any() and opt.step_count == 0
+
     # Optimizers built differently on different ranks: refused at construction.
     a, b, c = np.zeros(4), np.zeros(4), np.zeros(4)
     groups = ([{"params": [a, b]}, {"params": [c], "lr": 0.2}] if rank == 0 else

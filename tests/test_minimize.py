@@ -562,3 +562,12 @@ def test_the_convergence_check_needs_no_temporary_the_size_of_x():
     # The bounds: lb and ub, two arrays the size of x, kept for the run.
     for name in ("bounds", "bounds, norm=3"):
         assert r[name] < plain + 2 * one + one // 4, r
+
+
+@pytest.mark.parametrize("norm, g", [(0.5, 1.5e308), (-2, 1e200)])
+def test_norms_beyond_the_float_range_are_inf_as_numpy_takes_them(norm, g):
+    # numpy.linalg.norm gives inf here (Python's float power raises); the run goes
+    # on to maxiter.
+    res = eg.minimize(lambda x: (0.0, np.full(3, g)), np.zeros(3), jac=True, norm=norm,
+                      maxiter=2, gtol=0.0, lr=1e-300)
+    assert res.status == 1 and res.nit == 2, res

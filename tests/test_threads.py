@@ -228,3 +228,30 @@ def test_the_first_optimizers_of_a_process_built_in_threads_at_once():
                          capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert "errors: []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+_HANDLER_STEPS = """
+import signal, numpy as np, expectigrad_np as eg
+def handler(sig, frame):
+    x = np.zeros(1000, np.float32)
+    eg.Expectigrad([x], lr=0.1).step([np.ones(1000, np.float32)])
+    print("handler stepped", x[0], flush=True)
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 1.0)       # while the first kernel compiles
+x = np.zeros(1000, np.float32)
+eg.Expectigrad([x], lr=0.1).step([np.ones(1000, np.float32)])
+print("main stepped", x[0], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_handler_that_steps_while_the_same_kernel_compiles(tmp_path):
+    # The handler's step asks for the kernel the interrupted step is compiling
+    # (an empty cache, compiled in the process): both steps finish.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
+               NUMBA_CACHE_DIR=str(tmp_path), EXPECTIGRAD_NP_COMPILE="wait")
+    out = subprocess.run([sys.executable, "-c", _HANDLER_STEPS], capture_output=True,
+                         text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "handler stepped -0.1" in out.stdout and "main stepped -0.1" in out.stdout, (
+        out.stdout)

@@ -610,7 +610,8 @@ _PAIR_STEP = {}
 _MADE = {}          # dispatchers made, not yet compiled (``background.ready``)
 # Held while a dispatcher is made (not while it compiles), so that threads
 # building optimizers at once share one; each made dispatcher has a lock of
-# its own, held while it is loaded or compiled.
+# its own, held while it is loaded or compiled (reentrant: a signal
+# handler's step may ask for it in the middle).
 _MAKING = threading.RLock()
 
 
@@ -637,7 +638,7 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
                     + ("_par" if parallel else "") + _suffix(loops))
             made = _MADE[key] = (_kernel(_twin(_bucket_step, name,
                                                _bucket_segments=segments_of(loops, parallel)),
-                                         nogil=not hold_gil), sig, threading.Lock())
+                                         nogil=not hold_gil), sig, threading.RLock())
     kernel, sig, lock = made
     if parallel:
         _threads_launched()
@@ -645,8 +646,13 @@ def bucket_step(dtype, hold_gil=False, parallel=False, loops=ALL_LOOPS, wait=Tru
     with lock:                          # one thread makes it ready, the others wait
         if key in _BUCKET_STEP:
             return _BUCKET_STEP[key]
-        if not _background.ready(kernel, sig, recipe, wait=wait):
-            return None
+        try:
+            if not _background.ready(kernel, sig, recipe, wait=wait):
+                return None
+        except RuntimeError:
+            if key in _BUCKET_STEP:     # made ready meanwhile, by a signal handler's step
+                return _BUCKET_STEP[key]
+            raise
         kernel.disable_compile()        # as njit([sig]) does: this signature only
         _BUCKET_STEP[key] = kernel
     with _MAKING:
@@ -686,7 +692,7 @@ def pair_step(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOO
                          _loops_present_a=va.get("_loops_present", _loops_present),
                          _loops_present_b=vb.get("_loops_present", _loops_present))
             made = _MADE[key] = (_kernel(body, nogil=not hold_gil),
-                                 (types.int64, types.int64, types.float64), threading.Lock())
+                                 (types.int64, types.int64, types.float64), threading.RLock())
     kernel, sig, lock = made
     if parallel:
         _threads_launched()
@@ -694,8 +700,13 @@ def pair_step(hold_gil=False, parallel=False, loops_a=ALL_LOOPS, loops_b=ALL_LOO
     with lock:                          # one thread makes it ready, the others wait
         if key[1:] in _PAIR_STEP:
             return _PAIR_STEP[key[1:]]
-        if not _background.ready(kernel, sig, recipe, wait=wait):
-            return None
+        try:
+            if not _background.ready(kernel, sig, recipe, wait=wait):
+                return None
+        except RuntimeError:
+            if key[1:] in _PAIR_STEP:   # made ready meanwhile, by a signal handler's step
+                return _PAIR_STEP[key[1:]]
+            raise
         kernel.disable_compile()
         _PAIR_STEP[key[1:]] = kernel
     with _MAKING:
