@@ -478,18 +478,15 @@ if size > 1:
     class Unpicklable(Exception):       # a local class: pickles on no rank
         pass
 
-    def objective(w, batch):
-        if rank == size - 1:
-            raise Unpicklable("bad batch")
-        return float(w @ w), 2 * w
-    raises_everywhere(Exception, lambda: eg.minimize(
-        objective, np.ones(2), jac=True, data=[0, 1], comm=comm), "bad batch")
-    def objective_os(w, batch):
-        if rank == size - 1:
-            raise OSError("disk gone")
-        return float(w @ w), 2 * w
-    raises_everywhere(OSError, lambda: eg.minimize(
-        objective_os, np.ones(2), jac=True, data=[0, 1], comm=comm), "disk gone")
+    # An exception that does not pickle reaches every rank; an OSError as one.
+    for kind, message, caught in ((Unpicklable, "bad batch", Exception),
+                                  (OSError, "disk gone", OSError)):
+        def objective(w, batch, kind=kind, message=message):
+            if rank == size - 1:
+                raise kind(message)
+            return float(w @ w), 2 * w
+        raises_everywhere(caught, lambda: eg.minimize(
+            objective, np.ones(2), jac=True, data=[0, 1], comm=comm), message)
     one_shot = iter([0, 1]) if rank == size - 1 else [0, 1]
     raises_everywhere(Exception, lambda: eg.minimize(
         lambda w, b: (float(w @ w), 2 * w), np.ones(2), jac=True, data=one_shot, epochs=2,

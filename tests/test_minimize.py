@@ -5,6 +5,7 @@ import sys
 import warnings
 
 import numpy as np
+import peak_memory
 import pytest
 import scipy.optimize as so
 
@@ -513,18 +514,9 @@ def test_a_stochastic_run_of_no_steps_is_refused():
                     data=[0, 1], maxiter=0)
 
 
+
 _PEAK_SCRIPT = """
 import json, numpy as np, expectigrad_np as eg
-
-def peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
-
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
 
 n = 1 << 21
 x0 = np.full(n, 0.5)
@@ -534,28 +526,19 @@ grown = {}
 for name, opts in (("plain", {}), ("bounds", dict(bounds=[(-1.0, 1.0)] * n)),
                    ("norm=1", dict(norm=1)), ("bounds, norm=3", dict(bounds=[(-1.0, 1.0)] * n,
                                                                     norm=3))):
-    base = peak()
+    base = reset()
     eg.minimize(quad, x0, jac=True, maxiter=3, lr=0.1, **opts)
-    grown[name] = hwm() - base
+    grown[name] = peak() - base
 print(json.dumps(dict(grown, kib=n * 8 // 1024)))
 """
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux")
-                         and os.access("/proc/self/clear_refs", os.W_OK)),
-                    reason="needs /proc/self/clear_refs (Linux)")
+@peak_memory.needs_proc
 def test_the_convergence_check_needs_no_temporary_the_size_of_x():
     # Bounds (the projected gradient) and norms other than 2 and inf are taken
     # in pieces: a run with them peaks no higher than a plain one, beyond the
-    # bounds' own two arrays.  (glibc returns freed blocks to the system only
-    # above its mmap threshold: set low, so that every temporary shows.)
-    import json
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
-               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               EXPECTIGRAD_NP_COMPILE="wait")     # kernels, not the reference, step
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], check=True,
-                         capture_output=True, text=True, env=env)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # bounds' own two arrays.
+    r = peak_memory.run(_PEAK_SCRIPT)
     one = r["kib"]                          # one array the size of x
     plain = r["plain"]
     assert r["norm=1"] < plain + one // 4, r

@@ -2,12 +2,10 @@
 the dense step of the densified gradient; eager steps bit for bit, lazy ones
 to rounding once synced; only the rows that can change are visited."""
 import copy
-import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
+import peak_memory
 import pytest
 import scipy.sparse as sp
 from hypothesis import given, settings
@@ -642,24 +640,16 @@ def test_lazy_is_fixed_at_construction():
     assert pickle.loads(pickle.dumps(opt)).lazy is True
 
 
+
 _ROWS_PEAK = """
 import json, numpy as np, expectigrad_np as eg
-
-def reset():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return hwm()
-
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
 
 def grown(opt, grad):
     opt.step([grad()])                          # compile, allocate, touch pages
     base = reset()
     for _ in range(2):
         opt.step([grad()])
-    return hwm() - base
+    return peak() - base
 
 rng = np.random.default_rng(0)
 out = {}
@@ -678,20 +668,11 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux")
-                         and os.access("/proc/self/clear_refs", os.W_OK)),
-                    reason="needs /proc/self/clear_refs (Linux)")
+@peak_memory.needs_proc
 def test_row_sparse_steps_need_no_temporary_the_size_of_the_table():
     # Peak memory over two steps after a first: a visit of every row goes a
     # block of rows at a time, and norms of the values are summed in pieces.
-    # (glibc's mmap threshold set low, so that every freed block shows.)
-    import json
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
-               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               EXPECTIGRAD_NP_COMPILE="wait")     # kernels, not the reference, step
-    out = subprocess.run([sys.executable, "-c", _ROWS_PEAK], check=True,
-                         capture_output=True, text=True, env=env, timeout=600)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = peak_memory.run(_ROWS_PEAK)
     table_kib = (1 << 19) * 8 * 8 // 1024               # 32 MiB of float64 parameters
     for name in ("weight_decay", "dense counter"):
         assert r[name] < r["plain"] + table_kib // 16, r
