@@ -280,9 +280,9 @@ def test_an_error_of_its_own_is_not_taken_for_a_refused_interface():
 
 def test_host_cost_steps_without_launching_a_kernel(monkeypatch):
     """``eg.cuda.host_cost`` times the host side only: no kernel runs (the
-    parameters do not move), and each array adds a positive cost.  (The
-    fixed cost is the intercept of a fit through two noisy timings: its sign
-    is not asserted, only that it is a number.)"""
+    parameters do not move), and it reports a time per array count and the
+    fit through them.  (Timings are not asserted: under load a fit through
+    two of them came out negative, in both coefficients.)"""
     made = []
 
     def make(host):
@@ -290,8 +290,8 @@ def test_host_cost_steps_without_launching_a_kernel(monkeypatch):
         return made[-1]
 
     out = eg.cuda.host_cost(arrays=(1, 20), steps=5, repeats=1, make=make)
-    assert set(out["us"]) == {1, 20} and out["per_array_us"] > 0
-    assert np.isfinite(out["fixed_us"])
+    assert set(out["us"]) == {1, 20} and all(v > 0 for v in out["us"].values())
+    assert np.isfinite(out["per_array_us"]) and np.isfinite(out["fixed_us"])
     unmoved = [a for a in made if np.all(a.values() == 0)]
     assert len(unmoved) == 21                   # every parameter (1 + 20) still zero
 
