@@ -241,8 +241,7 @@ class Expectigrad(_Core):
             error = exc
         self._agree(error, "constructing the optimizer")
         layout = [(tuple(p.shape), np.dtype(p.dtype).str) for p in self._params]
-        build = (False, bool(getattr(self, "_lazy", False)),
-                 [len(g["params"]) for g in getattr(self, "param_groups", ())])
+        build = (False, self.lazy, [len(g["params"]) for g in self.param_groups])
         _same_everywhere(self.comm, layout, self.chunk, build)
 
     def _agree(self, error, what):
@@ -623,7 +622,7 @@ class ShardedExpectigrad:
         _agree(self.comm, error, "constructing the optimizer")
         layout = [(tuple(p.shape), p.dtype.str) for p in self._params]
         _same_everywhere(self.comm, layout, self.chunk,
-                         (True, False, list(getattr(self, "_group_sizes", ()))))
+                         (True, False, list(self._group_sizes)))
 
     # --- construction -------------------------------------------------------------
 
