@@ -16,10 +16,12 @@ order, and those are the bits one process gets stepping that mean.
 of each dtype is cut into P contiguous shards, and each rank keeps the
 optimizer state of its shard only (about 1/P of it).  A step sends each
 rank the gradients of its shard from every rank (one ``Alltoallv`` per
-dtype: a reduce-scatter summed in rank order, so deterministic), agrees on
-errors and checks and clips collectively in one small collective (norms
-summed over the ranks in rank order), updates the shard, and all-gathers
-the parameters (one ``Allgatherv`` per dtype).
+dtype: a reduce-scatter summed in rank order, so deterministic), updates
+the shard, and all-gathers the parameters (one ``Allgatherv`` per dtype).
+Beside the reduce-scatter travels a digest of each rank's settings and
+whether it needs more (``_digest``); only then does one small collective
+agree on errors, checks and clipping norms (summed over the ranks in rank
+order).
 Without clipping, every rank ends with the bits one process gets stepping
 the mean, float32 rounding included (a shard's elements keep their indices
 in their parameter); with norm clipping, to rounding (the norms are summed
@@ -47,6 +49,8 @@ Importing this module imports mpi4py; ``import expectigrad_np`` does not.
 """
 from __future__ import annotations
 
+import hashlib
+import pickle
 import threading
 
 import numpy as np
@@ -55,7 +59,8 @@ from mpi4py import MPI
 from . import _ranks as R
 from . import _validation as V
 from .backends import layout as L
-from .backends.cpu.loops import _span_nonfinite
+from .backends.cpu.collectives import mean_of_rows, pack_within
+from .backends.cpu.collectives import within as within_bound
 from .optimizer import Expectigrad as _Core
 from .param_groups import Changes, ParamGroup, parse_groups
 from .sparse import RowSparse, as_rows, densify, is_row_sparse
@@ -97,14 +102,16 @@ def _copied(state_dict):
             "param_groups": [dict(g) for g in state_dict["param_groups"]]}
 
 
-def _agree_on_gradients(comm, error, local, settings):
+def _agree_on_gradients(comm, error, local, settings, rows):
     """Raise on every rank if some rank failed reading its gradients, or the
     ranks disagree on which are None or on the hyperparameters
-    (``_settings``): one collective."""
+    (``_settings``): one collective, which also gathers what each rank's
+    ``rows`` says (which gradients are row-sparse there), returned."""
     present = None if local is None else [g is not None for g in local]
-    gathered = comm.allgather((R.report(error), present, settings))
-    _raise_agreed(comm, error, [(r, p) for r, p, _ in gathered])
-    _check_settings([s for _, _, s in gathered])
+    gathered = comm.allgather((R.report(error), present, settings, rows))
+    _raise_agreed(comm, error, [(r, p) for r, p, _, _ in gathered])
+    _check_settings([s for _, _, s, _ in gathered])
+    return [k for _, _, _, k in gathered]
 
 
 def _raise_agreed(comm, error, gathered):
@@ -300,8 +307,9 @@ class Expectigrad(_Core):
                                  self.global_clipnorm)
         except Exception as exc:  # noqa: BLE001 - raised on every rank by _agree
             error = exc
-        _agree_on_gradients(self.comm, error, local, settings)
-        local = self._sparse_mean(local)
+        rows = None if local is None else [isinstance(g, _Rows) for g in local]
+        local = self._sparse_mean(local, _agree_on_gradients(self.comm, error, local,
+                                                             settings, rows))
         means = self._mean(local)
         super().step(means[0] if self._bare else means)
 
@@ -315,14 +323,14 @@ class Expectigrad(_Core):
                 else V.as_gradient(g, p, name)
                 for g, p, name in zip(flat, self._params, self._names)]
 
-    def _sparse_mean(self, local):
+    def _sparse_mean(self, local, kinds):
         """Row-sparse gradients where every rank has one: their mean as one
         ``RowSparse`` over the rows any rank touched, summed as the dense
         mean sums them (rank 0's rows, then each other rank's added in rank
         order, zero where it has none), over P: the dense mean's bits.
         Where only some ranks have one, theirs is made dense (the dense
-        mean then)."""
-        kinds = self.comm.allgather([isinstance(g, _Rows) for g in local])
+        mean then).  ``kinds``: which gradients are row-sparse, from every
+        rank (``_agree_on_gradients``)."""
         out = list(local)
         for i, g in enumerate(local):
             p = self._params[i]
@@ -369,15 +377,13 @@ class Expectigrad(_Core):
                     flat[used:used + local[i].size].reshape(local[i].shape)[...] = local[i]
                 used += local[i].size
             c = rows.shape[1]
-            with np.errstate(over="ignore", invalid="ignore"):   # refused by the step
-                for lo in range(0, used, c):
-                    part = flat[lo:min(lo + c, used)]
-                    got = rows.reshape(-1)[:size * part.size].reshape(size, part.size)
-                    self.comm.Allgather(part, got)
-                    part[...] = got[0]                 # sent: free to overwrite
-                    for r in range(1, size):           # rank order: the same bits everywhere
-                        part += got[r]
-            flat[:used] /= flat.dtype.type(size)
+            for lo in range(0, used, c):
+                part = flat[lo:min(lo + c, used)]
+                got = rows.reshape(-1)[:size * part.size].reshape(size, part.size)
+                self.comm.Allgather(part, got)
+                # Sent: free to overwrite with the mean, summed in rank order
+                # (the same bits everywhere; NaN and inf are refused by the step).
+                mean_of_rows(got, part.size, part, flat.dtype.type(size))
             start = 0
             for i in idx:
                 out[i] = flat[start:start + local[i].size].reshape(local[i].shape)
@@ -670,6 +676,8 @@ class ShardedExpectigrad:
             self._scratch[dt] = (np.zeros(int(offsets[-1]), np.dtype(dt)),
                                  np.empty((size, c), np.dtype(dt)),
                                  np.empty(int(bounds[rank + 1] - bounds[rank]), np.dtype(dt)))
+        # This rank's digest and every rank's (``_digest``).
+        self._digests = (np.zeros(3, np.int64), np.zeros((size, 3), np.int64))
         # Pieces: (param index, first element, end element), one per parameter
         # meeting this rank's shard; the core steps views of them.
         self._pieces = []
@@ -795,14 +803,19 @@ class ShardedExpectigrad:
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             error = exc
         # Every rank takes part in the reduce-scatter, a rank that failed
-        # too (its buffer is sent as it is): one small collective after
-        # it then agrees on errors, on the None pattern and on the check
-        # and the norms, before anything changes.
-        shard = self._reduce_scatter(local)
+        # too (its buffer is sent as it is).  Beside it travels each rank's
+        # digest (``_digest``); only where the digests show that some rank
+        # failed, differs or needs more does one small collective then agree
+        # on errors, on the None pattern and on the check and the norms,
+        # before anything changes.
+        shard, quick = self._reduce_scatter(local, error, settings)
         active = (np.zeros(len(self._params), bool) if local is None
                   else np.array([g is not None for g in local]))
         pieces = self._piece_gradients(shard, active)
-        self._check_and_clip(pieces, shard, error, local, settings)
+        if quick:
+            self._clip_values(pieces)
+        else:
+            self._check_and_clip(pieces, shard, error, local, settings)
         if not active.any():
             return
         # Schedules see the step count of the whole optimizer, also on a
@@ -842,44 +855,84 @@ class ShardedExpectigrad:
                 else V.as_gradient(g, p, name)
                 for g, p, name in zip(grads, self._params, self._names)]
 
-    def _reduce_scatter(self, local):
-        """``{dtype: (this rank's shard of the mean gradient, its start,
-        whether it holds NaN or infinity)}``: every rank sends each rank
-        that rank's shard (``Alltoallv``, in chunks of ``chunk`` elements a
-        shard); the P pieces are summed in rank order and divided by P (the
-        replicated class's bits), and checked by a compiled pass without a
-        temporary.  Into buffers allocated once (``_scratch``).  ``local``
-        None (this rank failed to read its gradients): the buffer is sent as
-        it is.  The flag may come from a stale element of a parameter whose
-        gradient is None (unused): ``_check_and_clip`` then checks the
-        pieces one by one."""
+    def _reduce_scatter(self, local, error, settings):
+        """``({dtype: (this rank's shard of the mean gradient, its start,
+        whether it holds NaN or infinity)}, quick)``: every rank sends each
+        rank that rank's shard (``Alltoallv``, in chunks of ``chunk``
+        elements a shard); the P pieces are summed in rank order and divided
+        by P (the replicated class's bits) in one compiled pass
+        (``mean_of_rows``).  Into buffers allocated once (``_scratch``).
+        ``local`` None (this rank failed to read its gradients): the buffer
+        is sent as it is.  The flag may come from a stale element of a
+        parameter whose gradient is None (unused): ``_check_and_clip`` then
+        checks the pieces one by one.
+
+        Beside the reduce-scatter, and overlapping it, every rank's
+        ``_digest`` goes to every rank (``Iallgather``); ``quick`` (the same
+        on every rank: it is read from the same digests) says that no rank
+        failed or needs a norm, that every rank steps with the same
+        settings and None pattern, and (with ``check_finite``) that every
+        rank's gradients are finite and small enough that their sum cannot
+        overflow: then no collective is needed to agree on the step."""
         size, rank = self.comm.size, self.comm.rank
-        out = {}
+        within = True
         for dt, (idx, offsets, bounds) in self._buckets.items():
-            flat, rows, shard_mean = self._scratch[dt]
+            flat = self._scratch[dt][0]
+            bound = flat.dtype.type(np.finfo(flat.dtype).max / (2 * size))
             for j, i in enumerate(idx):
                 if local is not None and local[i] is not None:   # None: unused
-                    g = local[i]        # cast and made contiguous in the copy itself
-                    with np.errstate(all="ignore"):      # inf: refused on every rank
-                        flat[offsets[j]:offsets[j + 1]].reshape(g.shape)[...] = g
-            c = rows.shape[1]
-            starts = bounds[:-1]
-            ends = bounds[1:]
-            for k in range(-(-int(np.max(ends - starts)) // c)):
-                lo = np.minimum(starts + k * c, ends)
-                counts = np.minimum(lo + c, ends) - lo
-                m = int(counts[rank])
-                self.comm.Alltoallv([flat, (counts, lo)],
-                                    [rows, ([m] * size, [c * r for r in range(size)])])
-                acc = shard_mean[k * c:k * c + m]
-                acc[...] = rows[0, :m]
-                with np.errstate(over="ignore", invalid="ignore"):   # refused below
-                    for r in range(1, size):         # rank order: deterministic
-                        acc += rows[r, :m]
-            shard_mean /= shard_mean.dtype.type(size)
-            bad = shard_mean.size > 0 and _span_nonfinite(shard_mean)[0] != 0
-            out[dt] = (shard_mean, int(bounds[rank]), bad)
-        return out
+                    g = local[i]
+                    part = flat[offsets[j]:offsets[j + 1]]
+                    if g.dtype == flat.dtype and g.flags.c_contiguous:
+                        within &= bool(pack_within(g.reshape(-1), part, bound))
+                        continue
+                    # Cast and made contiguous in the copy itself.  A cast
+                    # that overflows gives inf, refused on every rank.
+                    with np.errstate(all="ignore"):
+                        part.reshape(g.shape)[...] = g
+                    within &= bool(within_bound(part, bound))
+        mine, gathered = self._digests
+        mine[...] = self._digest(error, local, settings, within)
+        request = self.comm.Iallgather(mine, gathered)
+        out = {}
+        try:
+            for dt, (idx, offsets, bounds) in self._buckets.items():
+                flat, rows, shard_mean = self._scratch[dt]
+                c = rows.shape[1]
+                starts = bounds[:-1]
+                ends = bounds[1:]
+                finite = True
+                for k in range(-(-int(np.max(ends - starts)) // c)):
+                    lo = np.minimum(starts + k * c, ends)
+                    counts = np.minimum(lo + c, ends) - lo
+                    m = int(counts[rank])
+                    self.comm.Alltoallv([flat, (counts, lo)],
+                                        [rows, ([m] * size, [c * r for r in range(size)])])
+                    # Rank order: deterministic.
+                    finite &= bool(mean_of_rows(rows, m, shard_mean[k * c:k * c + m],
+                                                shard_mean.dtype.type(size)))
+                out[dt] = (shard_mean, int(bounds[rank]), not finite)
+        finally:
+            request.Wait()
+        quick = (not gathered[:, 0].any() and (gathered[:, 1:] == gathered[0, 1:]).all())
+        return out, bool(quick)
+
+    def _digest(self, error, local, settings, within):
+        """This rank's part of the agreement that travels beside the
+        reduce-scatter: ``[needs the collective agreement, 16 bytes of a hash
+        of (the None pattern, the settings)]``.  Equal hashes stand for
+        equal settings (a collision of a 128-bit hash aside); unequal ones
+        only send the step to the exact comparison (``_check_and_clip``),
+        so a hash that differs for equal values costs a collective, never a
+        wrong step."""
+        needs = (error is not None or local is None or self.global_clipnorm is not None
+                 or any(g["clipnorm"] is not None for g in self.param_groups)
+                 or (self.check_finite and not within))
+        if needs:
+            return [1, 0, 0]
+        present = [g is not None for g in local]
+        key = hashlib.blake2b(pickle.dumps((present, settings), protocol=4), digest_size=16)
+        return [0, *np.frombuffer(key.digest(), np.int64)]
 
     def _piece_gradients(self, shard, active):
         """The mean gradient of each of the core's arrays (None where the
@@ -896,6 +949,15 @@ class ShardedExpectigrad:
             pieces.append(acc[start:start + (b - a)])
         return pieces
 
+    def _clip_values(self, pieces):
+        """Each piece clipped in place to its group's ``clipvalue`` (no
+        collective needed)."""
+        groups = self.param_groups
+        for (i, _, _), g in zip(self._order, pieces):
+            clipvalue = groups[self._group_of[i]]["clipvalue"]
+            if clipvalue is not None and g is not None and g.size:
+                np.clip(g, -_in(clipvalue, g.dtype), _in(clipvalue, g.dtype), out=g)
+
     def _check_and_clip(self, pieces, shard, error, local, settings):
         """Agree on the gradients, refuse non-finite ones and clip, deciding
         over every rank in one collective: whether some rank failed to read
@@ -911,17 +973,16 @@ class ShardedExpectigrad:
         groups = self.param_groups
         needs_norm = self.global_clipnorm is not None or any(
             g["clipnorm"] is not None for g in groups)
-        for (i, _, _), g in zip(self._order, pieces):
-            if error is not None or g is None or g.size == 0:
-                continue
-            if self.check_finite and shard[g.dtype.str][2] and not np.isfinite(g).all():
-                first_bad = min(first_bad, i)
-            clipvalue = groups[self._group_of[i]]["clipvalue"]
-            if clipvalue is not None:
-                np.clip(g, -_in(clipvalue, g.dtype), _in(clipvalue, g.dtype), out=g)
-            if needs_norm:
-                with np.errstate(over="ignore"):     # inf: summed again in units
-                    sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
+        if error is None:
+            for (i, _, _), g in zip(self._order, pieces):
+                if (self.check_finite and g is not None and shard[g.dtype.str][2]
+                        and not np.isfinite(g).all()):
+                    first_bad = min(first_bad, i)
+            self._clip_values(pieces)
+            for (i, _, _), g in zip(self._order, pieces):
+                if needs_norm and g is not None:
+                    with np.errstate(over="ignore"):     # inf: summed again in units
+                        sumsq[i] += float(np.sum(np.square(g, dtype=np.float64)))
         report = R.report(error)
         present = None if local is None else [g is not None for g in local]
         gathered = self.comm.allgather((report, present, settings, first_bad, sumsq))

@@ -532,6 +532,63 @@ if size > 1:
         raises_everywhere(FloatingPointError, lambda: opt.step([big]), "NaN or infinity")
     assert not xs[0].any() and opt.step_count == 0
 
+    # Finite gradients whose sum over the ranks overflows: the mean is inf,
+    # refused on every rank; just below the size that needs a look at the
+    # mean (the largest float over 2 P), the step goes through.
+    for dtype in (np.float32, np.float64):
+        top = np.finfo(dtype).max
+        xs = [np.zeros(5, dtype)]
+        opt = Expectigrad(xs, lr=0.1, shard_state=SHARDED)
+        raises_everywhere(FloatingPointError, lambda: opt.step([np.full(5, top * 0.6, dtype)]),
+                          "NaN or infinity")
+        assert not xs[0].any() and opt.step_count == 0
+        g = np.full(5, dtype(top / (2 * size)), dtype)
+        g[1::2] *= -1
+        opt.step([g])
+        assert np.isfinite(xs[0]).all() and xs[0].any() and opt.step_count == 1
+
+    if SHARDED:
+        # What a step costs in collectives: a plain one, the reduce-scatter and
+        # the all-gather with the agreement on errors and settings beside them
+        # (nonblocking); one more small collective only where some rank needs it
+        # (here: a NaN on one rank, a norm to clip by, other settings).
+        class Counting:
+            def __init__(self, comm):
+                self.comm, self.calls = comm, []
+
+            def __getattr__(self, name):
+                attr = getattr(self.comm, name)
+                if not callable(attr):
+                    return attr
+
+                def call(*args, **kwargs):
+                    self.calls.append(name)
+                    return attr(*args, **kwargs)
+                return call
+
+        counting = Counting(comm)
+        xs = [np.zeros(6), np.zeros(4, np.float32)]
+        opt = Expectigrad(xs, lr=0.1, comm=counting)
+        g = [np.linspace(-1, 1, 6), np.ones(4, np.float32)]
+        counting.calls.clear()
+        opt.step(g)
+        assert counting.calls == ["Iallgather", "Alltoallv", "Alltoallv", "Allgatherv",
+                                  "Allgatherv"], counting.calls
+        bad = [g[0].copy(), g[1]]
+        bad[0][2] = np.nan if rank == size - 1 else 0.0
+        counting.calls.clear()
+        raises_everywhere(FloatingPointError, lambda: opt.step(bad), "NaN or infinity")
+        assert counting.calls.count("allgather") == 1 and "Allgatherv" not in counting.calls
+        opt.param_groups[0]["clipnorm"] = 1.0
+        counting.calls.clear()
+        opt.step(g)
+        assert counting.calls.count("allgather") == 1, counting.calls
+        opt.param_groups[0]["clipnorm"] = None
+        if size > 1:
+            opt.param_groups[0]["lr"] = 0.1 if rank else 0.2
+            raises_everywhere(ValueError, lambda: opt.step(g), "different hyperparameters")
+            assert opt.step_count == 2
+
     # Optimizers built differently on different ranks: refused at construction.
     a, b, c = np.zeros(4), np.zeros(4), np.zeros(4)
     groups = ([{"params": [a, b]}, {"params": [c], "lr": 0.2}] if rank == 0 else

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import numpy as np
+import peak_memory
 import pytest
 
 import expectigrad_np as eg
@@ -312,11 +313,6 @@ def test_span_stats_squared_norm_counts_every_element():
 _RSS_SCRIPT = textwrap.dedent("""
     import json, numpy as np, expectigrad_np as eg
 
-    def vm(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
     n = 5_000_000
     rng = np.random.default_rng(0)
     xs = [np.zeros(n, np.float32), np.zeros(1000, np.float32)]
@@ -327,25 +323,18 @@ _RSS_SCRIPT = textwrap.dedent("""
     one = eg.Expectigrad(x1)
     for _ in range(2):                      # compile/load, touch every page
         many.step(gs); one.step(g1)
-    rss = vm("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                        # reset the peak (VmHWM)
+    rss = reset()
     for _ in range(5):
         many.step(gs); one.step(g1)
-    print(json.dumps(dict(rss=rss, hwm=vm("VmHWM"), bytes=n * 4)))
+    print(json.dumps(dict(rss=rss, hwm=peak(), kib=n * 4 // 1024)))
 """)
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux")
-                         and os.access("/proc/self/clear_refs", os.W_OK)),
-                    reason="needs /proc/self/clear_refs (Linux)")
+@peak_memory.needs_proc
 def test_steady_state_steps_do_not_grow_peak_memory():
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], check=True,
-                         capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    # One temporary the size of a gradient would add r["bytes"] (20 MB).
-    assert r["hwm"] - r["rss"] < r["bytes"] // 4, r
+    r = peak_memory.run(_RSS_SCRIPT)
+    # One temporary the size of a gradient would add r["kib"] (20 MB).
+    assert r["hwm"] - r["rss"] < r["kib"] // 4, r
 
 
 @pytest.mark.slow
