@@ -656,6 +656,8 @@ class Expectigrad:
             return None, None
         lr_now = None
         if schedules:
+            if type(obj) is not np.ndarray and all(g is None for g in obj):
+                return None, None       # no step: the general route calls no schedule
             try:
                 self._write_scheduled_lr(fast)
             except Exception as exc:    # noqa: BLE001 - raised by the general route
