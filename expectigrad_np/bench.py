@@ -373,7 +373,8 @@ def bench_model_shapes(repeat, cap=None):
     usually are: the division-free uniform loop, whose counts are not
     moved: 28 B, Adam's traffic).  The dense step is also timed with
     ``check_finite=False``: fused Adam does not check, and the check reads
-    every gradient once more (4 B an element)."""
+    every gradient once more (4 B an element); so is the step with the
+    table's gradients, whose bytes/s then show what the check costs."""
     rows = []
     for name, shapes in MODEL_SHAPES.items():
         if cap is not None and sum(int(np.prod(s)) for s in shapes) > cap:
@@ -388,17 +389,21 @@ def bench_model_shapes(repeat, cap=None):
         opt = Expectigrad(xs, lr=1e-3)
         opt_dense = Expectigrad([x.copy() for x in xs], lr=1e-3)
         opt_bare = Expectigrad([x.copy() for x in xs], lr=1e-3, check_finite=False)
-        (t_ours, t_dense, t_bare, t_adam), (_, _, _, r), blocks = time_interleaved(
+        opt_zeros_bare = Expectigrad([x.copy() for x in xs], lr=1e-3, check_finite=False)
+        (t_ours, t_dense, t_bare, t_adam, t_zb), (_, _, _, r, rzb), blocks = time_interleaved(
             [lambda: opt.step(gs), lambda: opt_dense.step(dense),  # noqa: F821 - deleted after the timing
-             lambda: opt_bare.step(dense), adam], max(repeat, 3), blocks=True)  # noqa: F821
+             lambda: opt_bare.step(dense), adam,  # noqa: F821
+             lambda: opt_zeros_bare.step(gs)], max(repeat, 3), blocks=True)  # noqa: F821
         rows.append(dict(case=name, arrays=len(shapes), elements=n, step_us=t_ours * 1e6,
                          dense_step_us=t_dense * 1e6, torch_adam_us=t_adam * 1e6,
                          time_vs_adam=1.0 / r, bytes_per_s_vs_adam=(36 / 28) * r,
                          dense_bytes_per_s_vs_adam=(36 / 28) * t_adam / t_dense,
+                         unchecked_step_us=t_zb * 1e6,
+                         unchecked_bytes_per_s_vs_adam=(36 / 28) * r / rzb,
                          dense_unchecked_us=t_bare * 1e6,
                          dense_unchecked_time_vs_adam=float(np.median(blocks[:, 2]
                                                                       / blocks[:, 3]))))
-        del xs, gs, dense, opt, opt_dense, opt_bare, adam
+        del xs, gs, dense, opt, opt_dense, opt_bare, opt_zeros_bare, adam
         gc.collect()
     return rows
 
@@ -914,7 +919,11 @@ def format_table(result):
         lines.append(f"step() on {row['case']} ({row['elements']:,} float32 in "
                      f"{row['arrays']} arrays): {row['step_us']:,.0f} µs, torch Adam fused "
                      f"{row['torch_adam_us']:,.0f} µs; bytes/s {row['bytes_per_s_vs_adam']:.2f}x"
-                     f" Adam's, time {row['time_vs_adam']:.2f}x; dense gradients "
+                     f" Adam's, time {row['time_vs_adam']:.2f}x"
+                     + (f" (check_finite=False {row['unchecked_step_us']:,.0f} µs, bytes/s "
+                        f"{row['unchecked_bytes_per_s_vs_adam']:.2f}x)"
+                        if "unchecked_step_us" in row else "")
+                     + "; dense gradients "
                      f"{row['dense_step_us']:,.0f} µs, bytes/s "
                      f"{row['dense_bytes_per_s_vs_adam']:.2f}x Adam's; dense unchecked "
                      f"{row['dense_unchecked_us']:,.0f} µs, time "
