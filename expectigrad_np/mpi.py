@@ -59,7 +59,7 @@ from mpi4py import MPI
 from . import _ranks as R
 from . import _validation as V
 from .backends import layout as L
-from .backends.cpu.collectives import mean_of_rows, pack_within
+from .backends.cpu.collectives import mean_over_ranks, pack_within
 from .backends.cpu.collectives import within as within_bound
 from .optimizer import Expectigrad as _Core
 from .param_groups import Changes, ParamGroup, parse_groups
@@ -383,7 +383,7 @@ class Expectigrad(_Core):
                 self.comm.Allgather(part, got)
                 # Sent: free to overwrite with the mean, summed in rank order
                 # (the same bits everywhere; NaN and inf are refused by the step).
-                mean_of_rows(got, part.size, part, flat.dtype.type(size))
+                mean_over_ranks(got, part.size, part, flat.dtype.type(size))
             start = 0
             for i in idx:
                 out[i] = flat[start:start + local[i].size].reshape(local[i].shape)
@@ -861,7 +861,7 @@ class ShardedExpectigrad:
         rank that rank's shard (``Alltoallv``, in chunks of ``chunk``
         elements a shard); the P pieces are summed in rank order and divided
         by P (the replicated class's bits) in one compiled pass
-        (``mean_of_rows``).  Into buffers allocated once (``_scratch``).
+        (``mean_over_ranks``).  Into buffers allocated once (``_scratch``).
         ``local`` None (this rank failed to read its gradients): the buffer
         is sent as it is.  The flag may come from a stale element of a
         parameter whose gradient is None (unused): ``_check_and_clip`` then
@@ -909,7 +909,7 @@ class ShardedExpectigrad:
                     self.comm.Alltoallv([flat, (counts, lo)],
                                         [rows, ([m] * size, [c * r for r in range(size)])])
                     # Rank order: deterministic.
-                    finite &= bool(mean_of_rows(rows, m, shard_mean[k * c:k * c + m],
+                    finite &= bool(mean_over_ranks(rows, m, shard_mean[k * c:k * c + m],
                                                 shard_mean.dtype.type(size)))
                 out[dt] = (shard_mean, int(bounds[rank]), not finite)
         finally:

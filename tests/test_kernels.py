@@ -129,3 +129,35 @@ def test_serial_and_parallel_segment_kernels_agree_bitwise(dtype):
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
+
+
+@pytest.mark.parametrize("dtype, bits, quiet", [(np.float32, np.uint32, 0x7FC00000),
+                                                (np.float64, np.uint64, 0x7FF8000000000000)])
+@pytest.mark.parametrize("m", [1, 17, 2047, 2049, 5000])
+def test_the_mpi_mean_has_numpys_bits_nan_included(dtype, bits, quiet, m):
+    """``mean_over_ranks`` (mpi.py's rank-order mean) against NumPy's
+    ``out = rows[0]; out += rows[1]; ...; out /= P``: finite values, and NaNs
+    of several payloads and signs meeting at the same element (the compiled
+    loop alone keeps another operand's NaN in its tail), in float32 without
+    float64 arithmetic."""
+    from expectigrad_np.backends.cpu.collectives import mean_of_rows, mean_over_ranks
+    rng = np.random.default_rng(m)
+    rows = rng.standard_normal((3, m + 4)).astype(dtype)
+    for nan in (False, True):
+        if nan:
+            at = rng.choice(m, size=max(1, m // 5), replace=False)
+            sign = bits(1) << bits(8 * rows.itemsize - 1)
+            for r in range(3):
+                rows.view(bits)[r, at] = bits(quiet | (r + 1)) | (sign if r == 1 else bits(0))
+            assert np.isnan(rows[:, at]).all()
+        want = rows[0, :m].copy()
+        for r in (1, 2):
+            want += rows[r, :m]
+        want /= dtype(3)
+        out = np.full(m + 4, 7, dtype)
+        assert mean_over_ranks(rows, m, out, dtype(3)) is (not nan)
+        assert out[:m].tobytes() == want.tobytes() and (out[m:] == 7).all()
+    ir = uncached(mean_of_rows)
+    ir(rows, m, out, dtype(3))
+    if dtype is np.float32:
+        assert not any(DOUBLE_MATH.search(t) for t in ir.inspect_llvm().values())

@@ -10,20 +10,27 @@ read of each element apiece.
 ``within(x, bound)``
     the same test alone (a gradient cast or gathered into the buffer by
     NumPy).
-``mean_of_rows(rows, m, out, count)``
+``mean_over_ranks(rows, m, out, count)``
     ``out[i] = (rows[0, i] + rows[1, i] + ...) / count`` for ``i < m``,
     summed in rank order with each addition rounded in the dtype: the bits
     of NumPy's ``out = rows[0]; out += rows[1]; ...; out /= count``, in one
-    pass.  Returns whether every result is finite.
+    compiled pass (``mean_of_rows``).  Returns whether every result is
+    finite.  Where one is not, the chunk is computed again by those NumPy
+    operations: which operand's NaN an addition keeps is the hardware's
+    choice, and the compiled loop's vector body and its scalar tail may
+    choose differently, so only NumPy's own operations give a NaN the sign
+    and payload that one process stepping the mean gets.
 
 ``bound`` and ``count`` are scalars of the arrays' dtype (float32 stays
 float32).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .jit import kernel as _kernel
 
-__all__ = ["mean_of_rows", "pack_within", "within"]
+__all__ = ["mean_of_rows", "mean_over_ranks", "pack_within", "within"]
 
 _BLOCK = 2048
 
@@ -68,3 +75,15 @@ def mean_of_rows(rows, m, out, count):
             o[i] = v
             finite &= v - v == 0         # False for NaN and infinity
     return finite
+
+
+def mean_over_ranks(rows, m, out, count):
+    if mean_of_rows(rows, m, out, count):
+        return True
+    o = out[:m]
+    with np.errstate(all="ignore"):          # refused, or kept as they are, by the caller
+        o[...] = rows[0, :m]
+        for r in range(1, rows.shape[0]):
+            o += rows[r, :m]
+        o /= count
+    return False
