@@ -1007,8 +1007,9 @@ def add_arguments(parser):
                              "process with an empty NUMBA_CACHE_DIR, against compiling "
                              "a plain @njit loop of the same update")
     parser.add_argument("--mpi", action="store_true",
-                        help="only the MPI row: the sharded step under mpiexec -n 3 "
-                             "(needs mpi4py and an MPI)")
+                        help="only the MPI row: the sharded step under mpiexec -n 3, "
+                             "and on a machine with fewer cores, also with one rank a "
+                             "core (needs mpi4py and an MPI)")
     parser.add_argument("--sparse", action="store_true",
                         help="only the row-sparse row: 512 of 1,000,000 x 32 float32 "
                              "rows per step, against the dense step")
@@ -1078,7 +1079,14 @@ def main(argv=None):
         if row is None:
             raise SystemExit("bench --mpi: mpi4py or mpiexec is missing "
                              "(pip install 'expectigrad_np[mpi]')")
-        print(json.dumps({"mpi": row}, indent=1) if args.json else _format_mpi(row))
+        out = {"mpi": row}
+        cores = os.cpu_count() or 1
+        if 2 <= cores < row["ranks"]:
+            # Three ranks on fewer cores mostly measure ranks waiting for a
+            # core: the same row with one rank a core beside it.
+            out["mpi_one_rank_a_core"] = bench_mpi(args.repeat, ranks=cores)
+        print(json.dumps(out, indent=1) if args.json else
+              "\n".join(_format_mpi(r) for r in out.values()))
         return 0
     if args.sparse:
         row = bench_sparse(args.repeat)

@@ -358,13 +358,15 @@ def models_nodes(bench):
 def mpi_nodes(mpi):
     if mpi is None:
         return para("No MPI run is recorded (docs/_data/bench_mpi.json).")
-    r = mpi["mpi"]
+    rows = [mpi[k] for k in ("mpi", "mpi_one_rank_a_core") if k in mpi]
     return table(["ranks", "float32 elements", "sharded step", "its collectives alone",
-                  "one process stepping a shard", "replicated step",
-                  "state per rank (of replicated)"],
+                  "one process stepping a shard", "overhead vs the shard step",
+                  "replicated step", "state per rank (of replicated)"],
                  [[str(r["ranks"]), f"{r['elements']:,}", f"{fmt(r['step_us'])} µs",
                    f"{fmt(r['collectives_us'])} µs", f"{fmt(r['shard_step_us'])} µs",
-                   f"{fmt(r['replicated_step_us'])} µs", f"{r['state_fraction']:.2f}"]])
+                   f"{r['overhead_vs_shard_step']:.1f}x",
+                   f"{fmt(r['replicated_step_us'])} µs", f"{r['state_fraction']:.2f}"]
+                  for r in rows])
 
 
 def pieces_nodes(pieces):
