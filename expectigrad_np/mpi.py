@@ -925,8 +925,7 @@ class ShardedExpectigrad:
         only send the step to the exact comparison (``_check_and_clip``),
         so a hash that differs for equal values costs a collective, never a
         wrong step."""
-        needs = (error is not None or local is None or self.global_clipnorm is not None
-                 or any(g["clipnorm"] is not None for g in self.param_groups)
+        needs = (error is not None or local is None or self._clips_by_norm()
                  or (self.check_finite and not within))
         if needs:
             return [1, 0, 0]
@@ -948,6 +947,12 @@ class ShardedExpectigrad:
             start = int(offsets[idx.index(i)]) + a - lo
             pieces.append(acc[start:start + (b - a)])
         return pieces
+
+    def _clips_by_norm(self):
+        """Whether a step clips by a norm (per group or global): then the
+        norms are summed over the ranks in the agreement collective."""
+        return self.global_clipnorm is not None or any(
+            g["clipnorm"] is not None for g in self.param_groups)
 
     def _clip_values(self, pieces):
         """Each piece clipped in place to its group's ``clipvalue`` (no
@@ -971,8 +976,7 @@ class ShardedExpectigrad:
         first_bad = n
         sumsq = np.zeros(n)
         groups = self.param_groups
-        needs_norm = self.global_clipnorm is not None or any(
-            g["clipnorm"] is not None for g in groups)
+        needs_norm = self._clips_by_norm()
         if error is None:
             for (i, _, _), g in zip(self._order, pieces):
                 if (self.check_finite and g is not None and shard[g.dtype.str][2]
